@@ -1,0 +1,74 @@
+//! The Tellus HTTP API: what operators use to register devices and query telemetry.
+//!
+//! Start with [`serve`]: it runs [`router`] on a listener until a shutdown future resolves,
+//! then lets requests in flight finish. Everything a handler needs arrives in [`AppState`];
+//! there is no global state.
+//!
+//! The layout:
+//! - [`routes`]: the `/api/v1` endpoints, one module per resource (`devices`, `telemetry`,
+//!   `deadletters`, `stats`), and the helper that runs the blocking store and registry calls
+//!   on tokio's blocking pool;
+//! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route;
+//! - [`error`]: [`ApiError`], the one place errors become HTTP responses. A 4xx answer is
+//!   `{"error": {"code": "<stable_code>", "message": "<text>"}}`; a 5xx is logged and
+//!   answered with code `internal` and a generic message;
+//! - [`extract`]: `Json`, `Query` and `Path` extractors whose rejections are [`ApiError`]s,
+//!   so a malformed request gets the same error shape as everything else;
+//! - [`timestamps`]: times on the wire (RFC 3339 out; RFC 3339 or epoch milliseconds in);
+//! - [`base64`]: the encoder for dead-lettered payloads that are not UTF-8.
+//!
+//! Device registration itself lives in `tellus_broker::provision`, shared with the CLI.
+
+use std::{future::Future, sync::Arc};
+
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+pub mod auth;
+pub mod base64;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod timestamps;
+
+pub use error::ApiError;
+
+/// What the handlers share. Cheap to clone: every field is an `Arc`.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<dyn tellus_core::Registry>,
+    pub store: Arc<dyn tellus_ingest::TelemetryStore>,
+    pub pki: Arc<tellus_broker::pki::Pki>,
+    pub ingest_stats: Arc<tellus_ingest::IngestStats>,
+    /// The bearer token every `/api/v1` request must present. An empty token admits no one.
+    pub admin_token: Arc<str>,
+}
+
+/// The whole API: `/api/v1/…` behind the bearer token, and a JSON 404 for anything else.
+pub fn router(state: AppState) -> Router {
+    let v1 = routes::v1()
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.admin_token.clone(),
+            auth::require_bearer,
+        ));
+    Router::new()
+        .nest("/api/v1", v1)
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then waits for the requests in
+/// flight to finish (the caller bounds that wait with its own deadline).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

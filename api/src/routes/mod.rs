@@ -1,0 +1,88 @@
+//! The `/api/v1` endpoints, one module per resource:
+//!
+//! | route | module |
+//! |---|---|
+//! | `POST /devices`, `GET /devices`, `GET /devices/{id}` | [`devices`] |
+//! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] |
+//! | `GET /deadletters` | [`deadletters`] |
+//! | `GET /stats` | [`stats`] |
+//!
+//! Store and registry calls block (SQLite, key generation), so handlers run them through
+//! [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for `limit` (too
+//! large a limit is lowered to the maximum, 0 is refused), and pass the answer's `next` back
+//! to get the following page; `next` is `null` on the last page.
+
+use axum::{
+    http::{Method, Uri},
+    routing::{get, post},
+    Router,
+};
+
+use crate::{ApiError, AppState};
+
+pub mod deadletters;
+pub mod devices;
+pub mod stats;
+pub mod telemetry;
+
+/// The `/api/v1` routes, before authentication and fallbacks are added.
+pub fn v1() -> Router<AppState> {
+    Router::new()
+        .route("/devices", post(devices::create).get(devices::list))
+        .route("/devices/{id}", get(devices::get_one))
+        .route("/devices/{id}/telemetry", get(telemetry::range))
+        .route("/devices/{id}/latest", get(telemetry::latest))
+        .route("/deadletters", get(deadletters::list))
+        .route("/stats", get(stats::get))
+}
+
+/// Runs a blocking call on tokio's blocking pool. A panic in it becomes a 500.
+pub async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await?.map_err(Into::into)
+}
+
+/// The page size to use: `requested` or `default`, at most `max`; 0 is refused.
+pub fn page_limit(requested: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match requested {
+        None => Ok(default),
+        Some(0) => Err(ApiError::InvalidQuery("limit must be at least 1".into())),
+        Some(n) => Ok(n.min(max)),
+    }
+}
+
+/// Splits a result fetched with `limit + 1` rows into the page and whether more follow.
+pub fn split_page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    (rows, more)
+}
+
+/// Fallback for paths that name no endpoint.
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_owned())
+}
+
+/// Fallback for a known path with a method it does not take.
+pub async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages() {
+        assert_eq!(page_limit(None, 100, 1000).unwrap(), 100);
+        assert_eq!(page_limit(Some(5000), 100, 1000).unwrap(), 1000);
+        assert!(page_limit(Some(0), 100, 1000).is_err());
+        assert_eq!(split_page(vec![1, 2, 3], 2), (vec![1, 2], true));
+        assert_eq!(split_page(vec![1, 2], 2), (vec![1, 2], false));
+    }
+}

@@ -1,0 +1,178 @@
+//! The gate: Tellus's only network door for devices.
+//!
+//! [`run`] accepts TCP connections and gives each one its own task ([`connection`]), so a
+//! slow or idle socket can never hold up another device. That task
+//! 1. runs the TLS handshake under a deadline, requiring a client certificate from the fleet
+//!    CA, and takes the device id from the certificate's CN;
+//! 2. reads CONNECT under a deadline, checks that the device is registered, that the client
+//!    id is the device id (an empty one becomes it) and that the will topic is allowed;
+//! 3. opens a link to the routing core with the gate's secret credential, relays CONNACK;
+//! 4. checks every packet the device sends against its ACL. Telemetry goes to ingest and is
+//!    acknowledged only once durable; everything else goes to the routing core.
+//!
+//! One writer task per connection owns the device's socket for writing and interleaves whole
+//! frames from the routing core with the gate's own acknowledgements, in the order MQTT
+//! requires, so a PUBACK never lands inside another frame.
+
+mod connection;
+mod frames;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tellus_core::{IngestSender, Registry};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::routing::RoutingCore;
+
+/// Limits of the gate.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// Longest a TLS handshake may take from the TCP accept.
+    pub handshake_timeout: Duration,
+    /// Longest from the end of the handshake to a complete CONNECT.
+    pub connect_timeout: Duration,
+    /// Largest MQTT packet accepted from a device, in bytes.
+    pub max_packet_size: usize,
+    /// Most simultaneous device connections; further ones wait in the accept backlog.
+    pub max_connections: usize,
+    /// Most telemetry publishes of one connection awaiting their commit; past this the gate
+    /// stops reading that socket.
+    pub max_inflight: usize,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 256 * 1024,
+            max_connections: 10_000,
+            max_inflight: 256,
+        }
+    }
+}
+
+/// What the gate has seen; every refusal is counted by reason.
+#[derive(Debug, Default)]
+pub struct GateStats {
+    pub accepted: AtomicU64,
+    pub connected: AtomicU64,
+    pub active: AtomicU64,
+    pub handshake_failed: AtomicU64,
+    pub handshake_timeout: AtomicU64,
+    pub connect_timeout: AtomicU64,
+    pub refused_unknown_device: AtomicU64,
+    pub refused_client_id: AtomicU64,
+    pub refused_protocol: AtomicU64,
+    pub acl_denied: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub telemetry_received: AtomicU64,
+    pub forwarded: AtomicU64,
+}
+
+/// A copy of [`GateStats`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GateStatsSnapshot {
+    pub accepted: u64,
+    pub connected: u64,
+    pub active: u64,
+    pub handshake_failed: u64,
+    pub handshake_timeout: u64,
+    pub connect_timeout: u64,
+    pub refused_unknown_device: u64,
+    pub refused_client_id: u64,
+    pub refused_protocol: u64,
+    pub acl_denied: u64,
+    pub protocol_errors: u64,
+    pub telemetry_received: u64,
+    pub forwarded: u64,
+}
+
+impl GateStats {
+    pub fn snapshot(&self) -> GateStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        GateStatsSnapshot {
+            accepted: get(&self.accepted),
+            connected: get(&self.connected),
+            active: get(&self.active),
+            handshake_failed: get(&self.handshake_failed),
+            handshake_timeout: get(&self.handshake_timeout),
+            connect_timeout: get(&self.connect_timeout),
+            refused_unknown_device: get(&self.refused_unknown_device),
+            refused_client_id: get(&self.refused_client_id),
+            refused_protocol: get(&self.refused_protocol),
+            acl_denied: get(&self.acl_denied),
+            protocol_errors: get(&self.protocol_errors),
+            telemetry_received: get(&self.telemetry_received),
+            forwarded: get(&self.forwarded),
+        }
+    }
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Everything a connection task needs, shared by all of them.
+pub struct Gate {
+    pub tls: TlsAcceptor,
+    pub registry: Arc<dyn Registry>,
+    pub ingest: IngestSender,
+    pub routing: RoutingCore,
+    pub config: GateConfig,
+    pub stats: Arc<GateStats>,
+}
+
+/// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every
+/// connection finish: each stops reading, writes the acknowledgements of what ingest has
+/// committed, and closes. Returns when the last connection task has ended; the gate (and so
+/// its `IngestSender`) is dropped then, which lets ingest drain and stop.
+pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken) {
+    let gate = Arc::new(gate);
+    let slots = Arc::new(Semaphore::new(gate.config.max_connections.max(1)));
+    let tasks = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        bump(&gate.stats.accepted);
+        let gate = gate.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            connection::serve(&gate, tcp, peer, shutdown).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tasks.close();
+    info!(
+        connections = tasks.len(),
+        "gate stopped accepting; closing connections"
+    );
+    tasks.wait().await;
+}

@@ -1,0 +1,177 @@
+//! Device registration: the one place a device comes into being.
+//!
+//! The HTTP API (`POST /api/v1/devices`) and the `tellus device create` CLI both call
+//! [`create_device`]. It validates the id, makes sure the id is free, gets a certificate from
+//! the [`Pki`] (a fresh key pair, or the device's own CSR signed) and records the device with
+//! the certificate's serial and expiry in the [`Registry`].
+//!
+//! The calls block (key generation, registry writes): async callers run this on a blocking
+//! thread. Two creates of the same id may race past the "is it free" check; the registry's
+//! insert is the arbiter and the loser gets [`ProvisionError::AlreadyExists`] (its freshly
+//! issued certificate is simply never recorded, so the gate will not accept it).
+
+use tellus_core::{now_ms, DeviceId, DeviceRecord, InvalidDeviceId, Registry, RegistryError};
+
+use crate::pki::{IssuedCert, Pki, PkiError};
+
+/// Why a device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    InvalidId(#[from] InvalidDeviceId),
+    #[error("device {0} already exists")]
+    AlreadyExists(DeviceId),
+    #[error("invalid certificate signing request: {0}")]
+    BadCsr(String),
+    #[error("issuing the device certificate failed: {0}")]
+    Pki(#[source] PkiError),
+    #[error("device registry: {0}")]
+    Registry(#[source] RegistryError),
+}
+
+impl From<PkiError> for ProvisionError {
+    fn from(e: PkiError) -> Self {
+        match e {
+            PkiError::BadCsr(reason) => ProvisionError::BadCsr(reason),
+            other => ProvisionError::Pki(other),
+        }
+    }
+}
+
+impl From<RegistryError> for ProvisionError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::AlreadyExists(id) => ProvisionError::AlreadyExists(id),
+            other => ProvisionError::Registry(other),
+        }
+    }
+}
+
+/// A newly registered device and its certificate (with its private key when Tellus made it:
+/// hand it to the device now, it is not kept anywhere).
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    pub device: DeviceRecord,
+    pub cert: IssuedCert,
+}
+
+/// Validates the id, issues a cert (or signs the CSR when given), records the device (cert
+/// serial, not_after, created_at = now_ms()) in the registry. Checks the id is free before
+/// signing.
+pub fn create_device(
+    pki: &Pki,
+    registry: &dyn Registry,
+    id: &str,
+    csr_pem: Option<&str>,
+) -> Result<Provisioned, ProvisionError> {
+    let id = DeviceId::parse(id)?;
+    if registry.device(&id)?.is_some() {
+        return Err(ProvisionError::AlreadyExists(id));
+    }
+    let cert = match csr_pem {
+        Some(csr) => pki.sign_device_csr(&id, csr)?,
+        None => pki.issue_device(&id)?,
+    };
+    let device = DeviceRecord {
+        id,
+        created_at_ms: now_ms(),
+        cert_serial: cert.serial_hex.clone(),
+        cert_not_after_ms: cert.not_after_ms,
+    };
+    // Another create of the same id may have won since the check above: the insert decides.
+    registry.insert_device(&device)?;
+    Ok(Provisioned { device, cert })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+
+    use super::*;
+
+    /// A registry whose lookups can be told to miss, to play the losing side of a race.
+    #[derive(Default)]
+    struct MemRegistry {
+        devices: Mutex<BTreeMap<DeviceId, DeviceRecord>>,
+        blind: bool,
+    }
+
+    impl Registry for MemRegistry {
+        fn insert_device(&self, d: &DeviceRecord) -> Result<(), RegistryError> {
+            let mut map = self.devices.lock().unwrap();
+            if map.contains_key(&d.id) {
+                return Err(RegistryError::AlreadyExists(d.id.clone()));
+            }
+            map.insert(d.id.clone(), d.clone());
+            Ok(())
+        }
+        fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+            if self.blind {
+                return Ok(None);
+            }
+            Ok(self.devices.lock().unwrap().get(id).cloned())
+        }
+        fn devices(
+            &self,
+            _after: Option<&DeviceId>,
+            _limit: usize,
+        ) -> Result<Vec<DeviceRecord>, RegistryError> {
+            Ok(self.devices.lock().unwrap().values().cloned().collect())
+        }
+    }
+
+    fn pki(dir: &tempfile::TempDir) -> Pki {
+        Pki::load_or_create(dir.path(), Duration::from_secs(86_400)).unwrap()
+    }
+
+    #[test]
+    fn creates_records_and_refuses_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(&dir);
+        let reg = MemRegistry::default();
+        let before = now_ms();
+        let p = create_device(&pki, &reg, "sensor-01", None).unwrap();
+        assert_eq!(p.device.id.as_str(), "sensor-01");
+        assert_eq!(p.device.cert_serial, p.cert.serial_hex);
+        assert_eq!(p.device.cert_not_after_ms, p.cert.not_after_ms);
+        assert!(p.device.created_at_ms >= before);
+        assert!(p.cert.key_pem.is_some());
+        let id = DeviceId::parse("sensor-01").unwrap();
+        assert_eq!(reg.device(&id).unwrap(), Some(p.device));
+        assert!(matches!(
+            create_device(&pki, &reg, "sensor-01", None),
+            Err(ProvisionError::AlreadyExists(d)) if d == id
+        ));
+    }
+
+    #[test]
+    fn a_lost_race_is_already_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(&dir);
+        let reg = MemRegistry {
+            blind: true,
+            ..Default::default()
+        };
+        create_device(&pki, &reg, "d1", None).unwrap();
+        assert!(matches!(
+            create_device(&pki, &reg, "d1", None),
+            Err(ProvisionError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn bad_input_is_refused_before_anything_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(&dir);
+        let reg = MemRegistry::default();
+        assert!(matches!(
+            create_device(&pki, &reg, "bad/id", None),
+            Err(ProvisionError::InvalidId(InvalidDeviceId::BadChar('/')))
+        ));
+        assert!(matches!(
+            create_device(&pki, &reg, "d1", Some("not a csr")),
+            Err(ProvisionError::BadCsr(_))
+        ));
+        assert!(reg.devices(None, 10).unwrap().is_empty());
+    }
+}

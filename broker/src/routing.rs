@@ -1,0 +1,132 @@
+//! The routing core: an embedded rumqttd on 127.0.0.1 that only the gate may reach.
+//!
+//! rumqttd routes everything that is not telemetry (state, commands, events) between the
+//! gate's per-device links and, later, Tellus's own in-process links. It is never exposed:
+//! it listens on loopback, on a port chosen at start, and accepts only CONNECTs that carry
+//! the per-process [`GateCredential`], which the gate writes into every forwarded CONNECT.
+//! Telemetry does not pass through it, so its router segments are kept small.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, TcpListener as StdListener, TcpStream as StdStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rand::RngCore;
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+/// The username the gate presents to the routing core.
+const GATE_USER: &str = "tellus-gate";
+
+/// How long to wait for rumqttd to start listening.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The secret login that identifies the gate to the routing core; new on every start.
+#[derive(Clone)]
+pub struct GateCredential {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for GateCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateCredential")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sizing of the routing core.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// Most simultaneous links (gate connections plus internal links).
+    pub max_connections: usize,
+    /// Largest packet routed, in bytes.
+    pub max_packet_size: usize,
+}
+
+/// A running routing core.
+#[derive(Debug, Clone)]
+pub struct RoutingCore {
+    pub addr: SocketAddr,
+    pub credential: GateCredential,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("could not reserve a loopback port for the routing core: {0}")]
+    Port(std::io::Error),
+    #[error("could not start the routing core thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the routing core did not start listening on {0} within {1:?}")]
+    NotReady(SocketAddr, Duration),
+}
+
+/// Starts rumqttd on its own threads and waits until it accepts connections.
+///
+/// rumqttd binds its listener itself and has no way to stop, so the port is reserved by
+/// binding and releasing it, and the core lives as long as the process.
+pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
+    let addr = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(RoutingError::Port)?;
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let credential = GateCredential {
+        username: GATE_USER.to_owned(),
+        password: hex::encode(secret),
+    };
+
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 5_000,
+        max_payload_size: config.max_packet_size,
+        max_inflight_count: 100,
+        auth: Some(HashMap::from([(
+            credential.username.clone(),
+            credential.password.clone(),
+        )])),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "routing-core".to_owned(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let rumqttd_config = Config {
+        router: RouterConfig {
+            max_connections: config.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: config.max_packet_size.max(64 * 1024),
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("gate".to_owned(), server)])),
+        ..Default::default()
+    };
+
+    let mut broker = Broker::new(rumqttd_config);
+    thread::Builder::new()
+        .name("routing-core".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "routing core stopped");
+            }
+        })
+        .map_err(RoutingError::Thread)?;
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            return Err(RoutingError::NotReady(addr, READY_TIMEOUT));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    tracing::debug!(%addr, "routing core listening");
+    Ok(RoutingCore { addr, credential })
+}

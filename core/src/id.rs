@@ -1,0 +1,98 @@
+//! Device ids: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+//!
+//! The id is the certificate's CN, the MQTT client id and a topic level, so it must never
+//! contain a topic separator, a wildcard or anything a shell or URL would need to escape.
+
+use std::fmt;
+
+/// The longest device id accepted.
+pub const MAX_LEN: usize = 64;
+
+/// A validated device id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct DeviceId(String);
+
+/// Why a string is not a device id; the message is meant for the person who sent it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDeviceId {
+    #[error("device id must not be empty")]
+    Empty,
+    #[error("device id is {0} characters long; at most {MAX_LEN} are allowed")]
+    TooLong(usize),
+    #[error("device id contains {0:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")]
+    BadChar(char),
+}
+
+impl DeviceId {
+    pub fn parse(s: &str) -> Result<Self, InvalidDeviceId> {
+        if s.is_empty() {
+            return Err(InvalidDeviceId::Empty);
+        }
+        let len = s.chars().count();
+        if len > MAX_LEN {
+            return Err(InvalidDeviceId::TooLong(len));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(InvalidDeviceId::BadChar(c));
+        }
+        Ok(DeviceId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for DeviceId {
+    type Err = InvalidDeviceId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeviceId::parse(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DeviceId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_alphabet() {
+        for ok in ["a", "sensor-01", "A.b_c-9", &"x".repeat(64)] {
+            assert_eq!(DeviceId::parse(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        assert_eq!(DeviceId::parse(""), Err(InvalidDeviceId::Empty));
+        assert_eq!(
+            DeviceId::parse(&"x".repeat(65)),
+            Err(InvalidDeviceId::TooLong(65))
+        );
+        for (bad, c) in [
+            ("a/b", '/'),
+            ("a+", '+'),
+            ("#", '#'),
+            ("a b", ' '),
+            ("é", 'é'),
+        ] {
+            assert_eq!(DeviceId::parse(bad), Err(InvalidDeviceId::BadChar(c)));
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The Tellus domain, shared by the server crates, the device SDK and the tests.
+//!
+//! Nothing in this crate opens a socket or a file. Start with:
+//! - [`id`]: what a device id may look like ([`DeviceId`]);
+//! - [`topic`]: the topic grammar of ARCHITECTURE.md and the per-device ACL the gate enforces;
+//! - [`telemetry`]: the telemetry model ([`Value`], [`Sample`]) and the JSON payload decoder;
+//! - [`handoff`]: the bounded channel through which the gate gives telemetry to ingest and
+//!   learns when it is durable (so `broker` never depends on `ingest`);
+//! - [`registry`]: the device registry as a trait, so that a shared database can replace the
+//!   embedded one.
+
+pub mod handoff;
+pub mod id;
+pub mod registry;
+pub mod telemetry;
+pub mod topic;
+
+pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
+pub use id::{DeviceId, InvalidDeviceId};
+pub use registry::{DeviceRecord, Registry, RegistryError};
+pub use telemetry::{DecodeError, Sample, Value};
+
+/// Milliseconds since the Unix epoch, the one time unit of the data model.
+pub type TimestampMs = i64;
+
+/// The current wall-clock time in milliseconds since the Unix epoch.
+///
+/// Reading the clock is not I/O; it lives here so that every crate stamps time the same way.
+pub fn now_ms() -> TimestampMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,19 @@
+//! Ingest: telemetry from the gate to durable storage, and the embedded stores.
+//!
+//! Start with [`pipeline`]: one thread drains the gate's hand-off channel, decodes each
+//! message, commits a whole batch in one transaction (one fsync for many messages) and only
+//! then completes the gate's handles, so a PUBACK always means "on disk".
+//!
+//! - [`store`]: the [`TelemetryStore`] trait (append a batch, range query, latest values,
+//!   dead letters) and its embedded SQLite implementation;
+//! - [`registry`]: the embedded SQLite implementation of `tellus_core::Registry`;
+//! - [`sqlite`]: what both SQLite databases share (opening, pragmas, schema migrations).
+
+pub mod pipeline;
+pub mod registry;
+pub mod sqlite;
+pub mod store;
+
+pub use pipeline::{Ingest, IngestConfig, IngestStats, IngestStatsSnapshot};
+pub use registry::SqliteRegistry;
+pub use store::{Batch, DeadLetter, Durability, SqliteStore, StoreError, TelemetryStore};

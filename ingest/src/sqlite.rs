@@ -1,0 +1,38 @@
+//! What the embedded SQLite databases share: opening with the right pragmas and applying
+//! schema migrations in order.
+//!
+//! Each database keeps its schema version in `PRAGMA user_version`; a migration is applied
+//! once, in its own transaction, and never edited after it has shipped.
+
+use std::{path::Path, time::Duration};
+
+use rusqlite::Connection;
+
+/// How long a connection waits for a lock held by another connection before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens `path` in WAL mode with `synchronous` (`FULL` or `NORMAL`) and applies `migrations`.
+pub fn open(
+    path: &Path,
+    synchronous: &str,
+    migrations: &[&str],
+) -> Result<Connection, rusqlite::Error> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&mut conn, migrations)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), rusqlite::Error> {
+    let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in migrations.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! Configuration: a TOML file (optional), then environment variables and flags on top.
+//!
+//! Every field has a default, so an empty file (or none) is a valid configuration, and
+//! unknown keys are errors, so a typo never silently falls back to a default. Durations are
+//! written like `"10s"` or `"365days"`. [`DEFAULT_TOML`] is the commented default file that
+//! `tellus config` prints; a test keeps it equal to [`Config::default`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tellus_ingest::{Durability, IngestConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where Tellus keeps its CA, registry, telemetry and admin token.
+    pub data_dir: PathBuf,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub pki: PkiConfig,
+    pub ingest: IngestSection,
+    pub log: LogConfig,
+    /// Longest a graceful stop waits for connections to close and ingest to commit.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PkiConfig {
+    /// Extra DNS names or IP addresses for the server certificate.
+    pub server_names: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub device_cert_validity: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSection {
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub durability: Durability,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./tellus-data"),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            pki: PkiConfig::default(),
+            ingest: IngestSection::default(),
+            log: LogConfig::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        let gate = tellus_broker::gate::GateConfig::default();
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            handshake_timeout: gate.handshake_timeout,
+            connect_timeout: gate.connect_timeout,
+            max_packet_size: gate.max_packet_size,
+            max_connections: gate.max_connections,
+            max_inflight: gate.max_inflight,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        PkiConfig {
+            server_names: Vec::new(),
+            device_cert_validity: Duration::from_secs(365 * 86_400),
+        }
+    }
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        let ingest = IngestConfig::default();
+        IngestSection {
+            queue_capacity: ingest.queue_capacity,
+            max_batch: ingest.max_batch,
+            durability: Durability::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info,rumqttd=off,rustls=error".into(),
+        }
+    }
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn gate(&self) -> tellus_broker::gate::GateConfig {
+        tellus_broker::gate::GateConfig {
+            handshake_timeout: self.mqtt.handshake_timeout,
+            connect_timeout: self.mqtt.connect_timeout,
+            max_packet_size: self.mqtt.max_packet_size,
+            max_connections: self.mqtt.max_connections,
+            max_inflight: self.mqtt.max_inflight,
+        }
+    }
+
+    pub fn ingest(&self) -> IngestConfig {
+        IngestConfig {
+            queue_capacity: self.ingest.queue_capacity,
+            max_batch: self.ingest.max_batch,
+        }
+    }
+}
+
+/// The default configuration, with what each setting means.
+pub const DEFAULT_TOML: &str = r#"# Tellus configuration. Every setting is optional; shown here are the defaults.
+# Flags and environment variables (TELLUS_DATA_DIR, TELLUS_MQTT_ADDR, TELLUS_HTTP_ADDR)
+# override the file.
+
+# Where Tellus keeps its fleet CA, device registry, telemetry and admin token.
+data_dir = "./tellus-data"
+
+# Longest a graceful stop (SIGINT/SIGTERM) waits for devices to be acknowledged and for
+# ingest to commit what it holds.
+shutdown_timeout = "30s"
+
+[mqtt]
+# Where devices connect with MQTT over TLS and their client certificate.
+listen = "0.0.0.0:8883"
+# Longest a TLS handshake may take, from the TCP accept on.
+handshake_timeout = "10s"
+# Longest from the end of the handshake to a complete CONNECT packet.
+connect_timeout = "10s"
+# Largest MQTT packet a device may send, in bytes; a larger one closes the connection.
+max_packet_size = 262144
+# Most simultaneous device connections; more wait in the listen backlog.
+max_connections = 10000
+# Most telemetry publishes of one connection waiting for their commit; past this the
+# gate stops reading that device's socket until ingest catches up.
+max_inflight = 256
+
+[http]
+# The HTTP API. Keep it on loopback unless a TLS-terminating proxy fronts it.
+listen = "127.0.0.1:8080"
+
+[pki]
+# Extra DNS names or IP addresses for the server certificate, beside localhost,
+# 127.0.0.1, ::1 and this host's name.
+server_names = []
+# Validity of device certificates that Tellus issues.
+device_cert_validity = "365days"
+
+[ingest]
+# Messages that may wait between the gate and the store. When full, the gate stops
+# reading device sockets (backpressure); nothing is dropped.
+queue_capacity = 4096
+# Most messages committed in one transaction.
+max_batch = 1024
+# "fsync": every commit is flushed to disk before devices are acknowledged (survives power
+# loss). "os": the OS flushes later (survives a crash of Tellus, not of the machine).
+durability = "fsync"
+
+[log]
+# "text" or "json".
+format = "text"
+# A tracing filter; the RUST_LOG environment variable overrides it. rumqttd, the routing
+# core behind the gate, is silent by default: the gate logs every connection event itself.
+filter = "info,rumqttd=off,rustls=error"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_default_is_the_default() {
+        assert_eq!(Config::from_toml(DEFAULT_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_default_and_typos_are_errors() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+        let err = Config::from_toml("[mqtt]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let c = Config::from_toml("shutdown_timeout = \"5s\"\n[ingest]\ndurability = \"os\"\n")
+            .unwrap();
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.ingest.durability, Durability::Os);
+    }
+}

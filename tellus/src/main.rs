@@ -1,0 +1,187 @@
+//! `tellus`: parses the command line, sets up logging, and hands over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tellus::{
+    config::{Config, LogFormat, DEFAULT_TOML},
+    files::write_atomic,
+    server::{self, DataDir, Fleet},
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "tellus",
+    version,
+    about = "A backend for fleets of IoT devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by the commands that open a data directory.
+#[derive(clap::Args)]
+struct Common {
+    /// A TOML configuration file (see `tellus config`).
+    #[arg(long, env = "TELLUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./tellus-data].
+    #[arg(long, env = "TELLUS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker, ingest and HTTP API.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// MQTT over TLS listen address [default: 0.0.0.0:8883].
+        #[arg(long, env = "TELLUS_MQTT_ADDR")]
+        mqtt_addr: Option<std::net::SocketAddr>,
+        /// HTTP API listen address [default: 127.0.0.1:8080].
+        #[arg(long, env = "TELLUS_HTTP_ADDR")]
+        http_addr: Option<std::net::SocketAddr>,
+    },
+    /// Print the default configuration, with comments.
+    Config,
+    /// Manage devices directly in the data directory.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device and write its certificate, key and the CA certificate.
+    Create {
+        /// The device id: 1 to 64 characters of A-Z a-z 0-9 . _ -
+        id: String,
+        /// Where to write <id>.crt, <id>.key and ca.crt.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+impl Common {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        Ok(config)
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Config => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Command::Serve {
+            common,
+            mqtt_addr,
+            http_addr,
+        } => {
+            let mut config = common.load()?;
+            if let Some(a) = mqtt_addr {
+                config.mqtt.listen = a;
+            }
+            if let Some(a) = http_addr {
+                config.http.listen = a;
+            }
+            init_logging(&config);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(server::run(config, shutdown_signal()))
+        }
+        Command::Device {
+            command: DeviceCommand::Create { id, out, common },
+        } => {
+            let config = common.load()?;
+            create_device(&config, &id, &out)
+        }
+    }
+}
+
+fn create_device(config: &Config, id: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    let fleet = Fleet::open(
+        &DataDir {
+            root: config.data_dir.clone(),
+        },
+        config,
+    )?;
+    let created =
+        tellus_broker::provision::create_device(&fleet.pki, fleet.registry.as_ref(), id, None)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let id = created.device.id.as_str();
+    let write = |name: String, contents: &str, mode: u32| {
+        let path = out.join(name);
+        write_atomic(&path, contents.as_bytes(), mode)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    write(format!("{id}.crt"), &created.cert.cert_pem, 0o644)?;
+    if let Some(key) = &created.cert.key_pem {
+        write(format!("{id}.key"), key, 0o600)?;
+    }
+    write("ca.crt".into(), fleet.pki.ca_pem(), 0o644)?;
+    println!(
+        "Device {id} registered; certificate serial {}, valid until {} ms. Files in {}",
+        created.cert.serial_hex,
+        created.cert.not_after_ms,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

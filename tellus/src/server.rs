@@ -1,0 +1,182 @@
+//! One Tellus server process: [`run`] opens the data directory, starts every part, and
+//! stops them in order when `shutdown` resolves.
+//!
+//! Start-up: data directory → PKI (CA, server certificate) and admin token → registry and
+//! telemetry store → routing core → ingest → gate and HTTP listeners.
+//!
+//! Shut-down: the gate stops accepting and every connection stops reading, writes the
+//! acknowledgements of what ingest commits, and closes; once the last connection is gone the
+//! hand-off channel closes and ingest commits what it still holds; then the HTTP API stops.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context;
+use rand::RngCore;
+use tellus_api::AppState;
+use tellus_broker::{
+    gate::{self, Gate},
+    pki::Pki,
+    routing::{self, RoutingConfig},
+};
+use tellus_core::{IngestSender, Registry};
+use tellus_ingest::{Ingest, SqliteRegistry, SqliteStore, TelemetryStore};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{config::Config, files::write_atomic};
+
+/// The files of a data directory.
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn pki(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+    pub fn registry(&self) -> PathBuf {
+        self.root.join("registry.db")
+    }
+    pub fn telemetry(&self) -> PathBuf {
+        self.root.join("telemetry.db")
+    }
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+}
+
+/// What the CLI and the server both open from a data directory.
+pub struct Fleet {
+    pub pki: Arc<Pki>,
+    pub registry: Arc<dyn Registry>,
+}
+
+impl Fleet {
+    pub fn open(dir: &DataDir, config: &Config) -> anyhow::Result<Fleet> {
+        std::fs::create_dir_all(&dir.root)
+            .with_context(|| format!("creating data directory {}", dir.root.display()))?;
+        let pki = Pki::load_or_create(&dir.pki(), config.pki.device_cert_validity)
+            .context("opening the fleet CA")?;
+        let registry = SqliteRegistry::open(&dir.registry())
+            .with_context(|| format!("opening {}", dir.registry().display()))?;
+        Ok(Fleet {
+            pki: Arc::new(pki),
+            registry: Arc::new(registry),
+        })
+    }
+}
+
+/// Reads the admin token, creating it (mode 0600) on first start. Returns the token and
+/// whether it was just created.
+fn admin_token(path: &Path) -> anyhow::Result<(String, bool)> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_owned(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok((token, true))
+}
+
+/// Runs Tellus until `shutdown` resolves, then stops it gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let dir = DataDir {
+        root: config.data_dir.clone(),
+    };
+    let fleet = Fleet::open(&dir, &config)?;
+    let (token, created) = admin_token(&dir.admin_token())?;
+    if created {
+        // Printed once, on the start that creates it; later it is only in the file.
+        println!(
+            "Admin API token (also in {}): {token}",
+            dir.admin_token().display()
+        );
+    }
+    let (chain, key) = fleet
+        .pki
+        .server_identity(&dir.pki(), &config.pki.server_names)
+        .context("preparing the server certificate")?;
+    let tls = fleet
+        .pki
+        .gate_tls_config(chain, key)
+        .context("building the TLS configuration")?;
+
+    let store: Arc<dyn TelemetryStore> = Arc::new(
+        SqliteStore::open(&dir.telemetry(), config.ingest.durability)
+            .with_context(|| format!("opening {}", dir.telemetry().display()))?,
+    );
+    let routing = routing::start(&RoutingConfig {
+        max_connections: config.mqtt.max_connections + 16,
+        max_packet_size: config.mqtt.max_packet_size,
+    })
+    .context("starting the routing core")?;
+    let (ingest_tx, ingest_rx) = IngestSender::channel(config.ingest.queue_capacity);
+    let ingest =
+        Ingest::spawn(ingest_rx, store.clone(), config.ingest()).context("starting ingest")?;
+
+    let mqtt = bind(config.mqtt.listen, "mqtt").await?;
+    let http = bind(config.http.listen, "http").await?;
+
+    let stop = CancellationToken::new();
+    let gate_stats = Arc::new(gate::GateStats::default());
+    let gate = Gate {
+        tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        registry: fleet.registry.clone(),
+        ingest: ingest_tx,
+        routing,
+        config: config.gate(),
+        stats: gate_stats.clone(),
+    };
+    let gate_task = tokio::spawn(gate::run(mqtt, gate, stop.clone()));
+    let state = AppState {
+        registry: fleet.registry.clone(),
+        store,
+        pki: fleet.pki.clone(),
+        ingest_stats: ingest.stats(),
+        admin_token: Arc::from(token),
+    };
+    let api_stop = stop.clone();
+    let api_task = tokio::spawn(tellus_api::serve(http, state, async move {
+        api_stop.cancelled().await
+    }));
+
+    shutdown.await;
+    info!("shutting down");
+    stop.cancel();
+    let drained = tokio::time::timeout(config.shutdown_timeout, async {
+        let _ = gate_task.await;
+        ingest.finished().await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");
+        anyhow::bail!("shutdown timed out after {:?}", config.shutdown_timeout);
+    }
+    match tokio::time::timeout(config.shutdown_timeout, api_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP API stopped with an error"),
+        _ => warn!("HTTP API did not stop in time"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {name} listener to {addr}"))?;
+    let bound = listener.local_addr()?;
+    info!(listener = name, addr = %bound, "listening");
+    Ok(listener)
+}

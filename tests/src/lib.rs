@@ -1,0 +1,256 @@
+//! The end-to-end harness: starts a real `tellus serve` process in a temporary data
+//! directory on ephemeral ports, and gives tests the HTTP API, device credentials and the
+//! server's log.
+//!
+//! The binary is `target/<profile>/tellus`, built on first use ([`tellus_bin`]);
+//! `TELLUS_BIN` overrides it.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tellus_device::Credentials;
+
+/// How long a test waits for Tellus to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `tellus` binary under test: `TELLUS_BIN`, or the one in this build's target
+/// directory, which is brought up to date once per test process (`cargo test` builds only
+/// the test targets of the tests crate, not other packages' binaries).
+pub fn tellus_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("TELLUS_BIN") {
+            return bin.into();
+        }
+        // Test executables live in target/<profile>/deps; the binary in target/<profile>.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile> directory")
+            .to_owned();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--quiet", "-p", "tellus", "--bin", "tellus"])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p tellus failed");
+        let bin = profile_dir.join("tellus");
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A running `tellus serve`. Killed when dropped; [`Tellus::stop`] stops it gracefully.
+pub struct Tellus {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub token: String,
+    log: Arc<Mutex<String>>,
+    http: reqwest::Client,
+}
+
+impl Tellus {
+    /// Starts Tellus in `data_dir` with an optional TOML configuration.
+    pub fn start_in(data_dir: &Path, config_toml: Option<&str>) -> Tellus {
+        let mut cmd = Command::new(tellus_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "info,rumqttd=off,rustls=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(toml) = config_toml {
+            std::fs::create_dir_all(data_dir).unwrap();
+            let path = data_dir.join("test-config.toml");
+            std::fs::write(&path, toml).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd.spawn().expect("start tellus");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("[tellus] {line}");
+                    log.lock().unwrap().push_str(&line);
+                    log.lock().unwrap().push('\n');
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let (mut mqtt, mut http) = (None, None);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while mqtt.is_none() || http.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("tellus did not start listening in time"));
+            if let Some(addr) = listener_addr(&line, "mqtt") {
+                mqtt = Some(addr);
+            }
+            if let Some(addr) = listener_addr(&line, "http") {
+                http = Some(addr);
+            }
+        }
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_owned();
+        Tellus {
+            child: Some(child),
+            data_dir: data_dir.to_owned(),
+            mqtt_addr: mqtt.unwrap(),
+            http_addr: http.unwrap(),
+            token,
+            log,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Everything Tellus has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log never contained {needle:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http_addr, path)
+    }
+
+    /// GET with the admin token; returns the status and the JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST JSON with the admin token; returns the status and the JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers a device through the API and returns its credentials.
+    pub async fn create_device(&self, id: &str) -> Credentials {
+        let (status, body) = self.post("/api/v1/devices", json!({ "id": id })).await;
+        assert_eq!(status, 201, "{body}");
+        Credentials {
+            id: id.parse().unwrap(),
+            cert_pem: body["cert_pem"].as_str().unwrap().to_owned(),
+            key_pem: body["key_pem"].as_str().unwrap().to_owned(),
+            ca_pem: body["ca_pem"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Options for a device connection to this Tellus.
+    pub fn mqtt_options(&self, creds: &Credentials) -> rumqttc::MqttOptions {
+        tellus_device::mqtt_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tellus did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tellus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Parses `listener="NAME" addr=IP:PORT` from a log line.
+fn listener_addr(line: &str, name: &str) -> Option<SocketAddr> {
+    if !line.contains(&format!("listener=\"{name}\"")) {
+        return None;
+    }
+    let rest = &line[line.find(" addr=")? + 6..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether an external tool is on PATH. Without it, a test may skip only outside CI, and
+/// says so loudly; in CI (`CI` set) a missing tool fails the test.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is required in CI but is not installed"
+        );
+        eprintln!("\n*** SKIPPED: {tool} is not installed (install it to run this test) ***\n");
+    }
+    found
+}

@@ -1,0 +1,449 @@
+//! End to end: a real `tellus serve`, devices over mTLS with rumqttc and mosquitto_pub, the
+//! operator over HTTP.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
+    Packet, QoS, TlsConfiguration, Transport,
+};
+use serde_json::{json, Value};
+use tellus_device::Credentials;
+use tellus_tests::{require_tool, Tellus};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls until CONNACK; panics on an error.
+async fn connect(options: MqttOptions) -> (AsyncClient, EventLoop) {
+    let (client, mut events) = AsyncClient::new(options, 100);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("connect failed: {e:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no CONNACK in time");
+    (client, events)
+}
+
+/// Polls until the connection fails, and returns why; panics if a PUBACK or SUBACK arrives.
+async fn expect_refused(events: &mut EventLoop) -> ConnectionError {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(p @ (Packet::PubAck(_) | Packet::SubAck(_)))) => {
+                    panic!("expected a refusal, got {p:?}")
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("connection was not closed")
+}
+
+async fn publish_acked(client: &AsyncClient, events: &mut EventLoop, topic: &str, payload: &str) {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("publish failed: {e:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no PUBACK in time");
+}
+
+fn options_with_client_id(t: &Tellus, creds: &Credentials, client_id: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", t.mqtt_addr.port());
+    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(
+        creds.tls_config().unwrap(),
+    ))));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_telemetry_is_queryable_as_soon_as_it_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let creds = t.create_device("sensor-01").await;
+    let (client, mut events) = connect(t.mqtt_options(&creds)).await;
+    let topic = creds.telemetry_topic();
+
+    publish_acked(
+        &client,
+        &mut events,
+        &topic,
+        r#"{"temperature": 21.5, "door": "open"}"#,
+    )
+    .await;
+    let (status, latest) = t.get("/api/v1/devices/sensor-01/latest").await;
+    assert_eq!(status, 200, "{latest}");
+    assert_eq!(latest["metrics"]["temperature"]["value"], json!(21.5));
+    assert_eq!(latest["metrics"]["door"]["value"], json!("open"));
+
+    // Device time, arrays, nesting, and every value type.
+    let base = 1_700_000_000_000i64;
+    publish_acked(
+        &client,
+        &mut events,
+        &topic,
+        &json!([
+            {"ts": base, "values": {"temperature": 20, "env": {"ok": true}}},
+            {"ts": base + 1000, "values": {"temperature": 20.25, "mode": "eco"}}
+        ])
+        .to_string(),
+    )
+    .await;
+    let (status, body) = t
+        .get(&format!(
+            "/api/v1/devices/sensor-01/telemetry?metric=temperature&from={}&to={}",
+            base,
+            base + 1000
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["device"], "sensor-01");
+    assert_eq!(body["metric"], "temperature");
+    assert_eq!(body["points"], json!([[base, 20], [base + 1000, 20.25]]));
+    let (_, body) = t
+        .get(&format!(
+            "/api/v1/devices/sensor-01/telemetry?metric=env.ok&from=2023-11-14T22:13:20Z&to={}",
+            base + 1
+        ))
+        .await;
+    assert_eq!(body["points"], json!([[base, true]]), "{body}");
+
+    let (status, devices) = t.get("/api/v1/devices").await;
+    assert_eq!(status, 200);
+    assert_eq!(devices["devices"][0]["id"], "sensor-01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_with_files_from_device_create() {
+    if !require_tool("mosquitto_pub") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(&dir.path().join("data"), None);
+    let certs = dir.path().join("certs");
+    let out = std::process::Command::new(tellus_tests::tellus_bin())
+        .args(["device", "create", "door-7", "--out"])
+        .arg(&certs)
+        .arg("--data-dir")
+        .arg(&t.data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for f in ["door-7.crt", "door-7.key", "ca.crt"] {
+        assert!(certs.join(f).exists(), "{f} missing");
+    }
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &t.mqtt_addr.port().to_string()])
+        .arg("--cafile")
+        .arg(certs.join("ca.crt"))
+        .arg("--cert")
+        .arg(certs.join("door-7.crt"))
+        .arg("--key")
+        .arg(certs.join("door-7.key"))
+        .args(["-i", "door-7", "-q", "1", "-t", "devices/door-7/telemetry"])
+        .args([
+            "-m",
+            r#"{"ts": 1732780800123, "values": {"open": true, "battery": 87}}"#,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "mosquitto_pub failed: {out:?}");
+    let (status, latest) = t.get("/api/v1/devices/door-7/latest").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        latest["metrics"],
+        json!({
+            "battery": {"ts": 1732780800123i64, "value": 87},
+            "open": {"ts": 1732780800123i64, "value": true},
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let victim = t.create_device("victim").await;
+    let mallory = t.create_device("mallory").await;
+    let nothing_for_victim = || async {
+        let (status, body) = t.get("/api/v1/devices/victim/latest").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["metrics"], json!({}), "victim got data: {body}");
+    };
+
+    // A certificate for "victim" from another CA.
+    let foreign_ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let foreign_ca = rcgen::CertifiedIssuer::self_signed(ca_params, foreign_ca_key).unwrap();
+    let forged = issue(&foreign_ca, "victim");
+    let forged = Credentials {
+        cert_pem: forged.0,
+        key_pem: forged.1,
+        ..victim.clone()
+    };
+    let (_c, mut events) = AsyncClient::new(t.mqtt_options(&forged), 10);
+    let err = expect_refused(&mut events).await;
+    // The gate answers the handshake with TLS alert "unknown CA".
+    assert!(format!("{err:?}").contains("UnknownCA"), "{err:?}");
+
+    // A valid certificate from the fleet CA for a device that is not registered.
+    let ca_pem = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(t.data_dir.join("pki/ca.key")).unwrap())
+            .unwrap();
+    let fleet_ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let (cert_pem, key_pem) = issue(&fleet_ca, "ghost");
+    let ghost = Credentials {
+        id: "ghost".parse().unwrap(),
+        cert_pem,
+        key_pem,
+        ca_pem,
+    };
+    let (_c, mut events) = AsyncClient::new(t.mqtt_options(&ghost), 10);
+    let err = expect_refused(&mut events).await;
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+        ),
+        "{err:?}"
+    );
+
+    // A client id that is not the certificate's device id.
+    let (_c, mut events) = AsyncClient::new(options_with_client_id(&t, &mallory, "victim"), 10);
+    let err = expect_refused(&mut events).await;
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)
+        ),
+        "{err:?}"
+    );
+
+    // A publish to another device's telemetry closes the connection unacknowledged.
+    let (client, mut events) = connect(t.mqtt_options(&mallory)).await;
+    client
+        .publish(
+            victim.telemetry_topic(),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"t": 1}"#,
+        )
+        .await
+        .unwrap();
+    expect_refused(&mut events).await;
+    t.wait_for_log("device_id=mallory").await;
+    t.wait_for_log("is outside the device's own tree devices/mallory/")
+        .await;
+
+    // A subscription outside the device's own tree closes the connection, no SUBACK.
+    let (client, mut events) = connect(t.mqtt_options(&mallory)).await;
+    client
+        .subscribe("devices/victim/commands/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    expect_refused(&mut events).await;
+    nothing_for_victim().await;
+
+    // Invalid JSON is acknowledged, kept raw with its reason, and counted.
+    let (client, mut events) = connect(t.mqtt_options(&mallory)).await;
+    publish_acked(
+        &client,
+        &mut events,
+        &mallory.telemetry_topic(),
+        "{not json",
+    )
+    .await;
+    let (status, body) = t.get("/api/v1/deadletters").await;
+    assert_eq!(status, 200, "{body}");
+    let dead = &body["deadletters"][0];
+    assert_eq!(dead["device"], "mallory");
+    assert_eq!(dead["topic"], "devices/mallory/telemetry");
+    assert_eq!(dead["payload"], "{not json");
+    assert!(
+        dead["reason"].as_str().unwrap().contains("not valid JSON"),
+        "{dead}"
+    );
+    let (_, stats) = t.get("/api/v1/stats").await;
+    assert_eq!(stats["ingest"]["deadlettered"], 1, "{stats}");
+    let (_, latest) = t.get("/api/v1/devices/mallory/latest").await;
+    assert_eq!(latest["metrics"], json!({}));
+    nothing_for_victim().await;
+
+    // The API without a token, and with a wrong one.
+    let http = reqwest::Client::new();
+    for auth in [None, Some("Bearer wrong-token")] {
+        let mut req = http.get(t.url("/api/v1/devices"));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+}
+
+/// Issues a device certificate for `cn` from `issuer`: (cert PEM, key PEM).
+fn issue(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, cn: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_socket_does_not_delay_other_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    // The idle socket must outlive the whole test.
+    let t = Tellus::start_in(dir.path(), Some("[mqtt]\nhandshake_timeout = \"120s\"\n"));
+    let creds = t.create_device("punctual").await;
+    let _idle = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
+    let _half = {
+        // A second one that sends half a ClientHello and stops.
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+        s
+    };
+    let (client, mut events) = connect(t.mqtt_options(&creds)).await;
+    publish_acked(
+        &client,
+        &mut events,
+        &creds.telemetry_topic(),
+        r#"{"t": 1}"#,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let creds = t.create_device("busy").await;
+    let mut options = t.mqtt_options(&creds);
+    options.set_inflight(100);
+    let (client, mut events) = connect(options).await;
+
+    // Publish without pause from another task; message k carries device time BASE + k.
+    const BASE: i64 = 1_600_000_000_000;
+    const MAX: i64 = 200_000;
+    let topic = creds.telemetry_topic();
+    let publisher = tokio::spawn(async move {
+        for k in 0..MAX {
+            let body = json!({"ts": BASE + k, "values": {"seq": k}}).to_string();
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, body)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+
+    // Outgoing publishes leave in the order they were queued, so the n-th outgoing publish
+    // is message n; a PUBACK for its packet id means message n is durable.
+    let mut sent: i64 = 0;
+    let mut by_pkid: HashMap<u16, i64> = HashMap::new();
+    let mut acked = BTreeSet::new();
+    let mut stop = Some(t);
+    let mut stopped = None;
+    let result = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    by_pkid.insert(pkid, sent);
+                    sent += 1;
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    let k = by_pkid
+                        .remove(&ack.pkid)
+                        .expect("PUBACK for a known packet");
+                    acked.insert(k);
+                    if acked.len() == 2_000 {
+                        if let Some(t) = stop.take() {
+                            // Stop while messages are in flight.
+                            let data_dir = t.data_dir.clone();
+                            stopped =
+                                Some((tokio::task::spawn_blocking(move || t.stop()), data_dir));
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(result.is_ok(), "the connection did not end after SIGTERM");
+    publisher.abort();
+    let (stopping, data_dir) = stopped.expect("load reached 2000 acknowledged messages");
+    let status = stopping.await.unwrap();
+    assert!(status.success(), "tellus exited with {status:?}");
+    assert!(acked.len() >= 2_000);
+    eprintln!(
+        "sent {sent}, acknowledged {} before the stop completed",
+        acked.len()
+    );
+
+    // Everything acknowledged is there after a restart.
+    let t = Tellus::start_in(&data_dir, None);
+    let mut stored = BTreeSet::new();
+    let mut from = BASE;
+    loop {
+        let (status, body) = t
+            .get(&format!(
+                "/api/v1/devices/busy/telemetry?metric=seq&from={from}&to={}&limit=100000",
+                BASE + MAX
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        for p in body["points"].as_array().unwrap() {
+            let (ts, v) = (p[0].as_i64().unwrap(), p[1].as_i64().unwrap());
+            assert_eq!(ts - BASE, v, "point stored at the wrong time");
+            stored.insert(v);
+        }
+        match body["next"].as_i64() {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    let lost: Vec<_> = acked.difference(&stored).take(10).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, first {lost:?}",
+        acked.difference(&stored).count()
+    );
+}
