@@ -30,6 +30,8 @@ pub enum ApiError {
     DeviceExists(DeviceId),
     #[error("device {0} not found")]
     DeviceNotFound(DeviceId),
+    #[error("dead letter {0} not found")]
+    DeadLetterNotFound(i64),
     #[error("invalid certificate signing request: {0}")]
     InvalidCsr(String),
     /// The request body is not the JSON this endpoint takes.
@@ -66,7 +68,9 @@ impl ApiError {
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ApiError::DeviceExists(_) => StatusCode::CONFLICT,
-            ApiError::DeviceNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::DeviceNotFound(_)
+            | ApiError::DeadLetterNotFound(_)
+            | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -81,6 +85,7 @@ impl ApiError {
             ApiError::InvalidDeviceId(_) => "invalid_device_id",
             ApiError::DeviceExists(_) => "device_exists",
             ApiError::DeviceNotFound(_) => "device_not_found",
+            ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
             ApiError::InvalidCsr(_) => "invalid_csr",
             ApiError::InvalidBody(_) => "invalid_body",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",

@@ -40,6 +40,7 @@ pub struct AppState {
     pub store: Arc<dyn tellus_ingest::TelemetryStore>,
     pub pki: Arc<tellus_broker::pki::Pki>,
     pub ingest_stats: Arc<tellus_ingest::IngestStats>,
+    pub gate_stats: Arc<tellus_broker::gate::GateStats>,
     /// The bearer token every `/api/v1` request must present. An empty token admits no one.
     pub admin_token: Arc<str>,
 }

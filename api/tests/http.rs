@@ -37,6 +37,7 @@ impl Server {
             store: store.clone(),
             pki: Arc::new(pki),
             ingest_stats: Arc::new(IngestStats::default()),
+            gate_stats: Arc::new(tellus_broker::gate::GateStats::default()),
             admin_token: TOKEN.into(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -292,6 +293,7 @@ async fn telemetry_latest_deadletters_and_stats() {
                     topic: "devices/sensor-01/telemetry".into(),
                     reason: "payload is not valid JSON".into(),
                     payload: b"not json".to_vec(),
+                    payload_size: 8,
                 },
                 DeadLetter {
                     id: 0,
@@ -300,6 +302,7 @@ async fn telemetry_latest_deadletters_and_stats() {
                     topic: "devices/sensor-01/telemetry/pb".into(),
                     reason: "binary".into(),
                     payload: vec![0xff, 0xfe, 0x00],
+                    payload_size: 3,
                 },
             ],
         })
@@ -403,10 +406,14 @@ async fn telemetry_latest_deadletters_and_stats() {
     assert_eq!(dl[0]["reason"], "binary");
     assert_eq!(dl[0]["payload_base64"], "//4A");
     assert!(dl[0].get("payload").is_none());
+    assert_eq!(dl[0]["payload_size"], 3);
+    assert_eq!(dl[0]["payload_truncated"], false);
     assert_eq!(dl[0]["received_at"], "2024-11-28T08:00:00.001Z");
     assert_eq!(dl[0]["received_at_ms"], t0 + 1);
     assert_eq!(dl[1]["payload"], "not json");
     assert!(dl[1].get("payload_base64").is_none());
+    assert_eq!(dl[1]["payload_size"], 8);
+    assert_eq!(dl[1]["payload_truncated"], false);
     assert_eq!(dl[1]["device"], "sensor-01");
     assert_eq!(dl[1]["topic"], "devices/sensor-01/telemetry");
     assert_eq!(body["next"], Json::Null);
@@ -427,6 +434,93 @@ async fn telemetry_latest_deadletters_and_stats() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["ingest"]["received"], 0);
     assert_eq!(body["ingest"]["commits"], 0);
+
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn deadletter_lists_show_previews_and_one_shows_the_whole_payload() {
+    let s = Server::start().await;
+    let d = id("sensor-01");
+    let dead = |reason: &str, payload: Vec<u8>| DeadLetter {
+        id: 0,
+        received_at_ms: 1_732_780_800_000,
+        device: d.clone(),
+        topic: "devices/sensor-01/telemetry".into(),
+        reason: reason.into(),
+        payload_size: payload.len(),
+        payload,
+    };
+    // 2001 bytes of UTF-8 whose byte 1024 is the middle of an 'é'.
+    let text = format!("a{}", "é".repeat(1000));
+    // 3000 bytes that are not UTF-8.
+    let binary: Vec<u8> = (0..3000u32).map(|i| (i % 256) as u8).collect();
+    s.store
+        .commit(&Batch {
+            samples: vec![],
+            deadletters: vec![
+                dead("text", text.clone().into_bytes()),
+                dead("binary", binary.clone()),
+                dead("small", b"{\"t\": ".to_vec()),
+            ],
+        })
+        .unwrap();
+
+    let (status, body) = s.get("/api/v1/deadletters").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let dl = body["deadletters"].as_array().unwrap();
+    let reasons: Vec<_> = dl.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["small", "binary", "text"]);
+
+    assert_eq!(dl[0]["payload"], "{\"t\": ");
+    assert_eq!(dl[0]["payload_size"], 6);
+    assert_eq!(dl[0]["payload_truncated"], false);
+
+    assert!(dl[1].get("payload").is_none(), "{}", dl[1]);
+    assert_eq!(
+        dl[1]["payload_base64"],
+        tellus_api::base64::encode(&binary[..1024])
+    );
+    assert_eq!(dl[1]["payload_size"], 3000);
+    assert_eq!(dl[1]["payload_truncated"], true);
+
+    // Cut back to the character boundary before byte 1024.
+    assert!(dl[2].get("payload_base64").is_none(), "{}", dl[2]);
+    assert_eq!(dl[2]["payload"], text[..1023]);
+    assert_eq!(dl[2]["payload_size"], 2001);
+    assert_eq!(dl[2]["payload_truncated"], true);
+
+    // One by one: the whole payload.
+    let text_id = dl[2]["id"].as_i64().unwrap();
+    let (status, one) = s.get(&format!("/api/v1/deadletters/{text_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["id"], text_id);
+    assert_eq!(one["reason"], "text");
+    assert_eq!(one["device"], "sensor-01");
+    assert_eq!(one["topic"], "devices/sensor-01/telemetry");
+    assert_eq!(one["received_at"], "2024-11-28T08:00:00Z");
+    assert_eq!(one["payload"], text.as_str());
+    assert!(one.get("payload_base64").is_none());
+    assert_eq!(one["payload_size"], 2001);
+    assert_eq!(one["payload_truncated"], false);
+
+    let binary_id = dl[1]["id"].as_i64().unwrap();
+    let (status, one) = s.get(&format!("/api/v1/deadletters/{binary_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["payload_base64"], tellus_api::base64::encode(&binary));
+    assert!(one.get("payload").is_none());
+    assert_eq!(one["payload_size"], 3000);
+    assert_eq!(one["payload_truncated"], false);
+
+    let (status, body) = s.get("/api/v1/deadletters/999999").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (code, message) = error_code(&body);
+    assert_eq!(code, "deadletter_not_found");
+    assert!(message.contains("999999"), "{message}");
+
+    let (status, body) = s.get("/api/v1/deadletters/latest").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body).0, "invalid_path");
 
     s.stop().await;
 }

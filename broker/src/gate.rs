@@ -11,8 +11,9 @@
 //!    acknowledged only once durable; everything else goes to the routing core.
 //!
 //! One writer task per connection owns the device's socket for writing and interleaves whole
-//! frames from the routing core with the gate's own acknowledgements, in the order MQTT
-//! requires, so a PUBACK never lands inside another frame.
+//! frames from the routing core with the gate's own acknowledgements, so a PUBACK never lands
+//! inside another frame. The gate acknowledges every device publish itself, in the order the
+//! publishes arrived, each once its message is safe (see [`connection`]).
 
 mod connection;
 mod frames;
@@ -44,9 +45,12 @@ pub struct GateConfig {
     pub max_packet_size: usize,
     /// Most simultaneous device connections; further ones wait in the accept backlog.
     pub max_connections: usize,
-    /// Most telemetry publishes of one connection awaiting their commit; past this the gate
+    /// Most acknowledgements of one connection waiting for their message to be safe
+    /// (telemetry committed, anything else taken by the routing core); past this the gate
     /// stops reading that socket.
     pub max_inflight: usize,
+    /// Longest one write to a device may take; a device that stops reading is closed.
+    pub write_timeout: Duration,
 }
 
 impl Default for GateConfig {
@@ -57,6 +61,7 @@ impl Default for GateConfig {
             max_packet_size: 256 * 1024,
             max_connections: 10_000,
             max_inflight: 256,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct GateStats {
     pub connect_timeout: AtomicU64,
     pub refused_unknown_device: AtomicU64,
     pub refused_client_id: AtomicU64,
+    pub refused_unavailable: AtomicU64,
+    pub refused_certificate: AtomicU64,
     pub refused_protocol: AtomicU64,
     pub acl_denied: AtomicU64,
     pub protocol_errors: AtomicU64,
@@ -90,6 +97,8 @@ pub struct GateStatsSnapshot {
     pub connect_timeout: u64,
     pub refused_unknown_device: u64,
     pub refused_client_id: u64,
+    pub refused_unavailable: u64,
+    pub refused_certificate: u64,
     pub refused_protocol: u64,
     pub acl_denied: u64,
     pub protocol_errors: u64,
@@ -109,6 +118,8 @@ impl GateStats {
             connect_timeout: get(&self.connect_timeout),
             refused_unknown_device: get(&self.refused_unknown_device),
             refused_client_id: get(&self.refused_client_id),
+            refused_unavailable: get(&self.refused_unavailable),
+            refused_certificate: get(&self.refused_certificate),
             refused_protocol: get(&self.refused_protocol),
             acl_denied: get(&self.acl_denied),
             protocol_errors: get(&self.protocol_errors),

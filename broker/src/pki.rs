@@ -10,7 +10,7 @@
 //!   [`Pki::sign_device_csr`] signs a key the device generated itself; both use one profile
 //!   (subject CN = device id, clientAuth, random serial);
 //! - [`Pki::gate_tls_config`] is the rustls configuration of the mTLS gate, which accepts only
-//!   clients whose certificate chains to the fleet CA, and [`device_id_from_cert`] turns such a
+//!   clients whose certificate chains to the fleet CA, and [`peer_identity`] turns such a
 //!   verified certificate back into a [`DeviceId`].
 //!
 //! Private keys are written with mode 0600 and every file is replaced atomically (temp file,
@@ -140,7 +140,8 @@ impl Pki {
                     });
                 }
                 let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-                write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+                write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                    .map_err(|e| io_err(&key_path, e))?;
                 info!(path = %key_path.display(), "created the fleet CA key");
                 key.serialize_pem()
             }
@@ -155,7 +156,7 @@ impl Pki {
             Some(pem) => pem,
             None => {
                 let pem = ca_params().self_signed(&key)?.pem();
-                write_atomic(&crt_path, pem.as_bytes(), 0o644)?;
+                write_atomic(&crt_path, pem.as_bytes(), 0o644).map_err(|e| io_err(&crt_path, e))?;
                 info!(path = %crt_path.display(), "created the fleet CA certificate");
                 pem
             }
@@ -220,8 +221,10 @@ impl Pki {
                 create_dir(dir)?;
                 let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
                 let cert = server_params(&wanted).signed_by(&key, &self.issuer)?;
-                write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-                write_atomic(&crt_path, cert.pem().as_bytes(), 0o644)?;
+                write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                    .map_err(|e| io_err(&key_path, e))?;
+                write_atomic(&crt_path, cert.pem().as_bytes(), 0o644)
+                    .map_err(|e| io_err(&crt_path, e))?;
                 let key = PrivatePkcs8KeyDer::from(key.serialize_der());
                 (cert.der().clone(), key.into())
             }
@@ -342,9 +345,18 @@ impl Pki {
     }
 }
 
-/// The device id a verified client certificate names: its subject CN, which must be a
-/// valid [`DeviceId`].
-pub fn device_id_from_cert(der: &[u8]) -> Result<DeviceId, PkiError> {
+/// Who a verified client certificate says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The subject CN, which must be a valid [`DeviceId`].
+    pub device: DeviceId,
+    /// The certificate's serial number in lower-case hex, as [`IssuedCert::serial_hex`].
+    pub serial_hex: String,
+}
+
+/// The identity a verified client certificate names: its subject CN (exactly one, a valid
+/// [`DeviceId`]) and its serial number.
+pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
     let bad = PkiError::BadCertificate;
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(format!("malformed: {e}")))?;
     let mut cns = cert.subject().iter_common_name();
@@ -354,7 +366,12 @@ pub fn device_id_from_cert(der: &[u8]) -> Result<DeviceId, PkiError> {
     let cn = cn
         .as_str()
         .map_err(|_| bad("the subject CN is not a text string".into()))?;
-    DeviceId::parse(cn).map_err(|e| bad(format!("CN {cn:?} is not a device id: {e}")))
+    let device =
+        DeviceId::parse(cn).map_err(|e| bad(format!("CN {cn:?} is not a device id: {e}")))?;
+    Ok(PeerIdentity {
+        device,
+        serial_hex: hex::encode(cert.raw_serial()),
+    })
 }
 
 fn ca_params() -> CertificateParams {
@@ -496,8 +513,10 @@ fn read_optional(path: &Path) -> Result<Option<String>, PkiError> {
 }
 
 /// Writes `contents` to `path` through a temp file created with `mode` in the same directory,
-/// fsynced and renamed over `path`: readers see the old file or the whole new one.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+/// fsynced and renamed over `path`: readers see the old file or the whole new one, and a
+/// secret is never readable by others, not even for an instant. Used for every key,
+/// certificate and token Tellus writes.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -518,7 +537,7 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError>
         .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(io_err(path, e));
+        return Err(e);
     }
     // Make the rename itself durable; failing that is not worth failing the write for.
     if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
@@ -607,7 +626,13 @@ mod tests {
         assert!(issued.key_pem.as_deref().unwrap().contains("PRIVATE KEY"));
 
         let der = der_of(&issued.cert_pem);
-        assert_eq!(device_id_from_cert(&der).unwrap(), id("sensor-01"));
+        assert_eq!(
+            peer_identity(&der).unwrap(),
+            PeerIdentity {
+                device: id("sensor-01"),
+                serial_hex: issued.serial_hex.clone(),
+            }
+        );
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         assert_eq!(hex::encode(cert.raw_serial()), issued.serial_hex);
         assert_eq!(issued.serial_hex.len(), 32);
@@ -644,7 +669,7 @@ mod tests {
         let issued = pki.sign_device_csr(&id("dev-7"), &csr).unwrap();
         assert!(issued.key_pem.is_none());
         let der = der_of(&issued.cert_pem);
-        assert_eq!(device_id_from_cert(&der).unwrap(), id("dev-7"));
+        assert_eq!(peer_identity(&der).unwrap().device, id("dev-7"));
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         assert!(!cert.is_ca());
         assert!(cert.subject_alternative_name().unwrap().is_none());
@@ -679,10 +704,10 @@ mod tests {
     }
 
     #[test]
-    fn device_id_from_cert_refuses_what_is_not_a_device_cert() {
+    fn peer_identity_refuses_what_is_not_a_device_cert() {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path());
-        let bad = |der: &[u8]| matches!(device_id_from_cert(der), Err(PkiError::BadCertificate(_)));
+        let bad = |der: &[u8]| matches!(peer_identity(der), Err(PkiError::BadCertificate(_)));
         assert!(bad(b"not der"));
         // The CA's CN has spaces: not a device id.
         assert!(bad(pki.ca_der()));
@@ -782,7 +807,7 @@ mod tests {
             let mut buf = [0u8; 4];
             tls.read_exact(&mut buf).await.ok()?;
             tls.write_all(b"pong").await.ok()?;
-            device_id_from_cert(&peer).ok()
+            peer_identity(&peer).ok().map(|p| p.device)
         };
         let client = async move {
             let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();

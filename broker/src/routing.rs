@@ -59,8 +59,8 @@ pub enum RoutingError {
     Port(std::io::Error),
     #[error("could not start the routing core thread: {0}")]
     Thread(std::io::Error),
-    #[error("the routing core did not start listening on {0} within {1:?}")]
-    NotReady(SocketAddr, Duration),
+    #[error("the routing core did not accept the gate on {0} within {1:?}: {2}")]
+    NotReady(SocketAddr, Duration, String),
 }
 
 /// Starts rumqttd on its own threads and waits until it accepts connections.
@@ -121,12 +121,41 @@ pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
         .map_err(RoutingError::Thread)?;
 
     let deadline = Instant::now() + READY_TIMEOUT;
-    while StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    while let Err(e) = probe(addr, &credential) {
         if Instant::now() > deadline {
-            return Err(RoutingError::NotReady(addr, READY_TIMEOUT));
+            return Err(RoutingError::NotReady(addr, READY_TIMEOUT, e));
         }
         thread::sleep(Duration::from_millis(20));
     }
     tracing::debug!(%addr, "routing core listening");
     Ok(RoutingCore { addr, credential })
+}
+
+/// Logs in to the routing core as the gate and out again: proves it listens, speaks MQTT and
+/// knows the credential.
+fn probe(addr: SocketAddr, credential: &GateCredential) -> Result<(), String> {
+    use std::io::{Read, Write};
+
+    use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+
+    let mut stream =
+        StdStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new("tellus-gate-probe");
+    connect.set_login(credential.username.clone(), credential.password.clone());
+    let mut out = bytes::BytesMut::new();
+    for packet in [Packet::Connect(connect), Packet::Disconnect] {
+        packet
+            .write(&mut out, usize::MAX)
+            .map_err(|e| e.to_string())?;
+    }
+    stream.write_all(&out).map_err(|e| e.to_string())?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).map_err(|e| e.to_string())?;
+    match Packet::read(&mut bytes::BytesMut::from(&connack[..]), 4) {
+        Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(()),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
 }

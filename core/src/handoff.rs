@@ -1,14 +1,18 @@
 //! The hand-off from the gate to ingest: a bounded channel of publishes with completion
 //! handles.
 //!
-//! The gate calls [`IngestSender::submit`] for every telemetry publish. The channel is
-//! bounded; when it is full `submit` waits, the gate stops reading that device's socket, and
-//! TCP pushes back on the device (policy: block, never shed). For QoS 1 the gate gets a
-//! [`Pending`] that resolves once ingest has committed the message to disk (or kept it in the
-//! dead-letter table); only then does the gate write the PUBACK.
+//! The gate calls [`IngestSender::submit`] for every telemetry publish. The hand-off is
+//! bounded twice: in messages (the channel's capacity) and in payload bytes (a budget each
+//! message holds until ingest has committed it). When either is exhausted `submit` waits,
+//! the gate stops reading that device's socket, and TCP pushes back on the device (policy:
+//! block, never shed). For QoS 1 and 2 the gate gets a [`Pending`] that resolves once ingest
+//! has committed the message to disk (or kept it in the dead-letter table); only then does
+//! the gate acknowledge it.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::{topic::DeviceTopic, DeviceId, TimestampMs};
 
@@ -23,13 +27,15 @@ pub struct IngestRequest {
     pub received_at_ms: TimestampMs,
     /// Completed by ingest once the message is durable; `None` for QoS 0.
     pub done: Option<oneshot::Sender<Result<Durable, IngestError>>>,
+    /// This message's share of the byte budget; ingest keeps it until the commit.
+    pub budget: OwnedSemaphorePermit,
 }
 
 /// What became of a durable message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durable {
     /// Decoded and committed to the telemetry store.
-    Stored { samples: usize },
+    Stored,
     /// Not valid telemetry: committed, raw, to the dead-letter table with its reason.
     DeadLettered,
 }
@@ -50,16 +56,29 @@ pub type Pending = oneshot::Receiver<Result<Durable, IngestError>>;
 #[derive(Debug, Clone)]
 pub struct IngestSender {
     tx: mpsc::Sender<IngestRequest>,
+    bytes: Arc<Semaphore>,
+    max_bytes: u32,
 }
 
 /// Ingest's end of the hand-off.
 pub type IngestReceiver = mpsc::Receiver<IngestRequest>;
 
 impl IngestSender {
-    /// A hand-off holding at most `capacity` messages in flight between gate and ingest.
-    pub fn channel(capacity: usize) -> (IngestSender, IngestReceiver) {
+    /// A hand-off holding at most `capacity` messages and `max_bytes` of payload between
+    /// the gate and the end of ingest's commit. A payload larger than `max_bytes` waits until
+    /// it has the whole budget to itself.
+    pub fn channel(capacity: usize, max_bytes: usize) -> (IngestSender, IngestReceiver) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (IngestSender { tx }, rx)
+        let max_bytes = u32::try_from(max_bytes).unwrap_or(u32::MAX).max(1);
+        let bytes = Arc::new(Semaphore::new(max_bytes as usize));
+        (
+            IngestSender {
+                tx,
+                bytes,
+                max_bytes,
+            },
+            rx,
+        )
     }
 
     /// Hands a publish to ingest, waiting while the channel is full. With `want_ack`, the
@@ -72,6 +91,15 @@ impl IngestSender {
         received_at_ms: TimestampMs,
         want_ack: bool,
     ) -> Result<Option<Pending>, IngestError> {
+        let cost = u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .min(self.max_bytes);
+        let budget = self
+            .bytes
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| IngestError::Closed)?;
         let (done, pending) = if want_ack {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -85,14 +113,10 @@ impl IngestSender {
                 payload,
                 received_at_ms,
                 done,
+                budget,
             })
             .await
             .map_err(|_| IngestError::Closed)?;
         Ok(pending)
-    }
-
-    /// Messages waiting in the channel right now.
-    pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
     }
 }

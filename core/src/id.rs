@@ -1,7 +1,9 @@
-//! Device ids: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+//! Device ids: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, except `.` and `..`.
 //!
 //! The id is the certificate's CN, the MQTT client id and a topic level, so it must never
 //! contain a topic separator, a wildcard or anything a shell or URL would need to escape.
+//! It is also a URL path segment (`/api/v1/devices/{id}`), where `.` and `..` are dot-segments
+//! that clients and proxies resolve away before the request is sent, so those two are refused.
 
 use std::fmt;
 
@@ -22,6 +24,9 @@ pub enum InvalidDeviceId {
     TooLong(usize),
     #[error("device id contains {0:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")]
     BadChar(char),
+    /// `.` or `..`: a URL dot-segment, which `/api/v1/devices/{id}` could never address.
+    #[error("device id must not be '.' or '..': a URL resolves those away as dot-segments")]
+    DotSegment,
 }
 
 impl DeviceId {
@@ -38,6 +43,9 @@ impl DeviceId {
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(InvalidDeviceId::BadChar(c));
+        }
+        if s == "." || s == ".." {
+            return Err(InvalidDeviceId::DotSegment);
         }
         Ok(DeviceId(s.to_owned()))
     }
@@ -73,7 +81,15 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_alphabet() {
-        for ok in ["a", "sensor-01", "A.b_c-9", &"x".repeat(64)] {
+        for ok in [
+            "a",
+            "sensor-01",
+            "A.b_c-9",
+            "...",
+            ".a",
+            "a..",
+            &"x".repeat(64),
+        ] {
             assert_eq!(DeviceId::parse(ok).unwrap().as_str(), ok);
         }
     }
@@ -93,6 +109,16 @@ mod tests {
             ("é", 'é'),
         ] {
             assert_eq!(DeviceId::parse(bad), Err(InvalidDeviceId::BadChar(c)));
+        }
+    }
+
+    #[test]
+    fn refuses_dot_segments() {
+        for bad in [".", ".."] {
+            let err = DeviceId::parse(bad).unwrap_err();
+            assert_eq!(err, InvalidDeviceId::DotSegment);
+            assert!(err.to_string().contains("dot-segment"), "{err}");
+            assert!(bad.parse::<DeviceId>().is_err());
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A message decodes into [`Sample`]s: one metric, one timestamp, one typed [`Value`].
 //! The JSON forms (ARCHITECTURE.md):
-//! - `{"temperature": 21.5, "door": "open"}`: values stamped with the server's receive time;
+//! - `{"temperature": 21.5, "door": "open"}`: values stamped with the server's receive time
+//!   (each such object of a message with its own millisecond, from the caller's clock);
 //! - `{"ts": 1732780800123, "values": {…}}`: values stamped with the device's time in ms;
 //! - an array of either;
 //! - nested objects flattened with dots: `{"env": {"t": 1}}` is metric `env.t`.
@@ -67,17 +68,21 @@ fn kind(v: &Json) -> &'static str {
     }
 }
 
-/// Decodes a JSON telemetry payload; `server_ts` stamps values that carry no device time.
-pub fn decode_json(payload: &[u8], server_ts: TimestampMs) -> Result<Vec<Sample>, DecodeError> {
+/// Decodes a JSON telemetry payload. `server_time` is called once for each object that
+/// carries no device time, and stamps its values.
+pub fn decode_json(
+    payload: &[u8],
+    server_time: &mut dyn FnMut() -> TimestampMs,
+) -> Result<Vec<Sample>, DecodeError> {
     let json: Json =
         serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let mut out = Vec::new();
     match json {
-        Json::Object(obj) => decode_object(obj, server_ts, &mut out)?,
+        Json::Object(obj) => decode_object(obj, server_time, &mut out)?,
         Json::Array(items) => {
             for item in items {
                 match item {
-                    Json::Object(obj) => decode_object(obj, server_ts, &mut out)?,
+                    Json::Object(obj) => decode_object(obj, server_time, &mut out)?,
                     other => return Err(DecodeError::NotAnObject(kind(&other))),
                 }
             }
@@ -92,7 +97,7 @@ pub fn decode_json(payload: &[u8], server_ts: TimestampMs) -> Result<Vec<Sample>
 
 fn decode_object(
     mut obj: Map<String, Json>,
-    server_ts: TimestampMs,
+    server_time: &mut dyn FnMut() -> TimestampMs,
     out: &mut Vec<Sample>,
 ) -> Result<(), DecodeError> {
     let has_values = matches!(obj.get("values"), Some(Json::Object(_)));
@@ -100,10 +105,10 @@ fn decode_object(
         if obj.contains_key("ts") {
             return Err(DecodeError::TsWithoutValues);
         }
-        return flatten("", obj, server_ts, out);
+        return flatten("", obj, server_time(), out);
     }
     let ts = match obj.remove("ts") {
-        None => server_ts,
+        None => server_time(),
         Some(Json::Number(n)) => n
             .as_i64()
             .filter(|ts| *ts >= 0)
@@ -176,7 +181,11 @@ mod tests {
     }
 
     fn decode(p: &str) -> Result<Vec<Sample>, DecodeError> {
-        let mut v = decode_json(p.as_bytes(), NOW)?;
+        let mut next = NOW;
+        let mut v = decode_json(p.as_bytes(), &mut || {
+            next += 1;
+            next - 1
+        })?;
         v.sort_by(|a, b| (a.ts_ms, &a.metric).cmp(&(b.ts_ms, &b.metric)));
         Ok(v)
     }
@@ -208,6 +217,11 @@ mod tests {
         assert_eq!(
             decode(r#"{"values": {"a": 1}}"#).unwrap(),
             vec![s("a", NOW, Value::Int(1))]
+        );
+        // Each server-stamped object gets its own millisecond: nothing overwrites itself.
+        assert_eq!(
+            decode(r#"[{"a": 1}, {"a": 2}]"#).unwrap(),
+            vec![s("a", NOW, Value::Int(1)), s("a", NOW + 1, Value::Int(2))]
         );
     }
 

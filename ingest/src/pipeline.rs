@@ -116,11 +116,9 @@ impl Ingest {
     /// Waits until the pipeline has committed everything it was given and stopped.
     pub async fn finished(self) {
         let thread = self.thread;
-        if tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .is_err()
-        {
-            error!("ingest thread panicked");
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => error!("ingest thread panicked"),
         }
     }
 }
@@ -131,8 +129,9 @@ struct Worker {
     store: Arc<dyn TelemetryStore>,
     stats: Arc<IngestStats>,
     max_batch: usize,
-    /// The last server timestamp given to each device's messages, so that two messages that
-    /// arrive in the same millisecond without a device time do not overwrite each other.
+    /// The last server timestamp given to each device's values, so that two messages (or two
+    /// objects of one message) that carry no device time never share a millisecond and
+    /// overwrite each other.
     /// Bounded by the number of devices that publish.
     last_server_ts: HashMap<DeviceId, TimestampMs>,
 }
@@ -158,11 +157,17 @@ impl Worker {
         self.stats.received.fetch_add(n, Ordering::Relaxed);
         let mut batch = Batch::default();
         let mut outcomes: Vec<(Option<Completion>, Durable)> = Vec::with_capacity(requests.len());
+        // Payload bytes stay counted against the hand-off's budget until the commit is over,
+        // so the batch in memory is bounded by that budget too.
+        let mut budget = Vec::with_capacity(requests.len());
         for req in requests.drain(..) {
             let outcome = self.decode(&req, &mut batch);
             outcomes.push((req.done, outcome));
+            budget.push(req.budget);
         }
-        match self.store.commit(&batch) {
+        let committed = self.store.commit(&batch);
+        drop(budget);
+        match committed {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats
@@ -195,8 +200,12 @@ impl Worker {
     fn decode(&mut self, req: &IngestRequest, batch: &mut Batch) -> Durable {
         let decoded = match req.topic {
             DeviceTopic::Telemetry => {
-                let server_ts = self.server_ts(&req.device, req.received_at_ms);
-                telemetry::decode_json(&req.payload, server_ts).map_err(|e| e.to_string())
+                let last = self.last_server_ts.entry(req.device.clone()).or_insert(0);
+                let mut server_time = || {
+                    *last = req.received_at_ms.max(*last + 1);
+                    *last
+                };
+                telemetry::decode_json(&req.payload, &mut server_time).map_err(|e| e.to_string())
             }
             ref other => Err(format!(
                 "{} is not a telemetry topic this version decodes",
@@ -205,11 +214,10 @@ impl Worker {
         };
         match decoded {
             Ok(samples) => {
-                let count = samples.len();
                 batch
                     .samples
                     .extend(samples.into_iter().map(|s| (req.device.clone(), s)));
-                Durable::Stored { samples: count }
+                Durable::Stored
             }
             Err(reason) => {
                 debug!(device_id = %req.device, %reason, "telemetry dead-lettered");
@@ -220,16 +228,11 @@ impl Worker {
                     topic: req.topic.topic(&req.device),
                     reason,
                     payload: req.payload.to_vec(),
+                    payload_size: req.payload.len(),
                 });
                 Durable::DeadLettered
             }
         }
-    }
-
-    fn server_ts(&mut self, device: &DeviceId, received_at: TimestampMs) -> TimestampMs {
-        let last = self.last_server_ts.entry(device.clone()).or_insert(0);
-        *last = received_at.max(*last + 1);
-        *last
     }
 }
 
@@ -246,7 +249,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn TelemetryStore> =
             Arc::new(SqliteStore::open(&dir.path().join("t.db"), Durability::Fsync).unwrap());
-        let (tx, rx) = IngestSender::channel(8);
+        let (tx, rx) = IngestSender::channel(8, 1 << 20);
         let ingest = Ingest::spawn(rx, store.clone(), IngestConfig::default()).unwrap();
         let d = DeviceId::parse("d1").unwrap();
         let submit = |payload: &'static str| {
@@ -262,8 +265,8 @@ mod tests {
         let a = submit(r#"{"t": 1}"#).await.unwrap().unwrap();
         let b = submit(r#"{"t": 2}"#).await.unwrap().unwrap();
         let c = submit("not json").await.unwrap().unwrap();
-        assert_eq!(a.await.unwrap(), Ok(Durable::Stored { samples: 1 }));
-        assert_eq!(b.await.unwrap(), Ok(Durable::Stored { samples: 1 }));
+        assert_eq!(a.await.unwrap(), Ok(Durable::Stored));
+        assert_eq!(b.await.unwrap(), Ok(Durable::Stored));
         assert_eq!(c.await.unwrap(), Ok(Durable::DeadLettered));
         assert_eq!(
             store.range(&d, "t", 0, 10_000, 10).unwrap(),

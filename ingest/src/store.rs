@@ -8,6 +8,14 @@
 //! - `latest`: the newest point of every series, kept up to date by each commit;
 //! - `deadletters`: payloads that were not valid telemetry, raw, with the reason.
 //!
+//! `points.series` and `latest.series` are foreign keys to `series(id)`, so a point can never
+//! be stored under an id that no committed series has.
+//!
+//! The writer caches series ids, but only ids that a successful COMMIT made durable: ids looked
+//! up or created inside a transaction live in a map of that batch and reach the cache after
+//! `COMMIT` returned Ok (see [`SqliteStore::commit`]). A batch that fails, at any statement or
+//! at `COMMIT` itself, leaves neither rows nor cached ids behind.
+//!
 //! A value keeps its type: `kind` says whether the stored SQLite value is a bool, an integer,
 //! a float or text.
 
@@ -56,9 +64,16 @@ pub struct DeadLetter {
     pub device: DeviceId,
     pub topic: String,
     pub reason: String,
+    /// The raw payload; from [`TelemetryStore::deadletters`], only its first
+    /// [`DEADLETTER_PREVIEW_BYTES`].
     #[serde(skip)]
     pub payload: Vec<u8>,
+    /// Length of the whole payload in bytes, even when `payload` holds only a preview.
+    pub payload_size: usize,
 }
+
+/// How many leading bytes of each payload [`TelemetryStore::deadletters`] returns.
+pub const DEADLETTER_PREVIEW_BYTES: usize = 1024;
 
 /// What one commit writes, atomically.
 #[derive(Debug, Default)]
@@ -84,8 +99,12 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// The newest point of every metric of a device: (metric, ts, value), by metric name.
     fn latest(&self, device: &DeviceId) -> Result<Vec<(String, TimestampMs, Value)>, StoreError>;
     /// Dead letters, newest first, with an id below `before` when given, at most `limit`.
+    /// Each `payload` is only the first [`DEADLETTER_PREVIEW_BYTES`] bytes (a page of whole
+    /// payloads could be hundreds of megabytes); `payload_size` is the whole length.
     fn deadletters(&self, before: Option<i64>, limit: usize)
         -> Result<Vec<DeadLetter>, StoreError>;
+    /// One dead letter with its whole payload, or `None` if no dead letter has this id.
+    fn deadletter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError>;
 }
 
 const MIGRATIONS: &[&str] = &["CREATE TABLE series (
@@ -95,14 +114,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE series (
         UNIQUE (device, metric)
     );
     CREATE TABLE points (
-        series  INTEGER NOT NULL,
+        series  INTEGER NOT NULL REFERENCES series(id),
         ts      INTEGER NOT NULL,
         kind    INTEGER NOT NULL,
         value,
         PRIMARY KEY (series, ts)
     ) WITHOUT ROWID;
     CREATE TABLE latest (
-        series  INTEGER PRIMARY KEY,
+        series  INTEGER PRIMARY KEY REFERENCES series(id),
         ts      INTEGER NOT NULL,
         kind    INTEGER NOT NULL,
         value
@@ -146,19 +165,30 @@ fn from_sql(kind: i64, v: rusqlite::types::Value) -> Value {
     }
 }
 
+/// A series' key in the id maps: (device, metric).
+type SeriesKey = (DeviceId, String);
+
 struct Writer {
     conn: Connection,
-    series: HashMap<(DeviceId, String), i64>,
+    /// Ids of series whose rows are committed. Only [`SqliteStore::commit`] adds to it, and only
+    /// after `COMMIT` succeeded: an id from a transaction that rolled back would point at a row
+    /// that does not exist, and SQLite would later hand the same id to another series.
+    series: HashMap<SeriesKey, i64>,
 }
 
 impl Writer {
+    /// The id of series (`device`, `metric`), creating the row if needed. `resolved` holds the
+    /// ids this transaction has looked up or created so far and is searched first; new ids go
+    /// there, never into `committed`.
     fn series_id(
         tx: &rusqlite::Transaction<'_>,
-        cache: &mut HashMap<(DeviceId, String), i64>,
+        committed: &HashMap<SeriesKey, i64>,
+        resolved: &mut HashMap<SeriesKey, i64>,
         device: &DeviceId,
         metric: &str,
     ) -> Result<i64, rusqlite::Error> {
-        if let Some(id) = cache.get(&(device.clone(), metric.to_owned())) {
+        let key = (device.clone(), metric.to_owned());
+        if let Some(id) = resolved.get(&key).or_else(|| committed.get(&key)) {
             return Ok(*id);
         }
         let existing = tx
@@ -173,11 +203,16 @@ impl Writer {
                 tx.last_insert_rowid()
             }
         };
-        if cache.len() >= SERIES_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert((device.clone(), metric.to_owned()), id);
+        resolved.insert(key, id);
         Ok(id)
+    }
+
+    /// Adds the ids of a committed transaction to the cache, starting over when it is full.
+    fn remember(&mut self, resolved: HashMap<SeriesKey, i64>) {
+        if self.series.len() + resolved.len() > SERIES_CACHE_MAX {
+            self.series.clear();
+        }
+        self.series.extend(resolved);
     }
 }
 
@@ -214,10 +249,12 @@ impl TelemetryStore for SqliteStore {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let Writer { conn, series } = &mut *w;
+        // Series ids of this transaction; they reach `series` only once COMMIT succeeded.
+        let mut resolved = HashMap::new();
         let tx = conn.transaction()?;
         let result = (|| {
             for (device, s) in &batch.samples {
-                let id = Writer::series_id(&tx, series, device, &s.metric)?;
+                let id = Writer::series_id(&tx, series, &mut resolved, device, &s.metric)?;
                 let (kind, value) = to_sql(&s.value);
                 tx.prepare_cached(
                     "INSERT INTO points (series, ts, kind, value) VALUES (?1, ?2, ?3, ?4)
@@ -247,14 +284,12 @@ impl TelemetryStore for SqliteStore {
             }
             Ok::<_, rusqlite::Error>(())
         })();
-        match result {
-            Ok(()) => Ok(tx.commit()?),
-            Err(e) => {
-                // A failed batch may have cached ids of series rows that roll back now.
-                series.clear();
-                Err(e.into())
-            }
-        }
+        // On any error, dropping `tx` rolls back (also when COMMIT itself failed and left the
+        // transaction open) and `resolved` is dropped with the ids of the rolled-back rows.
+        result?;
+        tx.commit()?;
+        w.remember(resolved);
+        Ok(())
     }
 
     fn range(
@@ -301,29 +336,52 @@ impl TelemetryStore for SqliteStore {
     ) -> Result<Vec<DeadLetter>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, received_at, device, topic, reason, payload FROM deadletters
-                 WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+                "SELECT id, received_at, device, topic, reason, substr(payload, 1, ?3),
+                        length(payload)
+                 FROM deadletters WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![before.unwrap_or(i64::MAX), limit as i64], |r| {
-                let device: String = r.get(2)?;
-                Ok(DeadLetter {
-                    id: r.get(0)?,
-                    received_at_ms: r.get(1)?,
-                    device: DeviceId::parse(&device).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            2,
-                            rusqlite::types::Type::Text,
-                            e.into(),
-                        )
-                    })?,
-                    topic: r.get(3)?,
-                    reason: r.get(4)?,
-                    payload: r.get(5)?,
-                })
-            })?;
+            let rows = stmt.query_map(
+                params![
+                    before.unwrap_or(i64::MAX),
+                    limit as i64,
+                    DEADLETTER_PREVIEW_BYTES as i64
+                ],
+                deadletter_row,
+            )?;
             rows.collect()
         })
     }
+
+    fn deadletter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT id, received_at, device, topic, reason, payload, length(payload)
+                 FROM deadletters WHERE id = ?1",
+            )?
+            .query_row([id], deadletter_row)
+            .optional()
+        })
+    }
+}
+
+/// A dead letter from a row of `id, received_at, device, topic, reason, payload (or a prefix
+/// of it), length(payload)`.
+fn deadletter_row(r: &rusqlite::Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
+    let device: String = r.get(2)?;
+    let payload_size: i64 = r.get(6)?;
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        received_at_ms: r.get(1)?,
+        device: DeviceId::parse(&device).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?,
+        topic: r.get(3)?,
+        reason: r.get(4)?,
+        payload: r.get(5)?,
+        payload_size: usize::try_from(payload_size).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Integer, e.into())
+        })?,
+    })
 }
 
 #[cfg(test)]
@@ -403,6 +461,7 @@ mod tests {
             topic: "devices/d1/telemetry".into(),
             reason: format!("bad {n}"),
             payload: vec![n, 0xff],
+            payload_size: 2,
         };
         store
             .commit(&Batch {
@@ -418,5 +477,112 @@ mod tests {
         assert_eq!(all[0].payload, vec![3, 0xff]);
         let older = store.deadletters(Some(all[0].id), 1).unwrap();
         assert_eq!(older[0].reason, "bad 2");
+    }
+
+    #[test]
+    fn deadletter_lists_carry_a_preview_and_one_has_the_whole_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Os).unwrap();
+        let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        store
+            .commit(&Batch {
+                samples: vec![],
+                deadletters: vec![DeadLetter {
+                    id: 0,
+                    received_at_ms: 1,
+                    device: id("d1"),
+                    topic: "devices/d1/telemetry".into(),
+                    reason: "too odd".into(),
+                    payload: big.clone(),
+                    payload_size: big.len(),
+                }],
+            })
+            .unwrap();
+        let listed = store.deadletters(None, 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].payload, big[..DEADLETTER_PREVIEW_BYTES]);
+        assert_eq!(listed[0].payload_size, 3000);
+
+        let one = store.deadletter(listed[0].id).unwrap().unwrap();
+        assert_eq!(one.payload, big);
+        assert_eq!(one.payload_size, 3000);
+        assert_eq!(one.reason, "too odd");
+        assert_eq!(store.deadletter(listed[0].id + 1).unwrap(), None);
+    }
+
+    /// A batch whose COMMIT fails must leave nothing behind, in the database or in the
+    /// writer's series cache: later batches get fresh, committed series ids.
+    #[test]
+    fn a_failed_commit_leaks_no_series_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Durability::Os).unwrap();
+        // Creating series 'poison' inserts a row that breaks a deferred foreign key, so every
+        // statement of that batch succeeds and only its COMMIT fails.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE guard (x INTEGER REFERENCES series(id) DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TRIGGER poison AFTER INSERT ON series WHEN NEW.metric = 'poison'
+                 BEGIN INSERT INTO guard VALUES (-1); END;",
+            )
+            .unwrap();
+        let (d1, d2) = (id("d1"), id("d2"));
+
+        let err = store
+            .commit(&Batch {
+                samples: vec![
+                    (d1.clone(), sample("ok", 1, Value::Int(1))),
+                    (d1.clone(), sample("poison", 1, Value::Int(1))),
+                    (d2.clone(), sample("a", 1, Value::Int(1))),
+                ],
+                deadletters: vec![],
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+        assert_eq!(store.range(&d1, "ok", 0, 100, 10).unwrap(), vec![]);
+        assert_eq!(store.latest(&d1).unwrap(), vec![]);
+
+        store
+            .commit(&Batch {
+                samples: vec![(d1.clone(), sample("ok", 10, Value::Int(10)))],
+                deadletters: vec![],
+            })
+            .unwrap();
+        // Two new series, and the same new series named twice in one batch.
+        store
+            .commit(&Batch {
+                samples: vec![
+                    (d2.clone(), sample("a", 20, Value::Int(20))),
+                    (d2.clone(), sample("b", 21, Value::Int(21))),
+                    (d2.clone(), sample("a", 22, Value::Int(22))),
+                ],
+                deadletters: vec![],
+            })
+            .unwrap();
+
+        assert_eq!(
+            store.range(&d1, "ok", 0, 100, 10).unwrap(),
+            vec![(10, Value::Int(10))]
+        );
+        assert_eq!(
+            store.range(&d2, "a", 0, 100, 10).unwrap(),
+            vec![(20, Value::Int(20)), (22, Value::Int(22))]
+        );
+        assert_eq!(
+            store.range(&d2, "b", 0, 100, 10).unwrap(),
+            vec![(21, Value::Int(21))]
+        );
+        assert_eq!(
+            store.latest(&d1).unwrap(),
+            vec![("ok".into(), 10, Value::Int(10))]
+        );
+        assert_eq!(
+            store.latest(&d2).unwrap(),
+            vec![
+                ("a".into(), 22, Value::Int(22)),
+                ("b".into(), 21, Value::Int(21))
+            ]
+        );
     }
 }

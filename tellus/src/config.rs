@@ -36,6 +36,8 @@ pub struct MqttConfig {
     pub max_packet_size: usize,
     pub max_connections: usize,
     pub max_inflight: usize,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +59,7 @@ pub struct PkiConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct IngestSection {
     pub queue_capacity: usize,
+    pub queue_bytes: usize,
     pub max_batch: usize,
     pub durability: Durability,
 }
@@ -101,6 +104,7 @@ impl Default for MqttConfig {
             max_packet_size: gate.max_packet_size,
             max_connections: gate.max_connections,
             max_inflight: gate.max_inflight,
+            write_timeout: gate.write_timeout,
         }
     }
 }
@@ -127,6 +131,7 @@ impl Default for IngestSection {
         let ingest = IngestConfig::default();
         IngestSection {
             queue_capacity: ingest.queue_capacity,
+            queue_bytes: 64 * 1024 * 1024,
             max_batch: ingest.max_batch,
             durability: Durability::default(),
         }
@@ -154,6 +159,7 @@ impl Config {
             max_packet_size: self.mqtt.max_packet_size,
             max_connections: self.mqtt.max_connections,
             max_inflight: self.mqtt.max_inflight,
+            write_timeout: self.mqtt.write_timeout,
         }
     }
 
@@ -188,9 +194,12 @@ connect_timeout = "10s"
 max_packet_size = 262144
 # Most simultaneous device connections; more wait in the listen backlog.
 max_connections = 10000
-# Most telemetry publishes of one connection waiting for their commit; past this the
-# gate stops reading that device's socket until ingest catches up.
+# Most acknowledgements of one connection waiting for their message to be safe (telemetry
+# committed, anything else taken by the routing core); past this the gate stops reading
+# that device's socket until ingest catches up.
 max_inflight = 256
+# Longest one write to a device may take; a device that stops reading is disconnected.
+write_timeout = "10s"
 
 [http]
 # The HTTP API. Keep it on loopback unless a TLS-terminating proxy fronts it.
@@ -204,9 +213,11 @@ server_names = []
 device_cert_validity = "365days"
 
 [ingest]
-# Messages that may wait between the gate and the store. When full, the gate stops
-# reading device sockets (backpressure); nothing is dropped.
+# Messages, and bytes of payload, that may wait between the gate and the end of a commit.
+# When either is reached, the gate stops reading device sockets (backpressure); nothing is
+# dropped.
 queue_capacity = 4096
+queue_bytes = 67108864
 # Most messages committed in one transaction.
 max_batch = 1024
 # "fsync": every commit is flushed to disk before devices are acknowledged (survives power

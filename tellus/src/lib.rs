@@ -4,8 +4,6 @@
 //!   `tellus config` prints;
 //! - [`server`]: [`server::run`] opens the data directory, starts the routing core, ingest,
 //!   the gate and the HTTP API, and shuts them down in order when told to.
-//! - [`files`]: small helpers for writing secrets into the data directory.
 
 pub mod config;
-pub mod files;
 pub mod server;

@@ -6,9 +6,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tellus::{
     config::{Config, LogFormat, DEFAULT_TOML},
-    files::write_atomic,
     server::{self, DataDir, Fleet},
 };
+use tellus_broker::pki::write_atomic;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

@@ -20,7 +20,7 @@ use rand::RngCore;
 use tellus_api::AppState;
 use tellus_broker::{
     gate::{self, Gate},
-    pki::Pki,
+    pki::{write_atomic, Pki},
     routing::{self, RoutingConfig},
 };
 use tellus_core::{IngestSender, Registry};
@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{config::Config, files::write_atomic};
+use crate::config::Config;
 
 /// The files of a data directory.
 pub struct DataDir {
@@ -121,7 +121,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_packet_size: config.mqtt.max_packet_size,
     })
     .context("starting the routing core")?;
-    let (ingest_tx, ingest_rx) = IngestSender::channel(config.ingest.queue_capacity);
+    let (ingest_tx, ingest_rx) =
+        IngestSender::channel(config.ingest.queue_capacity, config.ingest.queue_bytes);
     let ingest =
         Ingest::spawn(ingest_rx, store.clone(), config.ingest()).context("starting ingest")?;
 
@@ -144,26 +145,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         store,
         pki: fleet.pki.clone(),
         ingest_stats: ingest.stats(),
+        gate_stats,
         admin_token: Arc::from(token),
     };
-    let api_stop = stop.clone();
-    let api_task = tokio::spawn(tellus_api::serve(http, state, async move {
-        api_stop.cancelled().await
-    }));
+    // The API outlives the gate and ingest, so operators can query until the end.
+    let api_stop = CancellationToken::new();
+    let api_task = tokio::spawn(tellus_api::serve(
+        http,
+        state,
+        api_stop.clone().cancelled_owned(),
+    ));
 
     shutdown.await;
     info!("shutting down");
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     stop.cancel();
-    let drained = tokio::time::timeout(config.shutdown_timeout, async {
+    let drained = tokio::time::timeout_at(deadline, async {
         let _ = gate_task.await;
         ingest.finished().await;
     })
     .await;
+    api_stop.cancel();
     if drained.is_err() {
         warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");
         anyhow::bail!("shutdown timed out after {:?}", config.shutdown_timeout);
     }
-    match tokio::time::timeout(config.shutdown_timeout, api_task).await {
+    match tokio::time::timeout_at(deadline, api_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!(error = %e, "HTTP API stopped with an error"),
         _ => warn!("HTTP API did not stop in time"),

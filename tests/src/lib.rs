@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod raw;
+
 use serde_json::{json, Value};
 use tellus_device::Credentials;
 
@@ -74,29 +76,30 @@ impl Tellus {
             .arg(data_dir)
             .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info,rumqttd=off,rustls=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stdin(Stdio::null());
+        // One pipe for stdout and stderr keeps the process's own order of lines: by the time
+        // the listener lines are read, everything printed before them has been read too.
+        let (output, writer) = std::io::pipe().expect("pipe");
+        cmd.stdout(writer.try_clone().expect("pipe")).stderr(writer);
         if let Some(toml) = config_toml {
             std::fs::create_dir_all(data_dir).unwrap();
             let path = data_dir.join("test-config.toml");
             std::fs::write(&path, toml).unwrap();
             cmd.arg("--config").arg(path);
         }
-        let mut child = cmd.spawn().expect("start tellus");
+        let child = cmd.spawn().expect("start tellus");
+        // Drop the parent's copies of the write end (held by `cmd`) so the reader sees EOF.
+        drop(cmd);
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
+        {
             let log = log.clone();
-            let tx = tx.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                for line in BufReader::new(output).lines().map_while(Result::ok) {
                     eprintln!("[tellus] {line}");
-                    log.lock().unwrap().push_str(&line);
-                    log.lock().unwrap().push('\n');
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
                     let _ = tx.send(line);
                 }
             });
@@ -135,13 +138,17 @@ impl Tellus {
         self.log.lock().unwrap().clone()
     }
 
-    /// Waits until the log contains `needle`.
-    pub async fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains(needle) {
+    /// Waits until one line of the log contains every one of `needles`.
+    pub async fn wait_for_log_line(&self, needles: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self
+            .log()
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+        {
             assert!(
                 Instant::now() < deadline,
-                "log never contained {needle:?}:\n{}",
+                "no log line contained all of {needles:?}:\n{}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -197,13 +204,18 @@ impl Tellus {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends SIGKILL and waits for the process to die.
+    pub fn kill(self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGKILL)
+    }
+
+    fn signal(mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -211,7 +223,7 @@ impl Tellus {
             }
             assert!(
                 Instant::now() < deadline,
-                "tellus did not stop after SIGTERM"
+                "tellus did not end after {signal}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    os::unix::fs::PermissionsExt,
     sync::Arc,
     time::Duration,
 };
@@ -81,6 +82,15 @@ fn options_with_client_id(t: &Tellus, creds: &Credentials, client_id: &str) -> M
 async fn rumqttc_telemetry_is_queryable_as_soon_as_it_is_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tellus::start_in(dir.path(), None);
+    assert!(
+        t.log().contains("Admin API token"),
+        "printed on first start"
+    );
+    let mode = std::fs::metadata(dir.path().join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "admin.token must be private");
     let creds = t.create_device("sensor-01").await;
     let (client, mut events) = connect(t.mqtt_options(&creds)).await;
     let topic = creds.telemetry_topic();
@@ -232,6 +242,24 @@ async fn refusals_store_nothing() {
         "{err:?}"
     );
 
+    // A certificate from the fleet CA for a registered device, but not the one registered
+    // for it (say, issued from a stale copy of the data directory).
+    let (cert_pem, key_pem) = issue(&fleet_ca, "victim");
+    let stale = Credentials {
+        cert_pem,
+        key_pem,
+        ..victim.clone()
+    };
+    let (_c, mut events) = AsyncClient::new(t.mqtt_options(&stale), 10);
+    let err = expect_refused(&mut events).await;
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+        ),
+        "{err:?}"
+    );
+
     // A client id that is not the certificate's device id.
     let (_c, mut events) = AsyncClient::new(options_with_client_id(&t, &mallory, "victim"), 10);
     let err = expect_refused(&mut events).await;
@@ -255,9 +283,11 @@ async fn refusals_store_nothing() {
         .await
         .unwrap();
     expect_refused(&mut events).await;
-    t.wait_for_log("device_id=mallory").await;
-    t.wait_for_log("is outside the device's own tree devices/mallory/")
-        .await;
+    t.wait_for_log_line(&[
+        "device_id=mallory",
+        "ACL violation: topic \"devices/victim/telemetry\" is outside the device's own tree",
+    ])
+    .await;
 
     // A subscription outside the device's own tree closes the connection, no SUBACK.
     let (client, mut events) = connect(t.mqtt_options(&mallory)).await;
@@ -289,6 +319,13 @@ async fn refusals_store_nothing() {
     );
     let (_, stats) = t.get("/api/v1/stats").await;
     assert_eq!(stats["ingest"]["deadlettered"], 1, "{stats}");
+    // Every refusal above was counted by its reason.
+    let gate = &stats["gate"];
+    assert_eq!(gate["handshake_failed"], 1, "{stats}");
+    assert_eq!(gate["refused_unknown_device"], 1, "{stats}");
+    assert_eq!(gate["refused_certificate"], 1, "{stats}");
+    assert_eq!(gate["refused_client_id"], 1, "{stats}");
+    assert_eq!(gate["acl_denied"], 2, "{stats}");
     let (_, latest) = t.get("/api/v1/devices/mallory/latest").await;
     assert_eq!(latest["metrics"], json!({}));
     nothing_for_victim().await;
@@ -347,18 +384,32 @@ async fn an_idle_socket_does_not_delay_other_devices() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = Tellus::start_in(dir.path(), None);
+/// How a test ends Tellus while a device publishes at full speed.
+#[derive(Clone, Copy, PartialEq)]
+enum Interrupt {
+    /// SIGTERM: a graceful stop.
+    Stop,
+    /// SIGKILL: the process dies at once.
+    Kill,
+}
+
+const BASE: i64 = 1_600_000_000_000;
+const MAX: i64 = 200_000;
+
+/// Starts Tellus, publishes QoS 1 telemetry without pause (message k carries device time
+/// BASE + k and value k), interrupts Tellus once 2,000 messages are acknowledged, and
+/// returns what was acknowledged, the data directory, and how the process ended.
+async fn acknowledged_before(
+    interrupt: Interrupt,
+    dir: &std::path::Path,
+) -> (BTreeSet<i64>, std::process::ExitStatus) {
+    let t = Tellus::start_in(dir, None);
     let creds = t.create_device("busy").await;
     let mut options = t.mqtt_options(&creds);
-    options.set_inflight(100);
+    // More in flight than the gate's window (256), so the gate also stops reading.
+    options.set_inflight(1000);
     let (client, mut events) = connect(options).await;
 
-    // Publish without pause from another task; message k carries device time BASE + k.
-    const BASE: i64 = 1_600_000_000_000;
-    const MAX: i64 = 200_000;
     let topic = creds.telemetry_topic();
     let publisher = tokio::spawn(async move {
         for k in 0..MAX {
@@ -378,8 +429,8 @@ async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
     let mut sent: i64 = 0;
     let mut by_pkid: HashMap<u16, i64> = HashMap::new();
     let mut acked = BTreeSet::new();
-    let mut stop = Some(t);
-    let mut stopped = None;
+    let mut running = Some(t);
+    let mut ending = None;
     let result = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
             match events.poll().await {
@@ -393,11 +444,12 @@ async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
                         .expect("PUBACK for a known packet");
                     acked.insert(k);
                     if acked.len() == 2_000 {
-                        if let Some(t) = stop.take() {
-                            // Stop while messages are in flight.
-                            let data_dir = t.data_dir.clone();
-                            stopped =
-                                Some((tokio::task::spawn_blocking(move || t.stop()), data_dir));
+                        if let Some(t) = running.take() {
+                            // Interrupt while messages are in flight.
+                            ending = Some(tokio::task::spawn_blocking(move || match interrupt {
+                                Interrupt::Stop => t.stop(),
+                                Interrupt::Kill => t.kill(),
+                            }));
                         }
                     }
                 }
@@ -407,19 +459,22 @@ async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
         }
     })
     .await;
-    assert!(result.is_ok(), "the connection did not end after SIGTERM");
+    assert!(result.is_ok(), "the connection did not end");
     publisher.abort();
-    let (stopping, data_dir) = stopped.expect("load reached 2000 acknowledged messages");
-    let status = stopping.await.unwrap();
-    assert!(status.success(), "tellus exited with {status:?}");
-    assert!(acked.len() >= 2_000);
+    let status = ending
+        .expect("load reached 2,000 acknowledged messages")
+        .await
+        .unwrap();
     eprintln!(
-        "sent {sent}, acknowledged {} before the stop completed",
+        "sent {sent}, acknowledged {} before the process ended",
         acked.len()
     );
+    (acked, status)
+}
 
-    // Everything acknowledged is there after a restart.
-    let t = Tellus::start_in(&data_dir, None);
+/// Restarts Tellus on `dir` and returns every stored value of the test metric.
+async fn stored_after_restart(dir: &std::path::Path) -> (Tellus, BTreeSet<i64>) {
+    let t = Tellus::start_in(dir, None);
     let mut stored = BTreeSet::new();
     let mut from = BASE;
     loop {
@@ -440,10 +495,49 @@ async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
             None => break,
         }
     }
-    let lost: Vec<_> = acked.difference(&stored).take(10).collect();
+    (t, stored)
+}
+
+fn assert_none_lost(acked: &BTreeSet<i64>, stored: &BTreeSet<i64>) {
+    assert!(acked.len() >= 2_000, "only {} acknowledged", acked.len());
+    let lost: Vec<_> = acked.difference(stored).take(10).collect();
     assert!(
         lost.is_empty(),
         "{} acknowledged messages lost, first {lost:?}",
-        acked.difference(&stored).count()
+        acked.difference(stored).count()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_under_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acked, status) = acknowledged_before(Interrupt::Stop, dir.path()).await;
+    assert!(status.success(), "tellus exited with {status:?}");
+
+    // Everything acknowledged is there after a restart, which reuses the CA and the token.
+    let ca_before = std::fs::read(dir.path().join("pki/ca.crt")).unwrap();
+    let token_before = std::fs::read(dir.path().join("admin.token")).unwrap();
+    let (t, stored) = stored_after_restart(dir.path()).await;
+    assert_none_lost(&acked, &stored);
+    assert_eq!(
+        std::fs::read(dir.path().join("pki/ca.crt")).unwrap(),
+        ca_before
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("admin.token")).unwrap(),
+        token_before
+    );
+    assert!(
+        !t.log().contains("Admin API token"),
+        "the token is printed only on the start that creates it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acked, status) = acknowledged_before(Interrupt::Kill, dir.path()).await;
+    assert!(!status.success(), "SIGKILL should end the process abruptly");
+    let (_t, stored) = stored_after_restart(dir.path()).await;
+    assert_none_lost(&acked, &stored);
 }

@@ -1,18 +1,28 @@
 //! Dead letters: messages that reached ingest but were not valid telemetry, newest first.
 //!
-//! The raw payload comes back as `payload` (a string) when it is UTF-8, otherwise as
-//! `payload_base64`; exactly one of the two is present.
+//! A list (`GET /deadletters`) shows a preview of each payload, so that a page stays small
+//! however large the payloads are: its first [`PREVIEW_BYTES`] bytes. One dead letter
+//! (`GET /deadletters/{id}`) has the whole payload.
+//!
+//! Either way the payload comes back as `payload` (a string) when it is UTF-8, otherwise as
+//! `payload_base64`; exactly one of the two is present. A UTF-8 preview ends at a character
+//! boundary, so it may hold a few bytes less than [`PREVIEW_BYTES`]. `payload_size` is the
+//! size of the whole payload in bytes, and `payload_truncated` says whether what was sent is
+//! shorter than that.
 
 use axum::{extract::State, Json};
 use serde::{Deserialize, Serialize};
 use tellus_core::{DeviceId, TimestampMs};
-use tellus_ingest::DeadLetter;
+use tellus_ingest::{store::DEADLETTER_PREVIEW_BYTES, DeadLetter};
 
 use super::{blocking, page_limit, split_page};
 use crate::{base64, extract, timestamps::rfc3339, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
+
+/// Most payload bytes a list shows per dead letter.
+pub const PREVIEW_BYTES: usize = DEADLETTER_PREVIEW_BYTES;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,19 +40,20 @@ pub struct DeadLetterView {
     pub device: DeviceId,
     pub topic: String,
     pub reason: String,
+    /// Size of the whole payload in bytes.
+    pub payload_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// Whether `payload` / `payload_base64` hold less than the whole payload.
+    pub payload_truncated: bool,
 }
 
-impl TryFrom<DeadLetter> for DeadLetterView {
-    type Error = ApiError;
-    fn try_from(d: DeadLetter) -> Result<Self, ApiError> {
-        let (payload, payload_base64) = match String::from_utf8(d.payload) {
-            Ok(text) => (Some(text), None),
-            Err(e) => (None, Some(base64::encode(e.as_bytes()))),
-        };
+impl DeadLetterView {
+    /// The view of `d` with at most the first `max_bytes` of its payload.
+    fn new(d: DeadLetter, max_bytes: usize) -> Result<Self, ApiError> {
+        let (payload, payload_base64, shown) = encode_prefix(&d.payload, max_bytes, d.payload_size);
         Ok(DeadLetterView {
             id: d.id,
             received_at: rfc3339(d.received_at_ms)?,
@@ -50,9 +61,34 @@ impl TryFrom<DeadLetter> for DeadLetterView {
             device: d.device,
             topic: d.topic,
             reason: d.reason,
+            payload_size: d.payload_size,
             payload,
             payload_base64,
+            payload_truncated: shown < d.payload_size,
         })
+    }
+}
+
+/// The first `max_bytes` of `payload` (which may itself be only a prefix of a payload of
+/// `size` bytes) as `(text, base64, bytes shown)`: text when that prefix is UTF-8, cut back to
+/// a character boundary when the cut split a character; base64 otherwise.
+fn encode_prefix(
+    payload: &[u8],
+    max_bytes: usize,
+    size: usize,
+) -> (Option<String>, Option<String>, usize) {
+    let prefix = &payload[..payload.len().min(max_bytes)];
+    let text = match std::str::from_utf8(prefix) {
+        Ok(text) => Some(text),
+        // The prefix ends inside a character that the rest of the payload completes: cut there.
+        Err(e) if e.error_len().is_none() && prefix.len() < size => {
+            std::str::from_utf8(&prefix[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    match text {
+        Some(text) => (Some(text.to_owned()), None, text.len()),
+        None => (None, Some(base64::encode(prefix)), prefix.len()),
     }
 }
 
@@ -62,7 +98,7 @@ pub struct DeadLetterList {
     pub next: Option<i64>,
 }
 
-/// `GET /api/v1/deadletters?limit=&before=`
+/// `GET /api/v1/deadletters?limit=&before=`: dead letters with a preview of each payload.
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,
@@ -78,7 +114,57 @@ pub async fn list(
     };
     let deadletters = page
         .into_iter()
-        .map(DeadLetterView::try_from)
+        .map(|d| DeadLetterView::new(d, PREVIEW_BYTES))
         .collect::<Result<_, _>>()?;
     Ok(Json(DeadLetterList { deadletters, next }))
+}
+
+/// `GET /api/v1/deadletters/{id}`: one dead letter with its whole payload, or 404
+/// `deadletter_not_found`.
+pub async fn get_one(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<i64>,
+) -> Result<Json<DeadLetterView>, ApiError> {
+    let store = state.store.clone();
+    let d = blocking(move || match store.deadletter(id)? {
+        Some(d) => Ok(d),
+        None => Err(ApiError::DeadLetterNotFound(id)),
+    })
+    .await?;
+    let whole = d.payload.len();
+    Ok(Json(DeadLetterView::new(d, whole)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_prefix;
+
+    fn text(s: &str) -> (Option<String>, Option<String>, usize) {
+        (Some(s.to_owned()), None, s.len())
+    }
+
+    #[test]
+    fn previews_cut_text_at_a_character_boundary() {
+        // Whole and short enough.
+        assert_eq!(encode_prefix(b"abc", 4, 3), text("abc"));
+        assert_eq!(encode_prefix(b"", 4, 0), text(""));
+        // "é" is two bytes; a cut after its first byte goes back before it.
+        assert_eq!(encode_prefix("aé".as_bytes(), 2, 3), text("a"));
+        assert_eq!(encode_prefix("aé".as_bytes(), 3, 3), text("aé"));
+        // The store already cut the payload: it is longer than what we were given.
+        assert_eq!(encode_prefix(&"aé".as_bytes()[..2], 2, 3), text("a"));
+    }
+
+    #[test]
+    fn previews_of_binary_are_base64() {
+        assert_eq!(
+            encode_prefix(&[0xff, 0xfe, 0x00, 0x01], 3, 4),
+            (None, Some("//4A".into()), 3)
+        );
+        // A whole payload that ends inside a character is not UTF-8.
+        assert_eq!(
+            encode_prefix(&[b'a', 0xc3], 2, 2),
+            (None, Some("YcM=".into()), 2)
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /devices`, `GET /devices`, `GET /devices/{id}` | [`devices`] |
 //! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] |
-//! | `GET /deadletters` | [`deadletters`] |
+//! | `GET /deadletters`, `GET /deadletters/{id}` | [`deadletters`] |
 //! | `GET /stats` | [`stats`] |
 //!
 //! Store and registry calls block (SQLite, key generation), so handlers run them through
@@ -33,6 +33,7 @@ pub fn v1() -> Router<AppState> {
         .route("/devices/{id}/telemetry", get(telemetry::range))
         .route("/devices/{id}/latest", get(telemetry::latest))
         .route("/deadletters", get(deadletters::list))
+        .route("/deadletters/{id}", get(deadletters::get_one))
         .route("/stats", get(stats::get))
 }
 

@@ -1,23 +1,49 @@
 //! One device connection, from TCP accept to close. See the [gate](super) for the outline.
+//!
+//! The gate answers every publish of the device itself, so that all of the device's
+//! acknowledgements leave in the order its publishes arrived (MQTT 3.1.1, 4.6.0-2) and each
+//! only once its message is safe:
+//! - telemetry: once ingest has committed it (PUBACK, or PUBREC for QoS 2);
+//! - anything else: once the routing core has taken it. The gate forwards device publishes
+//!   to the routing core at QoS 1 at most and takes the routing core's PUBACKs out of its
+//!   stream, so QoS 2 state lives only here: the gate answers PUBREC after the routing
+//!   core's PUBACK, and PUBCOMP to the device's PUBREL.
+//!
+//! Device publishes are never retained by the routing core: a device can subscribe to no
+//! topic another device publishes, so a retained device message could only cost memory.
 
-use std::{collections::HashSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use futures::{stream::FuturesOrdered, StreamExt};
+use futures::{
+    future::{self, BoxFuture, Shared},
+    stream::FuturesOrdered,
+    FutureExt, StreamExt,
+};
 use rumqttc::mqttbytes::{
-    v4::{ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, PubComp, PubRec, Publish},
+    self,
+    v4::{
+        ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, PubComp, PubRec, Publish,
+        Subscribe,
+    },
     Protocol, QoS,
 };
-use tellus_core::{
-    handoff::Pending,
-    now_ms,
-    topic::{self, DeviceTopic},
-    DeviceId,
-};
+use tellus_core::{now_ms, topic, DeviceId, IngestError};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
-    net::TcpStream,
-    sync::mpsc,
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+    sync::{mpsc, oneshot},
     time::{sleep_until, timeout, Instant},
 };
 use tokio_rustls::server::TlsStream;
@@ -26,24 +52,56 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::{
     bump,
-    frames::{encode, packet_type, FrameError, FrameReader, PINGRESP},
+    frames::{encode, packet_type, FrameError, FrameReader, PINGRESP, PUBACK},
     Gate,
 };
-use crate::pki::device_id_from_cert;
+use crate::pki::peer_identity;
 
 /// Keep-alive the gate asks of the routing core for its own link; the gate pings it.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(60);
-/// Room for frames waiting for the device's socket (routing core frames, PINGRESP, …).
+/// Room for frames from the routing core waiting for the device's socket.
 const FRAME_QUEUE: usize = 64;
 
 type DeviceReader = FrameReader<ReadHalf<TlsStream<TcpStream>>>;
 type DeviceWriter = WriteHalf<TlsStream<TcpStream>>;
 
+/// Why an acknowledgement can not be given.
+#[derive(Debug, Clone, thiserror::Error)]
+enum AckFailure {
+    #[error("telemetry not durable: {0}")]
+    NotDurable(IngestError),
+    #[error("the routing core link closed before it acknowledged")]
+    UpstreamLost,
+}
+
+/// Resolves when the message an acknowledgement answers is safe. Shared, because a QoS 2
+/// message is answered twice (PUBREC, then PUBCOMP) and may be re-sent before PUBREL.
+type Safe = Shared<BoxFuture<'static, Result<(), AckFailure>>>;
+
+fn ready() -> Safe {
+    future::ready(Ok(())).boxed().shared()
+}
+
+/// An acknowledgement the writer sends, in order, once `safe` resolves.
+struct PendingAck {
+    reply: Packet,
+    safe: Safe,
+}
+
+/// PUBACKs the device's publishes await from the routing core, by packet id. The session
+/// adds an entry before it forwards a publish; the relay completes it when the routing core's
+/// PUBACK arrives. Bounded by the device's window of unacknowledged publishes.
+type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<()>>>>;
+
 /// Serves one accepted TCP connection to its end. Never panics on input; every refusal is
 /// logged with its reason and counted.
 pub async fn serve(gate: &Gate, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
     let _ = tcp.set_nodelay(true);
-    let tls = match timeout(gate.config.handshake_timeout, gate.tls.accept(tcp)).await {
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        hs = timeout(gate.config.handshake_timeout, gate.tls.accept(tcp)) => hs,
+    };
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             bump(&gate.stats.handshake_failed);
@@ -56,40 +114,28 @@ pub async fn serve(gate: &Gate, tcp: TcpStream, peer: SocketAddr, shutdown: Canc
             return;
         }
     };
-    let device = match tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| device_id_from_cert(c))
-    {
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            bump(&gate.stats.handshake_failed);
-            info!(%peer, error = %e, "client certificate names no device");
-            return;
-        }
+    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => peer_identity(cert),
         None => {
             bump(&gate.stats.handshake_failed);
             info!(%peer, "no client certificate");
             return;
         }
     };
-    let span = info_span!("device", device_id = %device, %peer);
-    bump(&gate.stats.active);
-    Session::start(gate, device, tls, shutdown)
+    let identity = match identity {
+        Ok(id) => id,
+        Err(e) => {
+            bump(&gate.stats.handshake_failed);
+            info!(%peer, error = %e, "client certificate names no device");
+            return;
+        }
+    };
+    let span = info_span!("device", device_id = %identity.device, %peer);
+    gate.stats.active.fetch_add(1, Ordering::Relaxed);
+    Session::start(gate, identity.device, identity.serial_hex, tls, shutdown)
         .instrument(span)
         .await;
-    gate.stats
-        .active
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// An acknowledgement the writer sends once ingest has made the publish durable.
-struct PendingAck {
-    pkid: u16,
-    qos: QoS,
-    durable: Pending,
+    gate.stats.active.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Why a session ended, for the log.
@@ -105,10 +151,12 @@ enum End {
     AclDenied(topic::AclDenied),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("ingest stopped")]
+    IngestStopped,
     #[error("routing core closed the link")]
     UpstreamClosed,
-    #[error("could not write to the device")]
-    WriterFailed,
+    #[error("the device is not reading, or a message could not be made safe")]
+    WriterStopped,
     #[error("server shutting down")]
     Shutdown,
 }
@@ -117,29 +165,47 @@ struct Session<'g> {
     gate: &'g Gate,
     device: DeviceId,
     reader: DeviceReader,
-    upstream: tokio::net::tcp::OwnedWriteHalf,
-    frames: mpsc::Sender<Bytes>,
+    upstream: OwnedWriteHalf,
+    upstream_acks: UpstreamAcks,
     acks: mpsc::Sender<PendingAck>,
-    /// QoS 2 telemetry the gate has answered with PUBREC and whose PUBREL it must answer
-    /// itself rather than forward. Bounded by the device's in-flight window (packet ids).
-    qos2_awaiting_rel: HashSet<u16>,
+    /// QoS 2 publishes answered (or to be answered) with PUBREC and awaiting the device's
+    /// PUBREL. At most one entry per packet id, so at most 65,535.
+    qos2: HashMap<u16, Safe>,
 }
 
 impl<'g> Session<'g> {
     async fn start(
         gate: &'g Gate,
         device: DeviceId,
+        serial: String,
         tls: TlsStream<TcpStream>,
         shutdown: CancellationToken,
     ) {
         let (rd, mut wr) = tokio::io::split(tls);
         let mut reader = FrameReader::new(rd, gate.config.max_packet_size);
 
-        let connect = match timeout(gate.config.connect_timeout, reader.packet()).await {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            first = timeout(gate.config.connect_timeout, reader.packet()) => first,
+        };
+        let connect = match first {
             Ok(Ok(Packet::Connect(c))) => c,
             Ok(Ok(other)) => {
                 bump(&gate.stats.protocol_errors);
-                info!(packet = ?packet_name(&other), "first packet is not CONNECT");
+                info!(packet = packet_name(&other), "first packet is not CONNECT");
+                return;
+            }
+            Ok(Err(FrameError::Malformed(
+                mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_),
+            ))) => {
+                refuse(
+                    gate,
+                    &mut wr,
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    &gate.stats.refused_protocol,
+                    "only MQTT 3.1.1 is accepted",
+                )
+                .await;
                 return;
             }
             Ok(Err(e)) => {
@@ -153,167 +219,91 @@ impl<'g> Session<'g> {
                 return;
             }
         };
-        let Some(connect) = Self::admit(gate, &device, connect, &mut wr).await else {
+        let Some(connect) = admit(gate, &device, &serial, connect, &mut wr).await else {
             return;
         };
         let keep_alive = connect.keep_alive;
-        let (upstream, upstream_reader) = match Self::link_upstream(gate, connect, &mut wr).await {
-            Some(link) => link,
-            None => return,
+        let link = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            link = link_upstream(gate, connect, &mut wr) => link,
+        };
+        let Some((upstream, upstream_reader)) = link else {
+            return;
         };
         bump(&gate.stats.connected);
         info!(keep_alive, "device connected");
 
+        let window = gate.config.max_inflight.max(1);
         let (frames, frames_rx) = mpsc::channel(FRAME_QUEUE);
-        let (acks, acks_rx) = mpsc::channel(gate.config.max_inflight.max(1));
-        let writer = tokio::spawn(
-            write_to_device(wr, frames_rx, acks_rx, gate.config.max_inflight.max(1))
+        // The writer pulls acknowledgements as long as fewer than `window` are pending, so
+        // this channel adds one more at most.
+        let (acks, acks_rx) = mpsc::channel(1);
+        let mut writer = tokio::spawn(
+            write_to_device(wr, frames_rx, acks_rx, window, gate.config.write_timeout)
                 .in_current_span(),
         );
-        let relay =
-            tokio::spawn(relay_from_upstream(upstream_reader, frames.clone()).in_current_span());
+        let upstream_acks = UpstreamAcks::default();
+        let relay = tokio::spawn(
+            relay_from_upstream(upstream_reader, frames, upstream_acks.clone()).in_current_span(),
+        );
 
         let mut session = Session {
             gate,
             device,
             reader,
             upstream,
-            frames,
+            upstream_acks,
             acks,
-            qos2_awaiting_rel: HashSet::new(),
+            qos2: HashMap::new(),
         };
-        let end = session.run(keep_alive, &shutdown, writer, relay).await;
+        let (end, writer_done) = session.run(keep_alive, &shutdown, &mut writer).await;
         match &end {
             End::AclDenied(_) | End::Protocol(_) => warn!(reason = %end, "connection closed"),
             _ => info!(reason = %end, "device disconnected"),
         }
+        // Without a DISCONNECT from the device, closing the link makes the routing core
+        // publish the device's will, as MQTT requires.
+        let Session {
+            mut upstream,
+            upstream_acks,
+            acks,
+            ..
+        } = session;
+        let _ = upstream.shutdown().await;
+        relay.abort();
+        let _ = relay.await;
+        // The routing core will acknowledge nothing more: those publishes stay
+        // unacknowledged, and the device sends them again when it reconnects.
+        if let Ok(mut waiting) = upstream_acks.lock() {
+            waiting.clear();
+        }
+        // Closing the channel lets the writer finish: it still writes the acknowledgement of
+        // every publish that becomes safe, then closes the TLS session.
+        drop(acks);
+        if !writer_done {
+            let _ = writer.await;
+        }
     }
 
-    /// Checks the CONNECT of `device`; answers refusals with a CONNACK and returns `None`.
-    async fn admit(
-        gate: &Gate,
-        device: &DeviceId,
-        mut connect: Connect,
-        wr: &mut DeviceWriter,
-    ) -> Option<Connect> {
-        let refuse = |code| {
-            Packet::ConnAck(ConnAck {
-                session_present: false,
-                code,
-            })
-        };
-        if connect.protocol != Protocol::V4 {
-            bump(&gate.stats.refused_protocol);
-            info!(protocol = ?connect.protocol, "only MQTT 3.1.1 is accepted");
-            let _ = write_now(wr, &refuse(ConnectReturnCode::RefusedProtocolVersion)).await;
-            return None;
-        }
-        let registry = gate.registry.clone();
-        let id = device.clone();
-        let known = match tokio::task::spawn_blocking(move || registry.device(&id)).await {
-            Ok(Ok(found)) => found.is_some(),
-            Ok(Err(e)) => {
-                warn!(error = %e, "registry lookup failed; refusing for now");
-                let _ = write_now(wr, &refuse(ConnectReturnCode::ServiceUnavailable)).await;
-                return None;
-            }
-            Err(_) => return None,
-        };
-        if !known {
-            bump(&gate.stats.refused_unknown_device);
-            info!("certificate is valid but the device is not registered");
-            let _ = write_now(wr, &refuse(ConnectReturnCode::NotAuthorized)).await;
-            return None;
-        }
-        if connect.client_id.is_empty() {
-            connect.client_id = device.to_string();
-        } else if connect.client_id != device.as_str() {
-            bump(&gate.stats.refused_client_id);
-            info!(client_id = %connect.client_id, "client id differs from the certificate's device id");
-            let _ = write_now(wr, &refuse(ConnectReturnCode::BadClientId)).await;
-            return None;
-        }
-        if let Some(will) = &connect.last_will {
-            if let Err(e) = topic::check_publish(device, &will.topic) {
-                bump(&gate.stats.acl_denied);
-                warn!(reason = %e, "will topic refused");
-                let _ = write_now(wr, &refuse(ConnectReturnCode::NotAuthorized)).await;
-                return None;
-            }
-        }
-        Some(connect)
-    }
-
-    /// Opens the device's link to the routing core and relays its CONNACK to the device.
-    async fn link_upstream(
-        gate: &Gate,
-        mut connect: Connect,
-        wr: &mut DeviceWriter,
-    ) -> Option<(
-        tokio::net::tcp::OwnedWriteHalf,
-        FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    )> {
-        let unavailable = Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::ServiceUnavailable,
-        });
-        let stream = match TcpStream::connect(gate.routing.addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "routing core unreachable");
-                let _ = write_now(wr, &unavailable).await;
-                return None;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (rd, mut up) = stream.into_split();
-        let mut up_reader = FrameReader::new(rd, gate.config.max_packet_size.saturating_mul(2));
-        let cred = &gate.routing.credential;
-        connect.login = Some(Login::new(cred.username.clone(), cred.password.clone()));
-        connect.keep_alive = UPSTREAM_KEEP_ALIVE.as_secs() as u16;
-        let connack = async {
-            up.write_all(&encode(&Packet::Connect(connect)))
-                .await
-                .ok()?;
-            match up_reader.packet().await {
-                Ok(Packet::ConnAck(ack)) => Some(ack),
-                _ => None,
-            }
-        };
-        let ack = match timeout(gate.config.connect_timeout, connack).await {
-            Ok(Some(ack)) => ack,
-            _ => {
-                warn!("routing core did not acknowledge the link");
-                let _ = write_now(wr, &unavailable).await;
-                return None;
-            }
-        };
-        let accepted = ack.code == ConnectReturnCode::Success;
-        if write_now(wr, &Packet::ConnAck(ack)).await.is_err() || !accepted {
-            return None;
-        }
-        Some((up, up_reader))
-    }
-
+    /// Reads and handles the device's packets until the session ends. Returns why, and
+    /// whether the writer has already finished.
     async fn run(
         &mut self,
         keep_alive: u16,
         shutdown: &CancellationToken,
-        mut writer: tokio::task::JoinHandle<()>,
-        mut relay: tokio::task::JoinHandle<()>,
-    ) -> End {
+        writer: &mut tokio::task::JoinHandle<()>,
+    ) -> (End, bool) {
         // MQTT: the server closes a connection silent for one and a half keep-alives.
         let grace = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
         let far = Duration::from_secs(86_400 * 365);
         let mut deadline = Instant::now() + grace.unwrap_or(far);
         let mut ping = tokio::time::interval(UPSTREAM_KEEP_ALIVE / 2);
         ping.reset();
-        let end = loop {
+        loop {
             let step = tokio::select! {
                 _ = shutdown.cancelled() => Err(End::Shutdown),
                 _ = sleep_until(deadline) => Err(End::KeepAliveExpired),
-                _ = &mut writer => Err(End::WriterFailed),
-                _ = &mut relay => Err(End::UpstreamClosed),
+                _ = &mut *writer => return (End::WriterStopped, true),
                 _ = ping.tick() => self.send_upstream(&Packet::PingReq).await,
                 packet = self.reader.packet() => match packet {
                     Ok(p) => {
@@ -324,47 +314,30 @@ impl<'g> Session<'g> {
                 },
             };
             if let Err(end) = step {
-                break end;
+                if let End::DeviceGone(FrameError::Malformed(_) | FrameError::TooLarge(..)) = &end {
+                    bump(&self.gate.stats.protocol_errors);
+                }
+                return (end, false);
             }
-        };
-        if let End::DeviceGone(FrameError::Malformed(_) | FrameError::TooLarge(..)) = &end {
-            bump(&self.gate.stats.protocol_errors);
         }
-        // Without a DISCONNECT from the device, closing the link makes the routing core
-        // publish the device's will, as MQTT requires.
-        let _ = self.upstream.shutdown().await;
-        relay.abort();
-        // Dropping our senders lets the writer finish: it still writes the acknowledgement of
-        // every publish ingest commits, then closes the TLS session.
-        let Session { frames, acks, .. } = self;
-        drop(std::mem::replace(frames, mpsc::channel(1).0));
-        drop(std::mem::replace(acks, mpsc::channel(1).0));
-        let _ = writer.await;
-        end
     }
 
     async fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
             Packet::Publish(p) => self.publish(p).await,
-            Packet::Subscribe(s) => {
-                for f in &s.filters {
-                    if let Err(e) = topic::check_subscribe(&self.device, &f.path) {
-                        bump(&self.gate.stats.acl_denied);
-                        return Err(End::AclDenied(e));
-                    }
-                }
-                self.forward(&Packet::Subscribe(s)).await
-            }
-            Packet::PubRel(rel) if self.qos2_awaiting_rel.remove(&rel.pkid) => {
-                self.send_device(encode(&Packet::PubComp(PubComp::new(rel.pkid))))
+            Packet::PubRel(rel) => {
+                // PUBCOMP once the message is safe; a PUBREL for a packet id this session does
+                // not know (re-sent after a reconnect) is answered at once, as MQTT requires.
+                let safe = self.qos2.remove(&rel.pkid).unwrap_or_else(ready);
+                self.ack(Packet::PubComp(PubComp::new(rel.pkid)), safe)
                     .await
             }
+            Packet::Subscribe(s) => self.subscribe(s).await,
             p @ (Packet::PubAck(_)
             | Packet::PubRec(_)
-            | Packet::PubRel(_)
             | Packet::PubComp(_)
             | Packet::Unsubscribe(_)) => self.forward(&p).await,
-            Packet::PingReq => self.send_device(encode(&Packet::PingResp)).await,
+            Packet::PingReq => self.ack(Packet::PingResp, ready()).await,
             Packet::Disconnect => {
                 self.forward(&Packet::Disconnect).await?;
                 Err(End::DeviceDisconnected)
@@ -379,7 +352,21 @@ impl<'g> Session<'g> {
         }
     }
 
-    async fn publish(&mut self, p: Publish) -> Result<(), End> {
+    async fn subscribe(&mut self, mut s: Subscribe) -> Result<(), End> {
+        for f in &mut s.filters {
+            if let Err(e) = topic::check_subscribe(&self.device, &f.path) {
+                bump(&self.gate.stats.acl_denied);
+                return Err(End::AclDenied(e));
+            }
+            // Messages to a device travel at QoS 1 at most, like everything the gate relays.
+            if f.qos == QoS::ExactlyOnce {
+                f.qos = QoS::AtLeastOnce;
+            }
+        }
+        self.forward(&Packet::Subscribe(s)).await
+    }
+
+    async fn publish(&mut self, mut p: Publish) -> Result<(), End> {
         let kind = match topic::check_publish(&self.device, &p.topic) {
             Ok(kind) => kind,
             Err(e) => {
@@ -387,43 +374,75 @@ impl<'g> Session<'g> {
                 return Err(End::AclDenied(e));
             }
         };
-        if !kind.is_telemetry() {
-            return self.forward(&Packet::Publish(p)).await;
+        if p.qos == QoS::ExactlyOnce {
+            if let Some(safe) = self.qos2.get(&p.pkid) {
+                // Re-sent before PUBREL: answer again once the first copy is safe; keep
+                // nothing twice.
+                let safe = safe.clone();
+                return self.ack(Packet::PubRec(PubRec::new(p.pkid)), safe).await;
+            }
         }
-        bump(&self.gate.stats.telemetry_received);
-        self.telemetry(kind, p).await
+        let (pkid, qos) = (p.pkid, p.qos);
+        let safe = if kind.is_telemetry() {
+            bump(&self.gate.stats.telemetry_received);
+            let pending = self
+                .gate
+                .ingest
+                .submit(
+                    self.device.clone(),
+                    kind,
+                    p.payload,
+                    now_ms(),
+                    qos != QoS::AtMostOnce,
+                )
+                .await
+                .map_err(|_| End::IngestStopped)?;
+            pending.map(|durable| {
+                async move {
+                    match durable.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(AckFailure::NotDurable(e)),
+                        Err(_) => Err(AckFailure::NotDurable(IngestError::Closed)),
+                    }
+                }
+                .boxed()
+                .shared()
+            })
+        } else {
+            p.retain = false;
+            let taken = (qos != QoS::AtMostOnce).then(|| {
+                p.qos = QoS::AtLeastOnce;
+                let (tx, rx) = oneshot::channel();
+                if let Ok(mut waiting) = self.upstream_acks.lock() {
+                    waiting.insert(pkid, tx);
+                }
+                async move { rx.await.map_err(|_| AckFailure::UpstreamLost) }
+                    .boxed()
+                    .shared()
+            });
+            self.forward(&Packet::Publish(p)).await?;
+            taken
+        };
+        match (qos, safe) {
+            (QoS::AtLeastOnce, Some(safe)) => {
+                self.ack(Packet::PubAck(PubAck::new(pkid)), safe).await
+            }
+            (QoS::ExactlyOnce, Some(safe)) => {
+                self.qos2.insert(pkid, safe.clone());
+                self.ack(Packet::PubRec(PubRec::new(pkid)), safe).await
+            }
+            _ => Ok(()),
+        }
     }
 
-    /// Hands telemetry to ingest. While the hand-off channel or this connection's window of
-    /// unacknowledged publishes is full, this waits, and so the device's socket is not read.
-    async fn telemetry(&mut self, kind: DeviceTopic, p: Publish) -> Result<(), End> {
-        if p.qos == QoS::ExactlyOnce && self.qos2_awaiting_rel.contains(&p.pkid) {
-            // A re-sent QoS 2 publish we already committed: answer again, store nothing.
-            return self
-                .send_device(encode(&Packet::PubRec(PubRec::new(p.pkid))))
-                .await;
-        }
-        let want_ack = p.qos != QoS::AtMostOnce;
-        let pending = self
-            .gate
-            .ingest
-            .submit(self.device.clone(), kind, p.payload, now_ms(), want_ack)
+    /// Queues `reply` behind every earlier acknowledgement, to be sent once `safe` resolves.
+    /// Waits while the device's window of pending acknowledgements is full, and so stops
+    /// reading its socket.
+    async fn ack(&mut self, reply: Packet, safe: Safe) -> Result<(), End> {
+        self.acks
+            .send(PendingAck { reply, safe })
             .await
-            .map_err(|e| End::Protocol(format!("ingest unavailable: {e}")))?;
-        if let Some(durable) = pending {
-            if p.qos == QoS::ExactlyOnce {
-                self.qos2_awaiting_rel.insert(p.pkid);
-            }
-            self.acks
-                .send(PendingAck {
-                    pkid: p.pkid,
-                    qos: p.qos,
-                    durable,
-                })
-                .await
-                .map_err(|_| End::WriterFailed)?;
-        }
-        Ok(())
+            .map_err(|_| End::WriterStopped)
     }
 
     async fn forward(&mut self, packet: &Packet) -> Result<(), End> {
@@ -437,9 +456,165 @@ impl<'g> Session<'g> {
             .await
             .map_err(|_| End::UpstreamClosed)
     }
+}
 
-    async fn send_device(&mut self, frame: Bytes) -> Result<(), End> {
-        self.frames.send(frame).await.map_err(|_| End::WriterFailed)
+/// Answers CONNECT with a refusal, counted in `counter` and logged with `why`.
+async fn refuse(
+    gate: &Gate,
+    wr: &mut DeviceWriter,
+    code: ConnectReturnCode,
+    counter: &AtomicU64,
+    why: &str,
+) {
+    bump(counter);
+    info!(code = ?code, reason = why, "connection refused");
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+    });
+    let _ = timeout(gate.config.write_timeout, write_now(wr, &ack)).await;
+}
+
+/// Checks the CONNECT of `device`, which presented the certificate with serial `serial`;
+/// answers a refusal with a CONNACK and returns `None`.
+async fn admit(
+    gate: &Gate,
+    device: &DeviceId,
+    serial: &str,
+    mut connect: Connect,
+    wr: &mut DeviceWriter,
+) -> Option<Connect> {
+    use ConnectReturnCode::*;
+    let stats = &gate.stats;
+    if connect.protocol != Protocol::V4 {
+        let why = "only MQTT 3.1.1 is accepted";
+        refuse(
+            gate,
+            wr,
+            RefusedProtocolVersion,
+            &stats.refused_protocol,
+            why,
+        )
+        .await;
+        return None;
+    }
+    let registry = gate.registry.clone();
+    let id = device.clone();
+    let record = match tokio::task::spawn_blocking(move || registry.device(&id)).await {
+        Ok(Ok(record)) => record,
+        Ok(Err(e)) => {
+            warn!(error = %e, "registry lookup failed; refusing for now");
+            let why = "registry unavailable";
+            refuse(
+                gate,
+                wr,
+                ServiceUnavailable,
+                &stats.refused_unavailable,
+                why,
+            )
+            .await;
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let Some(record) = record else {
+        let why = "the device is not registered";
+        refuse(gate, wr, NotAuthorized, &stats.refused_unknown_device, why).await;
+        return None;
+    };
+    if record.cert_serial != serial {
+        let why = "the certificate is not the one registered for this device";
+        refuse(gate, wr, NotAuthorized, &stats.refused_certificate, why).await;
+        return None;
+    }
+    if connect.client_id.is_empty() {
+        connect.client_id = device.to_string();
+    } else if connect.client_id != device.as_str() {
+        info!(client_id = %connect.client_id, "client id differs from the certificate's device id");
+        let why = "client id is not the device id";
+        refuse(gate, wr, BadClientId, &stats.refused_client_id, why).await;
+        return None;
+    }
+    if let Some(will) = &mut connect.last_will {
+        let verdict = match topic::check_publish(device, &will.topic) {
+            Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(why) = verdict {
+            let why = format!("will refused: {why}");
+            refuse(gate, wr, NotAuthorized, &stats.acl_denied, &why).await;
+            return None;
+        }
+        will.retain = false;
+        if will.qos == QoS::ExactlyOnce {
+            will.qos = QoS::AtLeastOnce;
+        }
+    }
+    Some(connect)
+}
+
+/// Opens the device's link to the routing core and relays its CONNACK to the device.
+async fn link_upstream(
+    gate: &Gate,
+    connect: Connect,
+    wr: &mut DeviceWriter,
+) -> Option<(OwnedWriteHalf, FrameReader<OwnedReadHalf>)> {
+    let (up, up_reader, ack) = match open_link(gate, connect).await {
+        Ok(link) => link,
+        Err(why) => {
+            warn!(reason = why, "no link to the routing core");
+            let counter = &gate.stats.refused_unavailable;
+            refuse(
+                gate,
+                wr,
+                ConnectReturnCode::ServiceUnavailable,
+                counter,
+                why,
+            )
+            .await;
+            return None;
+        }
+    };
+    let accepted = ack.code == ConnectReturnCode::Success;
+    let sent = timeout(
+        gate.config.write_timeout,
+        write_now(wr, &Packet::ConnAck(ack)),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) || !accepted {
+        return None;
+    }
+    Some((up, up_reader))
+}
+
+/// Connects to the routing core as the device, with the gate's credential, and returns the
+/// link with the routing core's CONNACK.
+async fn open_link(
+    gate: &Gate,
+    mut connect: Connect,
+) -> Result<(OwnedWriteHalf, FrameReader<OwnedReadHalf>, ConnAck), &'static str> {
+    let stream = TcpStream::connect(gate.routing.addr)
+        .await
+        .map_err(|_| "routing core unreachable")?;
+    let _ = stream.set_nodelay(true);
+    let (rd, mut up) = stream.into_split();
+    let mut up_reader = FrameReader::new(rd, gate.config.max_packet_size.saturating_mul(2));
+    let cred = &gate.routing.credential;
+    connect.login = Some(Login::new(cred.username.clone(), cred.password.clone()));
+    connect.keep_alive = UPSTREAM_KEEP_ALIVE.as_secs() as u16;
+    let connack = async {
+        up.write_all(&encode(&Packet::Connect(connect)))
+            .await
+            .ok()?;
+        match up_reader.packet().await {
+            Ok(Packet::ConnAck(ack)) => Some(ack),
+            _ => None,
+        }
+    };
+    match timeout(gate.config.connect_timeout, connack).await {
+        Ok(Some(ack)) => Ok((up, up_reader, ack)),
+        _ => Err("routing core did not acknowledge the link"),
     }
 }
 
@@ -467,66 +642,78 @@ async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, packet: &Packet) -> std::i
     wr.flush().await
 }
 
-/// Copies frames from the routing core to the writer, keeping the PINGRESPs that answer the
-/// gate's own pings.
+/// Copies frames from the routing core to the writer. The routing core's PUBACKs answer
+/// the device's publishes and complete the gate's pending acknowledgements instead; the
+/// PINGRESPs answer the gate's own pings.
 async fn relay_from_upstream(
-    mut upstream: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut upstream: FrameReader<OwnedReadHalf>,
     frames: mpsc::Sender<Bytes>,
+    acks: UpstreamAcks,
 ) {
     loop {
-        match upstream.frame().await {
-            Ok(frame) if packet_type(&frame) == PINGRESP => continue,
-            Ok(frame) => {
-                if frames.send(frame).await.is_err() {
-                    return;
-                }
-            }
+        let frame = match upstream.frame().await {
+            Ok(frame) => frame,
             Err(e) => {
                 debug!(error = %e, "routing core link closed");
                 return;
+            }
+        };
+        match packet_type(&frame) {
+            PINGRESP => {}
+            PUBACK => {
+                // PUBACK: fixed header (2 bytes), then the packet id.
+                let &[_, _, hi, lo, ..] = frame.as_ref() else {
+                    continue;
+                };
+                let pkid = u16::from_be_bytes([hi, lo]);
+                let waiting = acks.lock().ok().and_then(|mut w| w.remove(&pkid));
+                if let Some(done) = waiting {
+                    let _ = done.send(());
+                }
+            }
+            _ => {
+                if frames.send(frame).await.is_err() {
+                    return;
+                }
             }
         }
     }
 }
 
-/// The one task that writes to the device. Acknowledgements go out in the order the
-/// publishes arrived (MQTT requires it), each once ingest has made its publish durable;
-/// frames from the routing core go out as they come. At most `window` acknowledgements are
-/// awaited at once. Ends when both inputs are closed and drained, or the device is gone.
+/// The one task that writes to the device. Acknowledgements go out in the order they were
+/// queued, each once its message is safe; frames from the routing core go out as they
+/// come. At most `window` acknowledgements are pending at once, and every write must finish
+/// within `write_timeout`, so a device that stops reading is closed instead of holding
+/// buffers. When a message can not be made safe, the writer stops taking new
+/// acknowledgements, still writes those already safe, and ends, which ends the session.
 async fn write_to_device(
     mut wr: DeviceWriter,
     mut frames: mpsc::Receiver<Bytes>,
     mut acks: mpsc::Receiver<PendingAck>,
     window: usize,
+    write_timeout: Duration,
 ) {
-    let mut inflight = FuturesOrdered::new();
+    let mut pending = FuturesOrdered::new();
     let (mut frames_open, mut acks_open) = (true, true);
     loop {
-        if !frames_open && !acks_open && inflight.is_empty() {
+        if !acks_open && !frames_open && pending.is_empty() {
             break;
         }
         let frame = tokio::select! {
             biased;
-            Some((pkid, qos, result)) = inflight.next(), if !inflight.is_empty() => {
-                match result {
-                    Ok(Ok(_)) => match qos {
-                        QoS::ExactlyOnce => encode(&Packet::PubRec(PubRec::new(pkid))),
-                        _ => encode(&Packet::PubAck(PubAck::new(pkid))),
-                    },
-                    Ok(Err(e)) => {
-                        warn!(error = %e, pkid, "telemetry not durable; closing without acknowledgement");
-                        break;
-                    }
-                    Err(_) => {
-                        warn!(pkid, "ingest stopped before committing; closing without acknowledgement");
-                        break;
-                    }
+            Some((reply, safe)) = pending.next(), if !pending.is_empty() => match safe {
+                Ok(()) => encode(&reply),
+                Err(e) => {
+                    warn!(error = %e, "closing; the device will send unacknowledged messages again");
+                    acks_open = false;
+                    frames_open = false;
+                    continue;
                 }
-            }
-            ack = acks.recv(), if acks_open && inflight.len() < window => {
+            },
+            ack = acks.recv(), if acks_open && pending.len() < window => {
                 match ack {
-                    Some(PendingAck { pkid, qos, durable }) => {
-                        inflight.push_back(async move { (pkid, qos, durable.await) });
+                    Some(PendingAck { reply, safe }) => {
+                        pending.push_back(safe.map(move |r| (reply, r)));
                     }
                     None => acks_open = false,
                 }
@@ -540,9 +727,22 @@ async fn write_to_device(
                 }
             },
         };
-        if wr.write_all(&frame).await.is_err() || wr.flush().await.is_err() {
-            return;
+        let written = timeout(write_timeout, async {
+            wr.write_all(&frame).await?;
+            wr.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "device socket closed");
+                return;
+            }
+            Err(_) => {
+                info!(timeout = ?write_timeout, "device stopped reading; closing");
+                return;
+            }
         }
     }
-    let _ = wr.shutdown().await;
+    let _ = timeout(write_timeout, wr.shutdown()).await;
 }

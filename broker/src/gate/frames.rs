@@ -98,6 +98,8 @@ pub fn packet_type(frame: &[u8]) -> u8 {
     frame.first().map(|b| b >> 4).unwrap_or(0)
 }
 
+/// The packet type number of PUBACK.
+pub const PUBACK: u8 = 4;
 /// The packet type number of PINGRESP.
 pub const PINGRESP: u8 = 13;
 
