@@ -30,6 +30,8 @@ pub enum ApiError {
     DeviceExists(DeviceId),
     #[error("device {0} not found")]
     DeviceNotFound(DeviceId),
+    #[error("certificate {0} is not one of this device's")]
+    CertificateNotFound(String),
     #[error("dead letter {0} not found")]
     DeadLetterNotFound(i64),
     #[error("invalid certificate signing request: {0}")]
@@ -69,6 +71,7 @@ impl ApiError {
             | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ApiError::DeviceExists(_) => StatusCode::CONFLICT,
             ApiError::DeviceNotFound(_)
+            | ApiError::CertificateNotFound(_)
             | ApiError::DeadLetterNotFound(_)
             | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::InvalidDeviceId(_) => "invalid_device_id",
             ApiError::DeviceExists(_) => "device_exists",
             ApiError::DeviceNotFound(_) => "device_not_found",
+            ApiError::CertificateNotFound(_) => "certificate_not_found",
             ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
             ApiError::InvalidCsr(_) => "invalid_csr",
             ApiError::InvalidBody(_) => "invalid_body",
@@ -150,7 +154,11 @@ impl From<ProvisionError> for ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
-        ApiError::internal(e)
+        match e {
+            RegistryError::AlreadyExists(id) => ApiError::DeviceExists(id),
+            RegistryError::UnknownCertificate(serial) => ApiError::CertificateNotFound(serial),
+            e @ RegistryError::Backend(_) => ApiError::internal(e),
+        }
     }
 }
 

@@ -6,18 +6,36 @@
 //!
 //! The layout:
 //! - [`routes`]: the `/api/v1` endpoints, one module per resource (`devices`, `telemetry`,
-//!   `deadletters`, `stats`), and the helper that runs the blocking store and registry calls
-//!   on tokio's blocking pool;
+//!   `deadletters`, `pki`, `audit`, `stats`), and the helper that runs the blocking store,
+//!   registry and PKI calls on tokio's blocking pool;
 //! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route;
 //! - [`error`]: [`ApiError`], the one place errors become HTTP responses. A 4xx answer is
 //!   `{"error": {"code": "<stable_code>", "message": "<text>"}}`; a 5xx is logged and
 //!   answered with code `internal` and a generic message;
-//! - [`extract`]: `Json`, `Query` and `Path` extractors whose rejections are [`ApiError`]s,
-//!   so a malformed request gets the same error shape as everything else;
+//! - [`extract`]: `Json`, `OptionalJson`, `Query` and `Path` extractors whose rejections are
+//!   [`ApiError`]s, so a malformed request gets the same error shape as everything else;
 //! - [`timestamps`]: times on the wire (RFC 3339 out; RFC 3339 or epoch milliseconds in);
 //! - [`base64`]: the encoder for dead-lettered payloads that are not UTF-8.
 //!
-//! Device registration itself lives in `tellus_broker::provision`, shared with the CLI.
+//! The routes, all behind the bearer token:
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /api/v1/devices` | register `{"id"}` (returns cert, key, CA) or `{"id", "csr_pem"}` |
+//! | `GET /api/v1/devices` | list, paged by `after`; `?expiring_within=30d`: only devices whose current certificate ends before then |
+//! | `GET /api/v1/devices/{id}` | one device, with its certificates |
+//! | `POST /api/v1/devices/{id}/revoke` | revoke `{"serial"}`, or every certificate (no body, or `{}`) |
+//! | `POST /api/v1/devices/{id}/disable`, `…/enable` | refuse the device at the gate, or admit it again |
+//! | `DELETE /api/v1/devices/{id}` | remove the device; its certificates stay on the CRL |
+//! | `GET /api/v1/devices/{id}/telemetry`, `…/latest` | points of one metric; newest value of each |
+//! | `GET /api/v1/deadletters`, `…/{id}` | refused payloads |
+//! | `GET /api/v1/pki/crl.pem` | the fleet CA's CRL |
+//! | `GET /api/v1/audit` | the gate's connection decisions, newest first |
+//! | `GET /api/v1/stats` | ingest and gate counters |
+//!
+//! Device registration itself lives in `tellus_broker::provision`, shared with the CLI. The
+//! life-cycle endpoints (revoke, disable, enable, delete) only write the registry; the gate
+//! enforces them by polling the registry's changes, whoever wrote them (API or CLI).
 
 use std::{future::Future, sync::Arc};
 

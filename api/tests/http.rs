@@ -7,7 +7,9 @@ use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value as Json};
 use tellus_api::AppState;
 use tellus_broker::pki::Pki;
-use tellus_core::{DeviceId, Sample, Value};
+use tellus_core::{
+    now_ms, AuditDecision, AuditEntry, CertificateRecord, DeviceId, Registry, Sample, Value,
+};
 use tellus_ingest::{
     Batch, DeadLetter, Durability, IngestStats, SqliteRegistry, SqliteStore, TelemetryStore,
 };
@@ -19,6 +21,8 @@ struct Server {
     base: String,
     client: Client,
     store: Arc<SqliteStore>,
+    registry: Arc<SqliteRegistry>,
+    pki: Arc<Pki>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -30,12 +34,13 @@ impl Server {
         let store =
             Arc::new(SqliteStore::open(&dir.path().join("telemetry.db"), Durability::Os).unwrap());
         let registry = Arc::new(SqliteRegistry::open(&dir.path().join("registry.db")).unwrap());
-        let pki =
-            Pki::load_or_create(&dir.path().join("pki"), Duration::from_secs(365 * 86400)).unwrap();
+        let pki = Arc::new(
+            Pki::load_or_create(&dir.path().join("pki"), Duration::from_secs(365 * 86400)).unwrap(),
+        );
         let state = AppState {
-            registry,
+            registry: registry.clone(),
             store: store.clone(),
-            pki: Arc::new(pki),
+            pki: pki.clone(),
             ingest_stats: Arc::new(IngestStats::default()),
             gate_stats: Arc::new(tellus_broker::gate::GateStats::default()),
             admin_token: TOKEN.into(),
@@ -50,6 +55,8 @@ impl Server {
             base,
             client: Client::new(),
             store,
+            registry,
+            pki,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
@@ -68,6 +75,11 @@ impl Server {
 
     async fn post(&self, path: &str, body: Json) -> (StatusCode, Json) {
         send(self.req(Method::POST, path).json(&body)).await
+    }
+
+    /// A POST without a body.
+    async fn post_empty(&self, path: &str) -> (StatusCode, Json) {
+        send(self.req(Method::POST, path)).await
     }
 
     async fn stop(mut self) {
@@ -243,6 +255,14 @@ async fn create_list_and_get_devices() {
     assert_eq!(body["cert_serial"], serial.as_str());
     assert_eq!(body["cert_not_after"], not_after.as_str());
     assert!(body["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(body["status"], "enabled");
+    assert_eq!(body["tags"], json!({}));
+    let certs = body["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0]["serial"], serial.as_str());
+    assert_eq!(certs[0]["not_after"], not_after.as_str());
+    assert!(certs[0]["issued_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(certs[0]["revoked_at"], Json::Null);
 
     let (status, body) = s.get("/api/v1/devices/nobody").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -536,5 +556,354 @@ async fn unknown_routes_get_the_json_shape() {
     let (status, body) = send(s.req(Method::DELETE, "/api/v1/stats")).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(error_code(&body).0, "method_not_allowed");
+    s.stop().await;
+}
+
+/// The ids of a device list.
+fn ids(body: &Json) -> Vec<&str> {
+    body["devices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect()
+}
+
+/// The `serial` of each certificate of a device, with its `revoked_at`.
+fn certificates(body: &Json) -> Vec<(String, Json)> {
+    body["certificates"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|c| {
+            (
+                c["serial"].as_str().unwrap().to_owned(),
+                c["revoked_at"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Fetches the CRL and returns its number and revoked serials (lower-case hex, sorted),
+/// checking that the fleet CA issued it.
+async fn crl(s: &Server) -> (String, Vec<String>) {
+    let resp = s
+        .req(Method::GET, "/api/v1/pki/crl.pem")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-pem-file");
+    let pem = resp.text().await.unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    assert_eq!(pem.label, "X509 CRL");
+    let (_, crl) = x509_parser::parse_x509_crl(&pem.contents).unwrap();
+    let (_, ca) = x509_parser::pem::parse_x509_pem(s.pki.ca_pem().as_bytes()).unwrap();
+    assert_eq!(crl.issuer(), ca.parse_x509().unwrap().subject());
+    let mut serials: Vec<String> = crl
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    serials.sort();
+    let number = crl.crl_number().expect("a CRL number").to_string();
+    (number, serials)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn device_life_cycle_revoke_disable_delete_and_the_crl() {
+    let s = Server::start().await;
+    let mut serials = Vec::new();
+    for d in ["dev-a", "dev-b"] {
+        let (status, body) = s.post("/api/v1/devices", json!({"id": d})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        serials.push(body["cert_serial"].as_str().unwrap().to_owned());
+    }
+    let (a1, b1) = (serials[0].clone(), serials[1].clone());
+    // A second certificate for dev-a (rotation), recorded directly in the registry.
+    let rotated = s.pki.issue_device(&id("dev-a")).unwrap();
+    s.registry
+        .add_certificate(&CertificateRecord {
+            serial: rotated.serial_hex.clone(),
+            device: id("dev-a"),
+            issued_at_ms: now_ms(),
+            not_after_ms: rotated.not_after_ms,
+            revoked_at_ms: None,
+        })
+        .unwrap();
+    let a2 = rotated.serial_hex;
+
+    let (status, body) = s.get("/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for d in body["devices"].as_array().unwrap() {
+        assert_eq!(d["status"], "enabled", "{d}");
+        assert_eq!(d["tags"], json!({}), "{d}");
+        assert!(d["cert_serial"].is_string(), "{d}");
+        assert!(d["cert_not_after"].as_str().unwrap().ends_with('Z'), "{d}");
+    }
+
+    // Certificates are valid for a year here.
+    let (status, body) = s.get("/api/v1/devices?expiring_within=30d").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body), Vec::<&str>::new());
+    let (_, body) = s.get("/api/v1/devices?expiring_within=400days").await;
+    assert_eq!(ids(&body), ["dev-a", "dev-b"]);
+    let (_, body) = s
+        .get("/api/v1/devices?expiring_within=400d&limit=1&after=dev-a")
+        .await;
+    assert_eq!(ids(&body), ["dev-b"]);
+    for bad in ["soon", "30", ""] {
+        let (status, body) = s
+            .get(&format!("/api/v1/devices?expiring_within={bad}"))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(error_code(&body).0, "invalid_query", "{bad}");
+    }
+
+    // Nothing is revoked yet.
+    let (number_before, listed) = crl(&s).await;
+    assert_eq!(listed, Vec::<String>::new());
+
+    // Revoke one serial (given in upper case): dev-a keeps the other.
+    let (status, body) = s
+        .post(
+            "/api/v1/devices/dev-a/revoke",
+            json!({"serial": a1.to_uppercase()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"], json!([a1]));
+    assert_eq!(body["device"]["id"], "dev-a");
+    assert_eq!(body["device"]["cert_serial"], a2.as_str());
+    let (_, body) = s.get("/api/v1/devices/dev-a").await;
+    let certs = certificates(&body);
+    assert_eq!(certs.len(), 2, "{body}");
+    for (serial, revoked_at) in &certs {
+        if *serial == a1 {
+            assert!(revoked_at.as_str().unwrap().ends_with('Z'), "{body}");
+        } else {
+            assert_eq!(*serial, a2);
+            assert_eq!(*revoked_at, Json::Null, "{body}");
+        }
+    }
+
+    // A serial of another device, an unknown device, a bad serial, a body with no JSON type.
+    let (status, body) = s
+        .post("/api/v1/devices/dev-a/revoke", json!({"serial": b1}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body).0, "certificate_not_found");
+    let (status, body) = s.post_empty("/api/v1/devices/ghost/revoke").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body).0, "device_not_found");
+    let (status, body) = s
+        .post("/api/v1/devices/dev-a/revoke", json!({"serial": "xyz"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body).0, "invalid_body");
+    let (status, body) = s
+        .post("/api/v1/devices/dev-a/revoke", json!({"serials": [a2]}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body).0, "invalid_body");
+    let (status, body) = send(
+        s.req(Method::POST, "/api/v1/devices/dev-a/revoke")
+            .body(format!("{{\"serial\": \"{a2}\"}}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(error_code(&body).0, "unsupported_media_type");
+
+    // No body: every certificate still valid. The device then has no current certificate.
+    let (status, body) = s.post_empty("/api/v1/devices/dev-a/revoke").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"], json!([a2]));
+    assert_eq!(body["device"]["cert_serial"], Json::Null);
+    assert_eq!(body["device"]["cert_not_after"], Json::Null);
+    let (_, body) = s.get("/api/v1/devices/dev-a").await;
+    assert!(
+        certificates(&body).iter().all(|(_, at)| at.is_string()),
+        "{body}"
+    );
+    // Again, with `{}`: nothing left to revoke.
+    let (status, body) = s.post("/api/v1/devices/dev-a/revoke", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"], json!([]));
+    // And with the JSON content type but an empty body.
+    let (status, body) = send(
+        s.req(Method::POST, "/api/v1/devices/dev-a/revoke")
+            .header("content-type", "application/json"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"], json!([]));
+    // A device without a current certificate is not "expiring".
+    let (_, body) = s.get("/api/v1/devices?expiring_within=400d").await;
+    assert_eq!(ids(&body), ["dev-b"]);
+
+    let (number, listed) = crl(&s).await;
+    assert_eq!(listed, sorted(vec![a1.clone(), a2.clone()]));
+    assert_ne!(number, number_before);
+
+    // Disable and enable.
+    let (status, body) = s.post_empty("/api/v1/devices/dev-b/disable").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], "dev-b");
+    assert_eq!(body["status"], "disabled");
+    let (_, body) = s.get("/api/v1/devices/dev-b").await;
+    assert_eq!(body["status"], "disabled");
+    // A disabled device's certificate is not revoked.
+    assert_eq!(body["cert_serial"], b1.as_str());
+    let (status, body) = s.post_empty("/api/v1/devices/dev-b/enable").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "enabled");
+    let (_, body) = s.get("/api/v1/devices/dev-b").await;
+    assert_eq!(body["status"], "enabled");
+    for action in ["disable", "enable"] {
+        let (status, body) = s
+            .post_empty(&format!("/api/v1/devices/ghost/{action}"))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}");
+        assert_eq!(error_code(&body).0, "device_not_found", "{action}");
+    }
+
+    // Delete: gone, but its certificate stays on the CRL.
+    let resp = s
+        .req(Method::DELETE, "/api/v1/devices/dev-b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(resp.bytes().await.unwrap().is_empty());
+    let (status, body) = s.get("/api/v1/devices/dev-b").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body).0, "device_not_found");
+    let (status, body) = send(s.req(Method::DELETE, "/api/v1/devices/dev-b")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body).0, "device_not_found");
+    let (status, body) = s.post_empty("/api/v1/devices/dev-b/revoke").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body).0, "device_not_found");
+    let (_, body) = s.get("/api/v1/devices").await;
+    assert_eq!(ids(&body), ["dev-a"]);
+
+    let (_, listed) = crl(&s).await;
+    assert_eq!(listed, sorted(vec![a1, a2, b1]));
+
+    // The CRL is behind the token like everything else.
+    let resp = s
+        .client
+        .get(format!("{}/api/v1/pki/crl.pem", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn audit_lists_entries_newest_first_by_device_and_in_pages() {
+    let s = Server::start().await;
+    let t0: i64 = 1_732_780_800_000; // 2024-11-28T08:00:00Z
+    let entry = |n: i64, device: Option<&str>, decision, reason: &str| AuditEntry {
+        id: 0,
+        at_ms: t0 + n,
+        peer: format!("192.0.2.1:{}", 40_000 + n),
+        device: device.map(id),
+        serial: device.map(|_| "4a0b".to_owned()),
+        decision,
+        reason: reason.into(),
+    };
+    s.registry
+        .record_audit(&[
+            entry(0, None, AuditDecision::Refused, "TLS handshake refused"),
+            entry(1, Some("dev-a"), AuditDecision::Accepted, "connected"),
+            entry(2, Some("ghost"), AuditDecision::Refused, "not registered"),
+            entry(
+                3,
+                Some("dev-a"),
+                AuditDecision::Closed,
+                "certificate revoked",
+            ),
+        ])
+        .unwrap();
+
+    let (status, body) = s.get("/api/v1/audit").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let entries = body["entries"].as_array().unwrap();
+    let reasons: Vec<_> = entries
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "certificate revoked",
+            "not registered",
+            "connected",
+            "TLS handshake refused"
+        ]
+    );
+    assert_eq!(body["next"], Json::Null);
+    let newest = &entries[0];
+    assert!(newest["id"].is_i64());
+    assert_eq!(
+        *newest,
+        json!({
+            "id": newest["id"],
+            "at": "2024-11-28T08:00:00.003Z",
+            "at_ms": t0 + 3,
+            "peer": "192.0.2.1:40003",
+            "device": "dev-a",
+            "serial": "4a0b",
+            "decision": "closed",
+            "reason": "certificate revoked",
+        })
+    );
+    assert_eq!(entries[3]["device"], Json::Null);
+    assert_eq!(entries[3]["serial"], Json::Null);
+    assert_eq!(entries[3]["decision"], "refused");
+    assert_eq!(entries[2]["decision"], "accepted");
+
+    // One device.
+    let (status, body) = s.get("/api/v1/audit?device=dev-a").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let decisions: Vec<_> = body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["closed", "accepted"]);
+    // A device that was never registered has its entries too.
+    let (_, body) = s.get("/api/v1/audit?device=ghost").await;
+    assert_eq!(body["entries"].as_array().unwrap().len(), 1);
+
+    // Pages of three: next is the `before` of the following page.
+    let (_, page) = s.get("/api/v1/audit?limit=3").await;
+    assert_eq!(page["entries"].as_array().unwrap().len(), 3);
+    let before = page["next"].as_i64().unwrap();
+    assert_eq!(Some(before), page["entries"][2]["id"].as_i64());
+    let (_, page) = s
+        .get(&format!("/api/v1/audit?limit=3&before={before}"))
+        .await;
+    assert_eq!(page["entries"][0]["reason"], "TLS handshake refused");
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next"], Json::Null);
+
+    for (query, code) in [
+        ("limit=0", "invalid_query"),
+        ("before=latest", "invalid_query"),
+        ("colour=red", "invalid_query"),
+        ("device=bad%2Fid", "invalid_device_id"),
+    ] {
+        let (status, body) = s.get(&format!("/api/v1/audit?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(error_code(&body).0, code, "{query}");
+    }
     s.stop().await;
 }

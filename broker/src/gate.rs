@@ -15,8 +15,10 @@
 //! inside another frame. The gate acknowledges every device publish itself, in the order the
 //! publishes arrived, each once its message is safe (see [`connection`]).
 
+pub mod audit;
 mod connection;
 mod frames;
+pub mod sessions;
 
 use std::{
     sync::{
@@ -26,13 +28,17 @@ use std::{
     time::Duration,
 };
 
-use tellus_core::{IngestSender, Registry};
+use tellus_core::{Change, IngestSender, Registry};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use self::{audit::AuditLog, sessions::Sessions};
 use crate::routing::RoutingCore;
+
+/// How often the gate reads the registry's changes (revocations, disables, deletions).
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Limits of the gate.
 #[derive(Debug, Clone)]
@@ -77,6 +83,11 @@ pub struct GateStats {
     pub connect_timeout: AtomicU64,
     pub refused_unknown_device: AtomicU64,
     pub refused_client_id: AtomicU64,
+    pub audit_dropped: AtomicU64,
+    pub closed_by_registry: AtomicU64,
+    pub taken_over: AtomicU64,
+    pub refused_disabled: AtomicU64,
+    pub refused_revoked: AtomicU64,
     pub refused_unavailable: AtomicU64,
     pub refused_certificate: AtomicU64,
     pub refused_protocol: AtomicU64,
@@ -97,6 +108,11 @@ pub struct GateStatsSnapshot {
     pub connect_timeout: u64,
     pub refused_unknown_device: u64,
     pub refused_client_id: u64,
+    pub audit_dropped: u64,
+    pub closed_by_registry: u64,
+    pub taken_over: u64,
+    pub refused_disabled: u64,
+    pub refused_revoked: u64,
     pub refused_unavailable: u64,
     pub refused_certificate: u64,
     pub refused_protocol: u64,
@@ -118,6 +134,11 @@ impl GateStats {
             connect_timeout: get(&self.connect_timeout),
             refused_unknown_device: get(&self.refused_unknown_device),
             refused_client_id: get(&self.refused_client_id),
+            audit_dropped: get(&self.audit_dropped),
+            closed_by_registry: get(&self.closed_by_registry),
+            taken_over: get(&self.taken_over),
+            refused_disabled: get(&self.refused_disabled),
+            refused_revoked: get(&self.refused_revoked),
             refused_unavailable: get(&self.refused_unavailable),
             refused_certificate: get(&self.refused_certificate),
             refused_protocol: get(&self.refused_protocol),
@@ -141,6 +162,8 @@ pub struct Gate {
     pub routing: RoutingCore,
     pub config: GateConfig,
     pub stats: Arc<GateStats>,
+    pub sessions: Arc<Sessions>,
+    pub audit: AuditLog,
 }
 
 /// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every
@@ -151,6 +174,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
     let gate = Arc::new(gate);
     let slots = Arc::new(Semaphore::new(gate.config.max_connections.max(1)));
     let tasks = TaskTracker::new();
+    tasks.spawn(watch_registry(gate.clone(), shutdown.clone()));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -186,4 +210,50 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
         "gate stopped accepting; closing connections"
     );
     tasks.wait().await;
+}
+
+/// Closes the sessions that the registry's changes no longer allow, polling every
+/// [`WATCH_INTERVAL`]. Reading changes rather than being called by the API means a change
+/// made anywhere (the API, the CLI, another node on a shared registry) reaches this gate.
+async fn watch_registry(gate: Arc<Gate>, shutdown: CancellationToken) {
+    let registry = gate.registry.clone();
+    let mut last = match tokio::task::spawn_blocking(move || registry.last_change()).await {
+        Ok(Ok(seq)) => seq,
+        _ => {
+            warn!("cannot read the registry's change log; revocations reach live connections only at their next connect");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let registry = gate.registry.clone();
+        let changes = match tokio::task::spawn_blocking(move || registry.changes(last, 1_000)).await
+        {
+            Ok(Ok(changes)) => changes,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading the registry's change log failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        for (seq, change) in changes {
+            last = seq;
+            let closed = match &change {
+                Change::Revoked { device, serial } => {
+                    gate.sessions
+                        .close_serial(device, serial, "certificate revoked")
+                }
+                Change::Disabled { device } => gate.sessions.close(device, "device disabled"),
+                Change::Deleted { device } => gate.sessions.close(device, "device deleted"),
+            };
+            if closed {
+                bump(&gate.stats.closed_by_registry);
+            }
+            debug!(?change, closed, "registry change");
+        }
+    }
 }

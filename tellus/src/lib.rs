@@ -6,4 +6,5 @@
 //!   the gate and the HTTP API, and shuts them down in order when told to.
 
 pub mod config;
+pub mod devices;
 pub mod server;

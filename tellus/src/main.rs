@@ -6,9 +6,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tellus::{
     config::{Config, LogFormat, DEFAULT_TOML},
-    server::{self, DataDir, Fleet},
+    devices, server,
 };
-use tellus_broker::pki::write_atomic;
+use tellus_core::DeviceStatus;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -48,7 +48,8 @@ enum Command {
     },
     /// Print the default configuration, with comments.
     Config,
-    /// Manage devices directly in the data directory.
+    /// Manage devices directly in the data directory (a running server sees the change
+    /// within a second).
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
@@ -64,6 +65,33 @@ enum DeviceCommand {
         /// Where to write <id>.crt, <id>.key and ca.crt.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke one certificate of a device, or all of them; its connection is closed.
+    Revoke {
+        id: String,
+        /// The certificate's serial number in hex [default: every certificate of the device].
+        #[arg(long)]
+        serial: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Refuse a device at the gate (closing its connection) until it is enabled again.
+    Disable {
+        id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Admit a disabled device again.
+    Enable {
+        id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove a device; its certificates stay revoked on the CRL.
+    Delete {
+        id: String,
         #[command(flatten)]
         common: Common,
     },
@@ -122,43 +150,26 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(server::run(config, shutdown_signal()))
         }
-        Command::Device {
-            command: DeviceCommand::Create { id, out, common },
-        } => {
-            let config = common.load()?;
-            create_device(&config, &id, &out)
+        Command::Device { command } => {
+            let line = match command {
+                DeviceCommand::Create { id, out, common } => {
+                    devices::create(&common.load()?, &id, &out)?
+                }
+                DeviceCommand::Revoke { id, serial, common } => {
+                    devices::revoke(&common.load()?, &id, serial.as_deref())?
+                }
+                DeviceCommand::Disable { id, common } => {
+                    devices::set_status(&common.load()?, &id, DeviceStatus::Disabled)?
+                }
+                DeviceCommand::Enable { id, common } => {
+                    devices::set_status(&common.load()?, &id, DeviceStatus::Enabled)?
+                }
+                DeviceCommand::Delete { id, common } => devices::delete(&common.load()?, &id)?,
+            };
+            println!("{line}");
+            Ok(())
         }
     }
-}
-
-fn create_device(config: &Config, id: &str, out: &std::path::Path) -> anyhow::Result<()> {
-    let fleet = Fleet::open(
-        &DataDir {
-            root: config.data_dir.clone(),
-        },
-        config,
-    )?;
-    let created =
-        tellus_broker::provision::create_device(&fleet.pki, fleet.registry.as_ref(), id, None)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let id = created.device.id.as_str();
-    let write = |name: String, contents: &str, mode: u32| {
-        let path = out.join(name);
-        write_atomic(&path, contents.as_bytes(), mode)
-            .with_context(|| format!("writing {}", path.display()))
-    };
-    write(format!("{id}.crt"), &created.cert.cert_pem, 0o644)?;
-    if let Some(key) = &created.cert.key_pem {
-        write(format!("{id}.key"), key, 0o600)?;
-    }
-    write("ca.crt".into(), fleet.pki.ca_pem(), 0o644)?;
-    println!(
-        "Device {id} registered; certificate serial {}, valid until {} ms. Files in {}",
-        created.cert.serial_hex,
-        created.cert.not_after_ms,
-        out.display()
-    );
-    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

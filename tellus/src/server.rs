@@ -19,7 +19,7 @@ use anyhow::Context;
 use rand::RngCore;
 use tellus_api::AppState;
 use tellus_broker::{
-    gate::{self, Gate},
+    gate::{self, audit::AuditLog, sessions::Sessions, Gate},
     pki::{write_atomic, Pki},
     routing::{self, RoutingConfig},
 };
@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+
+/// Audit entries that may wait for the registry; past this they are shed and counted.
+const AUDIT_QUEUE: usize = 10_000;
 
 /// The files of a data directory.
 pub struct DataDir {
@@ -131,6 +134,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let stop = CancellationToken::new();
     let gate_stats = Arc::new(gate::GateStats::default());
+    let (audit, audit_writer) =
+        AuditLog::spawn(fleet.registry.clone(), AUDIT_QUEUE, gate_stats.clone())
+            .context("starting the audit writer")?;
     let gate = Gate {
         tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
         registry: fleet.registry.clone(),
@@ -138,6 +144,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         routing,
         config: config.gate(),
         stats: gate_stats.clone(),
+        sessions: Arc::new(Sessions::default()),
+        audit,
     };
     let gate_task = tokio::spawn(gate::run(mqtt, gate, stop.clone()));
     let state = AppState {
@@ -163,6 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let drained = tokio::time::timeout_at(deadline, async {
         let _ = gate_task.await;
         ingest.finished().await;
+        audit_writer.finished().await;
     })
     .await;
     api_stop.cancel();

@@ -1,8 +1,14 @@
-//! Devices: register one (`POST /devices`), list them, get one.
+//! Devices: register one (`POST /devices`), list them (optionally only those whose certificate
+//! expires soon), get one with its certificates, and the life cycle: revoke certificates,
+//! disable and enable, delete.
 //!
 //! Registration goes through `tellus_broker::provision::create_device`, the same code the CLI
 //! uses. Without a `csr_pem` Tellus generates the key pair and returns the private key once
 //! (it keeps no copy); with one it signs the device's own key and the answer has no `key_pem`.
+//!
+//! The life-cycle endpoints only write the registry. The gate enforces them: it polls the
+//! registry's changes and closes an affected live connection within a second, and refuses
+//! a revoked certificate, a disabled or a deleted device at the next connect.
 
 use axum::{
     extract::State,
@@ -10,9 +16,13 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tellus_broker::provision::{self, Provisioned};
-use tellus_core::{DeviceId, DeviceRecord};
+use tellus_core::{
+    now_ms, CertificateRecord, DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, TimestampMs,
+};
 
 use super::{blocking, page_limit, split_page};
 use crate::{extract, timestamps::rfc3339, ApiError, AppState};
@@ -39,13 +49,17 @@ pub struct CreatedDevice {
     pub cert_not_after: String,
 }
 
-/// A device as lists and lookups show it.
+/// A device as lists and lookups show it. `cert_serial` and `cert_not_after` describe its
+/// current certificate (of those not revoked, the one valid longest); both are `null` when
+/// every certificate of the device is revoked.
 #[derive(Debug, Serialize)]
 pub struct DeviceView {
     pub id: DeviceId,
     pub created_at: String,
-    pub cert_serial: String,
-    pub cert_not_after: String,
+    pub status: DeviceStatus,
+    pub tags: BTreeMap<String, String>,
+    pub cert_serial: Option<String>,
+    pub cert_not_after: Option<String>,
 }
 
 impl TryFrom<DeviceRecord> for DeviceView {
@@ -53,11 +67,42 @@ impl TryFrom<DeviceRecord> for DeviceView {
     fn try_from(d: DeviceRecord) -> Result<Self, ApiError> {
         Ok(DeviceView {
             created_at: rfc3339(d.created_at_ms)?,
-            cert_not_after: rfc3339(d.cert_not_after_ms)?,
+            cert_not_after: d.cert_not_after_ms.map(rfc3339).transpose()?,
             id: d.id,
+            status: d.status,
+            tags: d.tags,
             cert_serial: d.cert_serial,
         })
     }
+}
+
+/// One certificate of a device; `revoked_at` is `null` while it is not revoked.
+#[derive(Debug, Serialize)]
+pub struct CertificateView {
+    pub serial: String,
+    pub issued_at: String,
+    pub not_after: String,
+    pub revoked_at: Option<String>,
+}
+
+impl TryFrom<CertificateRecord> for CertificateView {
+    type Error = ApiError;
+    fn try_from(c: CertificateRecord) -> Result<Self, ApiError> {
+        Ok(CertificateView {
+            issued_at: rfc3339(c.issued_at_ms)?,
+            not_after: rfc3339(c.not_after_ms)?,
+            revoked_at: c.revoked_at_ms.map(rfc3339).transpose()?,
+            serial: c.serial,
+        })
+    }
+}
+
+/// One device with every certificate it was issued, newest first.
+#[derive(Debug, Serialize)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub device: DeviceView,
+    pub certificates: Vec<CertificateView>,
 }
 
 /// `POST /api/v1/devices`: 201 with the certificate (and key), 409 if the id is taken.
@@ -94,6 +139,9 @@ pub struct ListQuery {
     pub limit: Option<usize>,
     /// The `next` of the previous page: list devices whose id sorts after this one.
     pub after: Option<String>,
+    /// Only devices whose current certificate ends before now + this (`30d`, `12h`,
+    /// `90days`; see `humantime`). Devices with no current certificate are left out.
+    pub expiring_within: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,15 +150,27 @@ pub struct DeviceList {
     pub next: Option<DeviceId>,
 }
 
-/// `GET /api/v1/devices?limit=&after=`: devices in id order.
+/// `GET /api/v1/devices?limit=&after=&expiring_within=`: devices in id order.
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<DeviceList>, ApiError> {
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = q.after.as_deref().map(DeviceId::parse).transpose()?;
+    let expiring_before = q
+        .expiring_within
+        .as_deref()
+        .map(|within| expiring_before(now_ms(), within))
+        .transpose()?;
     let registry = state.registry.clone();
-    let rows = blocking(move || registry.devices(after.as_ref(), limit + 1)).await?;
+    let rows = blocking(move || {
+        registry.devices(&DeviceQuery {
+            after: after.as_ref(),
+            limit: limit + 1,
+            expiring_before,
+        })
+    })
+    .await?;
     let (page, more) = split_page(rows, limit);
     let next = if more {
         page.last().map(|d| d.id.clone())
@@ -124,22 +184,181 @@ pub async fn list(
     Ok(Json(DeviceList { devices, next }))
 }
 
-/// `GET /api/v1/devices/{id}`: one device, or 404 `device_not_found`.
+/// `now` + the humantime duration `within`, in ms (saturating: a huge span lists every device
+/// with a certificate).
+fn expiring_before(now: TimestampMs, within: &str) -> Result<TimestampMs, ApiError> {
+    let span = humantime::parse_duration(within).map_err(|e| {
+        ApiError::InvalidQuery(format!(
+            "expiring_within: expected a duration such as 30d or 12h, found {within:?} ({e})"
+        ))
+    })?;
+    let span = TimestampMs::try_from(span.as_millis()).unwrap_or(TimestampMs::MAX);
+    Ok(now.saturating_add(span))
+}
+
+/// `GET /api/v1/devices/{id}`: one device with its certificates, or 404 `device_not_found`.
 pub async fn get_one(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
+) -> Result<Json<DeviceDetail>, ApiError> {
+    let id = DeviceId::parse(&id)?;
+    let registry = state.registry.clone();
+    let (record, certificates) = blocking(move || {
+        let Some(record) = registry.device(&id)? else {
+            return Err(ApiError::DeviceNotFound(id));
+        };
+        let certificates = registry.certificates(&id)?;
+        Ok((record, certificates))
+    })
+    .await?;
+    Ok(Json(DeviceDetail {
+        device: record.try_into()?,
+        certificates: certificates
+            .into_iter()
+            .map(CertificateView::try_from)
+            .collect::<Result<_, _>>()?,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    /// The certificate to revoke, in hex (any case, colons allowed); absent: all of them.
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevokeAnswer {
+    pub device: DeviceView,
+    /// The serials this request revoked (not those revoked before).
+    pub revoked: Vec<String>,
+}
+
+/// `POST /api/v1/devices/{id}/revoke` with `{"serial": "<hex>"}`, or no body (or `{}`) to
+/// revoke every certificate of the device. 404 `device_not_found`, or
+/// `certificate_not_found` if the serial is not one of this device's. Only the registry is
+/// written: the gate reads the registry's changes and closes a connection that used a revoked
+/// certificate, and the CRL lists it.
+pub async fn revoke(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+    extract::OptionalJson(body): extract::OptionalJson<RevokeBody>,
+) -> Result<Json<RevokeAnswer>, ApiError> {
+    let id = DeviceId::parse(&id)?;
+    let serial = body
+        .unwrap_or_default()
+        .serial
+        .map(|s| normalize_serial(&s))
+        .transpose()?;
+    let registry = state.registry.clone();
+    let (record, revoked) = blocking(move || {
+        let Some(revoked) = registry.revoke(&id, serial.as_deref(), now_ms())? else {
+            return Err(ApiError::DeviceNotFound(id));
+        };
+        match registry.device(&id)? {
+            Some(record) => Ok((record, revoked)),
+            // Deleted in the meantime.
+            None => Err(ApiError::DeviceNotFound(id)),
+        }
+    })
+    .await?;
+    Ok(Json(RevokeAnswer {
+        device: record.try_into()?,
+        revoked,
+    }))
+}
+
+/// A serial number as the registry writes it: lower-case hex without separators.
+fn normalize_serial(serial: &str) -> Result<String, ApiError> {
+    let hex = serial.trim().replace(':', "").to_ascii_lowercase();
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::InvalidBody(format!(
+            "serial: expected the certificate's serial number in hex, found {serial:?}"
+        )));
+    }
+    Ok(hex)
+}
+
+/// `POST /api/v1/devices/{id}/disable`: the gate refuses the device (and closes its
+/// connection) until it is enabled again; its certificates stay valid.
+pub async fn disable(
+    state: State<AppState>,
+    id: extract::Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    set_status(state, id, DeviceStatus::Disabled).await
+}
+
+/// `POST /api/v1/devices/{id}/enable`.
+pub async fn enable(
+    state: State<AppState>,
+    id: extract::Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    set_status(state, id, DeviceStatus::Enabled).await
+}
+
+async fn set_status(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+    status: DeviceStatus,
 ) -> Result<Json<DeviceView>, ApiError> {
     let id = DeviceId::parse(&id)?;
-    let record = find(&state, id).await?;
+    let registry = state.registry.clone();
+    let record = blocking(move || match registry.set_status(&id, status, now_ms())? {
+        Some(record) => Ok(record),
+        None => Err(ApiError::DeviceNotFound(id)),
+    })
+    .await?;
     Ok(Json(record.try_into()?))
 }
 
-/// The registered device `id`, or [`ApiError::DeviceNotFound`].
-pub(crate) async fn find(state: &AppState, id: DeviceId) -> Result<DeviceRecord, ApiError> {
+/// `DELETE /api/v1/devices/{id}`: 204. Its certificates stay on record, revoked, so the CRL
+/// keeps listing them until they expire; its telemetry stays in the store.
+pub async fn delete(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = DeviceId::parse(&id)?;
     let registry = state.registry.clone();
-    blocking(move || match registry.device(&id)? {
-        Some(d) => Ok(d),
-        None => Err(ApiError::DeviceNotFound(id)),
+    blocking(move || {
+        if registry.delete_device(&id, now_ms())? {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::DeviceNotFound(id))
+        }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiring_within_takes_humantime_durations() {
+        assert_eq!(
+            expiring_before(1_000, "30d").unwrap(),
+            1_000 + 30 * 86_400_000
+        );
+        assert_eq!(expiring_before(0, "12h").unwrap(), 12 * 3_600_000);
+        assert_eq!(expiring_before(0, "90days").unwrap(), 90 * 86_400_000);
+        assert_eq!(expiring_before(5, "1000000000years").unwrap(), i64::MAX);
+        for bad in ["", "soon", "30", "-1d"] {
+            assert!(
+                matches!(expiring_before(0, bad), Err(ApiError::InvalidQuery(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn serials_are_normalized_to_lower_case_hex() {
+        assert_eq!(normalize_serial("0A:bC:12").unwrap(), "0abc12");
+        assert_eq!(normalize_serial(" ff ").unwrap(), "ff");
+        for bad in ["", ":", "xyz", "0a 0b"] {
+            assert!(
+                matches!(normalize_serial(bad), Err(ApiError::InvalidBody(_))),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -2,15 +2,18 @@
 //!
 //! | route | module |
 //! |---|---|
-//! | `POST /devices`, `GET /devices`, `GET /devices/{id}` | [`devices`] |
+//! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] |
+//! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] |
 //! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] |
 //! | `GET /deadletters`, `GET /deadletters/{id}` | [`deadletters`] |
+//! | `GET /pki/crl.pem` | [`pki`] |
+//! | `GET /audit` | [`audit`] |
 //! | `GET /stats` | [`stats`] |
 //!
-//! Store and registry calls block (SQLite, key generation), so handlers run them through
-//! [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for `limit` (too
-//! large a limit is lowered to the maximum, 0 is refused), and pass the answer's `next` back
-//! to get the following page; `next` is `null` on the last page.
+//! Store, registry and PKI calls block (SQLite, key generation, CRL signing), so handlers run
+//! them through [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for
+//! `limit` (too large a limit is lowered to the maximum, 0 is refused), and pass the answer's
+//! `next` back to get the following page; `next` is `null` on the last page.
 
 use axum::{
     http::{Method, Uri},
@@ -20,8 +23,10 @@ use axum::{
 
 use crate::{ApiError, AppState};
 
+pub mod audit;
 pub mod deadletters;
 pub mod devices;
+pub mod pki;
 pub mod stats;
 pub mod telemetry;
 
@@ -29,11 +34,19 @@ pub mod telemetry;
 pub fn v1() -> Router<AppState> {
     Router::new()
         .route("/devices", post(devices::create).get(devices::list))
-        .route("/devices/{id}", get(devices::get_one))
+        .route(
+            "/devices/{id}",
+            get(devices::get_one).delete(devices::delete),
+        )
+        .route("/devices/{id}/revoke", post(devices::revoke))
+        .route("/devices/{id}/disable", post(devices::disable))
+        .route("/devices/{id}/enable", post(devices::enable))
         .route("/devices/{id}/telemetry", get(telemetry::range))
         .route("/devices/{id}/latest", get(telemetry::latest))
         .route("/deadletters", get(deadletters::list))
         .route("/deadletters/{id}", get(deadletters::get_one))
+        .route("/pki/crl.pem", get(pki::crl))
+        .route("/audit", get(audit::list))
         .route("/stats", get(stats::get))
 }
 

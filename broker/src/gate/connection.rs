@@ -13,6 +13,7 @@
 //! topic another device publishes, so a retained device message could only cost memory.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     net::SocketAddr,
     sync::{
@@ -36,7 +37,7 @@ use rumqttc::mqttbytes::{
     },
     Protocol, QoS,
 };
-use tellus_core::{now_ms, topic, DeviceId, IngestError};
+use tellus_core::{now_ms, topic, AuditDecision, AuditEntry, DeviceId, DeviceStatus, IngestError};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     net::{
@@ -53,6 +54,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::{
     bump,
     frames::{encode, packet_type, FrameError, FrameReader, PINGRESP, PUBACK},
+    sessions::Membership,
     Gate,
 };
 use crate::pki::peer_identity;
@@ -101,38 +103,54 @@ pub async fn serve(gate: &Gate, tcp: TcpStream, peer: SocketAddr, shutdown: Canc
         _ = shutdown.cancelled() => return,
         hs = timeout(gate.config.handshake_timeout, gate.tls.accept(tcp)) => hs,
     };
+    let refused = |counter: &AtomicU64, why: String| {
+        bump(counter);
+        info!(%peer, reason = %why, "connection refused");
+        gate.audit.record(AuditEntry {
+            id: 0,
+            at_ms: now_ms(),
+            peer: peer.to_string(),
+            device: None,
+            serial: None,
+            decision: AuditDecision::Refused,
+            reason: why,
+        });
+    };
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            bump(&gate.stats.handshake_failed);
-            info!(%peer, error = %e, "TLS handshake refused");
-            return;
+            return refused(
+                &gate.stats.handshake_failed,
+                format!("TLS handshake refused: {e}"),
+            );
         }
         Err(_) => {
-            bump(&gate.stats.handshake_timeout);
-            info!(%peer, timeout = ?gate.config.handshake_timeout, "TLS handshake timed out");
-            return;
+            let why = format!(
+                "TLS handshake took longer than {:?}",
+                gate.config.handshake_timeout
+            );
+            return refused(&gate.stats.handshake_timeout, why);
         }
     };
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         Some(cert) => peer_identity(cert),
-        None => {
-            bump(&gate.stats.handshake_failed);
-            info!(%peer, "no client certificate");
-            return;
-        }
+        None => return refused(&gate.stats.handshake_failed, "no client certificate".into()),
     };
     let identity = match identity {
         Ok(id) => id,
         Err(e) => {
-            bump(&gate.stats.handshake_failed);
-            info!(%peer, error = %e, "client certificate names no device");
-            return;
+            let why = format!("client certificate names no device: {e}");
+            return refused(&gate.stats.handshake_failed, why);
         }
     };
     let span = info_span!("device", device_id = %identity.device, %peer);
+    let peer = Peer {
+        addr: peer,
+        device: identity.device,
+        serial: identity.serial_hex,
+    };
     gate.stats.active.fetch_add(1, Ordering::Relaxed);
-    Session::start(gate, identity.device, identity.serial_hex, tls, shutdown)
+    Session::start(gate, peer, tls, shutdown)
         .instrument(span)
         .await;
     gate.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -159,6 +177,8 @@ enum End {
     WriterStopped,
     #[error("server shutting down")]
     Shutdown,
+    #[error("closed by the gate: {0}")]
+    ClosedByGate(String),
 }
 
 struct Session<'g> {
@@ -176,8 +196,7 @@ struct Session<'g> {
 impl<'g> Session<'g> {
     async fn start(
         gate: &'g Gate,
-        device: DeviceId,
-        serial: String,
+        peer: Peer,
         tls: TlsStream<TcpStream>,
         shutdown: CancellationToken,
     ) {
@@ -192,46 +211,66 @@ impl<'g> Session<'g> {
             Ok(Ok(Packet::Connect(c))) => c,
             Ok(Ok(other)) => {
                 bump(&gate.stats.protocol_errors);
-                info!(packet = packet_name(&other), "first packet is not CONNECT");
+                let why = format!("first packet is {}, not CONNECT", packet_name(&other));
+                info!(reason = %why, "connection refused");
+                gate.audit(&peer, AuditDecision::Refused, why);
                 return;
             }
             Ok(Err(FrameError::Malformed(
                 mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_),
             ))) => {
-                refuse(
-                    gate,
-                    &mut wr,
+                let counter = &gate.stats.refused_protocol;
+                let refusal = Refusal::new(
                     ConnectReturnCode::RefusedProtocolVersion,
-                    &gate.stats.refused_protocol,
+                    counter,
                     "only MQTT 3.1.1 is accepted",
-                )
-                .await;
+                );
+                refuse(gate, &peer, &mut wr, refusal).await;
                 return;
             }
             Ok(Err(e)) => {
                 bump(&gate.stats.protocol_errors);
-                info!(error = %e, "could not read CONNECT");
+                let why = format!("could not read CONNECT: {e}");
+                info!(reason = %why, "connection refused");
+                gate.audit(&peer, AuditDecision::Refused, why);
                 return;
             }
             Err(_) => {
                 bump(&gate.stats.connect_timeout);
-                info!(timeout = ?gate.config.connect_timeout, "no CONNECT in time");
+                let why = format!("no CONNECT within {:?}", gate.config.connect_timeout);
+                info!(reason = %why, "connection refused");
+                gate.audit(&peer, AuditDecision::Refused, why);
                 return;
             }
         };
-        let Some(connect) = admit(gate, &device, &serial, connect, &mut wr).await else {
-            return;
+        let connect = match check_connect(gate, &peer, connect) {
+            Ok(c) => c,
+            Err(refusal) => return refuse(gate, &peer, &mut wr, refusal).await,
         };
+        if let Err(refusal) = verify(gate, &peer).await {
+            return refuse(gate, &peer, &mut wr, refusal).await;
+        }
+        // Take the device's place first, then look again: a revocation that the registry
+        // watcher handled before this session was registered is caught here, and one after
+        // the second look reaches this session through the watcher.
+        let (mut membership, took_over) = gate.sessions.open(&peer.device, &peer.serial);
+        if took_over {
+            bump(&gate.stats.taken_over);
+        }
+        if let Err(refusal) = verify(gate, &peer).await {
+            return refuse(gate, &peer, &mut wr, refusal).await;
+        }
         let keep_alive = connect.keep_alive;
         let link = tokio::select! {
             _ = shutdown.cancelled() => return,
-            link = link_upstream(gate, connect, &mut wr) => link,
+            link = link_upstream(gate, &peer, connect, &mut wr) => link,
         };
         let Some((upstream, upstream_reader)) = link else {
             return;
         };
         bump(&gate.stats.connected);
         info!(keep_alive, "device connected");
+        gate.audit(&peer, AuditDecision::Accepted, "connected");
 
         let window = gate.config.max_inflight.max(1);
         let (frames, frames_rx) = mpsc::channel(FRAME_QUEUE);
@@ -249,18 +288,21 @@ impl<'g> Session<'g> {
 
         let mut session = Session {
             gate,
-            device,
+            device: peer.device.clone(),
             reader,
             upstream,
             upstream_acks,
             acks,
             qos2: HashMap::new(),
         };
-        let (end, writer_done) = session.run(keep_alive, &shutdown, &mut writer).await;
+        let (end, writer_done) = session
+            .run(keep_alive, &shutdown, &mut writer, &mut membership)
+            .await;
         match &end {
             End::AclDenied(_) | End::Protocol(_) => warn!(reason = %end, "connection closed"),
             _ => info!(reason = %end, "device disconnected"),
         }
+        gate.audit(&peer, AuditDecision::Closed, end.to_string());
         // Without a DISCONNECT from the device, closing the link makes the routing core
         // publish the device's will, as MQTT requires.
         let Session {
@@ -292,6 +334,7 @@ impl<'g> Session<'g> {
         keep_alive: u16,
         shutdown: &CancellationToken,
         writer: &mut tokio::task::JoinHandle<()>,
+        membership: &mut Membership<'_>,
     ) -> (End, bool) {
         // MQTT: the server closes a connection silent for one and a half keep-alives.
         let grace = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
@@ -302,6 +345,7 @@ impl<'g> Session<'g> {
         loop {
             let step = tokio::select! {
                 _ = shutdown.cancelled() => Err(End::Shutdown),
+                reason = membership.closed() => Err(End::ClosedByGate(reason)),
                 _ = sleep_until(deadline) => Err(End::KeepAliveExpired),
                 _ = &mut *writer => return (End::WriterStopped, true),
                 _ = ping.tick() => self.send_upstream(&Packet::PingReq).await,
@@ -458,105 +502,169 @@ impl<'g> Session<'g> {
     }
 }
 
-/// Answers CONNECT with a refusal, counted in `counter` and logged with `why`.
-async fn refuse(
-    gate: &Gate,
-    wr: &mut DeviceWriter,
+/// The certificate a connection presented: who the gate is talking to.
+struct Peer {
+    addr: SocketAddr,
+    device: DeviceId,
+    serial: String,
+}
+
+impl Gate {
+    fn audit(&self, peer: &Peer, decision: AuditDecision, reason: impl Into<String>) {
+        self.audit.record(AuditEntry {
+            id: 0,
+            at_ms: now_ms(),
+            peer: peer.addr.to_string(),
+            device: Some(peer.device.clone()),
+            serial: Some(peer.serial.clone()),
+            decision,
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Why a CONNECT is refused: the CONNACK code, the counter, and the reason logged and
+/// audited.
+struct Refusal<'g> {
     code: ConnectReturnCode,
-    counter: &AtomicU64,
-    why: &str,
-) {
-    bump(counter);
-    info!(code = ?code, reason = why, "connection refused");
+    counter: &'g AtomicU64,
+    why: Cow<'static, str>,
+}
+
+impl<'g> Refusal<'g> {
+    fn new(
+        code: ConnectReturnCode,
+        counter: &'g AtomicU64,
+        why: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Refusal {
+            code,
+            counter,
+            why: why.into(),
+        }
+    }
+}
+
+/// Answers CONNECT with a refusal: counted, logged, audited.
+async fn refuse(gate: &Gate, peer: &Peer, wr: &mut DeviceWriter, refusal: Refusal<'_>) {
+    bump(refusal.counter);
+    info!(code = ?refusal.code, reason = %refusal.why, "connection refused");
+    gate.audit(peer, AuditDecision::Refused, refusal.why);
     let ack = Packet::ConnAck(ConnAck {
         session_present: false,
-        code,
+        code: refusal.code,
     });
     let _ = timeout(gate.config.write_timeout, write_now(wr, &ack)).await;
 }
 
-/// Checks the CONNECT of `device`, which presented the certificate with serial `serial`;
-/// answers a refusal with a CONNACK and returns `None`.
-async fn admit(
-    gate: &Gate,
-    device: &DeviceId,
-    serial: &str,
+/// Checks what the CONNECT itself says: protocol, client id and will.
+fn check_connect<'g>(
+    gate: &'g Gate,
+    peer: &Peer,
     mut connect: Connect,
-    wr: &mut DeviceWriter,
-) -> Option<Connect> {
+) -> Result<Connect, Refusal<'g>> {
     use ConnectReturnCode::*;
     let stats = &gate.stats;
     if connect.protocol != Protocol::V4 {
         let why = "only MQTT 3.1.1 is accepted";
-        refuse(
-            gate,
-            wr,
+        return Err(Refusal::new(
             RefusedProtocolVersion,
             &stats.refused_protocol,
             why,
-        )
-        .await;
-        return None;
-    }
-    let registry = gate.registry.clone();
-    let id = device.clone();
-    let record = match tokio::task::spawn_blocking(move || registry.device(&id)).await {
-        Ok(Ok(record)) => record,
-        Ok(Err(e)) => {
-            warn!(error = %e, "registry lookup failed; refusing for now");
-            let why = "registry unavailable";
-            refuse(
-                gate,
-                wr,
-                ServiceUnavailable,
-                &stats.refused_unavailable,
-                why,
-            )
-            .await;
-            return None;
-        }
-        Err(_) => return None,
-    };
-    let Some(record) = record else {
-        let why = "the device is not registered";
-        refuse(gate, wr, NotAuthorized, &stats.refused_unknown_device, why).await;
-        return None;
-    };
-    if record.cert_serial != serial {
-        let why = "the certificate is not the one registered for this device";
-        refuse(gate, wr, NotAuthorized, &stats.refused_certificate, why).await;
-        return None;
+        ));
     }
     if connect.client_id.is_empty() {
-        connect.client_id = device.to_string();
-    } else if connect.client_id != device.as_str() {
-        info!(client_id = %connect.client_id, "client id differs from the certificate's device id");
-        let why = "client id is not the device id";
-        refuse(gate, wr, BadClientId, &stats.refused_client_id, why).await;
-        return None;
+        connect.client_id = peer.device.to_string();
+    } else if connect.client_id != peer.device.as_str() {
+        let why = format!("client id {:?} is not the device id", connect.client_id);
+        return Err(Refusal::new(BadClientId, &stats.refused_client_id, why));
     }
     if let Some(will) = &mut connect.last_will {
-        let verdict = match topic::check_publish(device, &will.topic) {
+        let verdict = match topic::check_publish(&peer.device, &will.topic) {
             Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(why) = verdict {
             let why = format!("will refused: {why}");
-            refuse(gate, wr, NotAuthorized, &stats.acl_denied, &why).await;
-            return None;
+            return Err(Refusal::new(NotAuthorized, &stats.acl_denied, why));
         }
         will.retain = false;
         if will.qos == QoS::ExactlyOnce {
             will.qos = QoS::AtLeastOnce;
         }
     }
-    Some(connect)
+    Ok(connect)
+}
+
+/// Checks the registry: the device exists and is enabled, and the certificate presented is
+/// one recorded for it and not revoked.
+async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
+    use ConnectReturnCode::*;
+    let stats = &gate.stats;
+    let registry = gate.registry.clone();
+    let (device, serial) = (peer.device.clone(), peer.serial.clone());
+    let lookup = tokio::task::spawn_blocking(move || {
+        Ok::<_, tellus_core::RegistryError>((
+            registry.device(&device)?,
+            registry.certificate(&serial)?,
+        ))
+    })
+    .await;
+    let (record, cert) = match lookup {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            warn!(error = %e, "registry lookup failed; refusing for now");
+            return Err(Refusal::new(
+                ServiceUnavailable,
+                &stats.refused_unavailable,
+                "registry unavailable",
+            ));
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                ServiceUnavailable,
+                &stats.refused_unavailable,
+                "registry lookup failed",
+            ));
+        }
+    };
+    let Some(record) = record else {
+        return Err(Refusal::new(
+            NotAuthorized,
+            &stats.refused_unknown_device,
+            "the device is not registered",
+        ));
+    };
+    match cert {
+        Some(cert) if cert.device == peer.device => {
+            if cert.revoked_at_ms.is_some() {
+                return Err(Refusal::new(
+                    NotAuthorized,
+                    &stats.refused_revoked,
+                    "the certificate is revoked",
+                ));
+            }
+        }
+        _ => {
+            let why = "the certificate is not one registered for this device";
+            return Err(Refusal::new(NotAuthorized, &stats.refused_certificate, why));
+        }
+    }
+    if record.status == DeviceStatus::Disabled {
+        return Err(Refusal::new(
+            NotAuthorized,
+            &stats.refused_disabled,
+            "the device is disabled",
+        ));
+    }
+    Ok(())
 }
 
 /// Opens the device's link to the routing core and relays its CONNACK to the device.
 async fn link_upstream(
     gate: &Gate,
+    peer: &Peer,
     connect: Connect,
     wr: &mut DeviceWriter,
 ) -> Option<(OwnedWriteHalf, FrameReader<OwnedReadHalf>)> {
@@ -565,14 +673,8 @@ async fn link_upstream(
         Err(why) => {
             warn!(reason = why, "no link to the routing core");
             let counter = &gate.stats.refused_unavailable;
-            refuse(
-                gate,
-                wr,
-                ConnectReturnCode::ServiceUnavailable,
-                counter,
-                why,
-            )
-            .await;
+            let refusal = Refusal::new(ConnectReturnCode::ServiceUnavailable, counter, why);
+            refuse(gate, peer, wr, refusal).await;
             return None;
         }
     };

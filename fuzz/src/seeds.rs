@@ -1,0 +1,442 @@
+//! The seed inputs in `seeds/<target>/`: how they are made, and a check that each still
+//! reaches the path it is meant to open up for the fuzzer.
+//!
+//! `cargo test -- --ignored write_seeds` (in `fuzz/`) writes them again; the certificates
+//! and TLS flights differ on every run (fresh keys and randomness), the rest is fixed.
+
+use std::{fs, path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{
+    v4::{
+        ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubRel, Publish, Subscribe,
+        SubscribeFilter, Unsubscribe,
+    },
+    Error as CodecError, QoS,
+};
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    CertificateError, ClientConfig, ClientConnection, RootCertStore, ServerConfig,
+    ServerConnection,
+};
+use tellus_broker::pki::Pki;
+use tellus_core::DeviceId;
+
+use crate::{
+    gate::{device_stream, End, Session, DEVICE},
+    tls::{fixture, handshake, Handshake},
+};
+
+fn dir(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(target)
+}
+
+fn encode(packets: &[Packet]) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    for p in packets {
+        p.write(&mut buf, usize::MAX).expect("seed packets encode");
+    }
+    buf.to_vec()
+}
+
+fn topic(rest: &str) -> String {
+    format!("devices/{DEVICE}/{rest}")
+}
+
+fn connect() -> Packet {
+    let mut c = Connect::new(DEVICE);
+    c.keep_alive = 30;
+    c.last_will = Some(LastWill::new(
+        topic("events/offline"),
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    Packet::Connect(c)
+}
+
+fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Packet {
+    let mut p = Publish::new(topic, qos, payload);
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+/// A session that touches every kind of packet the gate accepts.
+fn session() -> Vec<u8> {
+    let mut subscribe = Subscribe::new_many([
+        SubscribeFilter::new(topic("commands/+"), QoS::AtLeastOnce),
+        SubscribeFilter::new(topic("state/desired"), QoS::ExactlyOnce),
+    ]);
+    subscribe.pkid = 3;
+    let mut unsubscribe = Unsubscribe::new(topic("commands/+"));
+    unsubscribe.pkid = 4;
+    encode(&[
+        connect(),
+        publish(
+            &topic("telemetry"),
+            QoS::AtLeastOnce,
+            1,
+            br#"{"temperature": 21.5}"#,
+        ),
+        publish(&topic("state/reported"), QoS::AtMostOnce, 0, b"{}"),
+        publish(&topic("events/boot"), QoS::ExactlyOnce, 2, b"ok"),
+        Packet::PubRel(PubRel::new(2)),
+        Packet::Subscribe(subscribe),
+        Packet::PubAck(PubAck::new(7)),
+        Packet::Unsubscribe(unsubscribe),
+        Packet::PingReq,
+        Packet::Disconnect,
+    ])
+}
+
+/// A CONNECT as MQTT 3.1 (`MQIsdp`, level 3) or MQTT 5 (level 5 and an empty property list).
+fn connect_other_version(name: &[u8], level: u8) -> Vec<u8> {
+    let mut body = vec![0, name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(&[level, 0b10, 0, 30]);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&[0, DEVICE.len() as u8]);
+    body.extend_from_slice(DEVICE.as_bytes());
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend(body);
+    frame
+}
+
+type Expect = fn(&Session) -> bool;
+
+/// The `packets` seeds: file name, content, and the end the gate must come to.
+fn packet_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
+    let with = |read_size: u8, stream: Vec<u8>| [vec![read_size], stream].concat();
+    let after_connect = |tail: Vec<u8>| with(0, [encode(&[connect()]), tail].concat());
+
+    // A PUBLISH whose 4-byte topic is not UTF-8.
+    let bad_utf8 = vec![0x30, 6, 0, 4, 0xff, 0xfe, 0xfd, 0xfc];
+    let mut truncated = encode(&[connect()]);
+    truncated.truncate(truncated.len() / 2);
+    let mut wrong_id = Connect::new("dev-2");
+    wrong_id.keep_alive = 30;
+    let mut telemetry_will = Connect::new(DEVICE);
+    telemetry_will.last_will = Some(LastWill::new(
+        topic("telemetry"),
+        "{}",
+        QoS::AtMostOnce,
+        false,
+    ));
+    let mut no_id = Connect::new("");
+    no_id.keep_alive = 30;
+
+    vec![
+        ("session.bin", with(0, session()), |s| {
+            s.admitted && matches!(s.end, End::Disconnected) && s.packets == 10
+        }),
+        ("session-bytewise.bin", with(1, session()), |s| {
+            matches!(s.end, End::Disconnected) && s.packets == 10
+        }),
+        ("session-by-7.bin", with(7, session()), |s| {
+            matches!(s.end, End::Disconnected) && s.packets == 10
+        }),
+        (
+            "empty-client-id.bin",
+            with(
+                0,
+                encode(&[
+                    Packet::Connect(no_id),
+                    publish(&topic("commands/c1/result"), QoS::AtLeastOnce, 9, b"done"),
+                ]),
+            ),
+            |s| s.admitted && matches!(s.end, End::Closed),
+        ),
+        (
+            "other-device-tree.bin",
+            after_connect(encode(&[publish(
+                "devices/dev-2/telemetry",
+                QoS::AtLeastOnce,
+                1,
+                b"{}",
+            )])),
+            |s| matches!(s.end, End::Acl(_)),
+        ),
+        (
+            "subscribe-everything.bin",
+            after_connect(encode(&[Packet::Subscribe({
+                let mut s = Subscribe::new(topic("#"), QoS::AtMostOnce);
+                s.pkid = 1;
+                s
+            })])),
+            |s| matches!(s.end, End::Acl(_)),
+        ),
+        ("bad-utf8-topic.bin", after_connect(bad_utf8), |s| {
+            matches!(s.end, End::Malformed(CodecError::TopicNotUtf8))
+        }),
+        (
+            "lying-packet-length.bin",
+            // A PUBLISH whose fixed header announces 300 KiB.
+            after_connect(vec![0x30, 0x80, 0xc0, 0x12, 0, 1, b'x']),
+            |s| matches!(s.end, End::TooLarge(..)),
+        ),
+        (
+            "lying-topic-length.bin",
+            // A PUBLISH of 12 bytes whose topic says it has 200.
+            after_connect([vec![0x30, 12, 0, 200], b"devices/ab".to_vec()].concat()),
+            |s| matches!(s.end, End::Malformed(CodecError::BoundaryCrossed(200))),
+        ),
+        (
+            "bad-remaining-length.bin",
+            after_connect(vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            |s| matches!(s.end, End::Malformed(CodecError::MalformedRemainingLength)),
+        ),
+        ("truncated-connect.bin", with(0, truncated), |s| {
+            matches!(s.end, End::Truncated)
+        }),
+        (
+            "mqtt31-connect.bin",
+            with(0, connect_other_version(b"MQIsdp", 3)),
+            |s| matches!(s.end, End::RefusedProtocol),
+        ),
+        (
+            "mqtt5-connect.bin",
+            with(0, connect_other_version(b"MQTT", 5)),
+            |s| matches!(s.end, End::RefusedProtocol),
+        ),
+        (
+            "not-connect.bin",
+            with(0, encode(&[Packet::PingReq])),
+            |s| matches!(s.end, End::NotConnect("PINGREQ")),
+        ),
+        (
+            "wrong-client-id.bin",
+            with(0, encode(&[Packet::Connect(wrong_id)])),
+            |s| matches!(s.end, End::Refused(_)),
+        ),
+        (
+            "telemetry-will.bin",
+            with(0, encode(&[Packet::Connect(telemetry_will)])),
+            |s| matches!(s.end, End::Refused(_)),
+        ),
+        (
+            "server-packet.bin",
+            after_connect(encode(&[Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::Success,
+                false,
+            ))])),
+            |s| matches!(s.end, End::Protocol("CONNACK")),
+        ),
+    ]
+}
+
+fn telemetry_seeds() -> Vec<(&'static str, &'static [u8])> {
+    vec![
+        (
+            "server-time.json",
+            br#"{"temperature": 21.5, "door": "open", "count": 3, "on": true}"#,
+        ),
+        (
+            "device-time.json",
+            br#"{"ts": 1732780800123, "values": {"temperature": 21.5}}"#,
+        ),
+        (
+            "array-nested.json",
+            br#"[{"ts": 5, "values": {"env": {"t": 1, "h": {"x": 2.5}}}}, {"a": false}]"#,
+        ),
+        (
+            "big-numbers.json",
+            br#"{"u": 18446744073709551615, "f": -1.5e300, "i": -9223372036854775808}"#,
+        ),
+    ]
+}
+
+/// The PEM certificates, key and CA of a device of the fuzz CA.
+struct DeviceCredentials {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn device_credentials(pki: &Pki) -> DeviceCredentials {
+    let id = DeviceId::parse(DEVICE).unwrap();
+    let issued = pki
+        .issue_device(&id)
+        .expect("the fuzz CA issues a device certificate");
+    let cert = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+    let key_pem = issued.key_pem.expect("Tellus generated the key");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    DeviceCredentials {
+        chain: vec![cert],
+        key,
+    }
+}
+
+/// What a device (rustls, with a certificate from `pki`) sends during a whole handshake with
+/// the gate's TLS configuration `server`, at the given protocol version.
+fn client_flight(
+    pki: &Pki,
+    server: Arc<ServerConfig>,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Vec<u8> {
+    let creds = device_credentials(pki);
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca_der().clone()).unwrap();
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(creds.chain, creds.key)
+            .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client = ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut server = ServerConnection::new(server).unwrap();
+    let mut sent = Vec::new();
+    for _ in 0..10 {
+        let mut flight = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut flight).unwrap();
+        }
+        sent.extend_from_slice(&flight);
+        let mut rd = &flight[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).unwrap();
+            server
+                .process_new_packets()
+                .expect("the gate accepts the device");
+        }
+        let mut back = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut back).unwrap();
+        }
+        let mut rd = &back[..];
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).unwrap();
+            client
+                .process_new_packets()
+                .expect("the device accepts the gate");
+        }
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return sent;
+        }
+    }
+    panic!("the handshake did not finish");
+}
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = dir(target);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(name), bytes).unwrap();
+}
+
+#[test]
+#[ignore = "writes seeds/; run on purpose"]
+fn write_seeds() {
+    for (name, bytes, _) in packet_seeds() {
+        write("packets", name, &bytes);
+    }
+    for (name, bytes) in telemetry_seeds() {
+        write("telemetry", name, bytes);
+    }
+    let (pki, config) = (&fixture().pki, fixture().config.clone());
+    let device = device_credentials(pki);
+    write("certificate", "device.der", &device.chain[0]);
+    write("certificate", "fleet-ca.der", pki.ca_der());
+    let tls12 = client_flight(pki, config.clone(), &rustls::version::TLS12);
+    let tls13 = client_flight(pki, config, &rustls::version::TLS13);
+    write(
+        "tls",
+        "tls12-device-flight.bin",
+        &[&[0], &tls12[..]].concat(),
+    );
+    write(
+        "tls",
+        "tls12-device-flight-by-5.bin",
+        &[&[5], &tls12[..]].concat(),
+    );
+    write(
+        "tls",
+        "tls13-device-flight.bin",
+        &[&[0], &tls13[..]].concat(),
+    );
+}
+
+fn read(target: &str, name: &str) -> Vec<u8> {
+    let path = dir(target).join(name);
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn packet_seeds_are_current_and_reach_their_ends() {
+    for (name, bytes, expect) in packet_seeds() {
+        assert_eq!(read("packets", name), bytes, "{name} is stale: write_seeds");
+        let session = device_stream(&bytes);
+        assert!(expect(&session), "{name}: {session:?}");
+    }
+}
+
+#[test]
+fn telemetry_and_certificate_seeds_are_accepted() {
+    for (name, bytes) in telemetry_seeds() {
+        assert_eq!(
+            read("telemetry", name),
+            bytes,
+            "{name} is stale: write_seeds"
+        );
+        let mut now = || 0;
+        tellus_core::telemetry::decode_json(bytes, &mut now)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        crate::telemetry(bytes);
+    }
+    let identity = tellus_broker::pki::peer_identity(&read("certificate", "device.der"))
+        .expect("the device seed names a device");
+    assert_eq!(identity.device.as_str(), DEVICE);
+}
+
+/// The bytes of a TLS 1.2 client flight before its CertificateVerify record (handshake type
+/// 15), whose signature covers the server's random and so fails on any replay.
+fn before_certificate_verify(flight: &[u8]) -> &[u8] {
+    let mut at = 0;
+    while let Some(header) = flight.get(at..at + 5) {
+        let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+        if header[0] == 22 && flight.get(at + 5) == Some(&15) {
+            return &flight[..at];
+        }
+        at += 5 + len;
+    }
+    panic!("no CertificateVerify record in the flight");
+}
+
+/// Replayed against a fresh server, a recorded TLS 1.2 flight gets past the client
+/// certificate (it chains to the fuzz CA) and the key exchange, and fails only at
+/// CertificateVerify. A TLS 1.3 flight fails once encryption starts.
+#[test]
+fn tls_seeds_reach_past_the_client_certificate() {
+    for name in ["tls12-device-flight.bin", "tls12-device-flight-by-5.bin"] {
+        let seed = read("tls", name);
+        match handshake(&seed) {
+            Handshake::Failed(rustls::Error::InvalidCertificate(
+                CertificateError::BadSignature,
+            )) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+        let accepted = [&seed[..1], before_certificate_verify(&seed[1..])].concat();
+        match handshake(&accepted) {
+            Handshake::Ended { handshaking: true } => {}
+            other => panic!("{name} up to CertificateVerify: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        handshake(&read("tls", "tls13-device-flight.bin")),
+        Handshake::Failed(_)
+    ));
+
+    // The control: the same flight from a device of another CA fails at its certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let other = Pki::load_or_create(dir.path(), Duration::from_secs(3600)).unwrap();
+    let (chain, key) = other.server_identity(dir.path(), &[]).unwrap();
+    let config = Arc::new(other.gate_tls_config(chain, key).unwrap());
+    let flight = client_flight(&other, config, &rustls::version::TLS12);
+    match handshake(&[&[0], before_certificate_verify(&flight)].concat()) {
+        Handshake::Failed(rustls::Error::InvalidCertificate(_)) => {}
+        other => panic!("a device of another CA: {other:?}"),
+    }
+}

@@ -1,0 +1,215 @@
+//! A device's identity over its life: revocation, disabling, deletion, takeover, certificate
+//! validity, and the audit trail of every decision the edge made.
+
+use std::time::Instant;
+
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use serde_json::{json, Value};
+use tellus_device::Credentials;
+use tellus_tests::{raw::RawDevice, Tellus};
+use x509_parser::prelude::FromDer;
+
+fn refused_not_authorized() -> Option<Packet> {
+    Some(Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::NotAuthorized,
+    }))
+}
+
+async fn try_connect(t: &Tellus, creds: &Credentials) -> Option<Packet> {
+    let mut d = RawDevice::tls(t, creds).await;
+    d.send(&Packet::Connect(rumqttc::mqttbytes::v4::Connect::new(
+        creds.id.as_str(),
+    )))
+    .await;
+    d.recv().await
+}
+
+/// Waits for the server to close `d` and says how long that took.
+async fn closed_after(d: &mut RawDevice, since: Instant) -> std::time::Duration {
+    d.expect_closed(|_| false).await;
+    since.elapsed()
+}
+
+async fn post(t: &Tellus, path: &str) -> (u16, Value) {
+    t.post(path, json!({})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_disabling_and_deleting_close_live_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+
+    // Revoke: the live connection closes, and the certificate is refused from then on.
+    let creds = t.create_device("rev").await;
+    let mut d = RawDevice::connected(&t, &creds, 30).await;
+    let since = Instant::now();
+    let (status, body) = post(&t, "/api/v1/devices/rev/revoke").await;
+    assert_eq!(status, 200, "{body}");
+    let took = closed_after(&mut d, since).await;
+    eprintln!("revocation closed the live connection after {took:?}");
+    assert_eq!(try_connect(&t, &creds).await, refused_not_authorized());
+
+    // Disable and enable again.
+    let creds = t.create_device("dis").await;
+    let mut d = RawDevice::connected(&t, &creds, 30).await;
+    let since = Instant::now();
+    assert_eq!(post(&t, "/api/v1/devices/dis/disable").await.0, 200);
+    let took = closed_after(&mut d, since).await;
+    eprintln!("disabling closed the live connection after {took:?}");
+    assert_eq!(try_connect(&t, &creds).await, refused_not_authorized());
+    assert_eq!(post(&t, "/api/v1/devices/dis/enable").await.0, 200);
+    let mut d = RawDevice::connected(&t, &creds, 30).await;
+    d.send(&Packet::PingReq).await;
+    assert_eq!(d.recv().await, Some(Packet::PingResp));
+
+    // Delete: closed, refused, and its certificate is on the CRL.
+    let creds = t.create_device("del").await;
+    let (_, shown) = t.get("/api/v1/devices/del").await;
+    let serial = shown["cert_serial"].as_str().unwrap().to_owned();
+    let mut d = RawDevice::connected(&t, &creds, 30).await;
+    let r = reqwest::Client::new()
+        .delete(t.url("/api/v1/devices/del"))
+        .bearer_auth(&t.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    d.expect_closed(|_| false).await;
+    assert_eq!(try_connect(&t, &creds).await, refused_not_authorized());
+    let crl = reqwest::Client::new()
+        .get(t.url("/api/v1/pki/crl.pem"))
+        .bearer_auth(&t.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(crl.as_bytes()).unwrap();
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&pem.contents).unwrap();
+    assert!(
+        crl.iter_revoked_certificates()
+            .any(|r| r.serial().to_str_radix(16) == serial.trim_start_matches('0')),
+        "the deleted device's certificate is on the CRL"
+    );
+
+    // Every decision is in the audit trail, with the reason.
+    let (_, audit) = t.get("/api/v1/audit?device=rev").await;
+    let reasons: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "the certificate is revoked",
+            "closed by the gate: certificate revoked",
+            "connected"
+        ],
+        "{audit}"
+    );
+    let newest = &audit["entries"][0];
+    assert_eq!(newest["decision"], "refused");
+    assert!(newest["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let (_, stats) = t.get("/api/v1/stats").await;
+    assert_eq!(stats["gate"]["closed_by_registry"], 3, "{stats}");
+    assert_eq!(stats["gate"]["refused_revoked"], 1, "{stats}");
+    // The deleted device is no longer known at all.
+    assert_eq!(stats["gate"]["refused_unknown_device"], 1, "{stats}");
+    assert_eq!(stats["gate"]["refused_disabled"], 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_revokes_a_device_of_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let creds = t.create_device("cli").await;
+    let mut d = RawDevice::connected(&t, &creds, 30).await;
+    let out = tokio::process::Command::new(tellus_tests::tellus_bin())
+        .args(["device", "revoke", "cli", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    d.expect_closed(|_| false).await;
+    assert_eq!(try_connect(&t, &creds).await, refused_not_authorized());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let creds = t.create_device("twin").await;
+    let mut first = RawDevice::connected(&t, &creds, 30).await;
+    let mut second = RawDevice::connected(&t, &creds, 30).await;
+    first.expect_closed(|_| false).await;
+    second.send(&Packet::PingReq).await;
+    assert_eq!(second.recv().await, Some(Packet::PingResp));
+    t.wait_for_log_line(&["device_id=twin", "taken over by a new connection"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_not_yet_valid_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let creds = t.create_device("clock").await;
+    let ca_pem = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(t.data_dir.join("pki/ca.key")).unwrap())
+            .unwrap();
+    let fleet_ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let day = time::Duration::days(1);
+    let now = time::OffsetDateTime::now_utc();
+    for (not_before, not_after, expect) in [
+        (now - day * 2, now - day, "certificate expired"),
+        (now + day, now + day * 2, "certificate not valid yet"),
+    ] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "clock");
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &fleet_ca).unwrap();
+        let wrong_time = Credentials {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            ..creds.clone()
+        };
+        let tcp = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(wrong_time.tls_config().unwrap()));
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        // TLS 1.3 clients learn of the refusal on their first read.
+        if let Ok(mut tls) = connector.connect(name, tcp).await {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 16];
+            assert!(
+                !matches!(tls.read(&mut buf).await, Ok(n) if n > 0),
+                "the server sent data to a client with an {expect} certificate"
+            );
+        }
+        t.wait_for_log_line(&["TLS handshake refused", expect])
+            .await;
+    }
+    let (_, audit) = t.get("/api/v1/audit").await;
+    let reasons: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons[0].contains("certificate not valid yet")
+            && reasons[1].contains("certificate expired"),
+        "{audit}"
+    );
+}
