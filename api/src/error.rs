@@ -147,7 +147,10 @@ impl From<ProvisionError> for ApiError {
             ProvisionError::InvalidId(e) => ApiError::InvalidDeviceId(e),
             ProvisionError::AlreadyExists(id) => ApiError::DeviceExists(id),
             ProvisionError::BadCsr(reason) => ApiError::InvalidCsr(reason),
-            e @ (ProvisionError::Pki(_) | ProvisionError::Registry(_)) => ApiError::internal(e),
+            ProvisionError::UnknownDevice(id) => ApiError::DeviceNotFound(id),
+            e @ (ProvisionError::Pki(_)
+            | ProvisionError::Registry(_)
+            | ProvisionError::TooManyCertificates(_)) => ApiError::internal(e),
         }
     }
 }

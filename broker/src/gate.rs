@@ -18,6 +18,7 @@
 pub mod audit;
 mod connection;
 mod frames;
+mod rate;
 pub mod sessions;
 
 use std::{
@@ -35,7 +36,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use self::{audit::AuditLog, sessions::Sessions};
-use crate::routing::RoutingCore;
+use crate::{
+    pki::Pki,
+    routing::{Publisher, RoutingCore},
+};
 
 /// How often the gate reads the registry's changes (revocations, disables, deletions).
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(200);
@@ -57,6 +61,11 @@ pub struct GateConfig {
     pub max_inflight: usize,
     /// Longest one write to a device may take; a device that stops reading is closed.
     pub write_timeout: Duration,
+    /// Sustained PUBLISH rate allowed per connection (0: unlimited). Over it the gate stops
+    /// reading that socket until the device is back within its rate: slowed, not cut off.
+    pub max_messages_per_second: u32,
+    /// Publishes a connection may send at once above its rate (the token bucket's size).
+    pub message_burst: u32,
 }
 
 impl Default for GateConfig {
@@ -68,6 +77,8 @@ impl Default for GateConfig {
             max_connections: 10_000,
             max_inflight: 256,
             write_timeout: Duration::from_secs(10),
+            max_messages_per_second: 1000,
+            message_burst: 1000,
         }
     }
 }
@@ -83,6 +94,8 @@ pub struct GateStats {
     pub connect_timeout: AtomicU64,
     pub refused_unknown_device: AtomicU64,
     pub refused_client_id: AtomicU64,
+    pub connections_limited: AtomicU64,
+    pub rate_limited: AtomicU64,
     pub audit_dropped: AtomicU64,
     pub closed_by_registry: AtomicU64,
     pub taken_over: AtomicU64,
@@ -108,6 +121,8 @@ pub struct GateStatsSnapshot {
     pub connect_timeout: u64,
     pub refused_unknown_device: u64,
     pub refused_client_id: u64,
+    pub connections_limited: u64,
+    pub rate_limited: u64,
     pub audit_dropped: u64,
     pub closed_by_registry: u64,
     pub taken_over: u64,
@@ -134,6 +149,8 @@ impl GateStats {
             connect_timeout: get(&self.connect_timeout),
             refused_unknown_device: get(&self.refused_unknown_device),
             refused_client_id: get(&self.refused_client_id),
+            connections_limited: get(&self.connections_limited),
+            rate_limited: get(&self.rate_limited),
             audit_dropped: get(&self.audit_dropped),
             closed_by_registry: get(&self.closed_by_registry),
             taken_over: get(&self.taken_over),
@@ -164,6 +181,10 @@ pub struct Gate {
     pub stats: Arc<GateStats>,
     pub sessions: Arc<Sessions>,
     pub audit: AuditLog,
+    /// Signs the CSRs devices send to rotate their certificates.
+    pub pki: Arc<Pki>,
+    /// Tellus's own link into the routing core, for the certificates it issues.
+    pub publisher: Publisher,
 }
 
 /// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every
@@ -176,12 +197,19 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
     let tasks = TaskTracker::new();
     tasks.spawn(watch_registry(gate.clone(), shutdown.clone()));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // At the limit: further connections wait in the listen backlog.
+                bump(&gate.stats.connections_limited);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

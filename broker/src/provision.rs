@@ -1,4 +1,5 @@
-//! Device registration: the one place a device comes into being.
+//! Device registration, the one place a device comes into being, and certificate rotation,
+//! the one place a device gets another certificate.
 //!
 //! The HTTP API (`POST /api/v1/devices`) and the `tellus device create` CLI both call
 //! [`create_device`]. It validates the id, makes sure the id is free, gets a certificate from
@@ -11,7 +12,8 @@
 //! issued certificate is never recorded, and the gate accepts only recorded certificates).
 
 use tellus_core::{
-    now_ms, DeviceId, DeviceRecord, InvalidDeviceId, NewDevice, Registry, RegistryError,
+    now_ms, CertificateRecord, DeviceId, DeviceRecord, InvalidDeviceId, NewDevice, Registry,
+    RegistryError,
 };
 
 use crate::pki::{IssuedCert, Pki, PkiError};
@@ -29,7 +31,17 @@ pub enum ProvisionError {
     Pki(#[source] PkiError),
     #[error("device registry: {0}")]
     Registry(#[source] RegistryError),
+    #[error(
+        "device {0} has {MAX_VALID_CERTIFICATES} valid certificates already; revoke one first"
+    )]
+    TooManyCertificates(DeviceId),
+    #[error("device {0} is not registered")]
+    UnknownDevice(DeviceId),
 }
+
+/// Most certificates of one device that may be valid (not revoked, not expired) at once, so
+/// that a device repeating its CSR cannot grow the registry without end.
+pub const MAX_VALID_CERTIFICATES: usize = 5;
 
 impl From<PkiError> for ProvisionError {
     fn from(e: PkiError) -> Self {
@@ -85,6 +97,37 @@ pub fn create_device(
     Ok(Provisioned { device, cert })
 }
 
+/// Signs a CSR a connected device sent to rotate its certificate and records the new
+/// certificate beside the old ones, which stay valid until they expire or are revoked.
+pub fn rotate_certificate(
+    pki: &Pki,
+    registry: &dyn Registry,
+    id: &DeviceId,
+    csr_pem: &str,
+) -> Result<IssuedCert, ProvisionError> {
+    if registry.device(id)?.is_none() {
+        return Err(ProvisionError::UnknownDevice(id.clone()));
+    }
+    let now = now_ms();
+    let valid = registry
+        .certificates(id)?
+        .iter()
+        .filter(|c| c.revoked_at_ms.is_none() && c.not_after_ms > now)
+        .count();
+    if valid >= MAX_VALID_CERTIFICATES {
+        return Err(ProvisionError::TooManyCertificates(id.clone()));
+    }
+    let cert = pki.sign_device_csr(id, csr_pem)?;
+    registry.add_certificate(&CertificateRecord {
+        serial: cert.serial_hex.clone(),
+        device: id.clone(),
+        issued_at_ms: now,
+        not_after_ms: cert.not_after_ms,
+        revoked_at_ms: None,
+    })?;
+    Ok(cert)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -118,6 +161,40 @@ mod tests {
             create_device(&pki, &reg, "sensor-01", None),
             Err(ProvisionError::AlreadyExists(d)) if d == id
         ));
+    }
+
+    #[test]
+    fn rotation_adds_a_certificate_and_is_bounded() {
+        let (_dir, pki, reg) = setup();
+        let id = DeviceId::parse("rot").unwrap();
+        let csr = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            rcgen::CertificateParams::new(vec![])
+                .unwrap()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap()
+        };
+        assert!(matches!(
+            rotate_certificate(&pki, &reg, &id, &csr()),
+            Err(ProvisionError::UnknownDevice(_))
+        ));
+        let first = create_device(&pki, &reg, "rot", None).unwrap();
+        for _ in 1..MAX_VALID_CERTIFICATES {
+            let next = rotate_certificate(&pki, &reg, &id, &csr()).unwrap();
+            assert_ne!(next.serial_hex, first.cert.serial_hex);
+            assert!(next.key_pem.is_none());
+        }
+        assert_eq!(reg.certificates(&id).unwrap().len(), MAX_VALID_CERTIFICATES);
+        assert!(matches!(
+            rotate_certificate(&pki, &reg, &id, &csr()),
+            Err(ProvisionError::TooManyCertificates(_))
+        ));
+        // Revoking one makes room again.
+        reg.revoke(&id, Some(&first.cert.serial_hex), now_ms())
+            .unwrap();
+        rotate_certificate(&pki, &reg, &id, &csr()).unwrap();
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! it listens on loopback, on a port chosen at start, and accepts only CONNECTs that carry
 //! the per-process [`GateCredential`], which the gate writes into every forwarded CONNECT.
 //! Telemetry does not pass through it, so its router segments are kept small.
+//!
+//! Tellus itself publishes to devices (issued certificates; later commands and desired
+//! state) through a [`Publisher`]: one MQTT link of its own into the routing core, under a
+//! client id no device can have.
 
 use std::{
     collections::HashMap,
@@ -159,3 +163,71 @@ fn probe(addr: SocketAddr, credential: &GateCredential) -> Result<(), String> {
         other => Err(format!("unexpected answer {other:?}")),
     }
 }
+
+/// The client id of Tellus's own link; `:` is not allowed in device ids, so no device can
+/// take it over.
+const PUBLISHER_ID: &str = "tellus:publisher";
+
+/// Requests that may wait for the publisher's link; past this `publish` waits.
+const PUBLISHER_QUEUE: usize = 1_024;
+
+/// Tellus's own link into the routing core, for messages to devices. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    client: rumqttc::AsyncClient,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Connects to the routing core as Tellus and keeps the link up (rumqttc reconnects)
+    /// until `shutdown` is cancelled. Must run inside a tokio runtime.
+    pub fn start(
+        core: &RoutingCore,
+        max_packet_size: usize,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Publisher {
+        let mut options =
+            rumqttc::MqttOptions::new(PUBLISHER_ID, core.addr.ip().to_string(), core.addr.port());
+        options
+            .set_credentials(
+                core.credential.username.clone(),
+                core.credential.password.clone(),
+            )
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(max_packet_size, max_packet_size)
+            .set_request_channel_capacity(PUBLISHER_QUEUE);
+        let (client, mut events) = rumqttc::AsyncClient::new(options, PUBLISHER_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    event = events.poll() => {
+                        if let Err(e) = event {
+                            tracing::warn!(error = %e, "publisher link to the routing core lost; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Publisher { client }
+    }
+
+    /// Publishes `payload` on `topic` at QoS 1, waiting while the link's queue is full.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), PublishError> {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|_| PublishError)
+    }
+}
+
+/// The publisher's link has stopped (Tellus is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the publisher's link to the routing core has stopped")]
+pub struct PublishError;

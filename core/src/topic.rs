@@ -11,6 +11,8 @@
 //! | `devices/{id}/commands/{command_id}` | subscribe (`+` allowed for the command id) |
 //! | `devices/{id}/commands/{command_id}/result` | publish |
 //! | `devices/{id}/events/{name}` | publish |
+//! | `devices/{id}/certs/csr` | publish (a CSR, to rotate its certificate) |
+//! | `devices/{id}/certs/issued` | subscribe (the certificate issued from that CSR) |
 //!
 //! The gate calls [`check_publish`] for every PUBLISH and will, and [`check_subscribe`] for
 //! every SUBSCRIBE filter; anything else is refused with an [`AclDenied`] that says why.
@@ -37,6 +39,10 @@ pub enum DeviceTopic {
     CommandResult(String),
     /// `events/{name}`
     Event(String),
+    /// `certs/csr`: a certificate signing request from the device, to rotate its identity.
+    CertsCsr,
+    /// `certs/issued`: the answer to the device's CSR.
+    CertsIssued,
 }
 
 impl DeviceTopic {
@@ -48,7 +54,10 @@ impl DeviceTopic {
 
     /// Whether a device may publish on this topic of its own tree.
     pub fn device_may_publish(&self) -> bool {
-        !matches!(self, DeviceTopic::StateDesired | DeviceTopic::Command(_))
+        !matches!(
+            self,
+            DeviceTopic::StateDesired | DeviceTopic::Command(_) | DeviceTopic::CertsIssued
+        )
     }
 
     /// The full topic string in `device`'s tree.
@@ -61,6 +70,8 @@ impl DeviceTopic {
             DeviceTopic::Command(c) => format!("commands/{c}"),
             DeviceTopic::CommandResult(c) => format!("commands/{c}/result"),
             DeviceTopic::Event(n) => format!("events/{n}"),
+            DeviceTopic::CertsCsr => "certs/csr".to_owned(),
+            DeviceTopic::CertsIssued => "certs/issued".to_owned(),
         };
         format!("{ROOT}/{device}/{rest}")
     }
@@ -76,6 +87,8 @@ impl DeviceTopic {
             ["commands", c] => DeviceTopic::Command(name(c)?),
             ["commands", c, "result"] => DeviceTopic::CommandResult(name(c)?),
             ["events", n] => DeviceTopic::Event(name(n)?),
+            ["certs", "csr"] => DeviceTopic::CertsCsr,
+            ["certs", "issued"] => DeviceTopic::CertsIssued,
             _ => return None,
         })
     }
@@ -131,8 +144,9 @@ pub fn check_publish(device: &DeviceId, topic: &str) -> Result<DeviceTopic, AclD
     Ok(kind)
 }
 
-/// May `device` subscribe to `filter`? Only its desired state and its commands: the command
-/// id level may be the single-level wildcard `+`; no other wildcard is accepted.
+/// May `device` subscribe to `filter`? Only its desired state, its commands and its issued
+/// certificates: the command id level may be the single-level wildcard `+`; no other
+/// wildcard is accepted.
 pub fn check_subscribe(device: &DeviceId, filter: &str) -> Result<(), AclDenied> {
     let denied_tree = || AclDenied::OtherTree(filter.to_owned(), device.clone());
     let (id, rest) = split_device(filter).ok_or_else(denied_tree)?;
@@ -140,7 +154,7 @@ pub fn check_subscribe(device: &DeviceId, filter: &str) -> Result<(), AclDenied>
         return Err(denied_tree());
     }
     let allowed = match rest.as_slice() {
-        ["state", "desired"] => true,
+        ["state", "desired"] | ["certs", "issued"] => true,
         ["commands", c] => *c == "+" || is_plain_level(c),
         _ => false,
     };
@@ -215,6 +229,14 @@ mod tests {
             check_publish(&d, "devices/s1/commands/c1"),
             Err(AclDenied::NotPublishable(..))
         ));
+        assert!(matches!(
+            check_publish(&d, "devices/s1/certs/issued"),
+            Err(AclDenied::NotPublishable(..))
+        ));
+        assert_eq!(
+            check_publish(&d, "devices/s1/certs/csr"),
+            Ok(DeviceTopic::CertsCsr)
+        );
     }
 
     #[test]
@@ -224,6 +246,7 @@ mod tests {
             "devices/s1/state/desired",
             "devices/s1/commands/+",
             "devices/s1/commands/abc",
+            "devices/s1/certs/issued",
         ] {
             assert_eq!(check_subscribe(&d, ok), Ok(()), "{ok}");
         }
@@ -234,6 +257,8 @@ mod tests {
             "devices/s1/#",
             "devices/s1/commands/#",
             "devices/s1/telemetry",
+            "devices/s1/certs/csr",
+            "devices/s1/certs/+",
             "devices/s2/commands/+",
             "$SYS/#",
             "$share/g/devices/s1/commands/+",
@@ -253,6 +278,8 @@ mod tests {
             DeviceTopic::Command("c".into()),
             DeviceTopic::CommandResult("c".into()),
             DeviceTopic::Event("e".into()),
+            DeviceTopic::CertsCsr,
+            DeviceTopic::CertsIssued,
         ] {
             assert_eq!(parse(&t.topic(&d)), Some((d.clone(), t)));
         }

@@ -38,6 +38,8 @@ pub struct MqttConfig {
     pub max_inflight: usize,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    pub max_messages_per_second: u32,
+    pub message_burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +107,8 @@ impl Default for MqttConfig {
             max_connections: gate.max_connections,
             max_inflight: gate.max_inflight,
             write_timeout: gate.write_timeout,
+            max_messages_per_second: gate.max_messages_per_second,
+            message_burst: gate.message_burst,
         }
     }
 }
@@ -160,6 +164,8 @@ impl Config {
             max_connections: self.mqtt.max_connections,
             max_inflight: self.mqtt.max_inflight,
             write_timeout: self.mqtt.write_timeout,
+            max_messages_per_second: self.mqtt.max_messages_per_second,
+            message_burst: self.mqtt.message_burst,
         }
     }
 
@@ -200,6 +206,12 @@ max_connections = 10000
 max_inflight = 256
 # Longest one write to a device may take; a device that stops reading is disconnected.
 write_timeout = "10s"
+# Sustained PUBLISH rate allowed per device connection (0: unlimited). Over it the gate
+# stops reading that device's socket until it is back within its rate: the device is
+# slowed, not disconnected, and nothing is dropped. Each pause is counted (rate_limited).
+max_messages_per_second = 1000
+# Publishes a device may send at once above its rate.
+message_burst = 1000
 
 [http]
 # The HTTP API. Keep it on loopback unless a TLS-terminating proxy fronts it.

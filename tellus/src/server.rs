@@ -21,7 +21,7 @@ use tellus_api::AppState;
 use tellus_broker::{
     gate::{self, audit::AuditLog, sessions::Sessions, Gate},
     pki::{write_atomic, Pki},
-    routing::{self, RoutingConfig},
+    routing::{self, Publisher, RoutingConfig},
 };
 use tellus_core::{IngestSender, Registry};
 use tellus_ingest::{Ingest, SqliteRegistry, SqliteStore, TelemetryStore};
@@ -133,6 +133,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let http = bind(config.http.listen, "http").await?;
 
     let stop = CancellationToken::new();
+    // Tellus's own link into the routing core stops last, after every session.
+    let publisher_stop = CancellationToken::new();
+    let publisher = Publisher::start(
+        &routing,
+        config.mqtt.max_packet_size,
+        publisher_stop.clone(),
+    );
     let gate_stats = Arc::new(gate::GateStats::default());
     let (audit, audit_writer) =
         AuditLog::spawn(fleet.registry.clone(), AUDIT_QUEUE, gate_stats.clone())
@@ -146,6 +153,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         stats: gate_stats.clone(),
         sessions: Arc::new(Sessions::default()),
         audit,
+        pki: fleet.pki.clone(),
+        publisher,
     };
     let gate_task = tokio::spawn(gate::run(mqtt, gate, stop.clone()));
     let state = AppState {
@@ -175,6 +184,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     })
     .await;
     api_stop.cancel();
+    publisher_stop.cancel();
     if drained.is_err() {
         warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");
         anyhow::bail!("shutdown timed out after {:?}", config.shutdown_timeout);

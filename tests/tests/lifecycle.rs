@@ -213,3 +213,101 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
         "{audit}"
     );
 }
+
+/// Waits for the next PUBLISH on `events` and returns its payload as JSON.
+async fn next_publish(events: &mut rumqttc::EventLoop) -> Value {
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("connection failed: {e:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no PUBLISH in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_device_rotates_its_certificate_over_mqtt() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let old = t.create_device("rotor").await;
+    let (_, shown) = t.get("/api/v1/devices/rotor").await;
+    let old_serial = shown["cert_serial"].as_str().unwrap().to_owned();
+
+    let (client, mut events) = rumqttc::AsyncClient::new(t.mqtt_options(&old), 10);
+    client
+        .subscribe("devices/rotor/certs/issued", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // A CSR that is not one is answered with the reason.
+    client
+        .publish(
+            "devices/rotor/certs/csr",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "not a csr",
+        )
+        .await
+        .unwrap();
+    let answer = next_publish(&mut events).await;
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("certificate signing request"),
+        "{answer}"
+    );
+
+    // A real one: the device keeps its new key to itself.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec![])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    client
+        .publish(
+            "devices/rotor/certs/csr",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            csr,
+        )
+        .await
+        .unwrap();
+    let answer = next_publish(&mut events).await;
+    let new_serial = answer["serial"].as_str().expect("a certificate").to_owned();
+    assert_ne!(new_serial, old_serial);
+    let new = Credentials {
+        cert_pem: answer["cert_pem"].as_str().unwrap().to_owned(),
+        key_pem: key.serialize_pem(),
+        ca_pem: answer["ca_pem"].as_str().unwrap().to_owned(),
+        ..old.clone()
+    };
+
+    // The new certificate works, and so does the old one until it is revoked.
+    for creds in [&new, &old] {
+        let mut d = RawDevice::connected(&t, creds, 30).await;
+        d.send(&Packet::PingReq).await;
+        assert_eq!(d.recv().await, Some(Packet::PingResp));
+    }
+    let (status, body) = t
+        .post(
+            "/api/v1/devices/rotor/revoke",
+            json!({ "serial": old_serial }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(try_connect(&t, &old).await, refused_not_authorized());
+    let mut d = RawDevice::connected(&t, &new, 30).await;
+    d.send(&Packet::PingReq).await;
+    assert_eq!(d.recv().await, Some(Packet::PingResp));
+    let (_, shown) = t.get("/api/v1/devices/rotor").await;
+    assert_eq!(shown["cert_serial"], new_serial.as_str(), "{shown}");
+    assert_eq!(shown["certificates"].as_array().unwrap().len(), 2);
+}

@@ -37,7 +37,11 @@ use rumqttc::mqttbytes::{
     },
     Protocol, QoS,
 };
-use tellus_core::{now_ms, topic, AuditDecision, AuditEntry, DeviceId, DeviceStatus, IngestError};
+use tellus_core::{
+    now_ms,
+    topic::{self, DeviceTopic},
+    AuditDecision, AuditEntry, DeviceId, DeviceStatus, IngestError,
+};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     net::{
@@ -54,10 +58,11 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::{
     bump,
     frames::{encode, packet_type, FrameError, FrameReader, PINGRESP, PUBACK},
+    rate::TokenBucket,
     sessions::Membership,
     Gate,
 };
-use crate::pki::peer_identity;
+use crate::{pki::peer_identity, provision::rotate_certificate};
 
 /// Keep-alive the gate asks of the routing core for its own link; the gate pings it.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(60);
@@ -342,6 +347,10 @@ impl<'g> Session<'g> {
         let mut deadline = Instant::now() + grace.unwrap_or(far);
         let mut ping = tokio::time::interval(UPSTREAM_KEEP_ALIVE / 2);
         ping.reset();
+        let config = &self.gate.config;
+        let mut bucket = TokenBucket::new(config.max_messages_per_second, config.message_burst);
+        // While the device is over its rate, its socket is not read until then.
+        let mut paused_until: Option<Instant> = None;
         loop {
             let step = tokio::select! {
                 _ = shutdown.cancelled() => Err(End::Shutdown),
@@ -349,10 +358,23 @@ impl<'g> Session<'g> {
                 _ = sleep_until(deadline) => Err(End::KeepAliveExpired),
                 _ = &mut *writer => return (End::WriterStopped, true),
                 _ = ping.tick() => self.send_upstream(&Packet::PingReq).await,
-                packet = self.reader.packet() => match packet {
+                _ = sleep_until(paused_until.unwrap_or(deadline)), if paused_until.is_some() => {
+                    paused_until = None;
+                    Ok(())
+                }
+                packet = self.reader.packet(), if paused_until.is_none() => match packet {
                     Ok(p) => {
-                        deadline = Instant::now() + grace.unwrap_or(far);
-                        self.handle(p).await
+                        let publish = matches!(p, Packet::Publish(_));
+                        let step = self.handle(p).await;
+                        let now = Instant::now();
+                        deadline = now + grace.unwrap_or(far);
+                        if let Some(wait) = publish.then(|| bucket.take()).flatten() {
+                            bump(&self.gate.stats.rate_limited);
+                            paused_until = Some(now + wait);
+                            // The device is busy, not silent: its keep-alive starts after.
+                            deadline += wait;
+                        }
+                        step
                     }
                     Err(e) => Err(End::DeviceGone(e)),
                 },
@@ -427,7 +449,9 @@ impl<'g> Session<'g> {
             }
         }
         let (pkid, qos) = (p.pkid, p.qos);
-        let safe = if kind.is_telemetry() {
+        let safe = if kind == DeviceTopic::CertsCsr {
+            Some(self.rotate(p.payload))
+        } else if kind.is_telemetry() {
             bump(&self.gate.stats.telemetry_received);
             let pending = self
                 .gate
@@ -477,6 +501,54 @@ impl<'g> Session<'g> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Answers a CSR on `certs/csr`: signs it, records the certificate, and publishes the
+    /// outcome on `certs/issued` as JSON, `{"serial", "not_after_ms", "cert_pem", "ca_pem"}`
+    /// or `{"error"}`. Runs on its own (whatever the QoS); safe once the answer is published.
+    fn rotate(&self, csr: Bytes) -> Safe {
+        let gate = self.gate;
+        let (pki, registry) = (gate.pki.clone(), gate.registry.clone());
+        let publisher = gate.publisher.clone();
+        let device = self.device.clone();
+        let issued_topic = DeviceTopic::CertsIssued.topic(&device);
+        let work = tokio::spawn(
+            async move {
+                let id = device.clone();
+                let signed = tokio::task::spawn_blocking(move || {
+                    let csr = std::str::from_utf8(&csr)
+                        .map_err(|_| "the CSR must be PEM text".to_owned())?;
+                    rotate_certificate(&pki, registry.as_ref(), &id, csr)
+                        .map(|cert| (cert, pki.ca_pem().to_owned()))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err("internal error".to_owned()));
+                let answer = match signed {
+                    Ok((cert, ca_pem)) => {
+                        info!(serial = %cert.serial_hex, "certificate rotated");
+                        serde_json::json!({
+                            "serial": cert.serial_hex,
+                            "not_after_ms": cert.not_after_ms,
+                            "cert_pem": cert.cert_pem,
+                            "ca_pem": ca_pem,
+                        })
+                    }
+                    Err(why) => {
+                        info!(reason = %why, "certificate rotation refused");
+                        serde_json::json!({ "error": why })
+                    }
+                };
+                publisher
+                    .publish(issued_topic, answer.to_string().into_bytes())
+                    .await
+                    .map_err(|_| AckFailure::UpstreamLost)
+            }
+            .in_current_span(),
+        );
+        async move { work.await.unwrap_or(Err(AckFailure::UpstreamLost)) }
+            .boxed()
+            .shared()
     }
 
     /// Queues `reply` behind every earlier acknowledgement, to be sent once `safe` resolves.
