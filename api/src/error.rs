@@ -36,6 +36,16 @@ pub enum ApiError {
     DeadLetterNotFound(i64),
     #[error("invalid certificate signing request: {0}")]
     InvalidCsr(String),
+    #[error("invalid CA certificate: {0}")]
+    InvalidCa(String),
+    #[error("CA {0} is registered already")]
+    CaExists(String),
+    /// The gate traces a device certificate to its CA by issuer name, so two trusted CAs
+    /// may not share a subject.
+    #[error("CA {id} has the same subject ({subject}) and is registered already")]
+    CaSubjectTaken { subject: String, id: String },
+    #[error("CA {0} not found")]
+    CaNotFound(String),
     /// The request body is not the JSON this endpoint takes.
     #[error("{0}")]
     InvalidBody(String),
@@ -66,13 +76,17 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidDeviceId(_)
             | ApiError::InvalidCsr(_)
+            | ApiError::InvalidCa(_)
             | ApiError::InvalidBody(_)
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
-            ApiError::DeviceExists(_) => StatusCode::CONFLICT,
+            ApiError::DeviceExists(_) | ApiError::CaExists(_) | ApiError::CaSubjectTaken { .. } => {
+                StatusCode::CONFLICT
+            }
             ApiError::DeviceNotFound(_)
             | ApiError::CertificateNotFound(_)
             | ApiError::DeadLetterNotFound(_)
+            | ApiError::CaNotFound(_)
             | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -91,6 +105,10 @@ impl ApiError {
             ApiError::CertificateNotFound(_) => "certificate_not_found",
             ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
             ApiError::InvalidCsr(_) => "invalid_csr",
+            ApiError::InvalidCa(_) => "invalid_ca",
+            ApiError::CaExists(_) => "ca_exists",
+            ApiError::CaSubjectTaken { .. } => "ca_subject_taken",
+            ApiError::CaNotFound(_) => "ca_not_found",
             ApiError::InvalidBody(_) => "invalid_body",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -160,6 +178,7 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::AlreadyExists(id) => ApiError::DeviceExists(id),
             RegistryError::UnknownCertificate(serial) => ApiError::CertificateNotFound(serial),
+            RegistryError::CaExists(id) => ApiError::CaExists(id),
             e @ RegistryError::Backend(_) => ApiError::internal(e),
         }
     }

@@ -30,12 +30,16 @@
 //! | `GET /api/v1/devices/{id}/telemetry`, `…/latest` | points of one metric; newest value of each |
 //! | `GET /api/v1/deadletters`, `…/{id}` | refused payloads |
 //! | `GET /api/v1/pki/crl.pem` | the fleet CA's CRL |
+//! | `POST /api/v1/pki/cas` | trust an external CA `{"pem", "auto_register", "tags"}`; with `auto_register` its devices are registered on first connection |
+//! | `GET /api/v1/pki/cas`, `…/{id}` | the external CAs; one, with its PEM |
+//! | `DELETE /api/v1/pki/cas/{id}` | stop trusting an external CA |
 //! | `GET /api/v1/audit` | the gate's connection decisions, newest first |
 //! | `GET /api/v1/stats` | ingest and gate counters |
 //!
 //! Device registration itself lives in `tellus_broker::provision`, shared with the CLI. The
-//! life-cycle endpoints (revoke, disable, enable, delete) only write the registry; the gate
-//! enforces them by polling the registry's changes, whoever wrote them (API or CLI).
+//! life-cycle endpoints (revoke, disable, enable, delete) and the external CA endpoints only
+//! write the registry; the gate enforces them by polling the registry's changes, whoever
+//! wrote them (API or CLI).
 
 use std::{future::Future, sync::Arc};
 

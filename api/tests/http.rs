@@ -8,7 +8,8 @@ use serde_json::{json, Value as Json};
 use tellus_api::AppState;
 use tellus_broker::pki::Pki;
 use tellus_core::{
-    now_ms, AuditDecision, AuditEntry, CertificateRecord, DeviceId, Registry, Sample, Value,
+    now_ms, AuditDecision, AuditEntry, CertificateRecord, Change, DeviceId, Registry, Sample,
+    Value, FLEET_ISSUER,
 };
 use tellus_ingest::{
     Batch, DeadLetter, Durability, IngestStats, SqliteRegistry, SqliteStore, TelemetryStore,
@@ -260,6 +261,7 @@ async fn create_list_and_get_devices() {
     let certs = body["certificates"].as_array().unwrap();
     assert_eq!(certs.len(), 1);
     assert_eq!(certs[0]["serial"], serial.as_str());
+    assert_eq!(certs[0]["issuer"], FLEET_ISSUER);
     assert_eq!(certs[0]["not_after"], not_after.as_str());
     assert!(certs[0]["issued_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(certs[0]["revoked_at"], Json::Null);
@@ -628,6 +630,7 @@ async fn device_life_cycle_revoke_disable_delete_and_the_crl() {
     let rotated = s.pki.issue_device(&id("dev-a")).unwrap();
     s.registry
         .add_certificate(&CertificateRecord {
+            issuer: FLEET_ISSUER.into(),
             serial: rotated.serial_hex.clone(),
             device: id("dev-a"),
             issued_at_ms: now_ms(),
@@ -905,5 +908,188 @@ async fn audit_lists_entries_newest_first_by_device_and_in_pages() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
         assert_eq!(error_code(&body).0, code, "{query}");
     }
+    s.stop().await;
+}
+
+/// A self-signed certificate with subject `CN=<cn>, O=Acme` and a fresh key: a CA when `ca`.
+fn self_signed(cn: &str, ca: bool) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Acme");
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert, key)
+}
+
+/// How many `TrustChanged` the registry recorded after sequence number `after`.
+fn trust_changes(s: &Server, after: i64) -> usize {
+    s.registry
+        .changes(after, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, c)| *c == Change::TrustChanged)
+        .count()
+}
+
+#[tokio::test]
+async fn external_cas_register_list_get_and_delete() {
+    let s = Server::start().await;
+    let (status, body) = s.get("/api/v1/pki/cas").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"cas": []}));
+
+    // A CA, submitted with its private key in the same PEM: only the certificate is kept.
+    let (acme, acme_key) = self_signed("Acme Devices CA", true);
+    let acme_id = tellus_broker::pki::fingerprint(acme.der());
+    let before = s.registry.last_change().unwrap();
+    let resp = s
+        .req(Method::POST, "/api/v1/pki/cas")
+        .json(&json!({
+            "pem": format!("{}{}", acme.pem(), acme_key.serialize_pem()),
+            "auto_register": true,
+            "tags": {"site": "lyon", "fleet": "acme"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("/api/v1/pki/cas/{acme_id}").as_str()
+    );
+    let created: Json = resp.json().await.unwrap();
+    assert_eq!(created["id"], acme_id.as_str());
+    let subject = created["subject"].as_str().unwrap();
+    assert!(subject.contains("Acme Devices CA"), "{subject}");
+    assert_eq!(created["auto_register"], true);
+    assert_eq!(created["tags"], json!({"site": "lyon", "fleet": "acme"}));
+    assert!(created["created_at"].as_str().unwrap().ends_with('Z'));
+    assert!(created.get("pem").is_none(), "{created}");
+    assert_eq!(trust_changes(&s, before), 1);
+
+    // One, with its PEM; a fingerprint as openssl prints it finds it too.
+    let openssl_style = acme_id
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|b| std::str::from_utf8(b).unwrap())
+        .collect::<Vec<_>>()
+        .join(":");
+    for path in [
+        format!("/api/v1/pki/cas/{acme_id}"),
+        format!("/api/v1/pki/cas/{openssl_style}"),
+    ] {
+        let (status, one) = s.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {one}");
+        let pem = one["pem"].as_str().unwrap();
+        assert!(!pem.contains("PRIVATE KEY"), "{pem}");
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        assert_eq!(parsed.contents, acme.der().as_ref());
+        let mut without_pem = one.clone();
+        without_pem.as_object_mut().unwrap().remove("pem");
+        assert_eq!(without_pem, created);
+    }
+
+    // More than one CA at once; the defaults: no auto-registration, no tags.
+    let (other, _) = self_signed("Other Vendor CA", true);
+    let (status, body) = s.post("/api/v1/pki/cas", json!({"pem": other.pem()})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let other_id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(body["auto_register"], false);
+    assert_eq!(body["tags"], json!({}));
+    let (_, body) = s.get("/api/v1/pki/cas").await;
+    let cas = body["cas"].as_array().unwrap();
+    let listed: Vec<_> = cas.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [acme_id.as_str(), other_id.as_str()]);
+    assert!(cas.iter().all(|c| c.get("pem").is_none()), "{body}");
+    assert_eq!(cas[0], created);
+    assert_eq!(trust_changes(&s, before), 2);
+
+    // Refusals, none of which changes what is trusted.
+    let (status, body) = s.post("/api/v1/pki/cas", json!({"pem": acme.pem()})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(error_code(&body).0, "ca_exists");
+    let (impostor, _) = self_signed("Acme Devices CA", true);
+    let (status, body) = s
+        .post("/api/v1/pki/cas", json!({"pem": impostor.pem()}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (code, message) = error_code(&body);
+    assert_eq!(code, "ca_subject_taken");
+    assert!(message.contains(&acme_id), "{message}");
+    let (leaf, _) = self_signed("sensor-01", false);
+    let (fleet, garbage) = (s.pki.ca_pem().to_owned(), "not a certificate".to_owned());
+    let two = format!("{}{}", acme.pem(), other.pem());
+    for pem in [leaf.pem(), fleet, garbage, String::new(), two] {
+        let (status, body) = s.post("/api/v1/pki/cas", json!({"pem": pem})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{pem}: {body}");
+        let (code, message) = error_code(&body);
+        assert_eq!(code, "invalid_ca", "{pem}");
+        assert!(message.starts_with("invalid CA certificate: "), "{message}");
+    }
+    let many: serde_json::Map<String, Json> =
+        (0..65).map(|n| (format!("k{n}"), json!("v"))).collect();
+    for bad in [
+        json!({"pem": acme.pem(), "colour": "red"}),
+        json!({"auto_register": true}),
+        json!({"pem": impostor.pem(), "auto_register": "yes"}),
+        json!({"pem": impostor.pem(), "tags": {"": "v"}}),
+        json!({"pem": impostor.pem(), "tags": {"k".repeat(65): "v"}}),
+        json!({"pem": impostor.pem(), "tags": {"k": "v".repeat(257)}}),
+        json!({"pem": impostor.pem(), "tags": many}),
+        json!({"pem": impostor.pem(), "tags": {"k": 1}}),
+    ] {
+        let (status, body) = s.post("/api/v1/pki/cas", bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(error_code(&body).0, "invalid_body", "{bad}");
+    }
+    assert_eq!(s.registry.cas().unwrap().len(), 2);
+    assert_eq!(trust_changes(&s, before), 2);
+
+    // Delete.
+    let mark = s.registry.last_change().unwrap();
+    let resp = s
+        .req(Method::DELETE, &format!("/api/v1/pki/cas/{acme_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(resp.bytes().await.unwrap().is_empty());
+    assert_eq!(trust_changes(&s, mark), 1);
+    for method in [Method::GET, Method::DELETE] {
+        let (status, body) =
+            send(s.req(method.clone(), &format!("/api/v1/pki/cas/{acme_id}"))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method}");
+        let (code, message) = error_code(&body);
+        assert_eq!(code, "ca_not_found", "{method}");
+        assert!(message.contains(&acme_id), "{message}");
+    }
+    assert_eq!(trust_changes(&s, mark), 1);
+    let (_, body) = s.get("/api/v1/pki/cas").await;
+    assert_eq!(body["cas"].as_array().unwrap().len(), 1);
+    assert_eq!(body["cas"][0]["id"], other_id.as_str());
+
+    // With the first one gone, its subject is free again.
+    let (status, body) = s
+        .post("/api/v1/pki/cas", json!({"pem": impostor.pem()}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // Behind the token like everything else.
+    let resp = s
+        .client
+        .get(format!("{}/api/v1/pki/cas", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     s.stop().await;
 }

@@ -20,22 +20,26 @@ mod connection;
 mod frames;
 mod rate;
 pub mod sessions;
+pub mod trust;
 
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, RwLock,
     },
     time::Duration,
 };
 
 use tellus_core::{Change, IngestSender, Registry};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use self::{audit::AuditLog, sessions::Sessions};
+use self::{
+    audit::AuditLog,
+    sessions::Sessions,
+    trust::{ServerIdentity, Trust},
+};
 use crate::{
     pki::Pki,
     routing::{Publisher, RoutingCore},
@@ -173,7 +177,10 @@ pub(crate) fn bump(counter: &AtomicU64) {
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Gate {
-    pub tls: TlsAcceptor,
+    /// Swapped whole when the set of trusted CAs changes; connections take the current one.
+    pub trust: RwLock<Arc<Trust>>,
+    /// To rebuild the trust.
+    pub server_identity: ServerIdentity,
     pub registry: Arc<dyn Registry>,
     pub ingest: IngestSender,
     pub routing: RoutingCore,
@@ -271,6 +278,10 @@ async fn watch_registry(gate: Arc<Gate>, shutdown: CancellationToken) {
         for (seq, change) in changes {
             last = seq;
             let closed = match &change {
+                Change::TrustChanged => {
+                    reload_trust(&gate).await;
+                    false
+                }
                 Change::Revoked { device, serial } => {
                     gate.sessions
                         .close_serial(device, serial, "certificate revoked")
@@ -283,5 +294,38 @@ async fn watch_registry(gate: Arc<Gate>, shutdown: CancellationToken) {
             }
             debug!(?change, closed, "registry change");
         }
+    }
+}
+
+impl Gate {
+    /// The trust in force now.
+    pub fn trust(&self) -> Arc<Trust> {
+        match self.trust.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// Rebuilds the gate's trust from the registry's CAs; new connections use it at once, live
+/// ones keep the trust they were accepted under.
+async fn reload_trust(gate: &Arc<Gate>) {
+    let g = gate.clone();
+    let rebuilt = tokio::task::spawn_blocking(move || {
+        let cas = g.registry.cas().map_err(|e| e.to_string())?;
+        Trust::build(&g.pki, &g.server_identity, &cas).map_err(|e| e.to_string())
+    })
+    .await;
+    match rebuilt {
+        Ok(Ok(trust)) => {
+            let mut current = match gate.trust.write() {
+                Ok(t) => t,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *current = Arc::new(trust);
+            info!("trusted CAs changed; new connections use them");
+        }
+        Ok(Err(e)) => warn!(error = %e, "could not rebuild the gate's trust; keeping the old one"),
+        Err(_) => warn!("rebuilding the gate's trust failed"),
     }
 }

@@ -394,10 +394,14 @@ impl Pki {
         &self,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
+        external_cas: &[CertificateDer<'static>],
     ) -> Result<ServerConfig, PkiError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(self.ca_der.clone())?;
+        for ca in external_cas {
+            roots.add(ca.clone())?;
+        }
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()?;
@@ -416,10 +420,14 @@ pub struct PeerIdentity {
     pub device: DeviceId,
     /// The certificate's serial number in lower-case hex, as [`IssuedCert::serial_hex`].
     pub serial_hex: String,
+    /// The issuer's distinguished name, DER-encoded: which CA signed it.
+    pub issuer_dn: Vec<u8>,
+    /// End of the certificate's validity, in ms since the Unix epoch.
+    pub not_after_ms: i64,
 }
 
 /// The identity a verified client certificate names: its subject CN (exactly one, a valid
-/// [`DeviceId`]) and its serial number.
+/// [`DeviceId`]), its serial number and its issuer.
 pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
     let bad = PkiError::BadCertificate;
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(format!("malformed: {e}")))?;
@@ -435,7 +443,60 @@ pub fn peer_identity(der: &[u8]) -> Result<PeerIdentity, PkiError> {
     Ok(PeerIdentity {
         device,
         serial_hex: hex::encode(cert.raw_serial()),
+        issuer_dn: cert.issuer().as_raw().to_vec(),
+        not_after_ms: cert.validity().not_after.timestamp().saturating_mul(1000),
     })
+}
+
+/// The SHA-256 fingerprint of a certificate, lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+/// What Tellus keeps of an external CA certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaInfo {
+    /// SHA-256 fingerprint of the certificate, lower-case hex.
+    pub id: String,
+    /// The subject, as text.
+    pub subject: String,
+    /// The subject, DER-encoded: what the certificates it signs name as their issuer.
+    pub subject_dn: Vec<u8>,
+    pub der: CertificateDer<'static>,
+}
+
+impl Pki {
+    /// Checks that `pem` is one CA certificate (basic constraints CA:TRUE) that is valid now
+    /// and is not the fleet CA, and returns what the gate needs of it.
+    pub fn inspect_ca(&self, pem: &str) -> Result<CaInfo, PkiError> {
+        let bad = |why: &str| PkiError::BadCertificate(why.to_owned());
+        let mut certs = CertificateDer::pem_slice_iter(pem.as_bytes());
+        let der = match (certs.next(), certs.next()) {
+            (Some(Ok(der)), None) => der,
+            _ => return Err(bad("expected exactly one PEM certificate")),
+        };
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| bad(&format!("malformed: {e}")))?;
+        if !cert.is_ca() {
+            return Err(bad(
+                "the certificate is not a CA (basic constraints CA:TRUE)",
+            ));
+        }
+        if !cert.validity().is_valid() {
+            return Err(bad("the certificate is not valid now"));
+        }
+        let (_, fleet) =
+            X509Certificate::from_der(&self.ca_der).map_err(|e| bad(&format!("fleet CA: {e}")))?;
+        if cert.subject().as_raw() == fleet.subject().as_raw() {
+            return Err(bad("the certificate has the fleet CA's subject"));
+        }
+        Ok(CaInfo {
+            id: fingerprint(&der),
+            subject: cert.subject().to_string(),
+            subject_dn: cert.subject().as_raw().to_vec(),
+            der: der.clone().into_owned(),
+        })
+    }
 }
 
 fn revoked_cert_params(revoked: &Revoked) -> Result<RevokedCertParams, PkiError> {
@@ -706,6 +767,11 @@ mod tests {
         }
     }
 
+    fn subject_dn_of(der: &[u8]) -> Vec<u8> {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        cert.subject().as_raw().to_vec()
+    }
+
     #[test]
     fn issues_a_device_certificate() {
         let dir = tempfile::tempdir().unwrap();
@@ -719,6 +785,8 @@ mod tests {
             PeerIdentity {
                 device: id("sensor-01"),
                 serial_hex: issued.serial_hex.clone(),
+                issuer_dn: subject_dn_of(pki.ca_der()),
+                not_after_ms: issued.not_after_ms,
             }
         );
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
@@ -1003,7 +1071,7 @@ mod tests {
         client_cert: Option<&IssuedCert>,
     ) -> Option<DeviceId> {
         let (chain, key) = pki.server_identity(dir, &[]).unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(pki.gate_tls_config(chain, key).unwrap()));
+        let acceptor = TlsAcceptor::from(Arc::new(pki.gate_tls_config(chain, key, &[]).unwrap()));
 
         let mut roots = RootCertStore::empty();
         roots.add(pki.ca_der().clone()).unwrap();

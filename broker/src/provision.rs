@@ -13,7 +13,7 @@
 
 use tellus_core::{
     now_ms, CertificateRecord, DeviceId, DeviceRecord, InvalidDeviceId, NewDevice, Registry,
-    RegistryError,
+    RegistryError, FLEET_ISSUER,
 };
 
 use crate::pki::{IssuedCert, Pki, PkiError};
@@ -91,6 +91,7 @@ pub fn create_device(
         id,
         created_at_ms: now_ms(),
         tags: Default::default(),
+        cert_issuer: FLEET_ISSUER.to_owned(),
         cert_serial: cert.serial_hex.clone(),
         cert_not_after_ms: cert.not_after_ms,
     })?;
@@ -119,6 +120,7 @@ pub fn rotate_certificate(
     }
     let cert = pki.sign_device_csr(id, csr_pem)?;
     registry.add_certificate(&CertificateRecord {
+        issuer: FLEET_ISSUER.to_owned(),
         serial: cert.serial_hex.clone(),
         device: id.clone(),
         issued_at_ms: now,
@@ -126,6 +128,84 @@ pub fn rotate_certificate(
         revoked_at_ms: None,
     })?;
     Ok(cert)
+}
+
+/// What the registry knows of a connecting certificate, after registering it where its CA
+/// allows that.
+#[derive(Debug)]
+pub struct Known {
+    pub device: Option<DeviceRecord>,
+    pub certificate: Option<CertificateRecord>,
+    /// Registered just now, on this first connection.
+    pub registered: bool,
+}
+
+/// Looks up a connecting device and its certificate (by issuer and serial). When the
+/// certificate's CA registers devices on first connection (`auto_register` holds its tags),
+/// an unknown device is registered with those tags, and an unknown certificate of a device
+/// whose certificates all come from that same CA is recorded; a CA can never take over a
+/// device that another CA vouches for.
+pub fn lookup_connecting(
+    registry: &dyn Registry,
+    id: &DeviceId,
+    issuer: &str,
+    serial: &str,
+    not_after_ms: i64,
+    auto_register: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<Known, RegistryError> {
+    let device = registry.device(id)?;
+    let certificate = registry.certificate(issuer, serial)?;
+    let Some(tags) = auto_register else {
+        return Ok(Known {
+            device,
+            certificate,
+            registered: false,
+        });
+    };
+    let now = now_ms();
+    let record = CertificateRecord {
+        issuer: issuer.to_owned(),
+        serial: serial.to_owned(),
+        device: id.clone(),
+        issued_at_ms: now,
+        not_after_ms,
+        revoked_at_ms: None,
+    };
+    match (&device, &certificate) {
+        (None, _) => {
+            let device = registry.insert_device(&NewDevice {
+                id: id.clone(),
+                created_at_ms: now,
+                tags: tags.clone(),
+                cert_issuer: issuer.to_owned(),
+                cert_serial: serial.to_owned(),
+                cert_not_after_ms: not_after_ms,
+            })?;
+            Ok(Known {
+                device: Some(device),
+                certificate: Some(record),
+                registered: true,
+            })
+        }
+        (Some(_), None)
+            if registry
+                .certificates(id)?
+                .iter()
+                .all(|c| c.issuer == issuer) =>
+        {
+            registry.add_certificate(&record)?;
+            Ok(Known {
+                device,
+                certificate: Some(record),
+                registered: true,
+            })
+        }
+        _ => Ok(Known {
+            device,
+            certificate,
+            registered: false,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ pub mod topic;
 pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
 pub use registry::{
-    AuditDecision, AuditEntry, CertificateRecord, Change, DeviceQuery, DeviceRecord, DeviceStatus,
-    NewDevice, Registry, RegistryError,
+    AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceQuery, DeviceRecord,
+    DeviceStatus, NewDevice, Registry, RegistryError, FLEET_ISSUER,
 };
 pub use telemetry::{DecodeError, Sample, Value};
 

@@ -41,10 +41,15 @@ pub struct DeviceRecord {
     pub cert_not_after_ms: Option<TimestampMs>,
 }
 
+/// The issuer of the certificates Tellus's own fleet CA signs.
+pub const FLEET_ISSUER: &str = "fleet";
+
 /// A certificate the registry knows, issued to one device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CertificateRecord {
-    /// Serial number in lower-case hex.
+    /// [`FLEET_ISSUER`], or the id of the external CA that signed it.
+    pub issuer: String,
+    /// Serial number in lower-case hex, unique per issuer.
     pub serial: String,
     pub device: DeviceId,
     pub issued_at_ms: TimestampMs,
@@ -58,8 +63,26 @@ pub struct NewDevice {
     pub id: DeviceId,
     pub created_at_ms: TimestampMs,
     pub tags: BTreeMap<String, String>,
+    /// [`FLEET_ISSUER`] or an external CA's id.
+    pub cert_issuer: String,
     pub cert_serial: String,
     pub cert_not_after_ms: TimestampMs,
+}
+
+/// An external certificate authority whose device certificates the gate trusts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CaRecord {
+    /// The SHA-256 fingerprint of the CA certificate, in lower-case hex.
+    pub id: String,
+    pub pem: String,
+    /// The CA's subject, as text, for people.
+    pub subject: String,
+    /// Whether a device presenting a valid certificate from this CA is registered on its
+    /// first connection (just-in-time provisioning).
+    pub auto_register: bool,
+    /// Tags given to the devices registered that way.
+    pub tags: BTreeMap<String, String>,
+    pub created_at_ms: TimestampMs,
 }
 
 /// Which devices a listing returns.
@@ -75,9 +98,18 @@ pub struct DeviceQuery<'a> {
 /// Something the gate must act on: a live connection may no longer be allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Revoked { device: DeviceId, serial: String },
-    Disabled { device: DeviceId },
-    Deleted { device: DeviceId },
+    Revoked {
+        device: DeviceId,
+        serial: String,
+    },
+    Disabled {
+        device: DeviceId,
+    },
+    Deleted {
+        device: DeviceId,
+    },
+    /// The set of trusted external CAs changed.
+    TrustChanged,
 }
 
 /// One decision of the edge about a connection.
@@ -121,6 +153,8 @@ pub enum RegistryError {
     AlreadyExists(DeviceId),
     #[error("certificate {0} is not one of this device's")]
     UnknownCertificate(String),
+    #[error("CA {0} is registered already")]
+    CaExists(String),
     #[error("registry backend failed: {0}")]
     Backend(String),
 }
@@ -135,7 +169,11 @@ pub trait Registry: Send + Sync + 'static {
     fn devices(&self, query: &DeviceQuery<'_>) -> Result<Vec<DeviceRecord>, RegistryError>;
     /// Every certificate of a device, newest first.
     fn certificates(&self, id: &DeviceId) -> Result<Vec<CertificateRecord>, RegistryError>;
-    fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, RegistryError>;
+    fn certificate(
+        &self,
+        issuer: &str,
+        serial: &str,
+    ) -> Result<Option<CertificateRecord>, RegistryError>;
     /// Records another certificate of an existing device (rotation).
     fn add_certificate(&self, cert: &CertificateRecord) -> Result<(), RegistryError>;
     /// Enables or disables a device; `None` if there is no such device.
@@ -155,13 +193,19 @@ pub trait Registry: Send + Sync + 'static {
     ) -> Result<Option<Vec<String>>, RegistryError>;
     /// Removes a device; its certificates stay on record, revoked. `false` if there was none.
     fn delete_device(&self, id: &DeviceId, at: TimestampMs) -> Result<bool, RegistryError>;
-    /// Revoked certificates that have not expired by `now`: what a CRL must list.
+    /// Revoked certificates of the fleet CA that have not expired by `now`: what its CRL
+    /// must list.
     fn revoked(&self, now: TimestampMs) -> Result<Vec<CertificateRecord>, RegistryError>;
     /// Changes recorded after sequence number `after`, oldest first, at most `limit`.
     fn changes(&self, after: i64, limit: usize) -> Result<Vec<(i64, Change)>, RegistryError>;
     /// The sequence number of the newest change (0 if none).
     fn last_change(&self) -> Result<i64, RegistryError>;
     fn record_audit(&self, entries: &[AuditEntry]) -> Result<(), RegistryError>;
+    /// Trusts another CA; [`RegistryError::CaExists`] if it is trusted already.
+    fn add_ca(&self, ca: &CaRecord) -> Result<(), RegistryError>;
+    fn cas(&self) -> Result<Vec<CaRecord>, RegistryError>;
+    /// Stops trusting a CA; `false` if it was not trusted.
+    fn delete_ca(&self, id: &str, at: TimestampMs) -> Result<bool, RegistryError>;
     /// Audit entries, newest first, for one device or all, with an id below `before`.
     fn audit(
         &self,

@@ -1,9 +1,11 @@
 //! The embedded device registry: `registry.db` (SQLite) in the data directory.
 //!
 //! - `devices`: id, status, tags (a JSON object);
-//! - `certificates`: every certificate issued to a device, kept (revoked) after the device is
-//!   deleted so that the CRL still lists it;
-//! - `changes`: a sequence of revocations, disables and deletions, written in the same
+//! - `certificates`: every certificate issued to a device, by issuer (the fleet CA or an
+//!   external one) and serial, kept (revoked) after the device is deleted so that the CRL
+//!   still lists it;
+//! - `cas`: the external CAs the gate trusts beside the fleet CA;
+//! - `changes`: a sequence of revocations, disables, deletions and trust changes, written in the same
 //!   transaction as the change itself, which the gate polls to close affected connections;
 //! - `audit`: the edge's decisions about connections, the newest [`AUDIT_KEEP`] kept.
 
@@ -11,8 +13,8 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
-    AuditDecision, AuditEntry, CertificateRecord, Change, DeviceId, DeviceQuery, DeviceRecord,
-    DeviceStatus, NewDevice, Registry, RegistryError, TimestampMs,
+    AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceId, DeviceQuery,
+    DeviceRecord, DeviceStatus, NewDevice, Registry, RegistryError, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -24,20 +26,30 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE devices (
         tags        TEXT NOT NULL DEFAULT '{}'
     );
     CREATE TABLE certificates (
-        serial      TEXT PRIMARY KEY,
+        issuer      TEXT NOT NULL,
+        serial      TEXT NOT NULL,
         device      TEXT NOT NULL,
         issued_at   INTEGER NOT NULL,
         not_after   INTEGER NOT NULL,
-        revoked_at  INTEGER
+        revoked_at  INTEGER,
+        PRIMARY KEY (issuer, serial)
     );
     CREATE INDEX certificates_by_device ON certificates (device, not_after);
     CREATE INDEX certificates_revoked ON certificates (revoked_at) WHERE revoked_at IS NOT NULL;
     CREATE TABLE changes (
         seq     INTEGER PRIMARY KEY AUTOINCREMENT,
         at      INTEGER NOT NULL,
-        device  TEXT NOT NULL,
+        device  TEXT,
         kind    TEXT NOT NULL,
         serial  TEXT
+    );
+    CREATE TABLE cas (
+        id              TEXT PRIMARY KEY,
+        pem             TEXT NOT NULL,
+        subject         TEXT NOT NULL,
+        auto_register   INTEGER NOT NULL,
+        tags            TEXT NOT NULL,
+        created_at      INTEGER NOT NULL
     );
     CREATE TABLE audit (
         id        INTEGER PRIMARY KEY,
@@ -96,8 +108,8 @@ fn device_id(row: &Row<'_>, i: usize) -> Result<DeviceId, rusqlite::Error> {
 /// Devices with their current certificate (of those not revoked, the one valid longest).
 const DEVICE_SELECT: &str = "SELECT d.id, d.created_at, d.status, d.tags, c.serial, c.not_after
     FROM devices d
-    LEFT JOIN certificates c ON c.serial = (
-        SELECT serial FROM certificates
+    LEFT JOIN certificates c ON c.rowid = (
+        SELECT rowid FROM certificates
         WHERE device = d.id AND revoked_at IS NULL
         ORDER BY not_after DESC LIMIT 1)";
 
@@ -117,7 +129,7 @@ fn device_record(row: &Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
     })
 }
 
-const CERT_COLUMNS: &str = "serial, device, issued_at, not_after, revoked_at";
+const CERT_COLUMNS: &str = "serial, device, issued_at, not_after, revoked_at, issuer";
 
 fn certificate_record(row: &Row<'_>) -> Result<CertificateRecord, rusqlite::Error> {
     Ok(CertificateRecord {
@@ -126,6 +138,7 @@ fn certificate_record(row: &Row<'_>) -> Result<CertificateRecord, rusqlite::Erro
         issued_at_ms: row.get(2)?,
         not_after_ms: row.get(3)?,
         revoked_at_ms: row.get(4)?,
+        issuer: row.get(5)?,
     })
 }
 
@@ -149,12 +162,12 @@ fn exists(c: &Connection, id: &DeviceId) -> Result<bool, rusqlite::Error> {
 fn record_change(
     c: &Connection,
     at: TimestampMs,
-    device: &DeviceId,
+    device: Option<&DeviceId>,
     kind: &str,
     serial: Option<&str>,
 ) -> Result<(), rusqlite::Error> {
     c.prepare_cached("INSERT INTO changes (at, device, kind, serial) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![at, device.as_str(), kind, serial])?;
+        .execute(params![at, device.map(DeviceId::as_str), kind, serial])?;
     Ok(())
 }
 
@@ -175,7 +188,7 @@ fn revoke_in(
         .query_map(params![id.as_str(), at, serial], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for s in &serials {
-        record_change(c, at, id, "revoked", Some(s))?;
+        record_change(c, at, Some(id), "revoked", Some(s))?;
     }
     Ok(serials)
 }
@@ -194,9 +207,10 @@ impl Registry for SqliteRegistry {
                 return Ok(None);
             }
             tx.execute(
-                "INSERT INTO certificates (serial, device, issued_at, not_after)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO certificates (issuer, serial, device, issued_at, not_after)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
+                    d.cert_issuer,
                     d.cert_serial,
                     d.id.as_str(),
                     d.created_at_ms,
@@ -241,11 +255,17 @@ impl Registry for SqliteRegistry {
         })
     }
 
-    fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, RegistryError> {
+    fn certificate(
+        &self,
+        issuer: &str,
+        serial: &str,
+    ) -> Result<Option<CertificateRecord>, RegistryError> {
         self.with(|c| {
             c.query_row(
-                &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE serial = ?1"),
-                [serial],
+                &format!(
+                    "SELECT {CERT_COLUMNS} FROM certificates WHERE issuer = ?1 AND serial = ?2"
+                ),
+                [issuer, serial],
                 certificate_record,
             )
             .optional()
@@ -258,9 +278,10 @@ impl Registry for SqliteRegistry {
                 return Ok(false);
             }
             c.execute(
-                "INSERT INTO certificates (serial, device, issued_at, not_after, revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO certificates (issuer, serial, device, issued_at, not_after, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
+                    cert.issuer,
                     cert.serial,
                     cert.device.as_str(),
                     cert.issued_at_ms,
@@ -292,7 +313,7 @@ impl Registry for SqliteRegistry {
                 params![id.as_str(), status.as_str()],
             )?;
             if changed > 0 && status == DeviceStatus::Disabled {
-                record_change(&tx, at, id, "disabled", None)?;
+                record_change(&tx, at, Some(id), "disabled", None)?;
             }
             let record = load_device(&tx, id)?;
             tx.commit()?;
@@ -312,14 +333,14 @@ impl Registry for SqliteRegistry {
                 return Ok(None);
             }
             if let Some(serial) = serial {
-                let owner: Option<String> = tx
+                let owned: Option<()> = tx
                     .query_row(
-                        "SELECT device FROM certificates WHERE serial = ?1",
-                        [serial],
-                        |r| r.get(0),
+                        "SELECT 1 FROM certificates WHERE device = ?1 AND serial = ?2 LIMIT 1",
+                        [id.as_str(), serial],
+                        |_| Ok(()),
                     )
                     .optional()?;
-                if owner.as_deref() != Some(id.as_str()) {
+                if owned.is_none() {
                     return Ok(Some(Err(serial.to_owned())));
                 }
             }
@@ -342,7 +363,7 @@ impl Registry for SqliteRegistry {
             }
             revoke_in(&tx, id, None, at)?;
             tx.execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
-            record_change(&tx, at, id, "deleted", None)?;
+            record_change(&tx, at, Some(id), "deleted", None)?;
             tx.commit()?;
             Ok(true)
         })
@@ -352,9 +373,10 @@ impl Registry for SqliteRegistry {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {CERT_COLUMNS} FROM certificates
-                 WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY revoked_at"
+                 WHERE issuer = ?2 AND revoked_at IS NOT NULL AND not_after > ?1
+                 ORDER BY revoked_at"
             ))?;
-            let rows = stmt.query_map([now], certificate_record)?;
+            let rows = stmt.query_map(params![now, FLEET_ISSUER], certificate_record)?;
             rows.collect()
         })
     }
@@ -366,8 +388,11 @@ impl Registry for SqliteRegistry {
                  ORDER BY seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], |r| {
-                let device = device_id(r, 1)?;
                 let kind: String = r.get(2)?;
+                if kind == "trust" {
+                    return Ok((r.get(0)?, Change::TrustChanged));
+                }
+                let device = device_id(r, 1)?;
                 let serial: Option<String> = r.get(3)?;
                 let change = match (kind.as_str(), serial) {
                     ("revoked", Some(serial)) => Change::Revoked { device, serial },
@@ -414,6 +439,66 @@ impl Registry for SqliteRegistry {
                 [CHANGES_KEEP],
             )?;
             tx.commit()
+        })
+    }
+
+    fn add_ca(&self, ca: &CaRecord) -> Result<(), RegistryError> {
+        let tags = serde_json::to_string(&ca.tags).map_err(backend)?;
+        let added = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let added = tx.execute(
+                "INSERT INTO cas (id, pem, subject, auto_register, tags, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                params![
+                    ca.id,
+                    ca.pem,
+                    ca.subject,
+                    ca.auto_register,
+                    tags,
+                    ca.created_at_ms
+                ],
+            )?;
+            if added > 0 {
+                record_change(&tx, ca.created_at_ms, None, "trust", None)?;
+            }
+            tx.commit()?;
+            Ok(added > 0)
+        })?;
+        if !added {
+            return Err(RegistryError::CaExists(ca.id.clone()));
+        }
+        Ok(())
+    }
+
+    fn cas(&self) -> Result<Vec<CaRecord>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, pem, subject, auto_register, tags, created_at FROM cas ORDER BY created_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let tags: String = r.get(4)?;
+                Ok(CaRecord {
+                    id: r.get(0)?,
+                    pem: r.get(1)?,
+                    subject: r.get(2)?,
+                    auto_register: r.get(3)?,
+                    tags: serde_json::from_str(&tags).map_err(|e| bad_column(4, e))?,
+                    created_at_ms: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn delete_ca(&self, id: &str, at: TimestampMs) -> Result<bool, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let deleted = tx.execute("DELETE FROM cas WHERE id = ?1", [id])?;
+            if deleted > 0 {
+                record_change(&tx, at, None, "trust", None)?;
+            }
+            tx.commit()?;
+            Ok(deleted > 0)
         })
     }
 
@@ -475,6 +560,7 @@ mod tests {
             id: id(device),
             created_at_ms: 1,
             tags: BTreeMap::from([("site".to_owned(), "berlin".to_owned())]),
+            cert_issuer: FLEET_ISSUER.into(),
             cert_serial: serial.into(),
             cert_not_after_ms: not_after,
         }
@@ -533,6 +619,7 @@ mod tests {
         reg.insert_device(&new("a", "01", 100)).unwrap();
         reg.insert_device(&new("b", "02", 500)).unwrap();
         reg.add_certificate(&CertificateRecord {
+            issuer: FLEET_ISSUER.into(),
             serial: "03".into(),
             device: id("a"),
             issued_at_ms: 2,
@@ -584,9 +671,13 @@ mod tests {
             Some(vec!["01".to_owned()])
         );
         assert_eq!(
-            reg.certificate("01").unwrap().unwrap().revoked_at_ms,
+            reg.certificate(FLEET_ISSUER, "01")
+                .unwrap()
+                .unwrap()
+                .revoked_at_ms,
             Some(11)
         );
+        assert_eq!(reg.certificate("other-ca", "01").unwrap(), None);
         // The CRL lists what is revoked and not yet expired.
         let crl = |now| {
             reg.revoked(now)
@@ -637,6 +728,45 @@ mod tests {
         assert_eq!(reg.changes(last, 10).unwrap(), vec![]);
         // A deleted device's certificate stays on the CRL.
         assert_eq!(reg.revoked(0).unwrap()[0].serial, "02");
+    }
+
+    #[test]
+    fn external_cas_are_trusted_changes_and_their_serials_are_their_own() {
+        let (_dir, reg) = open();
+        let ca = CaRecord {
+            id: "ab".into(),
+            pem: "PEM".into(),
+            subject: "CN=Other".into(),
+            auto_register: true,
+            tags: BTreeMap::from([("vendor".to_owned(), "acme".to_owned())]),
+            created_at_ms: 3,
+        };
+        reg.add_ca(&ca).unwrap();
+        assert!(matches!(reg.add_ca(&ca), Err(RegistryError::CaExists(_))));
+        assert_eq!(reg.cas().unwrap(), vec![ca]);
+        // The same serial from two issuers is two certificates.
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&NewDevice {
+            cert_issuer: "ab".into(),
+            ..new("b", "01", 100)
+        })
+        .unwrap();
+        assert_eq!(
+            reg.certificate("ab", "01").unwrap().unwrap().device,
+            id("b")
+        );
+        // Only the fleet CA's revocations belong on its CRL.
+        reg.revoke(&id("b"), None, 5).unwrap();
+        assert!(reg.revoked(0).unwrap().is_empty());
+        assert!(reg.delete_ca("ab", 6).unwrap());
+        assert!(!reg.delete_ca("ab", 7).unwrap());
+        let trust = reg
+            .changes(0, 10)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, c)| *c == Change::TrustChanged)
+            .count();
+        assert_eq!(trust, 2);
     }
 
     #[test]

@@ -12,14 +12,20 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, RwLock},
 };
 
 use anyhow::Context;
 use rand::RngCore;
 use tellus_api::AppState;
 use tellus_broker::{
-    gate::{self, audit::AuditLog, sessions::Sessions, Gate},
+    gate::{
+        self,
+        audit::AuditLog,
+        sessions::Sessions,
+        trust::{ServerIdentity, Trust},
+        Gate,
+    },
     pki::{write_atomic, Pki},
     routing::{self, Publisher, RoutingConfig},
 };
@@ -110,9 +116,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .pki
         .server_identity(&dir.pki(), &config.pki.server_names)
         .context("preparing the server certificate")?;
-    let tls = fleet
-        .pki
-        .gate_tls_config(chain, key)
+    let server_identity = ServerIdentity { chain, key };
+    let cas = fleet.registry.cas().context("reading the trusted CAs")?;
+    let trust = Trust::build(&fleet.pki, &server_identity, &cas)
         .context("building the TLS configuration")?;
 
     let store: Arc<dyn TelemetryStore> = Arc::new(
@@ -145,7 +151,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         AuditLog::spawn(fleet.registry.clone(), AUDIT_QUEUE, gate_stats.clone())
             .context("starting the audit writer")?;
     let gate = Gate {
-        tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        trust: RwLock::new(Arc::new(trust)),
+        server_identity,
         registry: fleet.registry.clone(),
         ingest: ingest_tx,
         routing,

@@ -44,6 +44,14 @@ impl RawDevice {
         }
     }
 
+    /// A device over an established TLS session.
+    pub fn from_tls(stream: TlsStream<TcpStream>) -> RawDevice {
+        RawDevice {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// A TLS connection and an accepted MQTT 3.1.1 CONNECT with this keep-alive.
     pub async fn connected(t: &Tellus, creds: &Credentials, keep_alive: u16) -> RawDevice {
         let mut d = Self::tls(t, creds).await;

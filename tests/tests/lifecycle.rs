@@ -311,3 +311,121 @@ async fn a_connected_device_rotates_its_certificate_over_mqtt() {
     assert_eq!(shown["cert_serial"], new_serial.as_str(), "{shown}");
     assert_eq!(shown["certificates"].as_array().unwrap().len(), 2);
 }
+
+/// A CA of the user's own, made with rcgen.
+fn own_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let pem = params.self_signed(&key).unwrap().pem();
+    (rcgen::Issuer::new(params, key), pem)
+}
+
+/// Device credentials for `id` signed by `ca`, trusting the server through `fleet_ca_pem`.
+fn device_of(ca: &rcgen::Issuer<'_, rcgen::KeyPair>, id: &str, fleet_ca_pem: &str) -> Credentials {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, id);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    Credentials {
+        id: id.parse().unwrap(),
+        cert_pem: params.signed_by(&key, ca).unwrap().pem(),
+        key_pem: key.serialize_pem(),
+        ca_pem: fleet_ca_pem.to_owned(),
+    }
+}
+
+/// Tries to connect until the gate answers with a CONNACK (the gate picks up a newly
+/// trusted CA within one registry poll); returns that CONNACK.
+async fn connack_eventually(t: &Tellus, creds: &Credentials) -> Option<Packet> {
+    for _ in 0..100 {
+        let tcp = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(creds.tls_config().unwrap()));
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        if let Ok(tls) = connector.connect(name, tcp).await {
+            let mut d = RawDevice::from_tls(tls);
+            d.send(&Packet::Connect(rumqttc::mqttbytes::v4::Connect::new(
+                creds.id.as_str(),
+            )))
+            .await;
+            if let Some(answer) = d.recv().await {
+                return Some(answer);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_of_a_registered_external_ca_are_registered_on_first_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let fleet_ca = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
+    let fleet_device = t.create_device("fleet-dev").await;
+    let (acme, acme_pem) = own_ca("Acme Devices CA");
+    let (stranger, _) = own_ca("Stranger CA");
+    let (quiet, quiet_pem) = own_ca("Quiet CA");
+
+    let (status, body) = t
+        .post(
+            "/api/v1/pki/cas",
+            json!({"pem": acme_pem, "auto_register": true, "tags": {"vendor": "acme"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = t.post("/api/v1/pki/cas", json!({"pem": quiet_pem})).await;
+    assert_eq!(status, 201, "{body}");
+
+    // A device of the auto-registering CA connects and is registered with its tags.
+    let acme_7 = device_of(&acme, "acme-7", &fleet_ca);
+    assert_eq!(
+        connack_eventually(&t, &acme_7).await,
+        Some(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success
+        }))
+    );
+    let (status, shown) = t.get("/api/v1/devices/acme-7").await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["tags"], json!({"vendor": "acme"}));
+
+    // A CA that does not register devices lets in only devices registered already; an
+    // unknown CA not even that far; and no CA may speak for a device another CA vouches for.
+    let quiet_1 = device_of(&quiet, "quiet-1", &fleet_ca);
+    assert_eq!(
+        connack_eventually(&t, &quiet_1).await,
+        refused_not_authorized()
+    );
+    let hijack = device_of(&acme, "fleet-dev", &fleet_ca);
+    assert_eq!(try_connect(&t, &hijack).await, refused_not_authorized());
+    let stray = device_of(&stranger, "stray", &fleet_ca);
+    let tcp = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(stray.tls_config().unwrap()));
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    if let Ok(tls) = connector.connect(name, tcp).await {
+        let mut d = RawDevice::from_tls(tls);
+        d.expect_closed(|_| false).await;
+    }
+    for id in ["quiet-1", "stray"] {
+        let (status, _) = t.get(&format!("/api/v1/devices/{id}")).await;
+        assert_eq!(status, 404, "{id} must not be registered");
+    }
+    // The fleet's own devices are unaffected.
+    let mut d = RawDevice::connected(&t, &fleet_device, 30).await;
+    d.send(&Packet::PingReq).await;
+    assert_eq!(d.recv().await, Some(Packet::PingResp));
+}

@@ -76,9 +76,11 @@ impl TryFrom<DeviceRecord> for DeviceView {
     }
 }
 
-/// One certificate of a device; `revoked_at` is `null` while it is not revoked.
+/// One certificate of a device; `revoked_at` is `null` while it is not revoked. `issuer` is
+/// `"fleet"` for Tellus's own CA, or the id of the external CA that signed it.
 #[derive(Debug, Serialize)]
 pub struct CertificateView {
+    pub issuer: String,
     pub serial: String,
     pub issued_at: String,
     pub not_after: String,
@@ -92,6 +94,7 @@ impl TryFrom<CertificateRecord> for CertificateView {
             issued_at: rfc3339(c.issued_at_ms)?,
             not_after: rfc3339(c.not_after_ms)?,
             revoked_at: c.revoked_at_ms.map(rfc3339).transpose()?,
+            issuer: c.issuer,
             serial: c.serial,
         })
     }

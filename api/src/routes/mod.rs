@@ -7,6 +7,7 @@
 //! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] |
 //! | `GET /deadletters`, `GET /deadletters/{id}` | [`deadletters`] |
 //! | `GET /pki/crl.pem` | [`pki`] |
+//! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] |
 //! | `GET /audit` | [`audit`] |
 //! | `GET /stats` | [`stats`] |
 //!
@@ -46,6 +47,8 @@ pub fn v1() -> Router<AppState> {
         .route("/deadletters", get(deadletters::list))
         .route("/deadletters/{id}", get(deadletters::get_one))
         .route("/pki/crl.pem", get(pki::crl))
+        .route("/pki/cas", post(pki::create_ca).get(pki::list_cas))
+        .route("/pki/cas/{id}", get(pki::get_ca).delete(pki::delete_ca))
         .route("/audit", get(audit::list))
         .route("/stats", get(stats::get))
 }

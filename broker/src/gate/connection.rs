@@ -55,6 +55,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::trust::Issuer;
 use super::{
     bump,
     frames::{encode, packet_type, FrameError, FrameReader, PINGRESP, PUBACK},
@@ -62,7 +63,10 @@ use super::{
     sessions::Membership,
     Gate,
 };
-use crate::{pki::peer_identity, provision::rotate_certificate};
+use crate::{
+    pki::peer_identity,
+    provision::{lookup_connecting, rotate_certificate},
+};
 
 /// Keep-alive the gate asks of the routing core for its own link; the gate pings it.
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(60);
@@ -106,7 +110,7 @@ pub async fn serve(gate: &Gate, tcp: TcpStream, peer: SocketAddr, shutdown: Canc
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
-        hs = timeout(gate.config.handshake_timeout, gate.tls.accept(tcp)) => hs,
+        hs = timeout(gate.config.handshake_timeout, gate.trust().acceptor.clone().accept(tcp)) => hs,
     };
     let refused = |counter: &AtomicU64, why: String| {
         bump(counter);
@@ -148,11 +152,19 @@ pub async fn serve(gate: &Gate, tcp: TcpStream, peer: SocketAddr, shutdown: Canc
             return refused(&gate.stats.handshake_failed, why);
         }
     };
+    // The verifier accepted the chain, so one of the trusted CAs issued it; which one is
+    // told by the issuer name (a CA removed since the handshake began is no longer found).
+    let Some(issuer) = gate.trust().issuer(&identity.issuer_dn).cloned() else {
+        let why = "the certificate's issuer is no longer trusted".to_owned();
+        return refused(&gate.stats.handshake_failed, why);
+    };
     let span = info_span!("device", device_id = %identity.device, %peer);
     let peer = Peer {
         addr: peer,
         device: identity.device,
         serial: identity.serial_hex,
+        not_after_ms: identity.not_after_ms,
+        issuer,
     };
     gate.stats.active.fetch_add(1, Ordering::Relaxed);
     Session::start(gate, peer, tls, shutdown)
@@ -579,6 +591,8 @@ struct Peer {
     addr: SocketAddr,
     device: DeviceId,
     serial: String,
+    not_after_ms: i64,
+    issuer: Issuer,
 }
 
 impl Gate {
@@ -676,15 +690,31 @@ async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
     let stats = &gate.stats;
     let registry = gate.registry.clone();
     let (device, serial) = (peer.device.clone(), peer.serial.clone());
+    let (issuer, not_after) = (peer.issuer.clone(), peer.not_after_ms);
     let lookup = tokio::task::spawn_blocking(move || {
-        Ok::<_, tellus_core::RegistryError>((
-            registry.device(&device)?,
-            registry.certificate(&serial)?,
-        ))
+        let tags = issuer.auto_register.as_ref();
+        lookup_connecting(
+            registry.as_ref(),
+            &device,
+            &issuer.id,
+            &serial,
+            not_after,
+            tags,
+        )
     })
     .await;
     let (record, cert) = match lookup {
-        Ok(Ok(found)) => found,
+        Ok(Ok(known)) => {
+            if known.registered {
+                info!(ca = %peer.issuer.id, "registered on first connection");
+                gate.audit(
+                    peer,
+                    AuditDecision::Accepted,
+                    "registered on first connection",
+                );
+            }
+            (known.device, known.certificate)
+        }
         Ok(Err(e)) => {
             warn!(error = %e, "registry lookup failed; refusing for now");
             return Err(Refusal::new(
