@@ -167,6 +167,7 @@ async fn silent_devices_are_closed_at_their_deadlines() {
     .await;
     let (_, stats) = t.get("/api/v1/stats").await;
     assert_eq!(stats["gate"]["connect_timeout"], 1, "{stats}");
+    assert_eq!(stats["gate"]["keep_alive_expired"], 1, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,4 +200,26 @@ async fn a_device_that_stops_reading_is_closed() {
     let mut d = RawDevice::connected(&t, &other, 30).await;
     d.send(&Packet::PingReq).await;
     assert_eq!(d.recv().await, Some(Packet::PingResp));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_packet_closes_the_connection_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), Some("[mqtt]\nmax_packet_size = 1024\n"));
+    let creds = t.create_device("big").await;
+    let mut d = RawDevice::connected(&t, &creds, 30).await;
+    let body = json!({ "blob": "x".repeat(2000) }).to_string();
+    d.send(&publish(
+        "devices/big/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        &body,
+    ))
+    .await;
+    d.expect_closed(|_| false).await;
+    let (_, stats) = t.get("/api/v1/stats").await;
+    assert_eq!(stats["gate"]["packet_too_large"], 1, "{stats}");
+    assert_eq!(stats["ingest"]["received"], 0, "{stats}");
+    t.wait_for_log_line(&["device_id=big", "larger than the limit of 1024"])
+        .await;
 }

@@ -392,8 +392,12 @@ impl<'g> Session<'g> {
                 },
             };
             if let Err(end) = step {
-                if let End::DeviceGone(FrameError::Malformed(_) | FrameError::TooLarge(..)) = &end {
-                    bump(&self.gate.stats.protocol_errors);
+                let stats = &self.gate.stats;
+                match &end {
+                    End::DeviceGone(FrameError::Malformed(_)) => bump(&stats.protocol_errors),
+                    End::DeviceGone(FrameError::TooLarge(..)) => bump(&stats.packet_too_large),
+                    End::KeepAliveExpired => bump(&stats.keep_alive_expired),
+                    _ => {}
                 }
                 return (end, false);
             }
