@@ -1,8 +1,15 @@
-//! The bearer-token middleware in front of every `/api/v1` route.
+//! The bearer-token middleware in front of every `/api/v1` route but one.
 //!
 //! A request must carry `Authorization: Bearer <token>` with the configured admin token.
 //! Tokens are compared in constant time (`subtle`), so response timing does not reveal how
-//! much of a guess was right. An empty configured token admits no one.
+//! much of a guess was right. An empty configured token admits no one. Unknown `/api/v1`
+//! paths are behind the token too, so without it they answer 401, not 404.
+//!
+//! The one exception is `GET /api/v1/pki/crl.pem`: the fleet CA's CRL is signed public data,
+//! fetched by other brokers that front the fleet and hold no admin token. It is not an
+//! exemption inside this middleware: [`crate::router`] mounts [`crate::routes::public`]
+//! beside the routes this middleware wraps, so the middleware never sees that request and
+//! any `Authorization` header on it (a wrong token included) is ignored.
 
 use std::sync::Arc;
 

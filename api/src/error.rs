@@ -30,6 +30,10 @@ pub enum ApiError {
     DeviceExists(DeviceId),
     #[error("device {0} not found")]
     DeviceNotFound(DeviceId),
+    /// The registry's state does not allow what was asked (the device is disabled, say); the
+    /// text says why.
+    #[error("{0}")]
+    Refused(String),
     #[error("certificate {0} is not one of this device's")]
     CertificateNotFound(String),
     #[error("dead letter {0} not found")]
@@ -80,9 +84,10 @@ impl ApiError {
             | ApiError::InvalidBody(_)
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
-            ApiError::DeviceExists(_) | ApiError::CaExists(_) | ApiError::CaSubjectTaken { .. } => {
-                StatusCode::CONFLICT
-            }
+            ApiError::DeviceExists(_)
+            | ApiError::Refused(_)
+            | ApiError::CaExists(_)
+            | ApiError::CaSubjectTaken { .. } => StatusCode::CONFLICT,
             ApiError::DeviceNotFound(_)
             | ApiError::CertificateNotFound(_)
             | ApiError::DeadLetterNotFound(_)
@@ -102,6 +107,7 @@ impl ApiError {
             ApiError::InvalidDeviceId(_) => "invalid_device_id",
             ApiError::DeviceExists(_) => "device_exists",
             ApiError::DeviceNotFound(_) => "device_not_found",
+            ApiError::Refused(_) => "refused",
             ApiError::CertificateNotFound(_) => "certificate_not_found",
             ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
             ApiError::InvalidCsr(_) => "invalid_csr",
@@ -165,10 +171,8 @@ impl From<ProvisionError> for ApiError {
             ProvisionError::InvalidId(e) => ApiError::InvalidDeviceId(e),
             ProvisionError::AlreadyExists(id) => ApiError::DeviceExists(id),
             ProvisionError::BadCsr(reason) => ApiError::InvalidCsr(reason),
-            ProvisionError::UnknownDevice(id) => ApiError::DeviceNotFound(id),
-            e @ (ProvisionError::Pki(_)
-            | ProvisionError::Registry(_)
-            | ProvisionError::TooManyCertificates(_)) => ApiError::internal(e),
+            ProvisionError::Refused(why) => ApiError::Refused(why),
+            e @ (ProvisionError::Pki(_) | ProvisionError::Registry(_)) => ApiError::internal(e),
         }
     }
 }
@@ -179,6 +183,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::AlreadyExists(id) => ApiError::DeviceExists(id),
             RegistryError::UnknownCertificate(serial) => ApiError::CertificateNotFound(serial),
             RegistryError::CaExists(id) => ApiError::CaExists(id),
+            RegistryError::Refused(why) => ApiError::Refused(why),
             e @ RegistryError::Backend(_) => ApiError::internal(e),
         }
     }
@@ -247,6 +252,19 @@ mod tests {
             body,
             serde_json::json!({"error": {"code": "internal", "message": "internal server error"}})
         );
+    }
+
+    #[tokio::test]
+    async fn provisioning_refusals_are_client_errors() {
+        let d1 = DeviceId::parse("d1").unwrap();
+        let (status, body) = parts(ProvisionError::AlreadyExists(d1).into()).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(body["error"]["code"], "device_exists");
+        let why = "the device is disabled".to_owned();
+        let (status, body) = parts(ProvisionError::Refused(why).into()).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(body["error"]["code"], "refused");
+        assert_eq!(body["error"]["message"], "the device is disabled");
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 //! - [`routes`]: the `/api/v1` endpoints, one module per resource (`devices`, `telemetry`,
 //!   `deadletters`, `pki`, `audit`, `stats`), and the helper that runs the blocking store,
 //!   registry and PKI calls on tokio's blocking pool;
-//! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route;
+//! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route but the CRL;
 //! - [`error`]: [`ApiError`], the one place errors become HTTP responses. A 4xx answer is
 //!   `{"error": {"code": "<stable_code>", "message": "<text>"}}`; a 5xx is logged and
 //!   answered with code `internal` and a generic message;
@@ -17,7 +17,8 @@
 //! - [`timestamps`]: times on the wire (RFC 3339 out; RFC 3339 or epoch milliseconds in);
 //! - [`base64`]: the encoder for dead-lettered payloads that are not UTF-8.
 //!
-//! The routes, all behind the bearer token:
+//! The routes, all behind the bearer token except the CRL, which is signed public data that
+//! other brokers in front of the fleet fetch without one:
 //!
 //! | route | what |
 //! |---|---|
@@ -29,7 +30,7 @@
 //! | `DELETE /api/v1/devices/{id}` | remove the device; its certificates stay on the CRL |
 //! | `GET /api/v1/devices/{id}/telemetry`, `…/latest` | points of one metric; newest value of each |
 //! | `GET /api/v1/deadletters`, `…/{id}` | refused payloads |
-//! | `GET /api/v1/pki/crl.pem` | the fleet CA's CRL |
+//! | `GET /api/v1/pki/crl.pem` | the fleet CA's CRL; **no token needed** (none is checked) |
 //! | `POST /api/v1/pki/cas` | trust an external CA `{"pem", "auto_register", "tags"}`; with `auto_register` its devices are registered on first connection |
 //! | `GET /api/v1/pki/cas`, `…/{id}` | the external CAs; one, with its PEM |
 //! | `DELETE /api/v1/pki/cas/{id}` | stop trusting an external CA |
@@ -67,15 +68,20 @@ pub struct AppState {
     pub admin_token: Arc<str>,
 }
 
-/// The whole API: `/api/v1/…` behind the bearer token, and a JSON 404 for anything else.
+/// The whole API: `/api/v1/…` behind the bearer token (unknown paths under it included),
+/// except [`routes::public`] (the CRL), which is merged in after the token layer so that the
+/// layer does not wrap it; and a JSON 404 for anything else.
 pub fn router(state: AppState) -> Router {
-    let v1 = routes::v1()
+    let authenticated = routes::v1()
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.admin_token.clone(),
             auth::require_bearer,
         ));
+    let v1 = routes::public()
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .merge(authenticated);
     Router::new()
         .nest("/api/v1", v1)
         .fallback(routes::not_found)

@@ -586,14 +586,18 @@ fn certificates(body: &Json) -> Vec<(String, Json)> {
         .collect()
 }
 
-/// Fetches the CRL and returns its number and revoked serials (lower-case hex, sorted),
-/// checking that the fleet CA issued it.
-async fn crl(s: &Server) -> (String, Vec<String>) {
+/// Fetches the CRL (without a token: it is public) and returns its number and revoked serials
+/// (lower-case hex, sorted), checking that the fleet CA issued it and that its number is the
+/// time it was generated, in ms.
+async fn crl(s: &Server) -> (u64, Vec<String>) {
+    let before = now_ms() as u64;
     let resp = s
-        .req(Method::GET, "/api/v1/pki/crl.pem")
+        .client
+        .get(format!("{}/api/v1/pki/crl.pem", s.base))
         .send()
         .await
         .unwrap();
+    let after = now_ms() as u64;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "application/x-pem-file");
     let pem = resp.text().await.unwrap();
@@ -607,7 +611,16 @@ async fn crl(s: &Server) -> (String, Vec<String>) {
         .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
         .collect();
     serials.sort();
-    let number = crl.crl_number().expect("a CRL number").to_string();
+    let number: u64 = crl
+        .crl_number()
+        .expect("a CRL number")
+        .to_string()
+        .parse()
+        .unwrap();
+    assert!(
+        (before..=after).contains(&number),
+        "{before} <= {number} <= {after}"
+    );
     (number, serials)
 }
 
@@ -750,7 +763,7 @@ async fn device_life_cycle_revoke_disable_delete_and_the_crl() {
 
     let (number, listed) = crl(&s).await;
     assert_eq!(listed, sorted(vec![a1.clone(), a2.clone()]));
-    assert_ne!(number, number_before);
+    assert!(number > number_before, "{number} > {number_before}");
 
     // Disable and enable.
     let (status, body) = s.post_empty("/api/v1/devices/dev-b/disable").await;
@@ -794,17 +807,49 @@ async fn device_life_cycle_revoke_disable_delete_and_the_crl() {
     let (_, body) = s.get("/api/v1/devices").await;
     assert_eq!(ids(&body), ["dev-a"]);
 
-    let (_, listed) = crl(&s).await;
-    assert_eq!(listed, sorted(vec![a1, a2, b1]));
+    // Without registry changes in between, the next CRL still gets a new, higher number.
+    let (again, listed) = crl(&s).await;
+    assert_eq!(listed, sorted(vec![a1.clone(), a2.clone(), b1.clone()]));
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let (last, _) = crl(&s).await;
+    assert!(last > again, "{last} > {again}");
 
-    // The CRL is behind the token like everything else.
-    let resp = s
-        .client
-        .get(format!("{}/api/v1/pki/crl.pem", s.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // The CRL is public (`crl` fetches it without a token), and a token, even a wrong one, is
+    // ignored there rather than refused.
+    for token in [TOKEN, "wrong"] {
+        let resp = s
+            .client
+            .get(format!("{}/api/v1/pki/crl.pem", s.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{token}");
+        assert!(resp.text().await.unwrap().contains("BEGIN X509 CRL"));
+    }
+    // Another method on it is refused, in the API's error shape, without asking for a token.
+    let (status, body) = send(s.client.post(format!("{}/api/v1/pki/crl.pem", s.base))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_code(&body).0, "method_not_allowed");
+    // Its neighbours still need the token.
+    for path in [
+        "/api/v1/pki/cas",
+        "/api/v1/pki/crl",
+        "/api/v1/pki/crl.pem/x",
+    ] {
+        let (status, body) = send(s.client.get(format!("{}{path}", s.base))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(error_code(&body).0, "unauthorized", "{path}");
+        let (status, _) = send(
+            s.client
+                .get(format!("{}{path}", s.base))
+                .bearer_auth("wrong"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let (status, _) = s.get("/api/v1/pki/cas").await;
+    assert_eq!(status, StatusCode::OK);
     s.stop().await;
 }
 

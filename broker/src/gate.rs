@@ -65,8 +65,9 @@ pub struct GateConfig {
     pub max_inflight: usize,
     /// Longest one write to a device may take; a device that stops reading is closed.
     pub write_timeout: Duration,
-    /// Sustained PUBLISH rate allowed per connection (0: unlimited). Over it the gate stops
-    /// reading that socket until the device is back within its rate: slowed, not cut off.
+    /// Sustained rate of packets a connection may start (PUBLISH, SUBSCRIBE, UNSUBSCRIBE,
+    /// PINGREQ) per second (0: unlimited). Over it the gate stops reading that socket until
+    /// the device is back within its rate: slowed, not cut off.
     pub max_messages_per_second: u32,
     /// Publishes a connection may send at once above its rate (the token bucket's size).
     pub message_burst: u32,
@@ -208,7 +209,12 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
     let gate = Arc::new(gate);
     let slots = Arc::new(Semaphore::new(gate.config.max_connections.max(1)));
     let tasks = TaskTracker::new();
-    tasks.spawn(watch_registry(gate.clone(), shutdown.clone()));
+    // Where the watcher starts reading, taken before the first connection is accepted so
+    // that no change made after it is missed.
+    let Some(since) = last_change(&gate, &shutdown).await else {
+        return;
+    };
+    tasks.spawn(watch_registry(gate.clone(), since, shutdown.clone()));
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -253,18 +259,28 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
     tasks.wait().await;
 }
 
+/// The registry's newest change, retried until it can be read (or the gate is stopped).
+async fn last_change(gate: &Arc<Gate>, shutdown: &CancellationToken) -> Option<i64> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let registry = gate.registry.clone();
+        match tokio::task::spawn_blocking(move || registry.last_change()).await {
+            Ok(Ok(seq)) => return Some(seq),
+            Ok(Err(e)) => warn!(error = %e, "cannot read the registry's change log yet; retrying"),
+            Err(_) => warn!("reading the registry's change log failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Closes the sessions that the registry's changes no longer allow, polling every
 /// [`WATCH_INTERVAL`]. Reading changes rather than being called by the API means a change
 /// made anywhere (the API, the CLI, another node on a shared registry) reaches this gate.
-async fn watch_registry(gate: Arc<Gate>, shutdown: CancellationToken) {
-    let registry = gate.registry.clone();
-    let mut last = match tokio::task::spawn_blocking(move || registry.last_change()).await {
-        Ok(Ok(seq)) => seq,
-        _ => {
-            warn!("cannot read the registry's change log; revocations reach live connections only at their next connect");
-            return;
-        }
-    };
+async fn watch_registry(gate: Arc<Gate>, mut last: i64, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     loop {
         tokio::select! {
@@ -288,6 +304,7 @@ async fn watch_registry(gate: Arc<Gate>, shutdown: CancellationToken) {
                     reload_trust(&gate).await;
                     false
                 }
+                Change::Unknown => false,
                 Change::Revoked { device, serial } => {
                     gate.sessions
                         .close_serial(device, serial, "certificate revoked")

@@ -158,10 +158,14 @@ impl Pki {
                     });
                 }
                 let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-                write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
-                    .map_err(|e| io_err(&key_path, e))?;
-                info!(path = %key_path.display(), "created the fleet CA key");
-                key.serialize_pem()
+                // Another process starting on the same fresh directory may win; then its key
+                // is the CA's.
+                if write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                    .map_err(|e| io_err(&key_path, e))?
+                {
+                    info!(path = %key_path.display(), "created the fleet CA key");
+                }
+                fs::read_to_string(&key_path).map_err(|e| io_err(&key_path, e))?
             }
         };
         let bad_key = |reason: String| PkiError::BadFile {
@@ -174,9 +178,10 @@ impl Pki {
             Some(pem) => pem,
             None => {
                 let pem = ca_params().self_signed(&key)?.pem();
-                write_atomic(&crt_path, pem.as_bytes(), 0o644).map_err(|e| io_err(&crt_path, e))?;
-                info!(path = %crt_path.display(), "created the fleet CA certificate");
-                pem
+                if write_new(&crt_path, pem.as_bytes(), 0o644).map_err(|e| io_err(&crt_path, e))? {
+                    info!(path = %crt_path.display(), "created the fleet CA certificate");
+                }
+                fs::read_to_string(&crt_path).map_err(|e| io_err(&crt_path, e))?
             }
         };
         let bad_crt = |reason: String| PkiError::BadFile {
@@ -658,6 +663,46 @@ fn read_optional(path: &Path) -> Result<Option<String>, PkiError> {
     }
 }
 
+/// A name part no other writer uses at the same time: this process's id and a counter.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
+/// Creates `path` with `contents` and `mode` unless it exists; `false` if it did. The file
+/// appears whole or not at all (a fully written temp file is hard-linked into place, which
+/// fails if the name is taken), so processes racing to create it agree on one content.
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.new", unique_suffix()));
+    let linked = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
+                warn!(dir = %dir.display(), error = %e, "cannot fsync the directory");
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `contents` to `path` through a temp file created with `mode` in the same directory,
 /// fsynced and renamed over `path`: readers see the old file or the whole new one, and a
 /// secret is never readable by others, not even for an instant. Used for every key,
@@ -668,9 +713,8 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    // A temp file left by a crash may have another mode: remove it, then create afresh.
-    let _ = fs::remove_file(&tmp);
+    let tmp = dir.join(format!(".{name}.{}.tmp", unique_suffix()));
+    // The name is this writer's alone; `create_new` refuses a file planted under it.
     let written = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -714,6 +758,27 @@ mod tests {
 
     fn der_of(pem: &str) -> CertificateDer<'static> {
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn processes_creating_the_ca_at_once_agree_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let starts: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.path().to_owned();
+                std::thread::spawn(move || {
+                    Pki::load_or_create(&dir, Duration::from_secs(86_400))
+                        .map(|p| p.ca_pem().to_owned())
+                })
+            })
+            .collect();
+        let pems: Vec<String> = starts
+            .into_iter()
+            .map(|s| s.join().unwrap().unwrap())
+            .collect();
+        assert!(pems.iter().all(|p| *p == pems[0]));
+        let reloaded = Pki::load_or_create(dir.path(), Duration::from_secs(86_400)).unwrap();
+        assert_eq!(reloaded.ca_pem(), pems[0]);
     }
 
     #[test]

@@ -31,12 +31,10 @@ pub enum ProvisionError {
     Pki(#[source] PkiError),
     #[error("device registry: {0}")]
     Registry(#[source] RegistryError),
-    #[error(
-        "device {0} has {MAX_VALID_CERTIFICATES} valid certificates already; revoke one first"
-    )]
-    TooManyCertificates(DeviceId),
-    #[error("device {0} is not registered")]
-    UnknownDevice(DeviceId),
+    /// The registry's state does not allow it (the device is disabled, has too many valid
+    /// certificates, …); the text says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Most certificates of one device that may be valid (not revoked, not expired) at once, so
@@ -56,6 +54,7 @@ impl From<RegistryError> for ProvisionError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::AlreadyExists(id) => ProvisionError::AlreadyExists(id),
+            RegistryError::Refused(why) => ProvisionError::Refused(why),
             other => ProvisionError::Registry(other),
         }
     }
@@ -98,35 +97,32 @@ pub fn create_device(
     Ok(Provisioned { device, cert })
 }
 
-/// Signs a CSR a connected device sent to rotate its certificate and records the new
-/// certificate beside the old ones, which stay valid until they expire or are revoked.
+/// Signs a CSR a connected device sent to rotate its certificate, which it presented as
+/// `presented` (issuer, serial), and records the new certificate beside the old ones, which
+/// stay valid until they expire or are revoked. The registry records it only if, at that
+/// moment, the device is enabled, `presented` is its own and not revoked, and fewer than
+/// [`MAX_VALID_CERTIFICATES`] of its certificates are valid; a revocation or a burst of
+/// CSRs racing with this cannot get past that.
 pub fn rotate_certificate(
     pki: &Pki,
     registry: &dyn Registry,
     id: &DeviceId,
+    presented: (&str, &str),
     csr_pem: &str,
 ) -> Result<IssuedCert, ProvisionError> {
-    if registry.device(id)?.is_none() {
-        return Err(ProvisionError::UnknownDevice(id.clone()));
-    }
-    let now = now_ms();
-    let valid = registry
-        .certificates(id)?
-        .iter()
-        .filter(|c| c.revoked_at_ms.is_none() && c.not_after_ms > now)
-        .count();
-    if valid >= MAX_VALID_CERTIFICATES {
-        return Err(ProvisionError::TooManyCertificates(id.clone()));
-    }
     let cert = pki.sign_device_csr(id, csr_pem)?;
-    registry.add_certificate(&CertificateRecord {
-        issuer: FLEET_ISSUER.to_owned(),
-        serial: cert.serial_hex.clone(),
-        device: id.clone(),
-        issued_at_ms: now,
-        not_after_ms: cert.not_after_ms,
-        revoked_at_ms: None,
-    })?;
+    registry.add_rotated_certificate(
+        presented,
+        &CertificateRecord {
+            issuer: FLEET_ISSUER.to_owned(),
+            serial: cert.serial_hex.clone(),
+            device: id.clone(),
+            issued_at_ms: now_ms(),
+            not_after_ms: cert.not_after_ms,
+            revoked_at_ms: None,
+        },
+        MAX_VALID_CERTIFICATES,
+    )?;
     Ok(cert)
 }
 
@@ -256,25 +252,40 @@ mod tests {
                 .pem()
                 .unwrap()
         };
-        assert!(matches!(
-            rotate_certificate(&pki, &reg, &id, &csr()),
-            Err(ProvisionError::UnknownDevice(_))
-        ));
+        let refused =
+            |r: Result<IssuedCert, ProvisionError>| matches!(r, Err(ProvisionError::Refused(_)));
+        assert!(refused(rotate_certificate(
+            &pki,
+            &reg,
+            &id,
+            (FLEET_ISSUER, "00"),
+            &csr()
+        )));
         let first = create_device(&pki, &reg, "rot", None).unwrap();
+        let presented = (FLEET_ISSUER, first.cert.serial_hex.as_str());
         for _ in 1..MAX_VALID_CERTIFICATES {
-            let next = rotate_certificate(&pki, &reg, &id, &csr()).unwrap();
+            let next = rotate_certificate(&pki, &reg, &id, presented, &csr()).unwrap();
             assert_ne!(next.serial_hex, first.cert.serial_hex);
             assert!(next.key_pem.is_none());
         }
         assert_eq!(reg.certificates(&id).unwrap().len(), MAX_VALID_CERTIFICATES);
-        assert!(matches!(
-            rotate_certificate(&pki, &reg, &id, &csr()),
-            Err(ProvisionError::TooManyCertificates(_))
-        ));
-        // Revoking one makes room again.
+        assert!(refused(rotate_certificate(
+            &pki,
+            &reg,
+            &id,
+            presented,
+            &csr()
+        )));
+        // Once the presenting certificate is revoked it can mint no more.
         reg.revoke(&id, Some(&first.cert.serial_hex), now_ms())
             .unwrap();
-        rotate_certificate(&pki, &reg, &id, &csr()).unwrap();
+        assert!(refused(rotate_certificate(
+            &pki,
+            &reg,
+            &id,
+            presented,
+            &csr()
+        )));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod handoff;
 pub mod id;
 pub mod registry;
+pub mod serial;
 pub mod telemetry;
 pub mod topic;
 

@@ -110,6 +110,8 @@ pub enum Change {
     },
     /// The set of trusted external CAs changed.
     TrustChanged,
+    /// A change this version does not understand (written by a newer one); nothing to do.
+    Unknown,
 }
 
 /// One decision of the edge about a connection.
@@ -155,6 +157,9 @@ pub enum RegistryError {
     UnknownCertificate(String),
     #[error("CA {0} is registered already")]
     CaExists(String),
+    /// The registry's state does not allow what was asked; the text says why.
+    #[error("{0}")]
+    Refused(String),
     #[error("registry backend failed: {0}")]
     Backend(String),
 }
@@ -174,8 +179,18 @@ pub trait Registry: Send + Sync + 'static {
         issuer: &str,
         serial: &str,
     ) -> Result<Option<CertificateRecord>, RegistryError>;
-    /// Records another certificate of an existing device (rotation).
+    /// Records another certificate of an existing device.
     fn add_certificate(&self, cert: &CertificateRecord) -> Result<(), RegistryError>;
+    /// Records a certificate issued to rotate the device's certificate `presented` (issuer,
+    /// serial), checking in the same transaction that the device is enabled, that
+    /// `presented` is its own and not revoked, and that fewer than `max_valid` of its
+    /// certificates are valid; [`RegistryError::Refused`] says which did not hold.
+    fn add_rotated_certificate(
+        &self,
+        presented: (&str, &str),
+        cert: &CertificateRecord,
+        max_valid: usize,
+    ) -> Result<(), RegistryError>;
     /// Enables or disables a device; `None` if there is no such device.
     fn set_status(
         &self,

@@ -107,6 +107,18 @@ pub enum AclDenied {
     NotSubscribable(String),
 }
 
+/// Longest part of a refused topic quoted in an [`AclDenied`]; a device chooses the topic,
+/// so the text that ends up in logs and the audit trail must be bounded.
+const QUOTED: usize = 128;
+
+/// `topic` as quoted in an [`AclDenied`]: at most [`QUOTED`] characters.
+fn quoted(topic: &str) -> String {
+    match topic.char_indices().nth(QUOTED) {
+        None => topic.to_owned(),
+        Some((end, _)) => format!("{}…", &topic[..end]),
+    }
+}
+
 /// A level that names something (a command id, an event name): not empty, no wildcard.
 fn is_plain_level(s: &str) -> bool {
     !s.is_empty() && !s.contains(['+', '#', '\0'])
@@ -131,15 +143,14 @@ pub fn parse(topic: &str) -> Option<(DeviceId, DeviceTopic)> {
 
 /// May `device` publish on `topic`? Returns the topic's kind when it may.
 pub fn check_publish(device: &DeviceId, topic: &str) -> Result<DeviceTopic, AclDenied> {
-    let denied_tree = || AclDenied::OtherTree(topic.to_owned(), device.clone());
+    let denied_tree = || AclDenied::OtherTree(quoted(topic), device.clone());
     let (id, rest) = split_device(topic).ok_or_else(denied_tree)?;
     if id != device.as_str() {
         return Err(denied_tree());
     }
-    let kind =
-        DeviceTopic::parse_rest(&rest).ok_or_else(|| AclDenied::Unknown(topic.to_owned()))?;
+    let kind = DeviceTopic::parse_rest(&rest).ok_or_else(|| AclDenied::Unknown(quoted(topic)))?;
     if !kind.device_may_publish() {
-        return Err(AclDenied::NotPublishable(topic.to_owned()));
+        return Err(AclDenied::NotPublishable(quoted(topic)));
     }
     Ok(kind)
 }
@@ -148,7 +159,7 @@ pub fn check_publish(device: &DeviceId, topic: &str) -> Result<DeviceTopic, AclD
 /// certificates: the command id level may be the single-level wildcard `+`; no other
 /// wildcard is accepted.
 pub fn check_subscribe(device: &DeviceId, filter: &str) -> Result<(), AclDenied> {
-    let denied_tree = || AclDenied::OtherTree(filter.to_owned(), device.clone());
+    let denied_tree = || AclDenied::OtherTree(quoted(filter), device.clone());
     let (id, rest) = split_device(filter).ok_or_else(denied_tree)?;
     if id != device.as_str() {
         return Err(denied_tree());
@@ -161,7 +172,7 @@ pub fn check_subscribe(device: &DeviceId, filter: &str) -> Result<(), AclDenied>
     if allowed {
         Ok(())
     } else {
-        Err(AclDenied::NotSubscribable(filter.to_owned()))
+        Err(AclDenied::NotSubscribable(quoted(filter)))
     }
 }
 
@@ -265,6 +276,14 @@ mod tests {
         ] {
             assert!(check_subscribe(&d, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn refusals_quote_a_bounded_part_of_the_topic() {
+        let d = id("s1");
+        let long = format!("devices/s2/{}", "x".repeat(10_000));
+        let why = check_publish(&d, &long).unwrap_err().to_string();
+        assert!(why.len() < 300, "{why}");
     }
 
     #[test]

@@ -67,10 +67,12 @@ pub const AUDIT_KEEP: i64 = 1_000_000;
 /// Changes kept; the gate reads them within a second, so this is only a safety margin.
 const CHANGES_KEEP: i64 = 100_000;
 
-/// The registry in a SQLite file. One connection behind a mutex: registry calls are short
-/// indexed lookups, and writes are rare.
+/// The registry in a SQLite file. One connection behind a mutex for devices, certificates,
+/// CAs and changes (short indexed lookups; writes are operator actions), and one for the
+/// audit trail, whose batched writes must never queue the gate's lookups behind them.
 pub struct SqliteRegistry {
     conn: Mutex<Connection>,
+    audit: Mutex<Connection>,
 }
 
 fn backend(e: impl std::fmt::Display) -> RegistryError {
@@ -81,6 +83,9 @@ impl SqliteRegistry {
     pub fn open(path: &Path) -> Result<Self, rusqlite::Error> {
         Ok(SqliteRegistry {
             conn: Mutex::new(sqlite::open(path, "FULL", MIGRATIONS)?),
+            // Losing the last audit entries in a power cut is acceptable; an fsync per batch
+            // is not worth it.
+            audit: Mutex::new(sqlite::open(path, "NORMAL", MIGRATIONS)?),
         })
     }
 
@@ -88,10 +93,14 @@ impl SqliteRegistry {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, RegistryError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| backend("registry lock poisoned"))?;
+        Self::on(&self.conn, f)
+    }
+
+    fn on<T>(
+        conn: &Mutex<Connection>,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, RegistryError> {
+        let mut conn = conn.lock().map_err(|_| backend("registry lock poisoned"))?;
         f(&mut conn).map_err(backend)
     }
 }
@@ -159,6 +168,22 @@ fn exists(c: &Connection, id: &DeviceId) -> Result<bool, rusqlite::Error> {
     .map(|found| found.is_some())
 }
 
+fn insert_certificate(c: &Connection, cert: &CertificateRecord) -> Result<(), rusqlite::Error> {
+    c.prepare_cached(
+        "INSERT INTO certificates (issuer, serial, device, issued_at, not_after, revoked_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        cert.issuer,
+        cert.serial,
+        cert.device.as_str(),
+        cert.issued_at_ms,
+        cert.not_after_ms,
+        cert.revoked_at_ms
+    ])?;
+    Ok(())
+}
+
 fn record_change(
     c: &Connection,
     at: TimestampMs,
@@ -168,6 +193,8 @@ fn record_change(
 ) -> Result<(), rusqlite::Error> {
     c.prepare_cached("INSERT INTO changes (at, device, kind, serial) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![at, device.map(DeviceId::as_str), kind, serial])?;
+    c.prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
+        .execute([c.last_insert_rowid() - CHANGES_KEEP])?;
     Ok(())
 }
 
@@ -274,30 +301,67 @@ impl Registry for SqliteRegistry {
 
     fn add_certificate(&self, cert: &CertificateRecord) -> Result<(), RegistryError> {
         let added = self.with(|c| {
-            if !exists(c, &cert.device)? {
+            let tx = sqlite::write_transaction(c)?;
+            if !exists(&tx, &cert.device)? {
                 return Ok(false);
             }
-            c.execute(
-                "INSERT INTO certificates (issuer, serial, device, issued_at, not_after, revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    cert.issuer,
-                    cert.serial,
-                    cert.device.as_str(),
-                    cert.issued_at_ms,
-                    cert.not_after_ms,
-                    cert.revoked_at_ms
-                ],
-            )?;
+            insert_certificate(&tx, cert)?;
+            tx.commit()?;
             Ok(true)
         })?;
         if !added {
-            return Err(RegistryError::Backend(format!(
+            return Err(RegistryError::Refused(format!(
                 "no device {} to add a certificate to",
                 cert.device
             )));
         }
         Ok(())
+    }
+
+    fn add_rotated_certificate(
+        &self,
+        (issuer, serial): (&str, &str),
+        cert: &CertificateRecord,
+        max_valid: usize,
+    ) -> Result<(), RegistryError> {
+        let refusal = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let device = load_device(&tx, &cert.device)?;
+            let presented: Option<(String, Option<i64>)> = tx
+                .query_row(
+                    "SELECT device, revoked_at FROM certificates WHERE issuer = ?1 AND serial = ?2",
+                    [issuer, serial],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let valid: i64 = tx.query_row(
+                "SELECT count(*) FROM certificates
+                 WHERE device = ?1 AND revoked_at IS NULL AND not_after > ?2",
+                params![cert.device.as_str(), cert.issued_at_ms],
+                |r| r.get(0),
+            )?;
+            let refusal = match (device, presented) {
+                (None, _) => Some("the device is not registered".to_owned()),
+                (Some(d), _) if d.status == DeviceStatus::Disabled => {
+                    Some("the device is disabled".to_owned())
+                }
+                (_, Some((owner, None))) if owner == cert.device.as_str() => {
+                    (valid as usize >= max_valid).then(|| {
+                        format!("the device has {max_valid} valid certificates already; revoke one first")
+                    })
+                }
+                _ => Some("the certificate this request came with is revoked".to_owned()),
+            };
+            if refusal.is_none() {
+                insert_certificate(&tx, cert)?;
+                tx.commit()?;
+            }
+            Ok(refusal)
+        })?;
+        match refusal {
+            None => Ok(()),
+            Some(why) => Err(RegistryError::Refused(why)),
+        }
     }
 
     fn set_status(
@@ -382,27 +446,41 @@ impl Registry for SqliteRegistry {
     }
 
     fn changes(&self, after: i64, limit: usize) -> Result<Vec<(i64, Change)>, RegistryError> {
-        self.with(|c| {
+        let rows: Vec<(i64, Option<String>, String, Option<String>)> = self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT seq, device, kind, serial FROM changes WHERE seq > ?1
                  ORDER BY seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], |r| {
-                let kind: String = r.get(2)?;
-                if kind == "trust" {
-                    return Ok((r.get(0)?, Change::TrustChanged));
-                }
-                let device = device_id(r, 1)?;
-                let serial: Option<String> = r.get(3)?;
-                let change = match (kind.as_str(), serial) {
-                    ("revoked", Some(serial)) => Change::Revoked { device, serial },
-                    ("disabled", _) => Change::Disabled { device },
-                    _ => Change::Deleted { device },
-                };
-                Ok((r.get(0)?, change))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })?;
             rows.collect()
-        })
+        })?;
+        // A row this version does not understand is skipped (and logged), never retried
+        // forever: the sequence number still moves past it.
+        Ok(rows
+            .into_iter()
+            .map(|(seq, device, kind, serial)| {
+                let device = device.as_deref().map(DeviceId::parse);
+                let change = match (kind.as_str(), device, serial) {
+                    ("trust", _, _) => Change::TrustChanged,
+                    ("revoked", Some(Ok(device)), Some(serial)) => {
+                        Change::Revoked { device, serial }
+                    }
+                    ("disabled", Some(Ok(device)), _) => Change::Disabled { device },
+                    ("deleted", Some(Ok(device)), _) => Change::Deleted { device },
+                    (kind, ..) => {
+                        tracing::warn!(
+                            seq,
+                            kind,
+                            "skipping a registry change this version does not understand"
+                        );
+                        Change::Unknown
+                    }
+                };
+                (seq, change)
+            })
+            .collect())
     }
 
     fn last_change(&self) -> Result<i64, RegistryError> {
@@ -414,7 +492,7 @@ impl Registry for SqliteRegistry {
     }
 
     fn record_audit(&self, entries: &[AuditEntry]) -> Result<(), RegistryError> {
-        self.with(|c| {
+        Self::on(&self.audit, |c| {
             let tx = sqlite::write_transaction(c)?;
             {
                 let mut insert = tx.prepare_cached(
@@ -434,10 +512,6 @@ impl Registry for SqliteRegistry {
             }
             let last = tx.last_insert_rowid();
             tx.execute("DELETE FROM audit WHERE id <= ?1", [last - AUDIT_KEEP])?;
-            tx.execute(
-                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
-                [CHANGES_KEEP],
-            )?;
             tx.commit()
         })
     }
@@ -508,12 +582,13 @@ impl Registry for SqliteRegistry {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, RegistryError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, at, peer, device, serial, decision, reason FROM audit
-                 WHERE id < ?1 AND (?2 IS NULL OR device = ?2)
-                 ORDER BY id DESC LIMIT ?3",
-            )?;
+        Self::on(&self.audit, |c| {
+            // Two statements, so that each can use its index.
+            let by_device = "SELECT id, at, peer, device, serial, decision, reason FROM audit
+                 WHERE device = ?2 AND id < ?1 ORDER BY id DESC LIMIT ?3";
+            let all = "SELECT id, at, peer, device, serial, decision, reason FROM audit
+                 WHERE id < ?1 AND ?2 IS NULL ORDER BY id DESC LIMIT ?3";
+            let mut stmt = c.prepare_cached(if device.is_some() { by_device } else { all })?;
             let rows = stmt.query_map(
                 params![
                     before.unwrap_or(i64::MAX),
@@ -767,6 +842,66 @@ mod tests {
             .filter(|(_, c)| *c == Change::TrustChanged)
             .count();
         assert_eq!(trust, 2);
+    }
+
+    #[test]
+    fn a_rotated_certificate_is_recorded_only_when_everything_still_holds() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 1_000)).unwrap();
+        let rotated = |serial: &str| CertificateRecord {
+            issuer: FLEET_ISSUER.into(),
+            serial: serial.into(),
+            device: id("a"),
+            issued_at_ms: 10,
+            not_after_ms: 1_000,
+            revoked_at_ms: None,
+        };
+        let refused = |r: Result<(), RegistryError>| match r {
+            Err(RegistryError::Refused(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        reg.add_rotated_certificate((FLEET_ISSUER, "01"), &rotated("02"), 3)
+            .unwrap();
+        // At the limit of valid certificates.
+        reg.add_rotated_certificate((FLEET_ISSUER, "02"), &rotated("03"), 3)
+            .unwrap();
+        assert!(
+            refused(reg.add_rotated_certificate((FLEET_ISSUER, "01"), &rotated("04"), 3))
+                .contains("valid certificates already")
+        );
+        // With a revoked certificate, or one of another device, or for a disabled device.
+        reg.revoke(&id("a"), Some("03"), 11).unwrap();
+        assert!(
+            refused(reg.add_rotated_certificate((FLEET_ISSUER, "03"), &rotated("05"), 3))
+                .contains("revoked")
+        );
+        reg.insert_device(&new("b", "0b", 1_000)).unwrap();
+        assert!(
+            refused(reg.add_rotated_certificate((FLEET_ISSUER, "0b"), &rotated("06"), 3))
+                .contains("revoked")
+        );
+        reg.set_status(&id("a"), DeviceStatus::Disabled, 12)
+            .unwrap();
+        assert!(
+            refused(reg.add_rotated_certificate((FLEET_ISSUER, "01"), &rotated("07"), 3))
+                .contains("disabled")
+        );
+        assert_eq!(reg.certificates(&id("a")).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn processes_opening_a_new_registry_at_once_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        let openers: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || SqliteRegistry::open(&path).map(|_| ()))
+            })
+            .collect();
+        for o in openers {
+            o.join().unwrap().unwrap();
+        }
     }
 
     #[test]

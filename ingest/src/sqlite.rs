@@ -26,15 +26,20 @@ pub fn open(
     Ok(conn)
 }
 
+/// Applies the migrations the database lacks, each in its own transaction. The version is
+/// read inside the transaction that holds the write lock, so two processes opening a new
+/// data directory at once apply each migration once.
 fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), rusqlite::Error> {
-    let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (i, sql) in migrations.iter().enumerate().skip(current) {
+    loop {
         let tx = write_transaction(conn)?;
+        let current: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let Some(sql) = migrations.get(current) else {
+            return Ok(());
+        };
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.pragma_update(None, "user_version", current + 1)?;
         tx.commit()?;
     }
-    Ok(())
 }
 
 /// A transaction that takes the write lock at its start. Another process (the CLI beside a

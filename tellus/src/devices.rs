@@ -46,10 +46,14 @@ pub fn create(config: &Config, id: &str, out: &Path) -> anyhow::Result<String> {
     ))
 }
 
-/// Revokes one certificate of the device (`serial`, in hex), or all of them.
+/// Revokes one certificate of the device (`serial`, in hex: any case, colons allowed; see
+/// [`tellus_core::serial::normalize`]), or all of them.
 pub fn revoke(config: &Config, id: &str, serial: Option<&str>) -> anyhow::Result<String> {
     let (fleet, id) = open_existing(config, id)?;
-    let serial = serial.map(normalize_serial).transpose()?;
+    let serial = serial
+        .map(tellus_core::serial::normalize)
+        .transpose()
+        .context("--serial")?;
     let revoked = match fleet.registry.revoke(&id, serial.as_deref(), now_ms()) {
         Ok(Some(revoked)) => revoked,
         Ok(None) => bail!("no device {id} in {}", config.data_dir.display()),
@@ -119,16 +123,6 @@ fn open_existing(config: &Config, id: &str) -> anyhow::Result<(Fleet, DeviceId)>
         );
     }
     Ok((Fleet::open(&dir, config)?, id))
-}
-
-/// A serial number as the registry writes it: lower-case hex without separators, so that one
-/// copied from `openssl x509 -serial` (upper case) or with colons works too.
-fn normalize_serial(serial: &str) -> anyhow::Result<String> {
-    let hex = serial.trim().replace(':', "").to_ascii_lowercase();
-    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("--serial: expected a certificate serial number in hex, found {serial:?}");
-    }
-    Ok(hex)
 }
 
 #[cfg(test)]

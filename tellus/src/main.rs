@@ -71,7 +71,8 @@ enum DeviceCommand {
     /// Revoke one certificate of a device, or all of them; its connection is closed.
     Revoke {
         id: String,
-        /// The certificate's serial number in hex [default: every certificate of the device].
+        /// The certificate's serial number in hex, any case, colons allowed (as `openssl x509
+        /// -serial` prints it) [default: every certificate of the device].
         #[arg(long)]
         serial: Option<String>,
         #[command(flatten)]

@@ -173,7 +173,11 @@ async fn silent_devices_are_closed_at_their_deadlines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_stops_reading_is_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let t = Tellus::start_in(dir.path(), Some("[mqtt]\nwrite_timeout = \"1s\"\n"));
+    // Unlimited rate: this is about the write deadline, not about slowing the device down.
+    let t = Tellus::start_in(
+        dir.path(),
+        Some("[mqtt]\nwrite_timeout = \"1s\"\nmax_messages_per_second = 0\n"),
+    );
     let creds = t.create_device("deaf").await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

@@ -31,6 +31,24 @@ async fn closed_after(d: &mut RawDevice, since: Instant) -> std::time::Duration 
     since.elapsed()
 }
 
+/// The audit listing at `path` once it holds at least `n` entries: the trail is written in
+/// the background, a moment after the decision.
+async fn audit_with(t: &Tellus, path: &str, n: usize) -> Value {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, audit) = t.get(path).await;
+        assert_eq!(status, 200, "{audit}");
+        if audit["entries"].as_array().map_or(0, Vec::len) >= n {
+            return audit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} audit entries: {audit}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn post(t: &Tellus, path: &str) -> (u16, Value) {
     t.post(path, json!({})).await
 }
@@ -96,7 +114,7 @@ async fn revoking_disabling_and_deleting_close_live_connections() {
     );
 
     // Every decision is in the audit trail, with the reason.
-    let (_, audit) = t.get("/api/v1/audit?device=rev").await;
+    let audit = audit_with(&t, "/api/v1/audit?device=rev", 3).await;
     let reasons: Vec<&str> = audit["entries"]
         .as_array()
         .unwrap()
@@ -200,7 +218,7 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
         t.wait_for_log_line(&["TLS handshake refused", expect])
             .await;
     }
-    let (_, audit) = t.get("/api/v1/audit").await;
+    let audit = audit_with(&t, "/api/v1/audit", 2).await;
     let reasons: Vec<&str> = audit["entries"]
         .as_array()
         .unwrap()

@@ -226,7 +226,8 @@ pub async fn get_one(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
-    /// The certificate to revoke, in hex (any case, colons allowed); absent: all of them.
+    /// The certificate to revoke, in hex (any case, colons allowed; see
+    /// [`tellus_core::serial::normalize`]); absent: all of them.
     pub serial: Option<String>,
 }
 
@@ -251,8 +252,9 @@ pub async fn revoke(
     let serial = body
         .unwrap_or_default()
         .serial
-        .map(|s| normalize_serial(&s))
-        .transpose()?;
+        .map(|s| tellus_core::serial::normalize(&s))
+        .transpose()
+        .map_err(|e| ApiError::InvalidBody(format!("serial: {e}")))?;
     let registry = state.registry.clone();
     let (record, revoked) = blocking(move || {
         let Some(revoked) = registry.revoke(&id, serial.as_deref(), now_ms())? else {
@@ -269,17 +271,6 @@ pub async fn revoke(
         device: record.try_into()?,
         revoked,
     }))
-}
-
-/// A serial number as the registry writes it: lower-case hex without separators.
-fn normalize_serial(serial: &str) -> Result<String, ApiError> {
-    let hex = serial.trim().replace(':', "").to_ascii_lowercase();
-    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::InvalidBody(format!(
-            "serial: expected the certificate's serial number in hex, found {serial:?}"
-        )));
-    }
-    Ok(hex)
 }
 
 /// `POST /api/v1/devices/{id}/disable`: the gate refuses the device (and closes its
@@ -348,18 +339,6 @@ mod tests {
         for bad in ["", "soon", "30", "-1d"] {
             assert!(
                 matches!(expiring_before(0, bad), Err(ApiError::InvalidQuery(_))),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn serials_are_normalized_to_lower_case_hex() {
-        assert_eq!(normalize_serial("0A:bC:12").unwrap(), "0abc12");
-        assert_eq!(normalize_serial(" ff ").unwrap(), "ff");
-        for bad in ["", ":", "xyz", "0a 0b"] {
-            assert!(
-                matches!(normalize_serial(bad), Err(ApiError::InvalidBody(_))),
                 "{bad}"
             );
         }

@@ -1,15 +1,16 @@
-//! The `/api/v1` endpoints, one module per resource:
+//! The `/api/v1` endpoints, one module per resource. [`v1`] holds those behind the bearer
+//! token, [`public`] the one served without it:
 //!
-//! | route | module |
-//! |---|---|
-//! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] |
-//! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] |
-//! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] |
-//! | `GET /deadletters`, `GET /deadletters/{id}` | [`deadletters`] |
-//! | `GET /pki/crl.pem` | [`pki`] |
-//! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] |
-//! | `GET /audit` | [`audit`] |
-//! | `GET /stats` | [`stats`] |
+//! | route | module | token |
+//! |---|---|---|
+//! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] | yes |
+//! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] | yes |
+//! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] | yes |
+//! | `GET /deadletters`, `GET /deadletters/{id}` | [`deadletters`] | yes |
+//! | `GET /pki/crl.pem` | [`pki`] | **no**: signed public data, for other brokers |
+//! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] | yes |
+//! | `GET /audit` | [`audit`] | yes |
+//! | `GET /stats` | [`stats`] | yes |
 //!
 //! Store, registry and PKI calls block (SQLite, key generation, CRL signing), so handlers run
 //! them through [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for
@@ -31,7 +32,14 @@ pub mod pki;
 pub mod stats;
 pub mod telemetry;
 
-/// The `/api/v1` routes, before authentication and fallbacks are added.
+/// The `/api/v1` routes served without the bearer token: only the fleet CA's CRL, which is
+/// signed public data for relying parties (other brokers) that hold no admin token.
+pub fn public() -> Router<AppState> {
+    Router::new().route("/pki/crl.pem", get(pki::crl))
+}
+
+/// The `/api/v1` routes behind the bearer token, before authentication and fallbacks are
+/// added.
 pub fn v1() -> Router<AppState> {
     Router::new()
         .route("/devices", post(devices::create).get(devices::list))
@@ -46,7 +54,6 @@ pub fn v1() -> Router<AppState> {
         .route("/devices/{id}/latest", get(telemetry::latest))
         .route("/deadletters", get(deadletters::list))
         .route("/deadletters/{id}", get(deadletters::get_one))
-        .route("/pki/crl.pem", get(pki::crl))
         .route("/pki/cas", post(pki::create_ca).get(pki::list_cas))
         .route("/pki/cas/{id}", get(pki::get_ca).delete(pki::delete_ca))
         .route("/audit", get(audit::list))

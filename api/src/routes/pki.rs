@@ -2,10 +2,16 @@
 //! the external CAs trusted beside the fleet CA ("bring your own CA": `/pki/cas`).
 //!
 //! The CRL is built on every request from the registry (what is revoked and not yet expired)
-//! and signed by the fleet CA; nothing is cached. The CRL number is the registry's newest
-//! change sequence number, which only grows, so a CRL issued after a revocation always has a
-//! higher number than one issued before it. Tellus itself does not need the CRL (the gate
-//! checks the registry); it is for relying parties other than the gate.
+//! and signed by the fleet CA; nothing is cached. Tellus itself does not need the CRL (the
+//! gate checks the registry); it is for relying parties other than the gate, such as other
+//! brokers in front of the fleet. It is signed public data, so it is the one endpoint served
+//! without the bearer token (see [`crate::auth`]).
+//!
+//! The CRL number is the time the CRL was generated, in milliseconds since the Unix epoch.
+//! Two CRLs may differ without any registry change in between (an expired certificate drops
+//! off), so a number derived from the registry could name two different lists; the clock
+//! gives each generated CRL its own, growing number (short of two CRLs in one millisecond,
+//! which then list the same thing anyway, or the clock being set back).
 //!
 //! An external CA is checked by `Pki::inspect_ca` (one CA certificate, valid now, not the
 //! fleet CA) and written to the registry; the gate reads the registry's `TrustChanged` change
@@ -41,12 +47,13 @@ pub const MAX_TAG_KEY_CHARS: usize = 64;
 /// A tag value is at most this many characters.
 pub const MAX_TAG_VALUE_CHARS: usize = 256;
 
-/// `GET /api/v1/pki/crl.pem`: the CRL in PEM, as `application/x-pem-file`.
+/// `GET /api/v1/pki/crl.pem`: the CRL in PEM, as `application/x-pem-file`. No token needed.
 pub async fn crl(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (registry, pki) = (state.registry.clone(), state.pki.clone());
     let pem = blocking(move || {
+        let now = now_ms();
         let revoked: Vec<Revoked> = registry
-            .revoked(now_ms())?
+            .revoked(now)?
             .into_iter()
             .map(|c| Revoked {
                 serial_hex: c.serial,
@@ -54,7 +61,8 @@ pub async fn crl(State(state): State<AppState>) -> Result<Response, ApiError> {
                 revoked_at_ms: c.revoked_at_ms.unwrap_or_default(),
             })
             .collect();
-        let number = u64::try_from(registry.last_change()?).unwrap_or(0);
+        // Before 1970 only with a broken clock; the CRL is still valid with number 0.
+        let number = u64::try_from(now).unwrap_or(0);
         pki.crl_pem(&revoked, number, CRL_NEXT_UPDATE)
             .map_err(ApiError::internal)
     })

@@ -4,14 +4,29 @@
 //! full (the registry is slower than a connection storm), the entry is shed and counted in
 //! `audit_dropped` (policy: shed, counted; the edge is never slowed by its own bookkeeping).
 //! One thread writes whatever is queued in one transaction.
+//!
+//! Input cannot make the trail large or wash it out: a reason is cut at [`MAX_REASON`]
+//! bytes, and refusals of connections that never named a device (anyone can open a socket)
+//! pass at most [`ANONYMOUS_PER_SECOND`] a second; the rest are shed and counted like above,
+//! while the gate's counters still count every one of them.
 
-use std::{sync::Arc, thread};
+use std::{
+    sync::{Arc, Mutex},
+    thread,
+};
 
 use tellus_core::{AuditEntry, Registry};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::{bump, GateStats};
+use super::{bump, rate::TokenBucket, GateStats};
+
+/// Longest reason kept, in bytes.
+pub const MAX_REASON: usize = 256;
+/// Audit entries a second for connections that never named a device.
+pub const ANONYMOUS_PER_SECOND: u32 = 20;
+/// How many of those may come at once.
+const ANONYMOUS_BURST: u32 = 200;
 
 /// Most entries written in one transaction.
 const BATCH: usize = 1_000;
@@ -21,6 +36,7 @@ const BATCH: usize = 1_000;
 pub struct AuditLog {
     tx: mpsc::Sender<AuditEntry>,
     stats: Arc<GateStats>,
+    anonymous: Arc<Mutex<TokenBucket>>,
 }
 
 /// The writer thread; [`AuditWriter::finished`] waits until it has written everything it was
@@ -54,11 +70,31 @@ impl AuditLog {
                 batch.clear();
             }
         })?;
-        Ok((AuditLog { tx, stats }, AuditWriter { thread }))
+        let anonymous = TokenBucket::new(ANONYMOUS_PER_SECOND, ANONYMOUS_BURST);
+        let log = AuditLog {
+            tx,
+            stats,
+            anonymous: Arc::new(Mutex::new(anonymous)),
+        };
+        Ok((log, AuditWriter { thread }))
     }
 
-    /// Queues an entry, or sheds and counts it when the queue is full.
-    pub fn record(&self, entry: AuditEntry) {
+    /// Queues an entry, or sheds and counts it when the queue is full (or, for a connection
+    /// that named no device, when those come faster than [`ANONYMOUS_PER_SECOND`]).
+    pub fn record(&self, mut entry: AuditEntry) {
+        if entry.device.is_none() {
+            let over = match self.anonymous.lock() {
+                Ok(mut bucket) => bucket.take().is_some(),
+                Err(_) => false,
+            };
+            if over {
+                bump(&self.stats.audit_dropped);
+                return;
+            }
+        }
+        if entry.reason.len() > MAX_REASON {
+            entry.reason = clip(&entry.reason, MAX_REASON);
+        }
         if self.tx.try_send(entry).is_err() {
             bump(&self.stats.audit_dropped);
         }
@@ -72,5 +108,29 @@ impl AuditWriter {
             Ok(Ok(())) => {}
             _ => warn!("audit writer panicked"),
         }
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, with "…" when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        let cut = clip(&"é".repeat(300), MAX_REASON);
+        assert!(cut.len() <= MAX_REASON && cut.ends_with('…'), "{cut}");
     }
 }

@@ -17,7 +17,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -55,7 +55,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::trust::Issuer;
+use super::{audit::clip, trust::Issuer};
 use super::{
     bump,
     frames::{encode, packet_type, FrameError, FrameReader, PINGRESP, PUBACK},
@@ -65,7 +65,7 @@ use super::{
 };
 use crate::{
     pki::peer_identity,
-    provision::{lookup_connecting, rotate_certificate},
+    provision::{lookup_connecting, rotate_certificate, ProvisionError},
 };
 
 /// Keep-alive the gate asks of the routing core for its own link; the gate pings it.
@@ -208,6 +208,12 @@ struct Session<'g> {
     /// QoS 2 publishes answered (or to be answered) with PUBREC and awaiting the device's
     /// PUBREL. At most one entry per packet id, so at most 65,535.
     qos2: HashMap<u16, Safe>,
+    /// The certificate this connection presented (issuer, serial): what a CSR is checked
+    /// against.
+    peer_issuer: String,
+    peer_serial: String,
+    /// Whether a certificate rotation is under way: one at a time per connection.
+    rotating: Arc<AtomicBool>,
 }
 
 impl<'g> Session<'g> {
@@ -260,13 +266,15 @@ impl<'g> Session<'g> {
                 return;
             }
         };
+        // Who first (a revoked or unknown certificate is refused as such, whatever its
+        // CONNECT says), then what the CONNECT asks for.
+        if let Err(refusal) = verify(gate, &peer).await {
+            return refuse(gate, &peer, &mut wr, refusal).await;
+        }
         let connect = match check_connect(gate, &peer, connect) {
             Ok(c) => c,
             Err(refusal) => return refuse(gate, &peer, &mut wr, refusal).await,
         };
-        if let Err(refusal) = verify(gate, &peer).await {
-            return refuse(gate, &peer, &mut wr, refusal).await;
-        }
         // Take the device's place first, then look again: a revocation that the registry
         // watcher handled before this session was registered is caught here, and one after
         // the second look reaches this session through the watcher.
@@ -311,6 +319,9 @@ impl<'g> Session<'g> {
             upstream_acks,
             acks,
             qos2: HashMap::new(),
+            peer_issuer: peer.issuer.id.clone(),
+            peer_serial: peer.serial.clone(),
+            rotating: Arc::default(),
         };
         let (end, writer_done) = session
             .run(keep_alive, &shutdown, &mut writer, &mut membership)
@@ -376,11 +387,24 @@ impl<'g> Session<'g> {
                 }
                 packet = self.reader.packet(), if paused_until.is_none() => match packet {
                     Ok(p) => {
-                        let publish = matches!(p, Packet::Publish(_));
-                        let step = self.handle(p).await;
+                        // Everything a device starts (not its answers to the gate) costs a token.
+                        let counted = matches!(
+                            p,
+                            Packet::Publish(_)
+                                | Packet::Subscribe(_)
+                                | Packet::Unsubscribe(_)
+                                | Packet::PingReq
+                        );
+                        // Handling may wait (ingest or the device's window is full); a close
+                        // from the gate or a shutdown must not wait behind it.
+                        let step = tokio::select! {
+                            step = self.handle(p) => step,
+                            reason = membership.closed() => Err(End::ClosedByGate(reason)),
+                            _ = shutdown.cancelled() => Err(End::Shutdown),
+                        };
                         let now = Instant::now();
                         deadline = now + grace.unwrap_or(far);
-                        if let Some(wait) = publish.then(|| bucket.take()).flatten() {
+                        if let Some(wait) = counted.then(|| bucket.take()).flatten() {
                             bump(&self.gate.stats.rate_limited);
                             paused_until = Some(now + wait);
                             // The device is busy, not silent: its keep-alive starts after.
@@ -466,7 +490,7 @@ impl<'g> Session<'g> {
         }
         let (pkid, qos) = (p.pkid, p.qos);
         let safe = if kind == DeviceTopic::CertsCsr {
-            Some(self.rotate(p.payload))
+            Some(self.rotate(p.payload).await?)
         } else if kind.is_telemetry() {
             bump(&self.gate.stats.telemetry_received);
             let pending = self
@@ -522,21 +546,51 @@ impl<'g> Session<'g> {
     /// Answers a CSR on `certs/csr`: signs it, records the certificate, and publishes the
     /// outcome on `certs/issued` as JSON, `{"serial", "not_after_ms", "cert_pem", "ca_pem"}`
     /// or `{"error"}`. Runs on its own (whatever the QoS); safe once the answer is published.
-    fn rotate(&self, csr: Bytes) -> Safe {
+    async fn rotate(&mut self, csr: Bytes) -> Result<Safe, End> {
+        if self.rotating.swap(true, Ordering::AcqRel) {
+            // One at a time: a device that repeats its CSR before the answer gets told so.
+            let topic = DeviceTopic::CertsIssued.topic(&self.device);
+            let busy =
+                serde_json::json!({ "error": "a certificate rotation is already under way" });
+            self.gate
+                .publisher
+                .publish(topic, busy.to_string().into_bytes())
+                .await
+                .map_err(|_| End::UpstreamClosed)?;
+            return Ok(ready());
+        }
         let gate = self.gate;
         let (pki, registry) = (gate.pki.clone(), gate.registry.clone());
         let publisher = gate.publisher.clone();
         let device = self.device.clone();
+        let (issuer, serial) = (self.peer_issuer.clone(), self.peer_serial.clone());
         let issued_topic = DeviceTopic::CertsIssued.topic(&device);
+        let rotating = self.rotating.clone();
         let work = tokio::spawn(
             async move {
+                // However this task ends, the next CSR may start another rotation.
+                struct Done(Arc<AtomicBool>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
+                let _done = Done(rotating);
                 let id = device.clone();
                 let signed = tokio::task::spawn_blocking(move || {
                     let csr = std::str::from_utf8(&csr)
                         .map_err(|_| "the CSR must be PEM text".to_owned())?;
-                    rotate_certificate(&pki, registry.as_ref(), &id, csr)
-                        .map(|cert| (cert, pki.ca_pem().to_owned()))
-                        .map_err(|e| e.to_string())
+                    let presented = (issuer.as_str(), serial.as_str());
+                    match rotate_certificate(&pki, registry.as_ref(), &id, presented, csr) {
+                        Ok(cert) => Ok((cert, pki.ca_pem().to_owned())),
+                        Err(e @ (ProvisionError::BadCsr(_) | ProvisionError::Refused(_))) => {
+                            Err(e.to_string())
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "certificate rotation failed");
+                            Err("internal error; try again later".to_owned())
+                        }
+                    }
                 })
                 .await
                 .unwrap_or_else(|_| Err("internal error".to_owned()));
@@ -562,9 +616,11 @@ impl<'g> Session<'g> {
             }
             .in_current_span(),
         );
-        async move { work.await.unwrap_or(Err(AckFailure::UpstreamLost)) }
-            .boxed()
-            .shared()
+        Ok(
+            async move { work.await.unwrap_or(Err(AckFailure::UpstreamLost)) }
+                .boxed()
+                .shared(),
+        )
     }
 
     /// Queues `reply` behind every earlier acknowledgement, to be sent once `safe` resolves.
@@ -666,12 +722,16 @@ fn check_connect<'g>(
     if connect.client_id.is_empty() {
         connect.client_id = peer.device.to_string();
     } else if connect.client_id != peer.device.as_str() {
-        let why = format!("client id {:?} is not the device id", connect.client_id);
+        let why = format!(
+            "client id {:?} is not the device id",
+            clip(&connect.client_id, 64)
+        );
         return Err(Refusal::new(BadClientId, &stats.refused_client_id, why));
     }
     if let Some(will) = &mut connect.last_will {
         let verdict = match topic::check_publish(&peer.device, &will.topic) {
             Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
+            Ok(DeviceTopic::CertsCsr) => Err("a will cannot be a certificate request".to_owned()),
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
         };
