@@ -18,6 +18,8 @@
 pub mod audit;
 mod connection;
 mod frames;
+#[doc(hidden)]
+pub use frames::{fuzz_frames, fuzz_packets, FrameError};
 mod rate;
 pub mod sessions;
 pub mod trust;

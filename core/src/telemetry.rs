@@ -43,7 +43,7 @@ pub enum DecodeError {
     NotJson(String),
     #[error("expected a JSON object or an array of objects, found {0}")]
     NotAnObject(&'static str),
-    #[error("message has no metrics")]
+    #[error("message, or a part of it, has no metrics")]
     Empty,
     #[error("\"ts\" must be an integer number of milliseconds since the Unix epoch, found {0}")]
     BadTimestamp(String),
@@ -100,6 +100,9 @@ fn decode_object(
     server_time: &mut dyn FnMut() -> TimestampMs,
     out: &mut Vec<Sample>,
 ) -> Result<(), DecodeError> {
+    if obj.is_empty() || matches!(obj.get("values"), Some(Json::Object(v)) if v.is_empty()) {
+        return Err(DecodeError::Empty);
+    }
     let has_values = matches!(obj.get("values"), Some(Json::Object(_)));
     if !has_values {
         if obj.contains_key("ts") {
@@ -140,6 +143,10 @@ fn flatten(
             return Err(DecodeError::BadMetricName(metric));
         }
         let value = match v {
+            // A part with nothing in it is a bad part, not a silent no-op.
+            Json::Object(inner) if inner.is_empty() => {
+                return Err(DecodeError::BadValue(metric, "empty object"))
+            }
             Json::Object(inner) => {
                 flatten(&metric, inner, ts, out)?;
                 continue;
@@ -232,6 +239,11 @@ mod tests {
         assert_eq!(decode("[1]"), Err(DecodeError::NotAnObject("number")));
         assert_eq!(decode("{}"), Err(DecodeError::Empty));
         assert_eq!(decode("[]"), Err(DecodeError::Empty));
+        assert_eq!(decode(r#"[{}, {"a": 1}]"#), Err(DecodeError::Empty));
+        assert_eq!(
+            decode(r#"[{"values": {}}, {"a": 1}]"#),
+            Err(DecodeError::Empty)
+        );
         assert_eq!(
             decode(r#"{"a": null}"#),
             Err(DecodeError::BadValue("a".into(), "null"))
@@ -259,6 +271,11 @@ mod tests {
         assert_eq!(
             decode(r#"{"": 1}"#),
             Err(DecodeError::BadMetricName("".into()))
+        );
+        // All or nothing: one empty part spoils the message.
+        assert_eq!(
+            decode(r#"[{"va": {"env": {}}}, {"a": false}]"#),
+            Err(DecodeError::BadValue("va.env".into(), "empty object"))
         );
     }
 }

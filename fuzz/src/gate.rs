@@ -3,10 +3,11 @@
 //! The gate's own code here: the reader ([`crate::frames`], a copy for now), the size limit
 //! (`GateConfig::default()`), the ACL (`topic::check_publish`, `topic::check_subscribe`) and
 //! the codec the gate re-encodes with. The order of decisions is a model of
-//! `broker/src/gate/connection.rs` (as of commit ef439e4) without its sockets, registry,
-//! ingest or routing core: the first packet must be a CONNECT; the CONNECT is admitted as
-//! `admit` does (the registry and serial checks pass: the device is `DEVICE`); then every
-//! packet is handled as `Connection::handle` does, until one ends the connection.
+//! `broker/src/gate/connection.rs` (as of commit b66612c) without its sockets, registry,
+//! ingest, PKI, rate limit or routing core: the first packet must be a CONNECT; the CONNECT is
+//! admitted as `check_connect` does (the registry and serial checks pass: the device is
+//! `DEVICE`); then every packet is handled as `Session::handle` does, until one ends the
+//! connection.
 //!
 //! Properties checked for every input:
 //! - the session ends with an [`End`] (a reason the gate logs), never a panic;
@@ -26,22 +27,18 @@
 use std::mem::discriminant;
 
 use bytes::BytesMut;
-use futures::executor::block_on;
 use rumqttc::mqttbytes::{
     self, matches,
     v4::{Connect, Login, Packet, PubAck, PubComp, PubRec},
     valid_filter, valid_topic, Protocol, QoS,
 };
-use tellus_broker::gate::GateConfig;
+use tellus_broker::gate::{fuzz_frames, fuzz_packets, FrameError, GateConfig};
 use tellus_core::{
     topic::{self, AclDenied, DeviceTopic},
     DeviceId,
 };
 
-use crate::{
-    frames::{encode, FrameError, FrameReader},
-    split_reads, Chunked,
-};
+use crate::split_reads;
 
 /// The device id the client certificate names, for every input.
 pub const DEVICE: &str = "dev-1";
@@ -94,44 +91,44 @@ pub struct Session {
 pub fn device_stream(input: &[u8]) -> Session {
     let (read_size, bytes) = split_reads(input);
     let max = GateConfig::default().max_packet_size;
+    let (packets, stopped) = fuzz_packets(bytes, read_size, max);
+    for p in &packets {
+        round_trip(p);
+    }
+    readers_agree(bytes, read_size, max, &packets, &stopped);
+
     let mut gate = Model::new(max);
-    let mut reader = FrameReader::new(Chunked::new(bytes, read_size), max);
-    let mut packets = 0;
+    let mut read = 0;
     let mut admitted = false;
-    let end = block_on(async {
-        let first = match reader.packet().await {
-            Ok(p) => p,
-            Err(FrameError::Malformed(
-                mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_),
-            )) => return End::RefusedProtocol,
-            Err(e) => return e.into(),
+    let mut session = packets.into_iter().inspect(|_| read += 1);
+    let end = 'session: {
+        let Some(first) = session.next() else {
+            break 'session match stopped {
+                FrameError::Malformed(
+                    mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_),
+                ) => End::RefusedProtocol,
+                e => e.into(),
+            };
         };
-        packets += 1;
-        round_trip(&first);
         let Packet::Connect(connect) = first else {
-            return End::NotConnect(name(&first));
+            break 'session End::NotConnect(name(&first));
         };
         if let Err(end) = gate.admit(connect) {
-            return end;
+            break 'session end;
         }
         admitted = true;
-        loop {
-            let packet = match reader.packet().await {
-                Ok(p) => p,
-                Err(e) => return e.into(),
-            };
-            packets += 1;
-            round_trip(&packet);
+        for packet in session.by_ref() {
             if let Err(end) = gate.handle(packet) {
-                return end;
+                break 'session end;
             }
         }
-    });
+        stopped.into()
+    };
+    drop(session);
     gate.check_isolation();
-    readers_agree(bytes, read_size, max);
     Session {
         end,
-        packets,
+        packets: read,
         admitted,
     }
 }
@@ -156,7 +153,7 @@ impl Model {
         }
     }
 
-    /// `connection::admit` after the registry checks, then `open_link`'s rewrite.
+    /// `connection::check_connect`, then `open_link`'s rewrite.
     fn admit(&mut self, mut connect: Connect) -> Result<(), End> {
         if connect.protocol != Protocol::V4 {
             return Err(End::RefusedProtocol);
@@ -188,15 +185,16 @@ impl Model {
         Ok(())
     }
 
-    /// `Connection::handle`, `publish` and `subscribe`.
+    /// `Session::handle`, `publish` and `subscribe`.
     fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
             Packet::Publish(mut p) => {
                 let kind = self.check_publish(&p.topic).map_err(End::Acl)?;
                 let (pkid, qos) = (p.pkid, p.qos);
-                if !kind.is_telemetry() {
-                    // Telemetry goes to ingest as the payload; everything else is forwarded,
-                    // never retained, at QoS 1 at most.
+                // A CSR goes to the PKI (the `csr` target) and telemetry to ingest (the
+                // `telemetry` target), as the payload; everything else is forwarded, never
+                // retained, at QoS 1 at most.
+                if kind != DeviceTopic::CertsCsr && !kind.is_telemetry() {
                     p.retain = false;
                     if qos != QoS::AtMostOnce {
                         p.qos = QoS::AtLeastOnce;
@@ -280,10 +278,13 @@ impl Model {
         self.send(packet, self.max);
     }
 
+    /// What `frames::encode` does: write with no limit of its own; it logs and sends nothing
+    /// if that fails.
     fn send(&mut self, packet: &Packet, limit: usize) {
-        let bytes = encode(packet);
-        assert!(!bytes.is_empty(), "the gate could not encode {packet:?}");
-        let mut buf = BytesMut::from(&bytes[..]);
+        let mut buf = BytesMut::new();
+        if let Err(e) = packet.write(&mut buf, usize::MAX) {
+            panic!("the gate could not encode {packet:?}: {e}");
+        }
         match Packet::read(&mut buf, limit) {
             Ok(again) => assert_eq!(&again, packet, "what the gate sends does not parse back"),
             Err(e) => panic!("the gate sends {packet:?}, which does not parse back: {e}"),
@@ -326,32 +327,38 @@ fn round_trip(packet: &Packet) {
     assert!(buf.is_empty(), "re-encoded {packet:?} has trailing bytes");
 }
 
-/// `FrameReader::packet` (device side) and `FrameReader::frame` (routing-core side) agree on
-/// where each frame ends and on which frames are acceptable.
-fn readers_agree(bytes: &[u8], read_size: usize, max: usize) {
-    block_on(async {
-        let mut by_packet = FrameReader::new(Chunked::new(bytes, read_size), max);
-        let mut by_frame = FrameReader::new(Chunked::new(bytes, read_size), max);
-        loop {
-            let parsed = |frame: &[u8]| Packet::read(&mut BytesMut::from(frame), max);
-            match (by_packet.packet().await, by_frame.frame().await) {
-                (Ok(p), Ok(f)) => match parsed(&f) {
-                    Ok(again) => assert_eq!(again, p, "frame() and packet() disagree"),
-                    Err(e) => panic!("packet() read {p:?}, frame() cut {f:?}: {e}"),
-                },
-                // The fixed header was fine, the rest was not: frame() does not look inside.
-                (Err(FrameError::Malformed(_)), Ok(f)) => {
-                    assert!(parsed(&f).is_err(), "packet() refused {f:?}");
-                    return;
-                }
-                (Err(a), Err(b)) => {
-                    assert_eq!(discriminant(&a), discriminant(&b), "{a:?} but {b:?}");
-                    return;
-                }
-                (a, b) => panic!("packet() gave {a:?}, frame() gave {b:?}"),
-            }
+/// The device side's reader (`packet()`) and the routing-core side's (`frame()`) cut the same
+/// bytes into the same frames, and agree on which are acceptable.
+fn readers_agree(
+    bytes: &[u8],
+    read_size: usize,
+    max: usize,
+    packets: &[Packet],
+    stopped: &FrameError,
+) {
+    let (frames, frames_stopped) = fuzz_frames(bytes, read_size, max);
+    let parsed = |frame: &[u8]| Packet::read(&mut BytesMut::from(frame), max);
+    for (i, p) in packets.iter().enumerate() {
+        match frames.get(i).map(|f| parsed(f)) {
+            Some(Ok(again)) => assert_eq!(&again, p, "frame() and packet() disagree at {i}"),
+            other => panic!("packet() read {p:?}, frame() gave {other:?}"),
         }
-    })
+    }
+    match frames.get(packets.len()) {
+        // The fixed header was fine, the rest was not: frame() does not look inside.
+        Some(f) => {
+            assert!(
+                matches!(stopped, FrameError::Malformed(_)),
+                "packet() stopped with {stopped:?} at {f:?}"
+            );
+            assert!(parsed(f).is_err(), "packet() refused {f:?}");
+        }
+        None => assert_eq!(
+            discriminant(stopped),
+            discriminant(&frames_stopped),
+            "packet() stopped with {stopped:?}, frame() with {frames_stopped:?}"
+        ),
+    }
 }
 
 fn name(p: &Packet) -> &'static str {

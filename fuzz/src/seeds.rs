@@ -321,6 +321,26 @@ fn client_flight(
     panic!("the handshake did not finish");
 }
 
+/// Rotation requests whose subject names another device: the issued certificate must name
+/// `DEVICE` all the same.
+fn csr_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let request = |alg: &'static rcgen::SignatureAlgorithm| {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "dev-2");
+        params.serialize_request(&key).unwrap()
+    };
+    let p256 = request(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let ed25519 = request(&rcgen::PKCS_ED25519);
+    vec![
+        ("p256.pem", [&[0], p256.pem().unwrap().as_bytes()].concat()),
+        ("p256.der", [&[1], &p256.der()[..]].concat()),
+        ("ed25519.der", [&[1], &ed25519.der()[..]].concat()),
+    ]
+}
+
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = dir(target);
     fs::create_dir_all(&dir).unwrap();
@@ -335,6 +355,9 @@ fn write_seeds() {
     }
     for (name, bytes) in telemetry_seeds() {
         write("telemetry", name, bytes);
+    }
+    for (name, bytes) in csr_seeds() {
+        write("csr", name, &bytes);
     }
     let (pki, config) = (&fixture().pki, fixture().config.clone());
     let device = device_credentials(pki);
@@ -391,6 +414,13 @@ fn telemetry_and_certificate_seeds_are_accepted() {
     assert_eq!(identity.device.as_str(), DEVICE);
 }
 
+#[test]
+fn csr_seeds_get_a_certificate_for_the_device() {
+    for (name, _) in csr_seeds() {
+        assert!(crate::csr(&read("csr", name)), "{name} was refused");
+    }
+}
+
 /// The bytes of a TLS 1.2 client flight before its CertificateVerify record (handshake type
 /// 15), whose signature covers the server's random and so fails on any replay.
 fn before_certificate_verify(flight: &[u8]) -> &[u8] {
@@ -433,7 +463,7 @@ fn tls_seeds_reach_past_the_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let other = Pki::load_or_create(dir.path(), Duration::from_secs(3600)).unwrap();
     let (chain, key) = other.server_identity(dir.path(), &[]).unwrap();
-    let config = Arc::new(other.gate_tls_config(chain, key).unwrap());
+    let config = Arc::new(other.gate_tls_config(chain, key, &[]).unwrap());
     let flight = client_flight(&other, config, &rustls::version::TLS12);
     match handshake(&[&[0], before_certificate_verify(&flight)].concat()) {
         Handshake::Failed(rustls::Error::InvalidCertificate(_)) => {}

@@ -52,7 +52,7 @@ pub fn fixture() -> &'static Fixture {
             .server_identity(dir.path(), &[])
             .expect("a server certificate from the fuzz CA");
         let config = Arc::new(
-            pki.gate_tls_config(chain, key)
+            pki.gate_tls_config(chain, key, &[])
                 .expect("the gate's TLS configuration"),
         );
         Fixture { pki, config }

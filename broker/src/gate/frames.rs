@@ -103,6 +103,80 @@ pub const PUBACK: u8 = 4;
 /// The packet type number of PINGRESP.
 pub const PINGRESP: u8 = 13;
 
+// Entry points for `fuzz/`, which drives the real reader with arbitrary input and arbitrary
+// splits into socket reads.
+
+/// The packets the gate's device-side reader (`FrameReader::packet`) yields from `input`,
+/// delivered as socket reads of at most `read_size` bytes, and why it stopped (`Closed` or
+/// `Truncated` once the input is used up). For the fuzz targets; the server does not call it.
+#[doc(hidden)]
+pub fn fuzz_packets(
+    input: &[u8],
+    read_size: usize,
+    max_packet_size: usize,
+) -> (Vec<Packet>, FrameError) {
+    let mut reader = FrameReader::new(Chunked::new(input, read_size), max_packet_size);
+    let mut packets = Vec::new();
+    futures::executor::block_on(async {
+        loop {
+            match reader.packet().await {
+                Ok(p) => packets.push(p),
+                Err(e) => return (packets, e),
+            }
+        }
+    })
+}
+
+/// Like [`fuzz_packets`] for the routing-core side's reader (`FrameReader::frame`), which
+/// cuts frames by their fixed header without parsing them.
+#[doc(hidden)]
+pub fn fuzz_frames(
+    input: &[u8],
+    read_size: usize,
+    max_packet_size: usize,
+) -> (Vec<Bytes>, FrameError) {
+    let mut reader = FrameReader::new(Chunked::new(input, read_size), max_packet_size);
+    let mut frames = Vec::new();
+    futures::executor::block_on(async {
+        loop {
+            match reader.frame().await {
+                Ok(f) => frames.push(f),
+                Err(e) => return (frames, e),
+            }
+        }
+    })
+}
+
+/// A socket that delivers `data` in reads of at most `read_size` bytes, then end of stream.
+/// Always ready, so a future reading it completes under `futures::executor::block_on`.
+struct Chunked<'a> {
+    data: &'a [u8],
+    read_size: usize,
+}
+
+impl<'a> Chunked<'a> {
+    fn new(data: &'a [u8], read_size: usize) -> Self {
+        Chunked {
+            data,
+            read_size: read_size.max(1),
+        }
+    }
+}
+
+impl AsyncRead for Chunked<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = self.read_size.min(self.data.len()).min(buf.remaining());
+        let (head, tail) = self.data.split_at(n);
+        buf.put_slice(head);
+        self.data = tail;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rumqttc::mqttbytes::{v4::Publish, QoS};
