@@ -3,12 +3,14 @@
 //! [`run`] accepts TCP connections and gives each one its own task ([`connection`]), so a
 //! slow or idle socket can never hold up another device. That task
 //! 1. runs the TLS handshake under a deadline, requiring a client certificate from the fleet
-//!    CA, and takes the device id from the certificate's CN;
-//! 2. reads CONNECT under a deadline, checks that the device is registered, that the client
-//!    id is the device id (an empty one becomes it) and that the will topic is allowed;
+//!    CA or a registered external CA ([`trust`]), and takes the device id from its CN;
+//! 2. reads CONNECT under a deadline, checks that the device is registered and enabled and
+//!    the certificate recorded and not revoked, that the client id is the device id (an
+//!    empty one becomes it) and that the will topic is allowed;
 //! 3. opens a link to the routing core with the gate's secret credential, relays CONNACK;
 //! 4. checks every packet the device sends against its ACL. Telemetry goes to ingest and is
-//!    acknowledged only once durable; everything else goes to the routing core.
+//!    acknowledged only once durable; a CSR on `certs/csr` is answered by the gate itself;
+//!    everything else goes to the routing core.
 //!
 //! One writer task per connection owns the device's socket for writing and interleaves whole
 //! frames from the routing core with the gate's own acknowledgements, so a PUBACK never lands
@@ -216,7 +218,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
     let Some(since) = last_change(&gate, &shutdown).await else {
         return;
     };
-    tasks.spawn(watch_registry(gate.clone(), since, shutdown.clone()));
+    let watcher = tokio::spawn(watch_registry(gate.clone(), since, shutdown.clone()));
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -259,6 +261,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
         "gate stopped accepting; closing connections"
     );
     tasks.wait().await;
+    let _ = watcher.await;
 }
 
 /// The registry's newest change, retried until it can be read (or the gate is stopped).

@@ -10,7 +10,7 @@
 //!   [`Pki::sign_device_csr`] signs a key the device generated itself; both use one profile
 //!   (subject CN = device id, clientAuth, random serial);
 //! - [`Pki::gate_tls_config`] is the rustls configuration of the mTLS gate, which accepts only
-//!   clients whose certificate chains to the fleet CA, and [`peer_identity`] turns such a
+//!   clients whose certificate chains to the fleet CA or a registered external one, and [`peer_identity`] turns such a
 //!   verified certificate back into a [`DeviceId`];
 //! - [`Pki::crl_pem`] signs the fleet's certificate revocation list from the [`Revoked`]
 //!   entries the registry keeps.
@@ -394,7 +394,7 @@ impl Pki {
     }
 
     /// The gate's rustls configuration: TLS 1.2 and 1.3 with the ring provider, presenting
-    /// `chain`/`key`, and requiring a client certificate that chains to the fleet CA.
+    /// `chain`/`key`, and requiring a client certificate that chains to the fleet CA or to one of `external_cas`.
     pub fn gate_tls_config(
         &self,
         chain: Vec<CertificateDer<'static>>,

@@ -1,9 +1,10 @@
 //! The gate's handling of what a device sends after the TLS handshake (the `packets` target).
 //!
-//! The gate's own code here: the reader ([`crate::frames`], a copy for now), the size limit
-//! (`GateConfig::default()`), the ACL (`topic::check_publish`, `topic::check_subscribe`) and
-//! the codec the gate re-encodes with. The order of decisions is a model of
-//! `broker/src/gate/connection.rs` (as of commit b66612c) without its sockets, registry,
+//! The gate's own code here: the reader (`FrameReader`, through
+//! `tellus_broker::gate::fuzz_packets`), the size limit (`GateConfig::default()`), the ACL
+//! (`topic::check_publish`, `topic::check_subscribe`) and the codec the gate re-encodes
+//! with. The order of decisions is a model of `broker/src/gate/connection.rs` without its
+//! sockets, registry,
 //! ingest, PKI, rate limit or routing core: the first packet must be a CONNECT; the CONNECT is
 //! admitted as `check_connect` does (the registry and serial checks pass: the device is
 //! `DEVICE`); then every packet is handled as `Session::handle` does, until one ends the
@@ -170,6 +171,11 @@ impl Model {
                         "will refused: a will cannot be telemetry".into(),
                     ))
                 }
+                Ok(DeviceTopic::CertsCsr) => {
+                    return Err(End::Refused(
+                        "will refused: a will cannot be a certificate request".into(),
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(End::Refused(format!("will refused: {e}"))),
             }
@@ -180,7 +186,7 @@ impl Model {
         }
         // open_link: the gate's credential (a 32-byte secret in hex) and keep-alive.
         connect.login = Some(Login::new("tellus-gate", "ab".repeat(32)));
-        connect.keep_alive = 30;
+        connect.keep_alive = 60;
         self.send(&Packet::Connect(connect), usize::MAX);
         Ok(())
     }

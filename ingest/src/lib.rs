@@ -2,7 +2,8 @@
 //!
 //! Start with [`pipeline`]: one thread drains the gate's hand-off channel, decodes each
 //! message, commits a whole batch in one transaction (one fsync for many messages) and only
-//! then completes the gate's handles, so a PUBACK always means "on disk".
+//! then completes the gate's handles, so a PUBACK always means "committed" (on disk with
+//! `durability = "fsync"`, the default).
 //!
 //! - [`store`]: the [`TelemetryStore`] trait (append a batch, range query, latest values,
 //!   dead letters) and its embedded SQLite implementation;

@@ -206,11 +206,12 @@ max_connections = 10000
 max_inflight = 256
 # Longest one write to a device may take; a device that stops reading is disconnected.
 write_timeout = "10s"
-# Sustained PUBLISH rate allowed per device connection (0: unlimited). Over it the gate
-# stops reading that device's socket until it is back within its rate: the device is
-# slowed, not disconnected, and nothing is dropped. Each pause is counted (rate_limited).
+# Sustained rate of packets a device connection starts (PUBLISH, SUBSCRIBE, UNSUBSCRIBE,
+# PINGREQ) per second (0: unlimited). Over it the gate stops reading that device's socket
+# until it is back within its rate: the device is slowed, not disconnected, and nothing is
+# dropped. Each pause is counted (rate_limited).
 max_messages_per_second = 1000
-# Publishes a device may send at once above its rate.
+# Packets a device may send in one burst (the token bucket's size).
 message_burst = 1000
 
 [http]
@@ -225,7 +226,8 @@ server_names = []
 device_cert_validity = "365days"
 
 [ingest]
-# Messages, and bytes of payload, that may wait between the gate and the end of a commit.
+# queue_capacity: messages waiting for ingest (besides the batch being committed);
+# queue_bytes: payload bytes from the gate to the end of their commit (at most 4 GiB).
 # When either is reached, the gate stops reading device sockets (backpressure); nothing is
 # dropped.
 queue_capacity = 4096

@@ -149,7 +149,12 @@ fn main() -> anyhow::Result<()> {
             }
             init_logging(&config);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(server::run(config, shutdown_signal()))
+            let result = runtime.block_on(server::run(config, shutdown_signal()));
+            // After a stop that timed out, a commit may still be running on a blocking
+            // thread; the process ends anyway rather than wait for it without limit (what it
+            // had not committed, it had not acknowledged).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Command::Device { command } => {
             let line = match command {

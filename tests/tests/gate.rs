@@ -109,6 +109,18 @@ async fn other_protocol_versions_and_bad_wills_are_refused_with_a_reason() {
     );
     d.expect_closed(|_| false).await;
 
+    // MQTT 5 with CONNECT properties (session expiry 60 s), as real MQTT 5 clients send.
+    let mut d = RawDevice::tls(&t, &creds).await;
+    let mut v5 = Vec::from(
+        &b"\x10\x00\x00\x04MQTT\x05\x02\x00\x3c\x05\x11\x00\x00\x00\x3c\x00\x05proto"[..],
+    );
+    v5[1] = (v5.len() - 2) as u8;
+    d.send_bytes(&v5).await;
+    assert_eq!(
+        d.recv().await,
+        refused(ConnectReturnCode::RefusedProtocolVersion)
+    );
+
     // MQTT 3.1 (protocol name MQIsdp, level 3).
     let mut d = RawDevice::tls(&t, &creds).await;
     let mut v31 = Vec::from(&b"\x10\x00\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x05proto"[..]);
@@ -142,7 +154,7 @@ async fn other_protocol_versions_and_bad_wills_are_refused_with_a_reason() {
     assert_eq!(d.recv().await, refused(ConnectReturnCode::Success));
 
     let (_, stats) = t.get("/api/v1/stats").await;
-    assert_eq!(stats["gate"]["refused_protocol"], 2, "{stats}");
+    assert_eq!(stats["gate"]["refused_protocol"], 3, "{stats}");
     assert_eq!(stats["gate"]["acl_denied"], 2, "{stats}");
 }
 

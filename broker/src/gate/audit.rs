@@ -3,11 +3,11 @@
 //! Connection tasks hand entries to a bounded channel and never wait: when the channel is
 //! full (the registry is slower than a connection storm), the entry is shed and counted in
 //! `audit_dropped` (policy: shed, counted; the edge is never slowed by its own bookkeeping).
-//! One thread writes whatever is queued in one transaction.
+//! One thread writes whatever is queued, in transactions of up to 1,000 entries.
 //!
 //! Input cannot make the trail large or wash it out: a reason is cut at [`MAX_REASON`]
 //! bytes, and refusals of connections that never named a device (anyone can open a socket)
-//! pass at most [`ANONYMOUS_PER_SECOND`] a second; the rest are shed and counted like above,
+//! pass at most [`ANONYMOUS_PER_SECOND`] a second after a burst of 200; the rest are shed and counted like above,
 //! while the gate's counters still count every one of them.
 
 use std::{

@@ -228,7 +228,16 @@ impl<'g> Session<'g> {
 
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
-            first = timeout(gate.config.connect_timeout, reader.packet()) => first,
+            first = timeout(gate.config.connect_timeout, async {
+                // MQTT 3.1.1 only: another version is refused before the 3.1.1 parser
+                // misreads it (MQTT 5 properties would not parse at all).
+                match reader.peek_connect_level().await? {
+                    Some(level) if level != 4 => Err(FrameError::Malformed(
+                        mqttbytes::Error::InvalidProtocolLevel(level),
+                    )),
+                    _ => reader.packet().await,
+                }
+            }) => first,
         };
         let connect = match first {
             Ok(Ok(Packet::Connect(c))) => c,
@@ -545,7 +554,7 @@ impl<'g> Session<'g> {
 
     /// Answers a CSR on `certs/csr`: signs it, records the certificate, and publishes the
     /// outcome on `certs/issued` as JSON, `{"serial", "not_after_ms", "cert_pem", "ca_pem"}`
-    /// or `{"error"}`. Runs on its own (whatever the QoS); safe once the answer is published.
+    /// or `{"error"}`. Runs on its own (whatever the QoS); safe once the answer is queued on the `Publisher`.
     async fn rotate(&mut self, csr: Bytes) -> Result<Safe, End> {
         if self.rotating.swap(true, Ordering::AcqRel) {
             // One at a time: a device that repeats its CSR before the answer gets told so.
@@ -953,7 +962,7 @@ async fn relay_from_upstream(
 /// come. At most `window` acknowledgements are pending at once, and every write must finish
 /// within `write_timeout`, so a device that stops reading is closed instead of holding
 /// buffers. When a message can not be made safe, the writer stops taking new
-/// acknowledgements, still writes those already safe, and ends, which ends the session.
+/// acknowledgements, still writes the pending ones that become safe, then ends, which ends the session.
 async fn write_to_device(
     mut wr: DeviceWriter,
     mut frames: mpsc::Receiver<Bytes>,

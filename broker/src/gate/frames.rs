@@ -60,6 +60,35 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The protocol level a CONNECT asks for (4 is MQTT 3.1.1, 5 is MQTT 5, 3 is MQTT 3.1),
+    /// read from the next whole frame without consuming it: an MQTT 5 CONNECT must be
+    /// refused before the 3.1.1 parser misreads its properties. `None` if the frame is no
+    /// CONNECT with a recognisable protocol name.
+    pub async fn peek_connect_level(&mut self) -> Result<Option<u8>, FrameError> {
+        let header = loop {
+            match mqttbytes::check(self.buf.iter(), self.max_size) {
+                Ok(header) => break header,
+                Err(mqttbytes::Error::InsufficientBytes(_)) => self.fill().await?,
+                Err(e) => return Err(self.classify(e)),
+            }
+        };
+        let frame = &self.buf[..header.frame_length()];
+        if frame.first().map(|b| b >> 4) != Some(1) {
+            return Ok(None);
+        }
+        // After the type byte, the remaining length takes one to four bytes, each but the
+        // last with its high bit set; then the protocol name (a length-prefixed string) and
+        // the level.
+        let length_bytes = frame[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
+        let body = frame.get(1 + length_bytes..).unwrap_or_default();
+        let level = match body {
+            [0, 4, b'M', b'Q', b'T', b'T', level, ..] => Some(*level),
+            [0, 6, b'M', b'Q', b'I', b's', b'd', b'p', level, ..] => Some(*level),
+            _ => None,
+        };
+        Ok(level)
+    }
+
     fn classify(&self, e: mqttbytes::Error) -> FrameError {
         match e {
             mqttbytes::Error::PayloadSizeLimitExceeded(n) => FrameError::TooLarge(n, self.max_size),
@@ -208,5 +237,13 @@ mod tests {
         ));
         let mut cut = FrameReader::new(&one[..10], 1024);
         assert!(matches!(cut.packet().await, Err(FrameError::Truncated)));
+
+        // The protocol level of a CONNECT, without consuming it.
+        let connect = encode(&Packet::Connect(rumqttc::mqttbytes::v4::Connect::new("d")));
+        let mut r = FrameReader::new(&connect[..], 1024);
+        assert_eq!(r.peek_connect_level().await.unwrap(), Some(4));
+        assert!(matches!(r.packet().await, Ok(Packet::Connect(_))));
+        let mut r = FrameReader::new(&one[..], 1024);
+        assert_eq!(r.peek_connect_level().await.unwrap(), None);
     }
 }

@@ -1,6 +1,6 @@
 //! A token bucket per connection: how the gate holds a device to its message rate.
 //!
-//! Each PUBLISH takes a token; tokens come back at the configured rate up to the burst size.
+//! Each packet a device starts (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PINGREQ) takes a token; tokens come back at the configured rate up to the burst size.
 //! With no token left the gate waits before reading the next packet, so TCP pushes back on
 //! the device: it is slowed, never disconnected, and nothing it sent is dropped.
 
