@@ -674,30 +674,8 @@ fn unique_suffix() -> String {
 /// appears whole or not at all (a fully written temp file is hard-linked into place, which
 /// fails if the name is taken), so processes racing to create it agree on one content.
 pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.new", unique_suffix()));
-    let linked = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(contents)?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::hard_link(&tmp, path));
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
-                warn!(dir = %dir.display(), error = %e, "cannot fsync the directory");
-            }
-            Ok(true)
-        }
+    match put_in_place(path, contents, mode, |tmp, path| fs::hard_link(tmp, path)) {
+        Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
     }
@@ -708,14 +686,26 @@ pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<bool> {
 /// secret is never readable by others, not even for an instant. Used for every key,
 /// certificate and token Tellus writes.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    put_in_place(path, contents, mode, |tmp, path| fs::rename(tmp, path))
+}
+
+/// Writes `contents` to a temp file beside `path`, created with `mode` under a name that is
+/// this writer's alone (`create_new` refuses a file planted under it), fsyncs it, puts it in
+/// place with `place`, removes what is left of the temp file, and makes the directory
+/// entry durable.
+fn put_in_place(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    place: impl FnOnce(&Path, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", unique_suffix()));
-    // The name is this writer's alone; `create_new` refuses a file planted under it.
-    let written = fs::OpenOptions::new()
+    let placed = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
@@ -724,12 +714,11 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             file.write_all(contents)?;
             file.sync_all()
         })
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Make the rename itself durable; failing that is not worth failing the write for.
+        .and_then(|()| place(&tmp, path));
+    // Gone after a rename; the second name after a hard link; the wreck after a failure.
+    let _ = fs::remove_file(&tmp);
+    placed?;
+    // Make the new name itself durable; failing that is not worth failing the write for.
     if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
         warn!(dir = %dir.display(), error = %e, "cannot fsync the directory");
     }

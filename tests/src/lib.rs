@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod mqtt;
 pub mod raw;
 
 use serde_json::{json, Value};
@@ -251,18 +252,31 @@ fn listener_addr(line: &str, name: &str) -> Option<SocketAddr> {
 /// Whether an external tool is on PATH. Without it, a test may skip only outside CI, and
 /// says so loudly; in CI (`CI` set) a missing tool fails the test.
 pub fn require_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
+    let mut probe = Command::new("sh");
+    probe.args(["-c", &format!("command -v {tool}")]);
+    require(
+        &format!("{tool} is installed"),
+        probe,
+        &format!("install {tool}"),
+    )
+}
+
+/// Whether `probe` succeeds, for something a test needs (`what`, which `hint` says how to
+/// get). Without it, a test may skip only outside CI, and says so loudly; in CI (`CI` set)
+/// it fails the test.
+pub fn require(what: &str, mut probe: Command, hint: &str) -> bool {
+    let found = probe
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "{tool} is required in CI but is not installed"
+            "required in CI but not so: {what} ({hint})"
         );
-        eprintln!("\n*** SKIPPED: {tool} is not installed (install it to run this test) ***\n");
+        eprintln!("\n*** SKIPPED: not so: {what} ({hint}) ***\n");
     }
     found
 }

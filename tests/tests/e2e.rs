@@ -9,66 +9,15 @@ use std::{
 };
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
-    Packet, QoS, TlsConfiguration, Transport,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
 };
 use serde_json::{json, Value};
 use tellus_device::Credentials;
-use tellus_tests::{require_tool, Tellus};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Polls until CONNACK; panics on an error.
-async fn connect(options: MqttOptions) -> (AsyncClient, EventLoop) {
-    let (client, mut events) = AsyncClient::new(options, 100);
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("connect failed: {e:?}"),
-            }
-        }
-    })
-    .await
-    .expect("no CONNACK in time");
-    (client, events)
-}
-
-/// Polls until the connection fails, and returns why; panics if a PUBACK or SUBACK arrives.
-async fn expect_refused(events: &mut EventLoop) -> ConnectionError {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(p @ (Packet::PubAck(_) | Packet::SubAck(_)))) => {
-                    panic!("expected a refusal, got {p:?}")
-                }
-                Ok(_) => {}
-                Err(e) => return e,
-            }
-        }
-    })
-    .await
-    .expect("connection was not closed")
-}
-
-async fn publish_acked(client: &AsyncClient, events: &mut EventLoop, topic: &str, payload: &str) {
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
-        .await
-        .unwrap();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("publish failed: {e:?}"),
-            }
-        }
-    })
-    .await
-    .expect("no PUBACK in time");
-}
+use tellus_tests::{
+    mqtt::{connect, expect_refused, publish_acked},
+    require_tool, Tellus,
+};
 
 fn options_with_client_id(t: &Tellus, creds: &Credentials, client_id: &str) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, "127.0.0.1", t.mqtt_addr.port());

@@ -7,7 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -15,52 +15,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use serde_json::{json, Value};
 use tellus_device::Credentials;
-use tellus_tests::Tellus;
+use tellus_tests::{
+    mqtt::{connect, publish_acked, WAIT},
+    Tellus,
+};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-
-/// How long a test waits for one thing to happen.
-const WAIT: Duration = Duration::from_secs(20);
 
 /// Device time of the first test message.
 const BASE: i64 = 1_700_000_000_000;
-
-/// Polls until CONNACK; panics on an error.
-async fn connect(options: MqttOptions) -> (AsyncClient, EventLoop) {
-    let (client, mut events) = AsyncClient::new(options, 100);
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("connect failed: {e:?}"),
-            }
-        }
-    })
-    .await
-    .expect("no CONNACK in time");
-    (client, events)
-}
-
-async fn publish_acked(client: &AsyncClient, events: &mut EventLoop, topic: &str, payload: &str) {
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
-        .await
-        .unwrap();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return,
-                Ok(_) => {}
-                Err(e) => panic!("publish failed: {e:?}"),
-            }
-        }
-    })
-    .await
-    .expect("no PUBACK in time");
-}
 
 /// Raises this process's soft limit of open files to `want` (at most the hard limit); a
 /// `tellus` started afterwards inherits it.
@@ -342,24 +307,11 @@ async fn a_publish_flood_slows_only_the_flooding_device() {
     );
 }
 
-/// Whether `python3` can import `module`. Without it, a test may skip only outside CI, and
-/// says so loudly; in CI (`CI` set) it fails the test.
+/// Whether `python3` can import `module` (see [`tellus_tests::require`]).
 fn require_python_module(module: &str, install: &str) -> bool {
-    let found = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 with {module} is required in CI but cannot import it ({install})"
-        );
-        eprintln!("\n*** SKIPPED: python3 cannot import {module} (install it: {install}) ***\n");
-    }
-    found
+    let mut probe = Command::new("python3");
+    probe.args(["-c", &format!("import {module}")]);
+    tellus_tests::require(&format!("python3 can import {module}"), probe, install)
 }
 
 /// Writes a device's CA, certificate and key to `dir`: (ca, cert, key).
