@@ -287,7 +287,10 @@ impl<'g> Session<'g> {
         // Take the device's place first, then look again: a revocation that the registry
         // watcher handled before this session was registered is caught here, and one after
         // the second look reaches this session through the watcher.
-        let (mut membership, took_over) = gate.sessions.open(&peer.device, &peer.serial);
+        let config = &gate.config;
+        let (mut membership, took_over) = gate.sessions.open(&peer.device, &peer.serial, || {
+            TokenBucket::new(config.max_messages_per_second, config.message_burst)
+        });
         if took_over {
             bump(&gate.stats.taken_over);
         }
@@ -379,8 +382,7 @@ impl<'g> Session<'g> {
         let mut deadline = Instant::now() + grace.unwrap_or(far);
         let mut ping = tokio::time::interval(UPSTREAM_KEEP_ALIVE / 2);
         ping.reset();
-        let config = &self.gate.config;
-        let mut bucket = TokenBucket::new(config.max_messages_per_second, config.message_burst);
+        let bucket = membership.bucket.clone();
         // While the device is over its rate, its socket is not read until then.
         let mut paused_until: Option<Instant> = None;
         loop {
@@ -413,7 +415,10 @@ impl<'g> Session<'g> {
                         };
                         let now = Instant::now();
                         deadline = now + grace.unwrap_or(far);
-                        if let Some(wait) = counted.then(|| bucket.take()).flatten() {
+                        let over = counted
+                            .then(|| bucket.lock().map(|mut b| b.take()).unwrap_or(None))
+                            .flatten();
+                        if let Some(wait) = over {
                             bump(&self.gate.stats.rate_limited);
                             paused_until = Some(now + wait);
                             // The device is busy, not silent: its keep-alive starts after.

@@ -1,7 +1,8 @@
 //! The live connections, one per device, and how the gate closes them from outside.
 //!
 //! A session registers here once its device is admitted. A second connection of the same
-//! device takes over: the first is closed, as MQTT requires for a repeated client id. The
+//! device takes over: the first is closed, as MQTT requires for a repeated client id, and
+//! the new one inherits its message-rate bucket, so reconnecting buys a device no burst. The
 //! registry watcher ([`super::watch_registry`]) closes sessions whose device was disabled or
 //! deleted, or whose certificate was revoked, within one poll interval.
 
@@ -16,6 +17,11 @@ use std::{
 use tellus_core::DeviceId;
 use tokio::sync::watch;
 
+use super::rate::TokenBucket;
+
+/// A device's message-rate bucket, shared by the sessions that follow one another.
+pub type SharedBucket = std::sync::Arc<Mutex<TokenBucket>>;
+
 /// Every live session, by device.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -28,6 +34,7 @@ struct Live {
     id: u64,
     serial: String,
     close: watch::Sender<Option<String>>,
+    bucket: SharedBucket,
 }
 
 /// A session's membership; leaving the map when dropped.
@@ -37,22 +44,37 @@ pub struct Membership<'s> {
     device: DeviceId,
     id: u64,
     closed: watch::Receiver<Option<String>>,
+    /// The device's message-rate bucket: the previous session's on a takeover.
+    pub bucket: SharedBucket,
 }
 
 impl Sessions {
     /// Registers a session of `device` using the certificate `serial`, closing the one it
-    /// had (which returns `true` as the second value).
-    pub fn open(&self, device: &DeviceId, serial: &str) -> (Membership<'_>, bool) {
+    /// had (which returns `true` as the second value) and taking over its rate bucket, or
+    /// starting with `new_bucket()` when there was none.
+    pub fn open(
+        &self,
+        device: &DeviceId,
+        serial: &str,
+        new_bucket: impl FnOnce() -> TokenBucket,
+    ) -> (Membership<'_>, bool) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
-        let previous = self.lock().insert(
+        let mut live = self.lock();
+        let bucket = match live.get(device) {
+            Some(previous) => previous.bucket.clone(),
+            None => SharedBucket::new(Mutex::new(new_bucket())),
+        };
+        let previous = live.insert(
             device.clone(),
             Live {
                 id,
                 serial: serial.to_owned(),
                 close,
+                bucket: bucket.clone(),
             },
         );
+        drop(live);
         let took_over = previous.is_some_and(|p| {
             p.close
                 .send_replace(Some("taken over by a new connection".into()));
@@ -63,6 +85,7 @@ impl Sessions {
             device: device.clone(),
             id,
             closed,
+            bucket,
         };
         (membership, took_over)
     }
@@ -156,10 +179,14 @@ mod tests {
     #[tokio::test]
     async fn a_second_connection_takes_over_and_closes_reach_the_right_session() {
         let s = Sessions::default();
-        let (mut first, took_over) = s.open(&id("a"), "01");
+        let bucket = || TokenBucket::new(10, 1);
+        let (mut first, took_over) = s.open(&id("a"), "01", bucket);
         assert!(!took_over);
-        let (mut second, took_over) = s.open(&id("a"), "02");
+        // The first session spends its burst; the one that takes over inherits the debt.
+        assert_eq!(first.bucket.lock().unwrap().take(), None);
+        let (mut second, took_over) = s.open(&id("a"), "02", bucket);
         assert!(took_over);
+        assert!(second.bucket.lock().unwrap().take().is_some());
         assert_eq!(
             reason(&mut first).await.as_deref(),
             Some("taken over by a new connection")
