@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod certs;
 pub mod mqtt;
 pub mod raw;
 

@@ -15,9 +15,20 @@ use rumqttc::{
 use serde_json::{json, Value};
 use tellus_device::Credentials;
 use tellus_tests::{
+    certs,
     mqtt::{connect, expect_refused, publish_acked},
     require_tool, Tellus,
 };
+
+/// Connects with `options` and asserts that the gate refuses the CONNECT with `code`.
+async fn refused_with(options: MqttOptions, code: ConnectReturnCode) {
+    let (_c, mut events) = AsyncClient::new(options, 10);
+    let err = expect_refused(&mut events).await;
+    assert!(
+        matches!(&err, ConnectionError::ConnectionRefused(c) if *c == code),
+        "expected {code:?}, got {err:?}"
+    );
+}
 
 fn options_with_client_id(t: &Tellus, creds: &Credentials, client_id: &str) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, "127.0.0.1", t.mqtt_addr.port());
@@ -153,72 +164,29 @@ async fn refusals_store_nothing() {
     };
 
     // A certificate for "victim" from another CA.
-    let foreign_ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let foreign_ca = rcgen::CertifiedIssuer::self_signed(ca_params, foreign_ca_key).unwrap();
-    let forged = issue(&foreign_ca, "victim");
-    let forged = Credentials {
-        cert_pem: forged.0,
-        key_pem: forged.1,
-        ..victim.clone()
-    };
+    let (foreign_ca, _) = certs::own_ca("Foreign CA");
+    let forged = certs::device(&foreign_ca, "victim", &victim.ca_pem);
     let (_c, mut events) = AsyncClient::new(t.mqtt_options(&forged), 10);
     let err = expect_refused(&mut events).await;
     // The gate answers the handshake with TLS alert "unknown CA".
     assert!(format!("{err:?}").contains("UnknownCA"), "{err:?}");
 
     // A valid certificate from the fleet CA for a device that is not registered.
-    let ca_pem = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(t.data_dir.join("pki/ca.key")).unwrap())
-            .unwrap();
-    let fleet_ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
-    let (cert_pem, key_pem) = issue(&fleet_ca, "ghost");
-    let ghost = Credentials {
-        id: "ghost".parse().unwrap(),
-        cert_pem,
-        key_pem,
-        ca_pem,
-    };
-    let (_c, mut events) = AsyncClient::new(t.mqtt_options(&ghost), 10);
-    let err = expect_refused(&mut events).await;
-    assert!(
-        matches!(
-            err,
-            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
-        ),
-        "{err:?}"
-    );
+    let (fleet_ca, ca_pem) = certs::fleet_ca(&t.data_dir);
+    let ghost = certs::device(&fleet_ca, "ghost", &ca_pem);
+    refused_with(t.mqtt_options(&ghost), ConnectReturnCode::NotAuthorized).await;
 
     // A certificate from the fleet CA for a registered device, but not the one registered
     // for it (say, issued from a stale copy of the data directory).
-    let (cert_pem, key_pem) = issue(&fleet_ca, "victim");
-    let stale = Credentials {
-        cert_pem,
-        key_pem,
-        ..victim.clone()
-    };
-    let (_c, mut events) = AsyncClient::new(t.mqtt_options(&stale), 10);
-    let err = expect_refused(&mut events).await;
-    assert!(
-        matches!(
-            err,
-            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
-        ),
-        "{err:?}"
-    );
+    let stale = certs::device(&fleet_ca, "victim", &ca_pem);
+    refused_with(t.mqtt_options(&stale), ConnectReturnCode::NotAuthorized).await;
 
     // A client id that is not the certificate's device id.
-    let (_c, mut events) = AsyncClient::new(options_with_client_id(&t, &mallory, "victim"), 10);
-    let err = expect_refused(&mut events).await;
-    assert!(
-        matches!(
-            err,
-            ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)
-        ),
-        "{err:?}"
-    );
+    refused_with(
+        options_with_client_id(&t, &mallory, "victim"),
+        ConnectReturnCode::BadClientId,
+    )
+    .await;
 
     // A publish to another device's telemetry closes the connection unacknowledged.
     let (client, mut events) = connect(t.mqtt_options(&mallory)).await;
@@ -292,19 +260,6 @@ async fn refusals_store_nothing() {
         assert_eq!(body["error"]["code"], "unauthorized", "{body}");
         assert!(body["error"]["message"].is_string(), "{body}");
     }
-}
-
-/// Issues a device certificate for `cn` from `issuer`: (cert PEM, key PEM).
-fn issue(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, cn: &str) -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

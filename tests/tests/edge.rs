@@ -417,18 +417,8 @@ async fn a_paho_mqtt_device_publishes_and_an_unregistered_one_is_refused() {
 
     // A certificate from the fleet CA for a device that is not registered: the script
     // reports the broker's refusal and fails.
-    let ca_pem = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(t.data_dir.join("pki/ca.key")).unwrap())
-            .unwrap();
-    let fleet_ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
-    let (cert_pem, key_pem) = issue(&fleet_ca, "ghost");
-    let ghost = Credentials {
-        id: "ghost".parse().unwrap(),
-        cert_pem,
-        key_pem,
-        ca_pem,
-    };
+    let (fleet_ca, ca_pem) = tellus_tests::certs::fleet_ca(&t.data_dir);
+    let ghost = tellus_tests::certs::device(&fleet_ca, "ghost", &ca_pem);
     let out = paho_publish(&t, &certs, &ghost, r#"{"t": 1}"#, 1).await;
     assert_eq!(out.status.code(), Some(3), "expected a refusal: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
@@ -441,17 +431,4 @@ async fn a_paho_mqtt_device_publishes_and_an_unregistered_one_is_refused() {
     assert_eq!(gate["refused_unknown_device"], 1, "{gate}");
     let (_, stats) = t.get("/api/v1/stats").await;
     assert_eq!(stats["ingest"]["received"], 2, "{stats}");
-}
-
-/// Issues a device certificate for `cn` from `issuer`: (cert PEM, key PEM).
-fn issue(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, cn: &str) -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use serde_json::{json, Value};
 use tellus_device::Credentials;
-use tellus_tests::{raw::RawDevice, Tellus};
+use tellus_tests::{certs, raw::RawDevice, Tellus};
 use x509_parser::prelude::FromDer;
 
 fn refused_not_authorized() -> Option<Packet> {
@@ -177,31 +177,17 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tellus::start_in(dir.path(), None);
     let creds = t.create_device("clock").await;
-    let ca_pem = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(t.data_dir.join("pki/ca.key")).unwrap())
-            .unwrap();
-    let fleet_ca = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let (fleet_ca, _) = certs::fleet_ca(&t.data_dir);
     let day = time::Duration::days(1);
     let now = time::OffsetDateTime::now_utc();
     for (not_before, not_after, expect) in [
         (now - day * 2, now - day, "certificate expired"),
         (now + day, now + day * 2, "certificate not valid yet"),
     ] {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "clock");
-        params.not_before = not_before;
-        params.not_after = not_after;
-        let cert = params.signed_by(&key, &fleet_ca).unwrap();
-        let wrong_time = Credentials {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            ..creds.clone()
-        };
+        let wrong_time = certs::device_with(&fleet_ca, "clock", &creds.ca_pem, |p| {
+            p.not_before = not_before;
+            p.not_after = not_after;
+        });
         let tcp = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
         let connector =
             tokio_rustls::TlsConnector::from(std::sync::Arc::new(wrong_time.tls_config().unwrap()));
@@ -330,40 +316,6 @@ async fn a_connected_device_rotates_its_certificate_over_mqtt() {
     assert_eq!(shown["certificates"].as_array().unwrap().len(), 2);
 }
 
-/// A CA of the user's own, made with rcgen.
-fn own_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let pem = params.self_signed(&key).unwrap().pem();
-    (rcgen::Issuer::new(params, key), pem)
-}
-
-/// Device credentials for `id` signed by `ca`, trusting the server through `fleet_ca_pem`.
-fn device_of(ca: &rcgen::Issuer<'_, rcgen::KeyPair>, id: &str, fleet_ca_pem: &str) -> Credentials {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, id);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    Credentials {
-        id: id.parse().unwrap(),
-        cert_pem: params.signed_by(&key, ca).unwrap().pem(),
-        key_pem: key.serialize_pem(),
-        ca_pem: fleet_ca_pem.to_owned(),
-    }
-}
-
 /// Tries to connect until the gate answers with a CONNACK (the gate picks up a newly
 /// trusted CA within one registry poll); returns that CONNACK.
 async fn connack_eventually(t: &Tellus, creds: &Credentials) -> Option<Packet> {
@@ -393,9 +345,9 @@ async fn devices_of_a_registered_external_ca_are_registered_on_first_connection(
     let t = Tellus::start_in(dir.path(), None);
     let fleet_ca = std::fs::read_to_string(t.data_dir.join("pki/ca.crt")).unwrap();
     let fleet_device = t.create_device("fleet-dev").await;
-    let (acme, acme_pem) = own_ca("Acme Devices CA");
-    let (stranger, _) = own_ca("Stranger CA");
-    let (quiet, quiet_pem) = own_ca("Quiet CA");
+    let (acme, acme_pem) = certs::own_ca("Acme Devices CA");
+    let (stranger, _) = certs::own_ca("Stranger CA");
+    let (quiet, quiet_pem) = certs::own_ca("Quiet CA");
 
     let (status, body) = t
         .post(
@@ -408,7 +360,7 @@ async fn devices_of_a_registered_external_ca_are_registered_on_first_connection(
     assert_eq!(status, 201, "{body}");
 
     // A device of the auto-registering CA connects and is registered with its tags.
-    let acme_7 = device_of(&acme, "acme-7", &fleet_ca);
+    let acme_7 = certs::device(&acme, "acme-7", &fleet_ca);
     assert_eq!(
         connack_eventually(&t, &acme_7).await,
         Some(Packet::ConnAck(ConnAck {
@@ -422,14 +374,14 @@ async fn devices_of_a_registered_external_ca_are_registered_on_first_connection(
 
     // A CA that does not register devices lets in only devices registered already; an
     // unknown CA not even that far; and no CA may speak for a device another CA vouches for.
-    let quiet_1 = device_of(&quiet, "quiet-1", &fleet_ca);
+    let quiet_1 = certs::device(&quiet, "quiet-1", &fleet_ca);
     assert_eq!(
         connack_eventually(&t, &quiet_1).await,
         refused_not_authorized()
     );
-    let hijack = device_of(&acme, "fleet-dev", &fleet_ca);
+    let hijack = certs::device(&acme, "fleet-dev", &fleet_ca);
     assert_eq!(try_connect(&t, &hijack).await, refused_not_authorized());
-    let stray = device_of(&stranger, "stray", &fleet_ca);
+    let stray = certs::device(&stranger, "stray", &fleet_ca);
     let tcp = tokio::net::TcpStream::connect(t.mqtt_addr).await.unwrap();
     let connector =
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(stray.tls_config().unwrap()));
