@@ -32,12 +32,12 @@ pub struct IngestRequest {
 }
 
 /// What became of a durable message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Durable {
     /// Decoded and committed to the telemetry store.
     Stored,
-    /// Not valid telemetry: committed, raw, to the dead-letter table with its reason.
-    DeadLettered,
+    /// Not valid telemetry: committed, raw, to the dead-letter table with this reason.
+    DeadLettered(String),
 }
 
 /// Why ingest could not make a message durable; the gate must not acknowledge it.

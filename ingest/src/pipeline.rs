@@ -226,11 +226,11 @@ impl Worker {
                     received_at_ms: req.received_at_ms,
                     device: req.device.clone(),
                     topic: req.topic.topic(&req.device),
-                    reason,
+                    reason: reason.clone(),
                     payload: req.payload.to_vec(),
                     payload_size: req.payload.len(),
                 });
-                Durable::DeadLettered
+                Durable::DeadLettered(reason)
             }
         }
     }
@@ -267,7 +267,7 @@ mod tests {
         let c = submit("not json").await.unwrap().unwrap();
         assert_eq!(a.await.unwrap(), Ok(Durable::Stored));
         assert_eq!(b.await.unwrap(), Ok(Durable::Stored));
-        assert_eq!(c.await.unwrap(), Ok(Durable::DeadLettered));
+        assert!(matches!(c.await.unwrap(), Ok(Durable::DeadLettered(_))));
         assert_eq!(
             store.range(&d, "t", 0, 10_000, 10).unwrap(),
             vec![(1_000, Value::Int(1)), (1_001, Value::Int(2))]
