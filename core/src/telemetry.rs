@@ -1,7 +1,8 @@
-//! The telemetry model and the JSON payload decoder.
+//! The telemetry model and the payload decoders, JSON and protobuf.
 //!
 //! A message decodes into [`Sample`]s: one metric, one timestamp, one typed [`Value`].
-//! The JSON forms (ARCHITECTURE.md):
+//! The protobuf form is `TelemetryBatch` (`proto/telemetry.proto`, types in [`proto`]) on
+//! `telemetry/pb`; see [`decode_protobuf`]. The JSON forms (ARCHITECTURE.md):
 //! - `{"temperature": 21.5, "door": "open"}`: values stamped with the server's receive time
 //!   (each such object of a message with its own millisecond, from the caller's clock);
 //! - `{"ts": 1732780800123, "values": {…}}`: values stamped with the device's time in ms;
@@ -11,9 +12,18 @@
 //! Decoding is all or nothing: a message with one bad part is refused whole, with a
 //! [`DecodeError`] that says which part, so it can be dead-lettered with its reason.
 
+use std::collections::HashSet;
+
+use prost::Message;
 use serde_json::{Map, Value as Json};
 
 use crate::TimestampMs;
+
+/// The protobuf telemetry schema (`proto/telemetry.proto`, package `tellus.v1`), compiled by
+/// prost.
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/tellus.v1.rs"));
+}
 
 /// The longest metric name accepted (after flattening).
 pub const MAX_METRIC_LEN: usize = 255;
@@ -55,6 +65,12 @@ pub enum DecodeError {
     BadValue(String, &'static str),
     #[error("metric name {0:?} is empty or longer than {MAX_METRIC_LEN} characters")]
     BadMetricName(String),
+    #[error("payload is not a protobuf TelemetryBatch: {0}")]
+    NotProtobuf(String),
+    #[error("\"ts_ms\" of metric {0:?} is negative: {1}")]
+    NegativeTimestamp(String, i64),
+    #[error("metric {0:?} appears twice at {1} ms in one message")]
+    Repeated(String, TimestampMs),
 }
 
 fn kind(v: &Json) -> &'static str {
@@ -169,6 +185,54 @@ fn flatten(
     Ok(())
 }
 
+/// Decodes a protobuf `TelemetryBatch`. Points with `ts_ms` 0 are stamped with one call of
+/// `server_time` for the whole message, as one JSON object is; a metric may therefore appear
+/// only once per timestamp in a message. All or nothing, like [`decode_json`].
+pub fn decode_protobuf(
+    payload: &[u8],
+    server_time: &mut dyn FnMut() -> TimestampMs,
+) -> Result<Vec<Sample>, DecodeError> {
+    let batch = proto::TelemetryBatch::decode(payload)
+        .map_err(|e| DecodeError::NotProtobuf(e.to_string()))?;
+    if batch.points.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let mut now = None;
+    let mut seen = HashSet::with_capacity(batch.points.len());
+    let mut out = Vec::with_capacity(batch.points.len());
+    for point in batch.points {
+        use proto::point::Value as V;
+        let metric = point.metric;
+        if key_is_bad(&metric) {
+            return Err(DecodeError::BadMetricName(metric));
+        }
+        let ts_ms = match point.ts_ms {
+            0 => *now.get_or_insert_with(&mut *server_time),
+            ts if ts < 0 => return Err(DecodeError::NegativeTimestamp(metric, ts)),
+            ts => ts,
+        };
+        let value = match point.value {
+            None => return Err(DecodeError::BadValue(metric, "missing")),
+            Some(V::DoubleValue(f)) if !f.is_finite() => {
+                return Err(DecodeError::BadValue(metric, "non-finite number"))
+            }
+            Some(V::DoubleValue(f)) => Value::Float(f),
+            Some(V::IntValue(i)) => Value::Int(i),
+            Some(V::BoolValue(b)) => Value::Bool(b),
+            Some(V::StringValue(s)) => Value::Text(s),
+        };
+        if !seen.insert((metric.clone(), ts_ms)) {
+            return Err(DecodeError::Repeated(metric, ts_ms));
+        }
+        out.push(Sample {
+            metric,
+            ts_ms,
+            value,
+        });
+    }
+    Ok(out)
+}
+
 fn key_is_bad(metric: &str) -> bool {
     metric.is_empty() || metric.len() > MAX_METRIC_LEN || metric.split('.').any(str::is_empty)
 }
@@ -277,5 +341,81 @@ mod tests {
             decode(r#"[{"va": {"env": {}}}, {"a": false}]"#),
             Err(DecodeError::BadValue("va.env".into(), "empty object"))
         );
+    }
+
+    fn point(metric: &str, ts_ms: i64, value: Option<proto::point::Value>) -> proto::Point {
+        proto::Point {
+            metric: metric.into(),
+            ts_ms,
+            value,
+        }
+    }
+
+    fn decode_pb(points: Vec<proto::Point>) -> Result<Vec<Sample>, DecodeError> {
+        let bytes = proto::TelemetryBatch { points }.encode_to_vec();
+        let mut calls = 0;
+        let out = decode_protobuf(&bytes, &mut || {
+            calls += 1;
+            NOW + calls
+        });
+        assert!(calls <= 1, "server time is taken once per message");
+        out
+    }
+
+    #[test]
+    fn protobuf_batches_keep_types_and_stamp_points_without_a_time_once() {
+        use proto::point::Value as V;
+        let out = decode_pb(vec![
+            point("env.t", 0, Some(V::DoubleValue(21.5))),
+            point("count", 0, Some(V::IntValue(-3))),
+            point("door", 5, Some(V::BoolValue(true))),
+            point("fw", 5, Some(V::StringValue("1.2".into()))),
+            point("env.t", 6, Some(V::DoubleValue(22.0))),
+        ]);
+        assert_eq!(
+            out.unwrap(),
+            vec![
+                s("env.t", NOW + 1, Value::Float(21.5)),
+                s("count", NOW + 1, Value::Int(-3)),
+                s("door", 5, Value::Bool(true)),
+                s("fw", 5, Value::Text("1.2".into())),
+                s("env.t", 6, Value::Float(22.0)),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_protobuf_is_refused_whole_with_a_reason() {
+        use proto::point::Value as V;
+        assert!(matches!(
+            decode_protobuf(b"\xff\xff\xff", &mut || NOW),
+            Err(DecodeError::NotProtobuf(_))
+        ));
+        // JSON on the protobuf topic is not silently read as an empty batch.
+        assert!(decode_protobuf(br#"{"t": 1}"#, &mut || NOW).is_err());
+        assert_eq!(decode_pb(vec![]), Err(DecodeError::Empty));
+        let ok = point("ok", 1, Some(V::IntValue(1)));
+        let cases = [
+            (
+                point("a", 1, None),
+                DecodeError::BadValue("a".into(), "missing"),
+            ),
+            (
+                point("a", 1, Some(V::DoubleValue(f64::NAN))),
+                DecodeError::BadValue("a".into(), "non-finite number"),
+            ),
+            (
+                point("a", -1, Some(V::IntValue(1))),
+                DecodeError::NegativeTimestamp("a".into(), -1),
+            ),
+            (
+                point("a..b", 1, Some(V::IntValue(1))),
+                DecodeError::BadMetricName("a..b".into()),
+            ),
+            (ok.clone(), DecodeError::Repeated("ok".into(), 1)),
+        ];
+        for (bad, why) in cases {
+            assert_eq!(decode_pb(vec![ok.clone(), bad]), Err(why));
+        }
     }
 }

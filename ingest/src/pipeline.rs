@@ -198,17 +198,20 @@ impl Worker {
 
     /// Adds the message's samples, or the message as a dead letter, to `batch`.
     fn decode(&mut self, req: &IngestRequest, batch: &mut Batch) -> Durable {
+        let last = self.last_server_ts.entry(req.device.clone()).or_insert(0);
+        let mut server_time = || {
+            *last = req.received_at_ms.max(*last + 1);
+            *last
+        };
         let decoded = match req.topic {
             DeviceTopic::Telemetry => {
-                let last = self.last_server_ts.entry(req.device.clone()).or_insert(0);
-                let mut server_time = || {
-                    *last = req.received_at_ms.max(*last + 1);
-                    *last
-                };
                 telemetry::decode_json(&req.payload, &mut server_time).map_err(|e| e.to_string())
             }
+            DeviceTopic::TelemetryPb => telemetry::decode_protobuf(&req.payload, &mut server_time)
+                .map_err(|e| e.to_string()),
+            // The gate hands over telemetry topics only.
             ref other => Err(format!(
-                "{} is not a telemetry topic this version decodes",
+                "{} is not a telemetry topic",
                 other.topic(&req.device)
             )),
         };
@@ -252,34 +255,56 @@ mod tests {
         let (tx, rx) = IngestSender::channel(8, 1 << 20);
         let ingest = Ingest::spawn(rx, store.clone(), IngestConfig::default()).unwrap();
         let d = DeviceId::parse("d1").unwrap();
-        let submit = |payload: &'static str| {
-            tx.submit(
-                d.clone(),
-                DeviceTopic::Telemetry,
-                Bytes::from_static(payload.as_bytes()),
-                1_000,
-                true,
-            )
+        let submit = |topic: DeviceTopic, payload: Vec<u8>| {
+            tx.submit(d.clone(), topic, Bytes::from(payload), 1_000, true)
         };
-        // Same receive time: the second message gets the next millisecond, not an overwrite.
-        let a = submit(r#"{"t": 1}"#).await.unwrap().unwrap();
-        let b = submit(r#"{"t": 2}"#).await.unwrap().unwrap();
-        let c = submit("not json").await.unwrap().unwrap();
+        let json = |payload: &str| submit(DeviceTopic::Telemetry, payload.as_bytes().to_vec());
+        // Same receive time: each message gets the next millisecond, not an overwrite, in
+        // either format.
+        let a = json(r#"{"t": 1}"#).await.unwrap().unwrap();
+        let b = json(r#"{"t": 2}"#).await.unwrap().unwrap();
+        let c = json("not json").await.unwrap().unwrap();
+        use tellus_core::telemetry::proto::{point::Value as Pb, Point, TelemetryBatch};
+        let batch = TelemetryBatch {
+            points: vec![Point {
+                metric: "t".into(),
+                ts_ms: 0,
+                value: Some(Pb::DoubleValue(2.5)),
+            }],
+        };
+        let pb = submit(
+            DeviceTopic::TelemetryPb,
+            prost::Message::encode_to_vec(&batch),
+        );
+        let pb = pb.await.unwrap().unwrap();
+        let bad_pb = submit(DeviceTopic::TelemetryPb, b"\xff".to_vec());
+        let bad_pb = bad_pb.await.unwrap().unwrap();
         assert_eq!(a.await.unwrap(), Ok(Durable::Stored));
         assert_eq!(b.await.unwrap(), Ok(Durable::Stored));
         assert!(matches!(c.await.unwrap(), Ok(Durable::DeadLettered(_))));
+        assert_eq!(pb.await.unwrap(), Ok(Durable::Stored));
+        match bad_pb.await.unwrap() {
+            Ok(Durable::DeadLettered(why)) => assert!(why.contains("protobuf"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             store.range(&d, "t", 0, 10_000, 10).unwrap(),
-            vec![(1_000, Value::Int(1)), (1_001, Value::Int(2))]
+            vec![
+                (1_000, Value::Int(1)),
+                (1_001, Value::Int(2)),
+                (1_002, Value::Float(2.5))
+            ]
         );
-        assert_eq!(store.deadletters(None, 10).unwrap()[0].payload, b"not json");
+        let dead = store.deadletters(None, 10).unwrap();
+        assert_eq!(dead[0].payload, b"\xff");
+        assert_eq!(dead[1].payload, b"not json");
         drop(tx);
         let stats = ingest.stats();
         ingest.finished().await;
         let s = stats.snapshot();
         assert_eq!(
             (s.received, s.stored, s.deadlettered, s.failed),
-            (3, 2, 1, 0)
+            (5, 3, 2, 0)
         );
     }
 }
