@@ -18,6 +18,8 @@
 //! publishes arrived, each once its message is safe (see [`connection`]).
 
 pub mod audit;
+#[doc(hidden)]
+pub mod codec;
 mod connection;
 mod frames;
 #[doc(hidden)]
@@ -119,6 +121,8 @@ pub struct GateStats {
     pub protocol_errors: AtomicU64,
     pub telemetry_received: AtomicU64,
     pub forwarded: AtomicU64,
+    /// MQTT 5 publishes whose payload is not what their payload format indicator says.
+    pub payload_invalid: AtomicU64,
 }
 
 /// A copy of [`GateStats`] at one moment.
@@ -148,6 +152,8 @@ pub struct GateStatsSnapshot {
     pub protocol_errors: u64,
     pub telemetry_received: u64,
     pub forwarded: u64,
+    /// MQTT 5 publishes whose payload is not what their payload format indicator says.
+    pub payload_invalid: u64,
 }
 
 impl GateStats {
@@ -178,6 +184,7 @@ impl GateStats {
             protocol_errors: get(&self.protocol_errors),
             telemetry_received: get(&self.telemetry_received),
             forwarded: get(&self.forwarded),
+            payload_invalid: get(&self.payload_invalid),
         }
     }
 }

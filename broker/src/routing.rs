@@ -53,7 +53,11 @@ pub struct RoutingConfig {
 /// A running routing core.
 #[derive(Debug, Clone)]
 pub struct RoutingCore {
+    /// Where it takes MQTT 3.1.1 links.
     pub addr: SocketAddr,
+    /// Where it takes MQTT 5 links: the gate links each device in the device's own version,
+    /// so that MQTT 5 properties travel both ways.
+    pub addr_v5: SocketAddr,
     pub credential: GateCredential,
 }
 
@@ -72,9 +76,12 @@ pub enum RoutingError {
 /// rumqttd binds its listener itself and has no way to stop, so the port is reserved by
 /// binding and releasing it, and the core lives as long as the process.
 pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
-    let addr = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map_err(RoutingError::Port)?;
+    let reserve = || {
+        StdListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(RoutingError::Port)
+    };
+    let (addr, addr_v5) = (reserve()?, reserve()?);
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let credential = GateCredential {
@@ -84,7 +91,9 @@ pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
 
     let connections = ConnectionSettings {
         connection_timeout_ms: 5_000,
-        max_payload_size: config.max_packet_size,
+        // A device's publish may grow on its way here: the gate resolves MQTT 5 topic
+        // aliases, adding at most a whole topic (64 KiB) to a packet within the limit.
+        max_payload_size: config.max_packet_size + 65_536,
         max_inflight_count: 100,
         auth: Some(HashMap::from([(
             credential.username.clone(),
@@ -93,12 +102,12 @@ pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = ServerSettings {
-        name: "routing-core".to_owned(),
-        listen: addr,
+    let server = |name: &str, listen| ServerSettings {
+        name: name.to_owned(),
+        listen,
         tls: None,
         next_connection_delay_ms: 0,
-        connections,
+        connections: connections.clone(),
     };
     let rumqttd_config = Config {
         router: RouterConfig {
@@ -110,7 +119,14 @@ pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([("gate".to_owned(), server)])),
+        v4: Some(HashMap::from([(
+            "gate".to_owned(),
+            server("routing-core", addr),
+        )])),
+        v5: Some(HashMap::from([(
+            "gate".to_owned(),
+            server("routing-core-v5", addr_v5),
+        )])),
         ..Default::default()
     };
 
@@ -125,41 +141,84 @@ pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
         .map_err(RoutingError::Thread)?;
 
     let deadline = Instant::now() + READY_TIMEOUT;
-    while let Err(e) = probe(addr, &credential) {
-        if Instant::now() > deadline {
-            return Err(RoutingError::NotReady(addr, READY_TIMEOUT, e));
+    let mut attempt = 0u32;
+    for (listen, v5) in [(addr, false), (addr_v5, true)] {
+        // A new client id for every attempt: rumqttd 0.20 keeps a will handler per client
+        // id, leaks it when a link closes before its CONNACK is written (as a timed-out
+        // probe's does), and panics on the next CONNECT with that id.
+        while let Err(e) = {
+            attempt += 1;
+            probe(
+                listen,
+                v5,
+                &format!("tellus-gate-probe-{attempt}"),
+                &credential,
+            )
+        } {
+            if Instant::now() > deadline {
+                return Err(RoutingError::NotReady(listen, READY_TIMEOUT, e));
+            }
+            thread::sleep(Duration::from_millis(20));
         }
-        thread::sleep(Duration::from_millis(20));
     }
-    tracing::debug!(%addr, "routing core listening");
-    Ok(RoutingCore { addr, credential })
+    tracing::debug!(%addr, %addr_v5, "routing core listening");
+    Ok(RoutingCore {
+        addr,
+        addr_v5,
+        credential,
+    })
 }
 
-/// Logs in to the routing core as the gate and out again: proves it listens, speaks MQTT and
-/// knows the credential.
-fn probe(addr: SocketAddr, credential: &GateCredential) -> Result<(), String> {
+/// Logs in to the routing core as the gate (in MQTT 5 if `v5`, else 3.1.1) and out again:
+/// proves it listens, speaks MQTT and knows the credential.
+fn probe(
+    addr: SocketAddr,
+    v5: bool,
+    client_id: &str,
+    credential: &GateCredential,
+) -> Result<(), String> {
     use std::io::{Read, Write};
 
-    use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+    use rumqttc::{mqttbytes::v4, v5::mqttbytes::v5 as m5};
 
     let mut stream =
         StdStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
+        .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    let mut connect = rumqttc::mqttbytes::v4::Connect::new("tellus-gate-probe");
-    connect.set_login(credential.username.clone(), credential.password.clone());
+    let (user, password) = (credential.username.clone(), credential.password.clone());
     let mut out = bytes::BytesMut::new();
-    for packet in [Packet::Connect(connect), Packet::Disconnect] {
-        packet
-            .write(&mut out, usize::MAX)
-            .map_err(|e| e.to_string())?;
+    if v5 {
+        let connect = m5::Connect {
+            keep_alive: 10,
+            client_id: client_id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        let login = Some(m5::Login::new(user, password));
+        let disconnect = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
+        for packet in [
+            m5::Packet::Connect(connect, None, login),
+            m5::Packet::Disconnect(disconnect),
+        ] {
+            packet.write(&mut out, None).map_err(|e| e.to_string())?;
+        }
+    } else {
+        let mut connect = v4::Connect::new(client_id);
+        connect.set_login(user, password);
+        for packet in [v4::Packet::Connect(connect), v4::Packet::Disconnect] {
+            packet
+                .write(&mut out, usize::MAX)
+                .map_err(|e| e.to_string())?;
+        }
     }
     stream.write_all(&out).map_err(|e| e.to_string())?;
+    // CONNACK: type, remaining length, session-present flag, then the return (3.1.1) or
+    // reason (5) code, 0 for success in both.
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack).map_err(|e| e.to_string())?;
-    match Packet::read(&mut bytes::BytesMut::from(&connack[..]), 4) {
-        Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(()),
+    match connack {
+        [0x20, _, _, 0] => Ok(()),
         other => Err(format!("unexpected answer {other:?}")),
     }
 }

@@ -121,3 +121,19 @@ pub fn mqtt_options(creds: &Credentials, host: &str, port: u16) -> Result<MqttOp
     options.set_keep_alive(std::time::Duration::from_secs(30));
     Ok(options)
 }
+
+/// Like [`mqtt_options`], for MQTT 5: the gate then answers with reason codes (a refused
+/// publish is told "not authorized", telemetry kept as a dead letter "payload format
+/// invalid") instead of closing or acknowledging blindly.
+pub fn mqtt5_options(
+    creds: &Credentials,
+    host: &str,
+    port: u16,
+) -> Result<rumqttc::v5::MqttOptions, Error> {
+    let mut options = rumqttc::v5::MqttOptions::new(creds.id.as_str(), host, port);
+    options.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(
+        creds.tls_config()?,
+    ))));
+    options.set_keep_alive(std::time::Duration::from_secs(30));
+    Ok(options)
+}

@@ -1,21 +1,47 @@
-//! The gate's handling of what a device sends after the TLS handshake (the `packets` target).
+//! The gate's handling of what a device sends after the TLS handshake (the `packets` target),
+//! in MQTT 3.1.1 and MQTT 5.
 //!
 //! The gate's own code here: the reader (`FrameReader`, through
-//! `tellus_broker::gate::fuzz_packets`), the size limit (`GateConfig::default()`), the ACL
-//! (`topic::check_publish`, `topic::check_subscribe`) and the codec the gate re-encodes
-//! with. The order of decisions is a model of `broker/src/gate/connection.rs` without its
-//! sockets, registry,
-//! ingest, PKI, rate limit or routing core: the first packet must be a CONNECT; the CONNECT is
-//! admitted as `check_connect` does (the registry and serial checks pass: the device is
-//! `DEVICE`); then every packet is handled as `Session::handle` does, until one ends the
-//! connection.
+//! `tellus_broker::gate::fuzz_packets`, which also tells the version the CONNECT names), the
+//! size limit (`GateConfig::default()`), the codec (`gate::codec`: decoding into [`Inbound`],
+//! topic aliases, and every encoder the gate writes with), and the ACL
+//! (`topic::check_publish`, `topic::check_subscribe`). The order of decisions is a model of
+//! `broker/src/gate/connection.rs` without its sockets, registry, ingest, PKI, rate limit or
+//! routing core: the first packet must be a CONNECT in a version the gate speaks; the CONNECT
+//! is admitted as `Session::start` and `check_connect` do (the registry and serial checks
+//! pass: the device is [`DEVICE`]); then every packet is handled as `Session::handle`,
+//! `publish` and `subscribe` do, until one ends the connection; an MQTT 5 device is then
+//! told why in a DISCONNECT, as the gate tells it.
 //!
 //! Properties checked for every input:
-//! - the session ends with an [`End`] (a reason the gate logs), never a panic;
-//! - every packet the reader returns re-encodes to bytes that parse back to the same packet
-//!   (the gate forwards re-encoded packets, so a packet it cannot write would be lost);
-//! - everything the gate forwards or answers encodes, within the size limit (except CONNECT,
-//!   which carries the gate's credential instead of the device's login);
+//! - the session ends with an [`End`] (a reason the gate logs), never a panic; the
+//!   [`Session`] tells what the gate forwarded, answered and granted on the way;
+//! - what the gate forwards to the routing core encodes, and decodes again with
+//!   `codec::decode` in the device's version (the link to the routing core speaks it), to
+//!   what the gate meant to send: a PUBLISH with the same topic (aliases resolved), payload,
+//!   packet id, DUP and properties (less the topic alias), at QoS 1 at most and not retained;
+//!   a SUBSCRIBE with the filters the ACL allowed, their options and the properties as the
+//!   device sent them, at QoS 1 at most; the CONNECT with the gate's login and keep-alive.
+//!   This is checked for every PUBLISH, SUBSCRIBE and CONNECT the reader returns, whatever
+//!   the ACL says, so that the encoders meet every property the decoder lets through. Each
+//!   frame forwarded fits the routing core's size limit (the gate's), except the CONNECT,
+//!   which carries the gate's login instead of the device's (the routing core's limit is the
+//!   gate's plus 64 KiB, room for the topic a resolved alias adds). The other packets a device sends are no longer re-encoded: PUBACK, PUBREC, PUBCOMP,
+//!   UNSUBSCRIBE and DISCONNECT are forwarded as the bytes read (which `readers_agree`
+//!   covers), PUBREL and PINGREQ are answered by the gate. So the old "every packet read
+//!   re-encodes to itself" is gone; byte-exact re-encoding never was the promise (rumqttc
+//!   normalises, for example, a property length that understates its properties).
+//!   (rumqttc 0.25 misreads a PUBLISH with two or more subscription identifiers; the codec
+//!   refuses any from a client, as MQTT 5 forbids them, 3.3.4-6, so none is forwarded);
+//! - everything the gate answers (CONNACK, PUBACK, PUBREC, PUBCOMP, SUBACK, PINGRESP, and
+//!   an MQTT 5 DISCONNECT) encodes and parses back with rumqttc's v4 or v5 `Packet::read` to
+//!   the answer meant: packet id, reason code (telemetry is answered as ingest would:
+//!   "payload format invalid" for what `decode_json` or `decode_protobuf` refuses), and a
+//!   reason string, at most 256 bytes cut from the reason, only where `Connect::reasons`
+//!   allows it (an MQTT 5 device with room for it: on acknowledgements unless it turned
+//!   problem information off, always in a refusing CONNACK and in DISCONNECT);
+//!   a partly refused MQTT 5 SUBACK (`codec::merge_suback`) puts "not authorized" back in
+//!   the places of the refused filters;
 //! - a topic the ACL lets the device publish is a valid MQTT topic in its own tree whose
 //!   parse gives back the same kind; a filter it lets the device subscribe is a valid filter
 //!   in its own tree without `#`;
@@ -23,18 +49,26 @@
 //!   publish (the isolation ARCHITECTURE.md promises: devices never hear each other, nor
 //!   themselves);
 //! - the device-side reader (`packet()`) and the routing-core-side one (`frame()`) cut the
-//!   same bytes into the same frames.
+//!   same bytes into the same frames: each packet `packet()` returns is what `codec::decode`
+//!   makes of the frame `frame()` cut at the same place, and they stop for the same reason.
 
-use std::mem::discriminant;
+use std::{collections::HashMap, fmt, mem::discriminant};
 
-use bytes::BytesMut;
-use rumqttc::mqttbytes::{
-    self, matches,
-    v4::{Connect, Login, Packet, PubAck, PubComp, PubRec},
-    valid_filter, valid_topic, Protocol, QoS,
+use bytes::{Bytes, BytesMut};
+use rumqttc::{
+    mqttbytes::{v4, valid_filter, valid_topic, QoS},
+    v5::mqttbytes::{self as m5, v5},
 };
-use tellus_broker::gate::{fuzz_frames, fuzz_packets, FrameError, GateConfig};
+use tellus_broker::gate::{
+    audit::clip,
+    codec::{
+        self, AckCode, CloseCode, Connect, Grant, Inbound, Limits, Publish, Reasons, Refused,
+        Reply, Subscribe, TopicAliases, Verdict, Version,
+    },
+    fuzz_frames, fuzz_packets, FrameError, GateConfig,
+};
 use tellus_core::{
+    telemetry,
     topic::{self, AclDenied, DeviceTopic},
     DeviceId,
 };
@@ -44,6 +78,15 @@ use crate::split_reads;
 /// The device id the client certificate names, for every input.
 pub const DEVICE: &str = "dev-1";
 
+/// The gate's login on the routing core: `routing::GATE_USER` and a 32-byte secret in hex.
+const GATE_USER: &str = "tellus-gate";
+/// The keep-alive the gate asks of the routing core (`connection::UPSTREAM_KEEP_ALIVE`).
+const UPSTREAM_KEEP_ALIVE: u16 = 60;
+/// Topic aliases an MQTT 5 device may set (`connection::TOPIC_ALIAS_MAX`).
+const TOPIC_ALIAS_MAX: u16 = 64;
+/// Longest reason string the gate sends (`codec::REASON_MAX`).
+const REASON_MAX: usize = 256;
+
 /// Why the gate ends the connection; each is logged (and counted) by the gate.
 #[derive(Debug)]
 pub enum End {
@@ -51,16 +94,17 @@ pub enum End {
     Closed,
     /// The device closed the stream inside a packet.
     Truncated,
-    Malformed(mqttbytes::Error),
+    Malformed(String),
     TooLarge(usize, usize),
-    /// CONNACK "unacceptable protocol version".
-    RefusedProtocol,
+    /// CONNACK "unacceptable protocol version": the CONNECT named this protocol level.
+    RefusedProtocol(u8),
     /// The first packet was this, not CONNECT.
     NotConnect(&'static str),
-    /// CONNACK refusing the client id or the will.
-    Refused(String),
-    /// A packet a client may not send.
-    Protocol(&'static str),
+    /// CONNACK refusing the CONNECT (client id, authentication method or will), and why.
+    Refused(Refused, String),
+    /// A protocol violation after CONNECT: the MQTT 5 reason code the gate closes with, and
+    /// why.
+    Protocol(CloseCode, String),
     Acl(AclDenied),
     Disconnected,
 }
@@ -77,6 +121,47 @@ impl From<FrameError> for End {
     }
 }
 
+/// The reason the gate logs and tells an MQTT 5 device (`connection::End`'s wording).
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Closed => write!(f, "device connection ended: connection closed"),
+            End::Truncated => write!(
+                f,
+                "device connection ended: connection closed in the middle of a packet"
+            ),
+            End::Malformed(why) => write!(f, "device connection ended: malformed packet: {why}"),
+            End::TooLarge(n, max) => write!(
+                f,
+                "device connection ended: packet of {n} bytes is larger than the limit of {max}"
+            ),
+            End::RefusedProtocol(level) => write!(
+                f,
+                "MQTT protocol level {level} is not spoken here; use 4 (3.1.1) or 5"
+            ),
+            End::NotConnect(name) => write!(f, "first packet is {name}, not CONNECT"),
+            End::Refused(_, why) => f.write_str(why),
+            End::Protocol(_, why) => write!(f, "protocol violation: {why}"),
+            End::Acl(e) => write!(f, "ACL violation: {e}"),
+            End::Disconnected => write!(f, "device sent DISCONNECT"),
+        }
+    }
+}
+
+impl End {
+    /// What the gate tells an MQTT 5 device in DISCONNECT when the session ends so
+    /// (`connection::End::close_code`); `None` where the device left.
+    fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            End::Malformed(_) => Some(CloseCode::MalformedPacket),
+            End::TooLarge(..) => Some(CloseCode::PacketTooLarge),
+            End::Acl(_) => Some(CloseCode::NotAuthorized),
+            End::Protocol(code, _) => Some(*code),
+            _ => None,
+        }
+    }
+}
+
 /// What one session came to.
 #[derive(Debug)]
 pub struct Session {
@@ -85,6 +170,14 @@ pub struct Session {
     pub packets: usize,
     /// Whether the CONNECT was admitted.
     pub admitted: bool,
+    /// The version the connection speaks, if the gate speaks the one its CONNECT names.
+    pub version: Option<Version>,
+    /// What the gate answered after CONNACK, in order, with the reason code of each.
+    pub replies: Vec<(Reply, AckCode)>,
+    /// The topic of every PUBLISH forwarded to the routing core, in order.
+    pub forwarded: Vec<String>,
+    /// The filters forwarded to the routing core.
+    pub granted: Vec<String>,
 }
 
 /// Runs one device session over a fuzz input (see [`split_reads`]) and checks the properties
@@ -92,26 +185,43 @@ pub struct Session {
 pub fn device_stream(input: &[u8]) -> Session {
     let (read_size, bytes) = split_reads(input);
     let max = GateConfig::default().max_packet_size;
-    let (packets, stopped) = fuzz_packets(bytes, read_size, max);
+    let (version, packets, stopped) = fuzz_packets(bytes, read_size, max);
+    readers_agree(bytes, read_size, max, version, &packets, &stopped);
+    let version = match version {
+        Ok(version) => version,
+        Err(level) => {
+            // Answered in 3.1.1, the one version every client can read a CONNACK of.
+            let end = End::RefusedProtocol(level);
+            connack_refused(
+                Version::V4,
+                Reasons::None,
+                Refused::UnsupportedProtocolVersion,
+                &end.to_string(),
+            );
+            return Session {
+                end,
+                packets: 0,
+                admitted: false,
+                version: None,
+                replies: Vec::new(),
+                forwarded: Vec::new(),
+                granted: Vec::new(),
+            };
+        }
+    };
     for p in &packets {
-        round_trip(p);
+        round_trip(version, p);
     }
-    readers_agree(bytes, read_size, max, &packets, &stopped);
 
-    let mut gate = Model::new(max);
+    let mut gate = Model::new(version, max);
     let mut read = 0;
     let mut admitted = false;
     let mut session = packets.into_iter().inspect(|_| read += 1);
     let end = 'session: {
         let Some(first) = session.next() else {
-            break 'session match stopped {
-                FrameError::Malformed(
-                    mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_),
-                ) => End::RefusedProtocol,
-                e => e.into(),
-            };
+            break 'session stopped.into();
         };
-        let Packet::Connect(connect) = first else {
+        let Inbound::Connect(connect) = first else {
             break 'session End::NotConnect(name(&first));
         };
         if let Err(end) = gate.admit(connect) {
@@ -126,128 +236,325 @@ pub fn device_stream(input: &[u8]) -> Session {
         stopped.into()
     };
     drop(session);
+    if admitted {
+        gate.close(&end);
+    }
     gate.check_isolation();
     Session {
         end,
         packets: read,
         admitted,
+        version: Some(version),
+        replies: gate.replies,
+        forwarded: gate.forwarded,
+        granted: gate.granted,
     }
 }
 
-/// The gate's decisions for one connection, with what it forwarded and granted.
+/// The gate's decisions for one connection, with what it forwarded, answered and granted.
 struct Model {
     device: DeviceId,
+    version: Version,
     max: usize,
+    /// Where an MQTT 5 device takes reason strings.
+    reasons: Reasons,
+    aliases: TopicAliases,
+    /// QoS 2 publishes answered with PUBREC and awaiting PUBREL: what PUBREC said.
+    qos2: HashMap<u16, Verdict>,
     /// Every topic or filter the device named.
     seen: Vec<String>,
     /// Filters the ACL granted.
     granted: Vec<String>,
+    forwarded: Vec<String>,
+    replies: Vec<(Reply, AckCode)>,
 }
 
 impl Model {
-    fn new(max: usize) -> Model {
+    fn new(version: Version, max: usize) -> Model {
         Model {
             device: DeviceId::parse(DEVICE).expect("DEVICE is a valid device id"),
+            version,
             max,
+            reasons: Reasons::None,
+            aliases: TopicAliases::new(TOPIC_ALIAS_MAX),
+            qos2: HashMap::new(),
             seen: Vec::new(),
             granted: Vec::new(),
+            forwarded: Vec::new(),
+            replies: Vec::new(),
         }
     }
 
-    /// `connection::check_connect`, then `open_link`'s rewrite.
+    /// `connection::check_connect`, then CONNACK and `open_link`'s CONNECT.
     fn admit(&mut self, mut connect: Connect) -> Result<(), End> {
-        if connect.protocol != Protocol::V4 {
-            return Err(End::RefusedProtocol);
+        assert_eq!(
+            connect.version(),
+            self.version,
+            "CONNECT read in another version"
+        );
+        let mut assigned = None;
+        if connect.client_id().is_empty() {
+            connect.set_client_id(self.device.to_string());
+            assigned = Some(self.device.to_string());
+        } else if connect.client_id() != self.device.as_str() {
+            let why = format!(
+                "client id {:?} is not the device id",
+                clip(connect.client_id(), 64)
+            );
+            return Err(self.refuse(Refused::ClientIdNotValid, why));
         }
-        if connect.client_id.is_empty() {
-            connect.client_id = self.device.to_string();
-        } else if connect.client_id != self.device.as_str() {
-            return Err(End::Refused("client id is not the device id".into()));
+        if let Some(method) = connect.auth_method() {
+            let why = format!(
+                "authentication method {:?} is not offered; the client certificate is the identity",
+                clip(method, 64)
+            );
+            return Err(self.refuse(Refused::BadAuthenticationMethod, why));
         }
-        if let Some(will) = &mut connect.last_will {
-            match self.check_publish(&will.topic) {
-                Ok(kind) if kind.is_telemetry() => {
-                    return Err(End::Refused(
-                        "will refused: a will cannot be telemetry".into(),
-                    ))
-                }
+        if let Some(will) = connect.will_topic().map(str::to_owned) {
+            let verdict = match self.check_publish(&will) {
+                Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
                 Ok(DeviceTopic::CertsCsr) => {
-                    return Err(End::Refused(
-                        "will refused: a will cannot be a certificate request".into(),
-                    ))
+                    Err("a will cannot be a certificate request".to_owned())
                 }
-                Ok(_) => {}
-                Err(e) => return Err(End::Refused(format!("will refused: {e}"))),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = verdict {
+                return Err(self.refuse(Refused::NotAuthorized, format!("will refused: {why}")));
             }
-            will.retain = false;
-            if will.qos == QoS::ExactlyOnce {
-                will.qos = QoS::AtLeastOnce;
-            }
+            connect.tame_will();
+            let tame = match &connect {
+                Connect::V4(c) => c.last_will.as_ref().map(|w| (w.retain, w.qos)),
+                Connect::V5(_, w) => w.as_ref().map(|w| (w.retain, qos_from_v5(w.qos))),
+            };
+            assert!(
+                matches!(tame, Some((false, QoS::AtMostOnce | QoS::AtLeastOnce))),
+                "the will relayed is {tame:?}"
+            );
         }
-        // open_link: the gate's credential (a 32-byte secret in hex) and keep-alive.
-        connect.login = Some(Login::new("tellus-gate", "ab".repeat(32)));
-        connect.keep_alive = 60;
-        self.send(&Packet::Connect(connect), usize::MAX);
+        self.reasons = connect.reasons();
+        let config = GateConfig::default();
+        let limits = Limits {
+            receive_maximum: u16::try_from(config.max_inflight).unwrap_or(u16::MAX),
+            maximum_packet_size: u32::try_from(config.max_packet_size).unwrap_or(u32::MAX),
+            topic_alias_maximum: TOPIC_ALIAS_MAX,
+            assigned_client_id: assigned,
+        };
+        connack_accepted(self.version, &limits);
+        upstream_connect(self.version, connect);
         Ok(())
     }
 
-    /// `Session::handle`, `publish` and `subscribe`.
-    fn handle(&mut self, packet: Packet) -> Result<(), End> {
+    /// A CONNACK refusing the CONNECT, and the end it comes to.
+    fn refuse(&self, code: Refused, why: String) -> End {
+        connack_refused(self.version, self.reasons, code, &why);
+        End::Refused(code, why)
+    }
+
+    /// `Session::handle`.
+    fn handle(&mut self, packet: Inbound) -> Result<(), End> {
         match packet {
-            Packet::Publish(mut p) => {
-                let kind = self.check_publish(&p.topic).map_err(End::Acl)?;
-                let (pkid, qos) = (p.pkid, p.qos);
-                // A CSR goes to the PKI (the `csr` target) and telemetry to ingest (the
-                // `telemetry` target), as the payload; everything else is forwarded, never
-                // retained, at QoS 1 at most.
-                if kind != DeviceTopic::CertsCsr && !kind.is_telemetry() {
-                    p.retain = false;
-                    if qos != QoS::AtMostOnce {
-                        p.qos = QoS::AtLeastOnce;
-                    }
-                    self.forward(&Packet::Publish(p));
+            Inbound::Publish(p) => self.publish(p),
+            Inbound::PubRel(pkid) => {
+                let verdict = self.qos2.remove(&pkid).unwrap_or_default();
+                self.reply(Reply::PubComp(pkid), verdict);
+                Ok(())
+            }
+            Inbound::Subscribe(s) => self.subscribe(s),
+            Inbound::Forward(frame) => {
+                let kind = frame.first().map(|b| b >> 4);
+                assert!(
+                    matches!(kind, Some(4 | 5 | 7 | 10)),
+                    "forwarded as it is: {frame:?}"
+                );
+                if kind == Some(10) {
+                    let filters = unsubscribed(self.version, &frame);
+                    self.seen.extend(filters);
                 }
-                match qos {
-                    QoS::AtMostOnce => {}
-                    QoS::AtLeastOnce => self.forward(&Packet::PubAck(PubAck::new(pkid))),
-                    QoS::ExactlyOnce => self.forward(&Packet::PubRec(PubRec::new(pkid))),
-                }
                 Ok(())
             }
-            Packet::PubRel(rel) => {
-                self.forward(&Packet::PubComp(PubComp::new(rel.pkid)));
+            Inbound::PingReq => {
+                self.reply(Reply::PingResp, Verdict::default());
                 Ok(())
             }
-            Packet::Subscribe(mut s) => {
-                for f in &mut s.filters {
-                    self.check_subscribe(&f.path).map_err(End::Acl)?;
-                    if f.qos == QoS::ExactlyOnce {
-                        f.qos = QoS::AtLeastOnce;
-                    }
-                }
-                self.forward(&Packet::Subscribe(s));
-                Ok(())
-            }
-            p @ (Packet::PubAck(_)
-            | Packet::PubRec(_)
-            | Packet::PubComp(_)
-            | Packet::Unsubscribe(_)) => {
-                if let Packet::Unsubscribe(u) = &p {
-                    self.seen.extend(u.topics.iter().cloned());
-                }
-                self.forward(&p);
-                Ok(())
-            }
-            Packet::PingReq => {
-                self.forward(&Packet::PingResp);
-                Ok(())
-            }
-            Packet::Disconnect => {
-                self.forward(&Packet::Disconnect);
+            Inbound::Disconnect(frame) => {
+                assert_eq!(frame.first().map(|b| b >> 4), Some(14), "{frame:?}");
                 Err(End::Disconnected)
             }
-            other => Err(End::Protocol(name(&other))),
+            Inbound::Connect(_) => Err(End::Protocol(
+                CloseCode::ProtocolError,
+                "a second CONNECT".into(),
+            )),
+            Inbound::NotFromClient(name) => Err(End::Protocol(
+                CloseCode::ProtocolError,
+                format!("a client may not send {name}"),
+            )),
         }
+    }
+
+    /// `Session::publish`. A CSR goes to the PKI (the `csr` target) and telemetry to ingest
+    /// (the `telemetry` target), as the payload; everything else is forwarded.
+    fn publish(&mut self, mut p: Publish) -> Result<(), End> {
+        if let Err((code, why)) = self.aliases.resolve(&mut p) {
+            return Err(End::Protocol(code, why));
+        }
+        let alias = p.properties.as_ref().and_then(|props| props.topic_alias);
+        assert_eq!(alias, None, "a resolved publish keeps its topic alias");
+        let v5 = self.version == Version::V5;
+        if v5 && p.retain {
+            return Err(End::Protocol(
+                CloseCode::RetainNotSupported,
+                "retained messages are not available to devices".into(),
+            ));
+        }
+        let (pkid, qos) = (p.pkid, p.qos);
+        let reply = match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Reply::PubAck(pkid)),
+            QoS::ExactlyOnce => Some(Reply::PubRec(pkid)),
+        };
+        let kind = match self.check_publish(&p.topic) {
+            Ok(kind) => kind,
+            Err(e) => {
+                return match (v5, reply) {
+                    // MQTT 5 answers "not authorized" and keeps the connection.
+                    (true, Some(reply)) => {
+                        self.reply(reply, Verdict::new(AckCode::NotAuthorized, e.to_string()));
+                        Ok(())
+                    }
+                    _ => Err(End::Acl(e)),
+                };
+            }
+        };
+        if qos == QoS::ExactlyOnce && p.dup {
+            if let Some(verdict) = self.qos2.get(&pkid).cloned() {
+                // Re-sent before PUBREL: answered again, kept once.
+                self.reply(Reply::PubRec(pkid), verdict);
+                return Ok(());
+            }
+        }
+        let verdict = if kind == DeviceTopic::CertsCsr {
+            Verdict::default()
+        } else if kind.is_telemetry() {
+            self.ingest(&kind, &p.payload)
+        } else if p.breaks_payload_format() {
+            let why = "the payload format indicator says UTF-8, and the payload is not";
+            return match reply {
+                Some(reply) => {
+                    self.reply(reply, Verdict::new(AckCode::PayloadFormatInvalid, why));
+                    Ok(())
+                }
+                None => Err(End::Protocol(CloseCode::PayloadFormatInvalid, why.into())),
+            };
+        } else {
+            self.forward_publish(&p);
+            Verdict::default()
+        };
+        match reply {
+            Some(reply @ Reply::PubRec(_)) => {
+                self.qos2.insert(pkid, verdict.clone());
+                self.reply(reply, verdict);
+            }
+            Some(reply) => self.reply(reply, verdict),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// What ingest makes of a telemetry payload (`pipeline::decode`), as the gate answers it:
+    /// stored, or kept as a dead letter and answered "payload format invalid".
+    fn ingest(&self, kind: &DeviceTopic, payload: &[u8]) -> Verdict {
+        let mut now = || 1_700_000_000_000;
+        let decoded = match kind {
+            DeviceTopic::Telemetry => telemetry::decode_json(payload, &mut now),
+            DeviceTopic::TelemetryPb => telemetry::decode_protobuf(payload, &mut now),
+            other => unreachable!("{other:?} is not telemetry"),
+        };
+        match decoded {
+            Ok(_) => Verdict::default(),
+            Err(why) => Verdict::new(
+                AckCode::PayloadFormatInvalid,
+                format!("not valid telemetry, kept as a dead letter: {why}"),
+            ),
+        }
+    }
+
+    /// `Session::subscribe`: MQTT 3.1.1 closes on a refused filter; MQTT 5 forwards the
+    /// others and answers the refused ones "not authorized" in the SUBACK.
+    fn subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let filters: Vec<String> = s.filters().into_iter().map(str::to_owned).collect();
+        let mut refused = Vec::new();
+        let mut why = String::new();
+        for (at, filter) in filters.iter().enumerate() {
+            if let Err(e) = self.check_subscribe(filter) {
+                if self.version == Version::V4 {
+                    return Err(End::Acl(e));
+                }
+                if why.is_empty() {
+                    why = e.to_string();
+                }
+                refused.push(at);
+            }
+        }
+        if refused.len() == filters.len() {
+            let grants = vec![Grant::NotAuthorized; filters.len()];
+            let verdict = Verdict::new(AckCode::NotAuthorized, why);
+            self.reply(Reply::SubAck(s.pkid(), grants), verdict);
+            return Ok(());
+        }
+        let keep: Vec<bool> = (0..filters.len()).map(|i| !refused.contains(&i)).collect();
+        let frame = upstream_subscribe(self.version, &s, &keep);
+        self.fits(&frame);
+        for (filter, _) in filters.iter().zip(&keep).filter(|(_, kept)| **kept) {
+            self.granted.push(filter.clone());
+        }
+        if !refused.is_empty() {
+            self.merged_suback(&s, &refused, &why);
+        }
+        Ok(())
+    }
+
+    /// The routing core's MQTT 5 SUBACK for the filters forwarded, with the refused ones put
+    /// back by the relay (`codec::merge_suback`), reads as the device's whole SUBACK.
+    fn merged_suback(&self, s: &Subscribe, refused: &[usize], why: &str) {
+        let Subscribe::V5(s) = s else {
+            unreachable!("MQTT 3.1.1 closes on a refused filter")
+        };
+        let granted = |f: &v5::Filter| v5::SubscribeReasonCode::Success(cap_v5(f.qos));
+        let core = v5::SubAck {
+            pkid: s.pkid,
+            return_codes: (s.filters.iter().enumerate())
+                .filter(|(i, _)| !refused.contains(i))
+                .map(|(_, f)| granted(f))
+                .collect(),
+            properties: None,
+        };
+        let merged = codec::merge_suback(
+            encode_v5(&v5::Packet::SubAck(core)),
+            refused,
+            why,
+            self.reasons,
+        );
+        let ack = match read_v5(&merged) {
+            v5::Packet::SubAck(ack) => ack,
+            other => panic!("merge_suback made {other:?}"),
+        };
+        let expected: Vec<_> = (s.filters.iter().enumerate())
+            .map(|(i, f)| match refused.contains(&i) {
+                true => v5::SubscribeReasonCode::NotAuthorized,
+                false => granted(f),
+            })
+            .collect();
+        assert_eq!(ack.pkid, s.pkid, "merged SUBACK answers another packet");
+        assert_eq!(
+            ack.return_codes, expected,
+            "merged SUBACK misplaces its codes"
+        );
+        let said = ack.properties.and_then(|p| p.reason_string);
+        check_reason(
+            said.as_deref(),
+            Some(why).filter(|_| self.reasons.on_acks()),
+        );
     }
 
     fn check_publish(&mut self, topic: &str) -> Result<DeviceTopic, AclDenied> {
@@ -274,37 +581,51 @@ impl Model {
                 valid_filter(filter) && filter.starts_with(&tree) && !filter.contains('#'),
                 "allowed subscription to {filter:?}"
             );
-            self.granted.push(filter.to_owned());
         }
         verdict
     }
 
-    /// Forwarding to the routing core and answering the device go through the same encoder.
-    fn forward(&mut self, packet: &Packet) {
-        self.send(packet, self.max);
+    /// `Publish::upstream` of a publish the gate forwards, alias resolved.
+    fn forward_publish(&mut self, p: &Publish) {
+        let frame = upstream_publish(self.version, p);
+        self.fits(&frame);
+        self.forwarded.push(p.topic.clone());
     }
 
-    /// What `frames::encode` does: write with no limit of its own; it logs and sends nothing
-    /// if that fails.
-    fn send(&mut self, packet: &Packet, limit: usize) {
-        let mut buf = BytesMut::new();
-        if let Err(e) = packet.write(&mut buf, usize::MAX) {
-            panic!("the gate could not encode {packet:?}: {e}");
-        }
-        match Packet::read(&mut buf, limit) {
-            Ok(again) => assert_eq!(&again, packet, "what the gate sends does not parse back"),
-            Err(e) => panic!("the gate sends {packet:?}, which does not parse back: {e}"),
-        }
+    /// A frame the routing core takes: no larger than its limit (the gate's, and room for
+    /// the topic a resolved alias adds).
+    fn fits(&self, frame: &[u8]) {
+        let remaining = remaining_length(frame);
+        let limit = self.max + 65_536;
         assert!(
-            buf.is_empty(),
-            "the gate sends trailing bytes after {packet:?}"
+            remaining <= limit,
+            "the gate forwards a packet of {remaining} bytes, the routing core takes {limit}"
         );
+    }
+
+    /// The writer's `encode_reply`, parsed back as the device would.
+    fn reply(&mut self, reply: Reply, verdict: Verdict) {
+        let frame = codec::encode_reply(self.version, &reply, &verdict, self.reasons)
+            .unwrap_or_else(|| panic!("{:?} has no {reply:?}", self.version));
+        assert!(!frame.is_empty(), "the gate could not encode {reply:?}");
+        match self.version {
+            Version::V4 => check_reply_v4(&reply, &frame),
+            Version::V5 => check_reply_v5(&reply, &verdict, self.reasons, &frame),
+        }
+        self.replies.push((reply, verdict.code));
+    }
+
+    /// The end of an admitted session: an MQTT 5 device is told why the gate closes.
+    fn close(&mut self, end: &End) {
+        if let (Version::V5, Some(code)) = (self.version, end.close_code()) {
+            self.reply(Reply::Disconnect(code, end.to_string()), Verdict::default());
+        }
     }
 
     fn check_isolation(&self) {
         for filter in &self.granted {
             for t in &self.seen {
-                if !matches(t, filter) {
+                if !filter_matches(t, filter) {
                     continue;
                 }
                 if let Some((owner, kind)) = topic::parse(t) {
@@ -318,47 +639,419 @@ impl Model {
     }
 }
 
-/// A packet the reader returned encodes to bytes that parse back to it.
-fn round_trip(packet: &Packet) {
-    let mut buf = BytesMut::new();
-    let n = packet
-        .write(&mut buf, usize::MAX)
-        .unwrap_or_else(|e| panic!("{packet:?} was read but does not encode: {e}"));
-    assert_eq!(n, buf.len(), "write() miscounted {packet:?}");
-    assert_eq!(n, packet.size(), "size() is wrong for {packet:?}");
-    match Packet::read(&mut buf, usize::MAX) {
-        Ok(again) => assert_eq!(&again, packet, "re-encoding changed the packet"),
-        Err(e) => panic!("{packet:?} re-encoded does not parse: {e}"),
+/// Whether `filter` matches `topic` as MQTT defines it: `+` is any one level, a last `#` any
+/// number of levels, even none; a topic starting with `$` matches no wildcard at its start.
+/// (rumqttc's `matches` slices the topic's first byte, and panics on one that starts with a
+/// multi-byte character.)
+fn filter_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
     }
-    assert!(buf.is_empty(), "re-encoded {packet:?} has trailing bytes");
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(level) if f == "+" || f == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// What the gate forwards for every PUBLISH, SUBSCRIBE and CONNECT the reader returns
+/// decodes again to what it meant to send.
+fn round_trip(version: Version, packet: &Inbound) {
+    match packet {
+        Inbound::Publish(p) => {
+            upstream_publish(version, p);
+        }
+        Inbound::Subscribe(s) => {
+            upstream_subscribe(version, s, &vec![true; s.filters().len()]);
+        }
+        Inbound::Connect(c) => upstream_connect(version, c.clone()),
+        _ => {}
+    }
+}
+
+/// `p.upstream()`, checked: it decodes to `p` at QoS 1 at most, not retained, without a
+/// topic alias.
+fn upstream_publish(version: Version, p: &Publish) -> Bytes {
+    let frame = p.upstream();
+    let mut meant = p.clone();
+    meant.qos = cap(p.qos);
+    meant.retain = false;
+    if let Some(props) = &mut meant.properties {
+        props.topic_alias = None;
+    }
+    match codec::decode(version, BytesMut::from(&frame[..])) {
+        Ok(Inbound::Publish(again)) => assert_eq!(again, meant, "forwarded PUBLISH changed"),
+        other => panic!("{p:?} is forwarded as {frame:?}, which decodes to {other:?}"),
+    }
+    frame
+}
+
+/// `s.upstream(keep)`, checked: it decodes to the filters kept, at QoS 1 at most, with
+/// everything else as the device sent it.
+fn upstream_subscribe(version: Version, s: &Subscribe, keep: &[bool]) -> Bytes {
+    let frame = s.upstream(keep);
+    let kept = |i: usize| keep.get(i).copied().unwrap_or(false);
+    let meant = match s.clone() {
+        Subscribe::V4(mut s) => {
+            s.filters = (s.filters.into_iter().enumerate())
+                .filter(|(i, _)| kept(*i))
+                .map(|(_, mut f)| {
+                    f.qos = cap(f.qos);
+                    f
+                })
+                .collect();
+            Subscribe::V4(s)
+        }
+        Subscribe::V5(mut s) => {
+            s.filters = (s.filters.into_iter().enumerate())
+                .filter(|(i, _)| kept(*i))
+                .map(|(_, mut f)| {
+                    f.qos = cap_v5(f.qos);
+                    f
+                })
+                .collect();
+            Subscribe::V5(s)
+        }
+    };
+    match codec::decode(version, BytesMut::from(&frame[..])) {
+        Ok(Inbound::Subscribe(again)) => assert_eq!(again, meant, "forwarded SUBSCRIBE changed"),
+        other => panic!("{s:?} is forwarded as {frame:?}, which decodes to {other:?}"),
+    }
+    frame
+}
+
+/// `connect.upstream(..)`, checked: it decodes to the same CONNECT with the gate's
+/// keep-alive and credential (MQTT 3.1.1 decodes the login; for MQTT 5 rumqttc reads it).
+fn upstream_connect(version: Version, connect: Connect) {
+    let password = "ab".repeat(32);
+    let frame = connect
+        .clone()
+        .upstream(GATE_USER, &password, UPSTREAM_KEEP_ALIVE);
+    let meant = match connect {
+        Connect::V4(mut c) => {
+            c.login = Some(v4::Login::new(GATE_USER, password.as_str()));
+            c.keep_alive = UPSTREAM_KEEP_ALIVE;
+            Connect::V4(c)
+        }
+        Connect::V5(mut c, will) => {
+            c.keep_alive = UPSTREAM_KEEP_ALIVE;
+            Connect::V5(c, will)
+        }
+    };
+    match codec::decode(version, BytesMut::from(&frame[..])) {
+        Ok(Inbound::Connect(again)) => assert_eq!(again, meant, "forwarded CONNECT changed"),
+        other => panic!("the CONNECT forwarded, {frame:?}, decodes to {other:?}"),
+    }
+    if version == Version::V5 {
+        match read_v5(&frame) {
+            v5::Packet::Connect(_, _, Some(login)) => assert_eq!(
+                (login.username.as_str(), login.password.as_str()),
+                (GATE_USER, password.as_str()),
+                "the CONNECT forwarded has another login"
+            ),
+            other => panic!("the CONNECT forwarded reads as {other:?}"),
+        }
+    }
+}
+
+/// The CONNACK accepting the device reads back with the limits it announces.
+fn connack_accepted(version: Version, limits: &Limits) {
+    let frame = codec::connack_accepted(version, false, limits);
+    match version {
+        Version::V4 => match read_v4(&frame) {
+            v4::Packet::ConnAck(a) => assert_eq!(
+                (a.code, a.session_present),
+                (v4::ConnectReturnCode::Success, false)
+            ),
+            other => panic!("CONNACK reads as {other:?}"),
+        },
+        Version::V5 => {
+            let ack = match read_v5(&frame) {
+                v5::Packet::ConnAck(a) => a,
+                other => panic!("CONNACK reads as {other:?}"),
+            };
+            assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+            let p = ack.properties.expect("an MQTT 5 CONNACK tells the limits");
+            assert_eq!(p.assigned_client_identifier, limits.assigned_client_id);
+            assert_eq!(p.topic_alias_max, Some(limits.topic_alias_maximum));
+            assert_eq!(p.max_packet_size, Some(limits.maximum_packet_size));
+            assert!(p.receive_max.is_some_and(|n| n > 0), "{p:?}");
+            assert_eq!(
+                (p.retain_available, p.shared_subscription_available),
+                (Some(0), Some(0))
+            );
+        }
+    }
+}
+
+/// A CONNACK refusing the device reads back with its code and (MQTT 5) why.
+fn connack_refused(version: Version, reasons: Reasons, refused: Refused, why: &str) {
+    let frame = codec::connack_refused(version, reasons, refused, why);
+    match version {
+        Version::V4 => {
+            use v4::ConnectReturnCode as C;
+            let code = match refused {
+                Refused::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
+                Refused::ClientIdNotValid => C::BadClientId,
+                Refused::ServerUnavailable => C::ServiceUnavailable,
+                _ => C::NotAuthorized,
+            };
+            match read_v4(&frame) {
+                v4::Packet::ConnAck(a) => assert_eq!((a.code, a.session_present), (code, false)),
+                other => panic!("CONNACK reads as {other:?}"),
+            }
+        }
+        Version::V5 => {
+            use v5::ConnectReturnCode as C;
+            let code = match refused {
+                Refused::UnsupportedProtocolVersion => C::UnsupportedProtocolVersion,
+                Refused::ClientIdNotValid => C::ClientIdentifierNotValid,
+                Refused::NotAuthorized => C::NotAuthorized,
+                Refused::Banned => C::Banned,
+                Refused::BadAuthenticationMethod => C::BadAuthenticationMethod,
+                Refused::ServerUnavailable => C::ServerUnavailable,
+            };
+            let ack = match read_v5(&frame) {
+                v5::Packet::ConnAck(a) => a,
+                other => panic!("CONNACK reads as {other:?}"),
+            };
+            assert_eq!((ack.code, ack.session_present), (code, false));
+            let said = ack.properties.and_then(|p| p.reason_string);
+            check_reason(said.as_deref(), Some(why).filter(|_| reasons.on_close()));
+        }
+    }
+}
+
+fn check_reply_v4(reply: &Reply, frame: &[u8]) {
+    use v4::Packet as P;
+    let packet = read_v4(frame);
+    let ok = match (reply, &packet) {
+        (Reply::PubAck(id), P::PubAck(a)) => a.pkid == *id,
+        (Reply::PubRec(id), P::PubRec(a)) => a.pkid == *id,
+        (Reply::PubComp(id), P::PubComp(a)) => a.pkid == *id,
+        (Reply::PingResp, P::PingResp) => true,
+        (Reply::SubAck(id, grants), P::SubAck(a)) => {
+            let codes = grants.iter().map(|g| match g {
+                Grant::Granted(q) => v4::SubscribeReasonCode::Success(*q),
+                Grant::NotAuthorized => v4::SubscribeReasonCode::Failure,
+            });
+            a.pkid == *id && a.return_codes == codes.collect::<Vec<_>>()
+        }
+        _ => false,
+    };
+    assert!(ok, "{reply:?} reads back as {packet:?}");
+}
+
+fn check_reply_v5(reply: &Reply, verdict: &Verdict, reasons: Reasons, frame: &[u8]) {
+    use v5::Packet as P;
+    let packet = read_v5(frame);
+    let why = verdict.why.as_deref().filter(|_| reasons.on_acks());
+    let (ok, said) = match (reply, &packet) {
+        (Reply::PubAck(id), P::PubAck(a)) => (
+            a.pkid == *id && a.reason == puback_reason(verdict.code),
+            a.properties.as_ref().and_then(|p| p.reason_string.clone()),
+        ),
+        (Reply::PubRec(id), P::PubRec(a)) => (
+            a.pkid == *id && a.reason == pubrec_reason(verdict.code),
+            a.properties.as_ref().and_then(|p| p.reason_string.clone()),
+        ),
+        (Reply::PubComp(id), P::PubComp(a)) => (a.pkid == *id, None),
+        (Reply::PingResp, P::PingResp(_)) => (true, None),
+        (Reply::SubAck(id, grants), P::SubAck(a)) => {
+            let codes = grants.iter().map(|g| match g {
+                Grant::Granted(q) => v5::SubscribeReasonCode::Success(qos_to_v5(*q)),
+                Grant::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+            });
+            (
+                a.pkid == *id && a.return_codes == codes.collect::<Vec<_>>(),
+                a.properties.as_ref().and_then(|p| p.reason_string.clone()),
+            )
+        }
+        (Reply::Disconnect(code, why), P::Disconnect(d)) => {
+            // The reason goes with a DISCONNECT whatever the device asked for, if it fits.
+            let said = d.properties.as_ref().and_then(|p| p.reason_string.clone());
+            check_reason(
+                said.as_deref(),
+                Some(why.as_str()).filter(|_| reasons.on_close()),
+            );
+            (d.reason_code == *code, None)
+        }
+        _ => (false, None),
+    };
+    assert!(ok, "{reply:?} with {verdict:?} reads back as {packet:?}");
+    if !matches!(reply, Reply::Disconnect(..)) {
+        check_reason(said.as_deref(), why);
+    }
+}
+
+/// A reason string sent is the reason meant, cut to at most 256 bytes (ending in "…" then).
+fn check_reason(said: Option<&str>, meant: Option<&str>) {
+    match (said, meant) {
+        (None, None) => {}
+        (Some(said), Some(meant)) => {
+            assert!(said.len() <= REASON_MAX, "a reason of {} bytes", said.len());
+            let cut = said.strip_suffix('…').filter(|_| said != meant);
+            assert!(
+                said == meant || cut.is_some_and(|cut| meant.starts_with(cut)),
+                "reason {said:?} for {meant:?}"
+            );
+        }
+        (said, meant) => panic!("reason {said:?} where {meant:?} was meant"),
+    }
+}
+
+fn puback_reason(code: AckCode) -> v5::PubAckReason {
+    use v5::PubAckReason as R;
+    match code {
+        AckCode::Success => R::Success,
+        AckCode::NoMatchingSubscribers => R::NoMatchingSubscribers,
+        AckCode::UnspecifiedError => R::UnspecifiedError,
+        AckCode::NotAuthorized => R::NotAuthorized,
+        AckCode::QuotaExceeded => R::QuotaExceeded,
+        AckCode::PayloadFormatInvalid => R::PayloadFormatInvalid,
+    }
+}
+
+fn pubrec_reason(code: AckCode) -> v5::PubRecReason {
+    use v5::PubRecReason as R;
+    match code {
+        AckCode::Success => R::Success,
+        AckCode::NoMatchingSubscribers => R::NoMatchingSubscribers,
+        AckCode::UnspecifiedError => R::UnspecifiedError,
+        AckCode::NotAuthorized => R::NotAuthorized,
+        AckCode::QuotaExceeded => R::QuotaExceeded,
+        AckCode::PayloadFormatInvalid => R::PayloadFormatInvalid,
+    }
+}
+
+/// The filters of an UNSUBSCRIBE frame the reader accepted.
+fn unsubscribed(version: Version, frame: &[u8]) -> Vec<String> {
+    match version {
+        Version::V4 => match read_v4(frame) {
+            v4::Packet::Unsubscribe(u) => u.topics,
+            other => panic!("UNSUBSCRIBE reads as {other:?}"),
+        },
+        Version::V5 => match read_v5(frame) {
+            v5::Packet::Unsubscribe(u) => u.filters,
+            other => panic!("UNSUBSCRIBE reads as {other:?}"),
+        },
+    }
+}
+
+/// One whole MQTT 3.1.1 packet the gate wrote (or accepted), parsed.
+fn read_v4(frame: &[u8]) -> v4::Packet {
+    let mut buf = BytesMut::from(frame);
+    let packet = v4::Packet::read(&mut buf, usize::MAX)
+        .unwrap_or_else(|e| panic!("{frame:?} does not parse as MQTT 3.1.1: {e}"));
+    assert!(buf.is_empty(), "trailing bytes after {packet:?}");
+    packet
+}
+
+/// One whole MQTT 5 packet the gate wrote (or accepted), parsed.
+fn read_v5(frame: &[u8]) -> v5::Packet {
+    let mut buf = BytesMut::from(frame);
+    let packet = v5::Packet::read(&mut buf, None)
+        .unwrap_or_else(|e| panic!("{frame:?} does not parse as MQTT 5: {e}"));
+    assert!(buf.is_empty(), "trailing bytes after {packet:?}");
+    packet
+}
+
+fn encode_v5(packet: &v5::Packet) -> Bytes {
+    let mut buf = BytesMut::new();
+    packet
+        .write(&mut buf, None)
+        .unwrap_or_else(|e| panic!("{packet:?} does not encode: {e}"));
+    buf.freeze()
+}
+
+/// The remaining length of a whole frame (what follows its fixed header).
+fn remaining_length(frame: &[u8]) -> usize {
+    let header = rumqttc::mqttbytes::check(frame.iter(), usize::MAX)
+        .unwrap_or_else(|e| panic!("{frame:?} is no whole frame: {e}"));
+    assert_eq!(
+        header.frame_length(),
+        frame.len(),
+        "{frame:?} is no one frame"
+    );
+    // The type byte, then one to four length bytes, each but the last with its high bit set.
+    let length_bytes = frame[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
+    frame.len() - 1 - length_bytes
+}
+
+fn cap(q: QoS) -> QoS {
+    match q {
+        QoS::ExactlyOnce => QoS::AtLeastOnce,
+        q => q,
+    }
+}
+
+fn cap_v5(q: m5::QoS) -> m5::QoS {
+    match q {
+        m5::QoS::ExactlyOnce => m5::QoS::AtLeastOnce,
+        q => q,
+    }
+}
+
+fn qos_from_v5(q: m5::QoS) -> QoS {
+    match q {
+        m5::QoS::AtMostOnce => QoS::AtMostOnce,
+        m5::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        m5::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn qos_to_v5(q: QoS) -> m5::QoS {
+    match q {
+        QoS::AtMostOnce => m5::QoS::AtMostOnce,
+        QoS::AtLeastOnce => m5::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => m5::QoS::ExactlyOnce,
+    }
 }
 
 /// The device side's reader (`packet()`) and the routing-core side's (`frame()`) cut the same
-/// bytes into the same frames, and agree on which are acceptable.
+/// bytes into the same frames, and agree on which are acceptable: each packet is
+/// `codec::decode` of the frame at its place.
 fn readers_agree(
     bytes: &[u8],
     read_size: usize,
     max: usize,
-    packets: &[Packet],
+    version: Result<Version, u8>,
+    packets: &[Inbound],
     stopped: &FrameError,
 ) {
     let (frames, frames_stopped) = fuzz_frames(bytes, read_size, max);
-    let parsed = |frame: &[u8]| Packet::read(&mut BytesMut::from(frame), max);
+    let version = match version {
+        Ok(version) => version,
+        Err(level) => {
+            // Named by a whole CONNECT frame, which is refused before it is parsed.
+            assert!(packets.is_empty(), "packets after refusing level {level}");
+            let first = frames
+                .first()
+                .expect("a refused level comes in a whole frame");
+            assert_eq!(first[0] >> 4, 1, "level {level} named by {first:?}");
+            assert!(Version::from_level(level).is_none());
+            return;
+        }
+    };
+    let decoded = |frame: &Bytes| codec::decode(version, BytesMut::from(&frame[..]));
     for (i, p) in packets.iter().enumerate() {
-        match frames.get(i).map(|f| parsed(f)) {
+        match frames.get(i).map(decoded) {
             Some(Ok(again)) => assert_eq!(&again, p, "frame() and packet() disagree at {i}"),
             other => panic!("packet() read {p:?}, frame() gave {other:?}"),
         }
     }
     match frames.get(packets.len()) {
         // The fixed header was fine, the rest was not: frame() does not look inside.
-        Some(f) => {
-            assert!(
-                matches!(stopped, FrameError::Malformed(_)),
-                "packet() stopped with {stopped:?} at {f:?}"
-            );
-            assert!(parsed(f).is_err(), "packet() refused {f:?}");
-        }
+        Some(f) => match (stopped, decoded(f)) {
+            (FrameError::Malformed(why), Err(again)) => assert_eq!(why, &again),
+            (stopped, again) => panic!("packet() stopped with {stopped:?} at {f:?}: {again:?}"),
+        },
         None => assert_eq!(
             discriminant(stopped),
             discriminant(&frames_stopped),
@@ -367,21 +1060,43 @@ fn readers_agree(
     }
 }
 
-fn name(p: &Packet) -> &'static str {
+fn name(p: &Inbound) -> &'static str {
     match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
+        Inbound::Connect(_) => "CONNECT",
+        Inbound::Publish(_) => "PUBLISH",
+        Inbound::PubRel(_) => "PUBREL",
+        Inbound::Subscribe(_) => "SUBSCRIBE",
+        Inbound::PingReq => "PINGREQ",
+        Inbound::Disconnect(_) => "DISCONNECT",
+        Inbound::Forward(frame) => match frame.first().map(|b| b >> 4) {
+            Some(4) => "PUBACK",
+            Some(5) => "PUBREC",
+            Some(7) => "PUBCOMP",
+            _ => "UNSUBSCRIBE",
+        },
+        Inbound::NotFromClient(name) => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter_matches;
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        for (topic, filter, expected) in [
+            ("a/b/c", "a/b/c", true),
+            ("a/b/c", "a/+/c", true),
+            ("a/b/c", "a/#", true),
+            ("a", "a/#", true),
+            ("a/b", "a/+/c", false),
+            ("a/b/c/d", "a/+/c", false),
+            ("a//c", "a/+/c", true),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "$SYS/#", true),
+            ("…ices/dev-1", "+/dev-1", true),
+        ] {
+            assert_eq!(filter_matches(topic, filter), expected, "{topic} {filter}");
+        }
     }
 }

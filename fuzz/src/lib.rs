@@ -6,7 +6,7 @@
 //!
 //! | target | harness | what it feeds |
 //! |---|---|---|
-//! | `packets` | [`gate::device_stream`] | the bytes a device sends after the handshake, through the gate's `FrameReader`, CONNECT admission, the topic ACL and re-encoding of everything the gate forwards |
+//! | `packets` | [`gate::device_stream`] | the bytes a device sends after the handshake, in MQTT 3.1.1 or 5 as its CONNECT says, through the gate's `FrameReader` and codec, CONNECT admission, the topic ACL and topic aliases, and the encoding of everything the gate forwards or answers |
 //! | `tls` | [`tls::handshake`] | the bytes a device sends from the TCP accept on, into a rustls server configured by `Pki::gate_tls_config` |
 //! | `certificate` | [`certificate`] | a DER certificate into `pki::peer_identity` |
 //! | `csr` | [`csr`] | a certificate rotation request (`devices/{id}/certs/csr`) into `Pki::sign_device_csr` |
@@ -18,10 +18,10 @@
 //! Besides "no panic, no leak" (libFuzzer with AddressSanitizer and LeakSanitizer), the
 //! harnesses assert properties that must hold for every input; see each function.
 //!
-//! Seeds: `seeds/<target>/` holds a few valid and almost-valid inputs (a whole device session,
-//! a TLS 1.2 client flight with a device certificate, ...). They are written by
-//! `cargo test -- --ignored write_seeds` and checked by `cargo test` (both in `fuzz/`, without
-//! `RUSTC_BOOTSTRAP=1`). Pass them to a run as a second corpus directory, after the one that
+//! Seeds: `seeds/<target>/` holds a few valid and almost-valid inputs (a whole device session
+//! in MQTT 3.1.1 and in MQTT 5, a TLS 1.2 client flight with a device certificate, ...). They
+//! are written by `cargo test -- --ignored write_seeds` and checked by `cargo test` (both in
+//! `fuzz/`, without `RUSTC_BOOTSTRAP=1`). Pass them to a run as a second corpus directory, after the one that
 //! collects the corpus (libFuzzer reads every directory given, writes new inputs only to the
 //! first, and refuses one that does not exist), from the repository root:
 //!
@@ -32,7 +32,8 @@
 //! ```
 //!
 //! The gate's own frame reader is driven through `tellus_broker::gate::fuzz_packets` and
-//! `fuzz_frames`; everything else calls the Tellus crates themselves.
+//! `fuzz_frames`, and its MQTT codec through `tellus_broker::gate::codec`; everything else
+//! calls the Tellus crates themselves.
 
 pub mod gate;
 pub mod tls;

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A Tellus device written with Eclipse Paho (paho-mqtt 2.x, or 1.x).
 
-Connects over mTLS with MQTT 3.1.1 (client id = device id), publishes one message, waits
-for the broker's acknowledgement and exits 0. Any failure prints one line on stderr and
+Connects over mTLS with MQTT 3.1.1 or 5 (--protocol; client id = device id), publishes one
+message, waits for the broker's acknowledgement and exits 0. Any failure prints one line on stderr and
 exits non-zero:
 
   3  the broker refused the connection (a CONNACK with an error code)
@@ -32,15 +32,17 @@ def fail(code, message):
     sys.exit(code)
 
 
-def new_client(client_id):
+def new_client(client_id, protocol):
+    # MQTT 5 has clean start, given to connect(), instead of a clean session.
+    session = {} if protocol == mqtt.MQTTv5 else {"clean_session": True}
     if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt 2.x
         return mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
+            protocol=protocol,
+            **session,
         )
-    return mqtt.Client(client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    return mqtt.Client(client_id=client_id, protocol=protocol, **session)
 
 
 def connack_failed(rc):
@@ -99,10 +101,12 @@ def main():
     parser.add_argument("--message", required=True)
     parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=1)
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds for each step")
+    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")
     args = parser.parse_args()
+    protocol = mqtt.MQTTv5 if args.protocol == "5" else mqtt.MQTTv311
 
     session = Session()
-    client = new_client(args.id)
+    client = new_client(args.id, protocol)
     client.on_connect = session.on_connect
     client.on_disconnect = session.on_disconnect
     # A refused or failed connection is reported once, not retried.
@@ -120,7 +124,10 @@ def main():
 
     try:
         # TCP and the TLS handshake happen here.
-        client.connect(args.host, args.port, keepalive=30)
+        if protocol == mqtt.MQTTv5:
+            client.connect(args.host, args.port, keepalive=30, clean_start=True)
+        else:
+            client.connect(args.host, args.port, keepalive=30)
     except (OSError, ssl.SSLError) as e:
         fail(NETWORK, f"cannot connect to {args.host}:{args.port}: {e}")
     client.loop_start()
@@ -152,7 +159,10 @@ def main():
         client.disconnect()
     finally:
         client.loop_stop()
-    print(f"paho_device: {args.id} published to {args.topic} (QoS {args.qos}), acknowledged")
+    print(
+        f"paho_device: {args.id} published to {args.topic} over MQTT {args.protocol} "
+        f"(QoS {args.qos}), acknowledged"
+    )
 
 
 if __name__ == "__main__":

@@ -205,6 +205,11 @@ impl Tellus {
         tellus_device::mqtt_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
     }
 
+    /// Options for an MQTT 5 device connection to this Tellus.
+    pub fn mqtt5_options(&self, creds: &Credentials) -> rumqttc::v5::MqttOptions {
+        tellus_device::mqtt5_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn stop(self) -> ExitStatus {
         self.signal(nix::sys::signal::Signal::SIGTERM)

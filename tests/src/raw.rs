@@ -1,13 +1,17 @@
-//! A raw MQTT 3.1.1 device over mTLS: sends exactly the packets a test writes and returns
-//! exactly what the server answers, for the cases a well-behaved client library never
-//! produces (re-sent QoS 2 publishes, stray PUBRELs, other protocol versions, silence).
+//! A raw MQTT device over mTLS (3.1.1, or 5 with the `*5` methods): sends exactly the
+//! packets a test writes and returns exactly what the server answers, for the cases a
+//! well-behaved client library never produces (re-sent QoS 2 publishes, stray PUBRELs, other
+//! protocol versions, silence, bad topic aliases).
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::{
-    self,
-    v4::{ConnAck, Connect, ConnectReturnCode, Packet},
+use rumqttc::{
+    mqttbytes::{
+        self,
+        v4::{ConnAck, Connect, ConnectReturnCode, Packet},
+    },
+    v5::mqttbytes::{self as mqttbytes5, v5},
 };
 use tellus_device::Credentials;
 use tokio::{
@@ -87,11 +91,24 @@ impl RawDevice {
     /// The next packet, or `None` once the server has closed the connection. Panics if
     /// nothing arrives within 20 s.
     pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_with(|buf| match Packet::read(buf, usize::MAX) {
+            Ok(p) => Ok(Some(p)),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        })
+        .await
+    }
+
+    /// Reads packets with `read` (the packet, `None` for more bytes, or why it is malformed).
+    async fn recv_with<P>(
+        &mut self,
+        read: impl Fn(&mut BytesMut) -> Result<Option<P>, String>,
+    ) -> Option<P> {
         tokio::time::timeout(ANSWER, async {
             loop {
-                match Packet::read(&mut self.buf, usize::MAX) {
-                    Ok(p) => return Some(p),
-                    Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                match read(&mut self.buf) {
+                    Ok(Some(p)) => return Some(p),
+                    Ok(None) => {}
                     Err(e) => panic!("server sent a malformed packet: {e}"),
                 }
                 match self.stream.read_buf(&mut self.buf).await {
@@ -102,6 +119,43 @@ impl RawDevice {
         })
         .await
         .expect("no answer from the server in time")
+    }
+
+    pub async fn send5(&mut self, packet: &v5::Packet) {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, None).unwrap();
+        self.send_bytes(&out).await;
+    }
+
+    /// Like [`Self::recv`], for a device that speaks MQTT 5.
+    pub async fn recv5(&mut self) -> Option<v5::Packet> {
+        self.recv_with(|buf| match v5::Packet::read(buf, None) {
+            Ok(p) => Ok(Some(p)),
+            Err(mqttbytes5::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        })
+        .await
+    }
+
+    /// A TLS connection and an MQTT 5 CONNECT with `properties`; returns the CONNACK.
+    pub async fn connect5(
+        t: &Tellus,
+        creds: &Credentials,
+        client_id: &str,
+        properties: Option<v5::ConnectProperties>,
+    ) -> (RawDevice, v5::ConnAck) {
+        let mut d = Self::tls(t, creds).await;
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: client_id.into(),
+            clean_start: true,
+            properties,
+        };
+        d.send5(&v5::Packet::Connect(connect, None, None)).await;
+        match d.recv5().await {
+            Some(v5::Packet::ConnAck(ack)) => (d, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
     }
 
     /// Reads until the server closes the connection; panics on any packet but those

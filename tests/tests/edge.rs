@@ -335,6 +335,7 @@ async fn paho_publish(
     creds: &Credentials,
     message: &str,
     qos: u8,
+    protocol: &str,
 ) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/paho_device.py");
     let (ca, cert, key) = write_pems(dir, creds);
@@ -359,6 +360,7 @@ async fn paho_publish(
             &creds.telemetry_topic(),
         ])
         .args(["--message", message, "--qos", &qos.to_string()])
+        .args(["--protocol", protocol])
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(3 * WAIT, run)
@@ -385,32 +387,31 @@ async fn a_paho_mqtt_device_publishes_and_an_unregistered_one_is_refused() {
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();
 
-    // A registered device, at QoS 1 and at QoS 2.
+    // A registered device, at QoS 1 and at QoS 2, in MQTT 3.1.1 and 5.
     let creds = t.create_device("paho-01").await;
-    let out = paho_publish(
-        &t,
-        &certs,
-        &creds,
-        &json!({"ts": BASE, "values": {"humidity": 48.5, "lib": "paho"}}).to_string(),
-        1,
-    )
-    .await;
-    assert!(out.status.success(), "paho_device.py failed: {out:?}");
-    let out = paho_publish(
-        &t,
-        &certs,
-        &creds,
-        &json!({"ts": BASE + 1, "values": {"humidity": 49}}).to_string(),
-        2,
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "paho_device.py failed at QoS 2: {out:?}"
-    );
+    let runs = [
+        (1, "3.1.1", 48.5),
+        (2, "3.1.1", 49.0),
+        (1, "5", 49.5),
+        (2, "5", 50.0),
+    ];
+    for (i, (qos, protocol, humidity)) in runs.into_iter().enumerate() {
+        let values =
+            json!({"ts": BASE + i as i64, "values": {"humidity": humidity, "lib": "paho"}});
+        let out = paho_publish(&t, &certs, &creds, &values.to_string(), qos, protocol).await;
+        assert!(
+            out.status.success(),
+            "paho_device.py failed at QoS {qos} over MQTT {protocol}: {out:?}"
+        );
+    }
     assert_eq!(
         points(&t, "paho-01", "humidity").await,
-        vec![json!([BASE, 48.5]), json!([BASE + 1, 49])]
+        vec![
+            json!([BASE, 48.5]),
+            json!([BASE + 1, 49.0]),
+            json!([BASE + 2, 49.5]),
+            json!([BASE + 3, 50.0])
+        ]
     );
     let (_, latest) = t.get("/api/v1/devices/paho-01/latest").await;
     assert_eq!(latest["metrics"]["lib"]["value"], "paho", "{latest}");
@@ -419,16 +420,18 @@ async fn a_paho_mqtt_device_publishes_and_an_unregistered_one_is_refused() {
     // reports the broker's refusal and fails.
     let (fleet_ca, ca_pem) = tellus_tests::certs::fleet_ca(&t.data_dir);
     let ghost = tellus_tests::certs::device(&fleet_ca, "ghost", &ca_pem);
-    let out = paho_publish(&t, &certs, &ghost, r#"{"t": 1}"#, 1).await;
-    assert_eq!(out.status.code(), Some(3), "expected a refusal: {out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(
-        stderr.contains("connection refused") && stderr.contains("not authori"),
-        "the failure does not say why: {stderr}"
-    );
+    for protocol in ["3.1.1", "5"] {
+        let out = paho_publish(&t, &certs, &ghost, r#"{"t": 1}"#, 1, protocol).await;
+        assert_eq!(out.status.code(), Some(3), "expected a refusal: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            stderr.contains("connection refused") && stderr.contains("not authori"),
+            "the failure over MQTT {protocol} does not say why: {stderr}"
+        );
+    }
 
     let gate = gate_stats(&t).await;
-    assert_eq!(gate["refused_unknown_device"], 1, "{gate}");
+    assert_eq!(gate["refused_unknown_device"], 2, "{gate}");
     let (_, stats) = t.get("/api/v1/stats").await;
-    assert_eq!(stats["ingest"]["received"], 2, "{stats}");
+    assert_eq!(stats["ingest"]["received"], 4, "{stats}");
 }

@@ -11,6 +11,13 @@
 //!
 //! Device publishes are never retained by the routing core: a device can subscribe to no
 //! topic another device publishes, so a retained device message could only cost memory.
+//!
+//! A device speaks MQTT 3.1.1 or 5 ([`codec`](super::codec)); its link to the routing core
+//! uses the same version. Where 3.1.1 can only close the connection, an MQTT 5 device is
+//! told why: a publish the ACL refuses is answered "not authorized" (QoS 1 and 2) and the
+//! connection stays; telemetry kept as a dead letter is answered "payload format invalid"
+//! with the reason; a refused subscription gets "not authorized" in its SUBACK; and every
+//! close the gate decides carries a DISCONNECT reason code.
 
 use std::{
     borrow::Cow,
@@ -29,18 +36,11 @@ use futures::{
     stream::FuturesOrdered,
     FutureExt, StreamExt,
 };
-use rumqttc::mqttbytes::{
-    self,
-    v4::{
-        ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, PubComp, PubRec, Publish,
-        Subscribe,
-    },
-    Protocol, QoS,
-};
+use rumqttc::mqttbytes::QoS;
 use tellus_core::{
     now_ms,
     topic::{self, DeviceTopic},
-    AuditDecision, AuditEntry, DeviceId, DeviceStatus, IngestError,
+    AuditDecision, AuditEntry, DeviceId, DeviceStatus, Durable, IngestError,
 };
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
@@ -58,9 +58,13 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::{audit::clip, trust::Issuer};
 use super::{
     bump,
-    frames::{encode, packet_type, FrameError, FrameReader, PINGRESP, PUBACK},
+    codec::{
+        self, AckCode, CloseCode, Connect, Grant, Inbound, Limits, Publish, Reasons, Refused,
+        Reply, Subscribe, TopicAliases, Verdict, Version,
+    },
+    frames::{packet_type, FrameError, FrameReader, PINGRESP, PUBACK, SUBACK, UNSUBSCRIBE},
     rate::TokenBucket,
-    sessions::Membership,
+    sessions::{Membership, TAKEN_OVER},
     Gate,
 };
 use crate::{
@@ -72,6 +76,10 @@ use crate::{
 const UPSTREAM_KEEP_ALIVE: Duration = Duration::from_secs(60);
 /// Room for frames from the routing core waiting for the device's socket.
 const FRAME_QUEUE: usize = 64;
+/// How long a link that timed out waiting for its CONNACK is kept open for it.
+const LATE_CONNACK: Duration = Duration::from_secs(60);
+/// Topic aliases an MQTT 5 device may set (the gate resolves them).
+const TOPIC_ALIAS_MAX: u16 = 64;
 
 type DeviceReader = FrameReader<ReadHalf<TlsStream<TcpStream>>>;
 type DeviceWriter = WriteHalf<TlsStream<TcpStream>>;
@@ -85,24 +93,36 @@ enum AckFailure {
     UpstreamLost,
 }
 
-/// Resolves when the message an acknowledgement answers is safe. Shared, because a QoS 2
-/// message is answered twice (PUBREC, then PUBCOMP) and may be re-sent before PUBREL.
-type Safe = Shared<BoxFuture<'static, Result<(), AckFailure>>>;
+/// Resolves when the message an acknowledgement answers is safe, with what the
+/// acknowledgement says (MQTT 5). Shared, because a QoS 2 message is answered twice (PUBREC,
+/// then PUBCOMP) and may be re-sent before PUBREL.
+type Safe = Shared<BoxFuture<'static, Result<Verdict, AckFailure>>>;
 
-fn ready() -> Safe {
-    future::ready(Ok(())).boxed().shared()
+/// Safe now, with `verdict`.
+fn settled(verdict: Verdict) -> Safe {
+    future::ready(Ok(verdict)).boxed().shared()
 }
 
-/// An acknowledgement the writer sends, in order, once `safe` resolves.
+fn ready() -> Safe {
+    settled(Verdict::default())
+}
+
+/// An answer the writer sends, in order, once `safe` resolves.
 struct PendingAck {
-    reply: Packet,
+    reply: Reply,
     safe: Safe,
 }
 
-/// PUBACKs the device's publishes await from the routing core, by packet id. The session
-/// adds an entry before it forwards a publish; the relay completes it when the routing core's
-/// PUBACK arrives. Bounded by the device's window of unacknowledged publishes.
-type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<()>>>>;
+/// PUBACKs the device's publishes await from the routing core, by packet id, with the routing
+/// core's reason code. The session adds an entry before it forwards a publish; the relay
+/// completes it when the routing core's PUBACK arrives. Bounded by the device's window of
+/// unacknowledged publishes.
+type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<AckCode>>>>;
+
+/// MQTT 5 SUBSCRIBEs the gate forwarded without the filters it refused, by packet id: where
+/// the refused filters stood, and why, so that the relay can put them back into the routing
+/// core's SUBACK. At most one entry per packet id.
+type RefusedFilters = Arc<Mutex<HashMap<u16, (Vec<usize>, String)>>>;
 
 /// Serves one accepted TCP connection to its end. Never panics on input; every refusal is
 /// logged with its reason and counted.
@@ -184,8 +204,8 @@ enum End {
     KeepAliveExpired,
     #[error("ACL violation: {0}")]
     AclDenied(topic::AclDenied),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
+    #[error("protocol violation: {1}")]
+    Protocol(CloseCode, String),
     #[error("ingest stopped")]
     IngestStopped,
     #[error("routing core closed the link")]
@@ -198,16 +218,39 @@ enum End {
     ClosedByGate(String),
 }
 
+impl End {
+    /// What an MQTT 5 device is told in DISCONNECT; `None` where the device left or can no
+    /// longer be written to.
+    fn close_code(&self) -> Option<CloseCode> {
+        Some(match self {
+            End::DeviceDisconnected | End::WriterStopped => return None,
+            End::DeviceGone(FrameError::Malformed(_)) => CloseCode::MalformedPacket,
+            End::DeviceGone(FrameError::TooLarge(..)) => CloseCode::PacketTooLarge,
+            End::DeviceGone(_) => return None,
+            End::KeepAliveExpired => CloseCode::KeepAliveTimeout,
+            End::AclDenied(_) => CloseCode::NotAuthorized,
+            End::Protocol(code, _) => *code,
+            End::IngestStopped | End::Shutdown => CloseCode::ServerShuttingDown,
+            End::UpstreamClosed => CloseCode::UnspecifiedError,
+            End::ClosedByGate(why) if why == TAKEN_OVER => CloseCode::SessionTakenOver,
+            End::ClosedByGate(_) => CloseCode::AdministrativeAction,
+        })
+    }
+}
+
 struct Session<'g> {
     gate: &'g Gate,
     device: DeviceId,
+    version: Version,
     reader: DeviceReader,
     upstream: OwnedWriteHalf,
     upstream_acks: UpstreamAcks,
+    refused_filters: RefusedFilters,
     acks: mpsc::Sender<PendingAck>,
     /// QoS 2 publishes answered (or to be answered) with PUBREC and awaiting the device's
     /// PUBREL. At most one entry per packet id, so at most 65,535.
     qos2: HashMap<u16, Safe>,
+    aliases: TopicAliases,
     /// The certificate this connection presented (issuer, serial): what a CSR is checked
     /// against.
     peer_issuer: String,
@@ -226,42 +269,38 @@ impl<'g> Session<'g> {
         let (rd, mut wr) = tokio::io::split(tls);
         let mut reader = FrameReader::new(rd, gate.config.max_packet_size);
 
+        // The CONNECT names the version; every later packet is read in it.
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
             first = timeout(gate.config.connect_timeout, async {
-                // MQTT 3.1.1 only: another version is refused before the 3.1.1 parser
-                // misreads it (MQTT 5 properties would not parse at all).
-                match reader.peek_connect_level().await? {
-                    Some(level) if level != 4 => Err(FrameError::Malformed(
-                        mqttbytes::Error::InvalidProtocolLevel(level),
-                    )),
-                    _ => reader.packet().await,
+                match reader.version().await? {
+                    Ok(version) => reader.packet(version).await.map(Ok),
+                    Err(level) => Ok(Err(level)),
                 }
             }) => first,
         };
         let connect = match first {
-            Ok(Ok(Packet::Connect(c))) => c,
-            Ok(Ok(other)) => {
+            Ok(Ok(Ok(Inbound::Connect(c)))) => c,
+            Ok(Ok(Ok(other))) => {
                 bump(&gate.stats.protocol_errors);
-                let why = format!("first packet is {}, not CONNECT", packet_name(&other));
+                let why = format!("first packet is {}, not CONNECT", inbound_name(&other));
                 info!(reason = %why, "connection refused");
                 gate.audit(&peer, AuditDecision::Refused, why);
                 return;
             }
-            Ok(Err(FrameError::Malformed(
-                mqttbytes::Error::InvalidProtocol | mqttbytes::Error::InvalidProtocolLevel(_),
-            ))) => {
+            Ok(Ok(Err(level))) => {
                 let counter = &gate.stats.refused_protocol;
-                let refusal = Refusal::new(
-                    ConnectReturnCode::RefusedProtocolVersion,
-                    counter,
-                    "only MQTT 3.1.1 is accepted",
-                );
-                refuse(gate, &peer, &mut wr, refusal).await;
+                let why =
+                    format!("MQTT protocol level {level} is not spoken here; use 4 (3.1.1) or 5");
+                let refusal = Refusal::new(Refused::UnsupportedProtocolVersion, counter, why);
+                refuse(gate, &peer, (Version::V4, Reasons::None), &mut wr, refusal).await;
                 return;
             }
             Ok(Err(e)) => {
-                bump(&gate.stats.protocol_errors);
+                match e {
+                    FrameError::TooLarge(..) => bump(&gate.stats.packet_too_large),
+                    _ => bump(&gate.stats.protocol_errors),
+                }
                 let why = format!("could not read CONNECT: {e}");
                 info!(reason = %why, "connection refused");
                 gate.audit(&peer, AuditDecision::Refused, why);
@@ -275,14 +314,16 @@ impl<'g> Session<'g> {
                 return;
             }
         };
+        let version = connect.version();
+        let to = (version, connect.reasons());
         // Who first (a revoked or unknown certificate is refused as such, whatever its
         // CONNECT says), then what the CONNECT asks for.
         if let Err(refusal) = verify(gate, &peer).await {
-            return refuse(gate, &peer, &mut wr, refusal).await;
+            return refuse(gate, &peer, to, &mut wr, refusal).await;
         }
-        let connect = match check_connect(gate, &peer, connect) {
+        let (connect, assigned) = match check_connect(gate, &peer, connect) {
             Ok(c) => c,
-            Err(refusal) => return refuse(gate, &peer, &mut wr, refusal).await,
+            Err(refusal) => return refuse(gate, &peer, to, &mut wr, refusal).await,
         };
         // Take the device's place first, then look again: a revocation that the registry
         // watcher handled before this session was registered is caught here, and one after
@@ -295,18 +336,25 @@ impl<'g> Session<'g> {
             bump(&gate.stats.taken_over);
         }
         if let Err(refusal) = verify(gate, &peer).await {
-            return refuse(gate, &peer, &mut wr, refusal).await;
+            return refuse(gate, &peer, to, &mut wr, refusal).await;
         }
-        let keep_alive = connect.keep_alive;
+        let keep_alive = connect.keep_alive();
+        let reasons = connect.reasons();
+        let limits = Limits {
+            receive_maximum: u16::try_from(config.max_inflight).unwrap_or(u16::MAX),
+            maximum_packet_size: u32::try_from(config.max_packet_size).unwrap_or(u32::MAX),
+            topic_alias_maximum: TOPIC_ALIAS_MAX,
+            assigned_client_id: assigned,
+        };
         let link = tokio::select! {
             _ = shutdown.cancelled() => return,
-            link = link_upstream(gate, &peer, connect, &mut wr) => link,
+            link = link_upstream(gate, &peer, connect, &limits, &mut wr) => link,
         };
         let Some((upstream, upstream_reader)) = link else {
             return;
         };
         bump(&gate.stats.connected);
-        info!(keep_alive, "device connected");
+        info!(keep_alive, ?version, "device connected");
         gate.audit(&peer, AuditDecision::Accepted, "connected");
 
         let window = gate.config.max_inflight.max(1);
@@ -314,23 +362,38 @@ impl<'g> Session<'g> {
         // The writer pulls acknowledgements as long as fewer than `window` are pending, so
         // this channel adds one more at most.
         let (acks, acks_rx) = mpsc::channel(1);
-        let mut writer = tokio::spawn(
-            write_to_device(wr, frames_rx, acks_rx, window, gate.config.write_timeout)
-                .in_current_span(),
-        );
+        let out = Output {
+            version,
+            reasons,
+            window,
+            write_timeout: gate.config.write_timeout,
+        };
+        let mut writer =
+            tokio::spawn(write_to_device(wr, frames_rx, acks_rx, out).in_current_span());
         let upstream_acks = UpstreamAcks::default();
+        let refused_filters = RefusedFilters::default();
         let relay = tokio::spawn(
-            relay_from_upstream(upstream_reader, frames, upstream_acks.clone()).in_current_span(),
+            relay_from_upstream(
+                upstream_reader,
+                frames,
+                upstream_acks.clone(),
+                refused_filters.clone(),
+                reasons,
+            )
+            .in_current_span(),
         );
 
         let mut session = Session {
             gate,
             device: peer.device.clone(),
+            version,
             reader,
             upstream,
             upstream_acks,
+            refused_filters,
             acks,
             qos2: HashMap::new(),
+            aliases: TopicAliases::new(TOPIC_ALIAS_MAX),
             peer_issuer: peer.issuer.id.clone(),
             peer_serial: peer.serial.clone(),
             rotating: Arc::default(),
@@ -339,7 +402,7 @@ impl<'g> Session<'g> {
             .run(keep_alive, &shutdown, &mut writer, &mut membership)
             .await;
         match &end {
-            End::AclDenied(_) | End::Protocol(_) => warn!(reason = %end, "connection closed"),
+            End::AclDenied(_) | End::Protocol(..) => warn!(reason = %end, "connection closed"),
             _ => info!(reason = %end, "device disconnected"),
         }
         gate.audit(&peer, AuditDecision::Closed, end.to_string());
@@ -358,6 +421,15 @@ impl<'g> Session<'g> {
         // unacknowledged, and the device sends them again when it reconnects.
         if let Ok(mut waiting) = upstream_acks.lock() {
             waiting.clear();
+        }
+        // An MQTT 5 device is told why, after the acknowledgements already queued; if the
+        // queue is full the device just sees the close.
+        if let (Some(code), false) = (end.close_code(), writer_done) {
+            let reply = Reply::Disconnect(code, end.to_string());
+            let _ = acks.try_send(PendingAck {
+                reply,
+                safe: ready(),
+            });
         }
         // Closing the channel lets the writer finish: it still writes the acknowledgement of
         // every publish that becomes safe, then closes the TLS session.
@@ -391,21 +463,20 @@ impl<'g> Session<'g> {
                 reason = membership.closed() => Err(End::ClosedByGate(reason)),
                 _ = sleep_until(deadline) => Err(End::KeepAliveExpired),
                 _ = &mut *writer => return (End::WriterStopped, true),
-                _ = ping.tick() => self.send_upstream(&Packet::PingReq).await,
+                _ = ping.tick() => self.send_upstream(&codec::pingreq()).await,
                 _ = sleep_until(paused_until.unwrap_or(deadline)), if paused_until.is_some() => {
                     paused_until = None;
                     Ok(())
                 }
-                packet = self.reader.packet(), if paused_until.is_none() => match packet {
+                packet = self.reader.packet(self.version), if paused_until.is_none() => match packet {
                     Ok(p) => {
-                        // Everything a device starts (not its answers to the gate) costs a token.
-                        let counted = matches!(
-                            p,
-                            Packet::Publish(_)
-                                | Packet::Subscribe(_)
-                                | Packet::Unsubscribe(_)
-                                | Packet::PingReq
-                        );
+                        // Everything a device starts (not its answers to the gate) costs a
+                        // token; an UNSUBSCRIBE is forwarded as it is.
+                        let counted = match &p {
+                            Inbound::Publish(_) | Inbound::Subscribe(_) | Inbound::PingReq => true,
+                            Inbound::Forward(frame) => packet_type(frame) == UNSUBSCRIBE,
+                            _ => false,
+                        };
                         // Handling may wait (ingest or the device's window is full); a close
                         // from the gate or a shutdown must not wait behind it.
                         let step = tokio::select! {
@@ -442,67 +513,116 @@ impl<'g> Session<'g> {
         }
     }
 
-    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+    async fn handle(&mut self, packet: Inbound) -> Result<(), End> {
         match packet {
-            Packet::Publish(p) => self.publish(p).await,
-            Packet::PubRel(rel) => {
+            Inbound::Publish(p) => self.publish(p).await,
+            Inbound::PubRel(pkid) => {
                 // PUBCOMP once the message is safe; a PUBREL for a packet id this session does
                 // not know (re-sent after a reconnect) is answered at once, as MQTT requires.
-                let safe = self.qos2.remove(&rel.pkid).unwrap_or_else(ready);
-                self.ack(Packet::PubComp(PubComp::new(rel.pkid)), safe)
-                    .await
+                let safe = self.qos2.remove(&pkid).unwrap_or_else(ready);
+                self.ack(Reply::PubComp(pkid), safe).await
             }
-            Packet::Subscribe(s) => self.subscribe(s).await,
-            p @ (Packet::PubAck(_)
-            | Packet::PubRec(_)
-            | Packet::PubComp(_)
-            | Packet::Unsubscribe(_)) => self.forward(&p).await,
-            Packet::PingReq => self.ack(Packet::PingResp, ready()).await,
-            Packet::Disconnect => {
-                self.forward(&Packet::Disconnect).await?;
+            Inbound::Subscribe(s) => self.subscribe(s).await,
+            Inbound::Forward(frame) => self.forward(&frame).await,
+            Inbound::PingReq => self.ack(Reply::PingResp, ready()).await,
+            Inbound::Disconnect(frame) => {
+                // Forwarded as the device sent it: an MQTT 5 reason may ask for the will.
+                self.forward(&frame).await?;
                 Err(End::DeviceDisconnected)
             }
-            other => {
-                bump(&self.gate.stats.protocol_errors);
-                Err(End::Protocol(format!(
-                    "a client may not send {}",
-                    packet_name(&other)
-                )))
-            }
+            Inbound::Connect(_) => Err(self.protocol(CloseCode::ProtocolError, "a second CONNECT")),
+            Inbound::NotFromClient(name) => Err(self.protocol(
+                CloseCode::ProtocolError,
+                format!("a client may not send {name}"),
+            )),
         }
     }
 
-    async fn subscribe(&mut self, mut s: Subscribe) -> Result<(), End> {
-        for f in &mut s.filters {
-            if let Err(e) = topic::check_subscribe(&self.device, &f.path) {
+    /// Counts a protocol violation; the session ends with it.
+    fn protocol(&self, code: CloseCode, why: impl Into<String>) -> End {
+        bump(&self.gate.stats.protocol_errors);
+        End::Protocol(code, why.into())
+    }
+
+    /// Forwards the filters the ACL allows. MQTT 3.1.1: a refused filter closes the
+    /// connection. MQTT 5: a refused filter is answered "not authorized" in the SUBACK and
+    /// the others are subscribed.
+    async fn subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let mut refused = Vec::new();
+        let mut why = String::new();
+        for (at, filter) in s.filters().into_iter().enumerate() {
+            if let Err(e) = topic::check_subscribe(&self.device, filter) {
                 bump(&self.gate.stats.acl_denied);
-                return Err(End::AclDenied(e));
-            }
-            // Messages to a device travel at QoS 1 at most, like everything the gate relays.
-            if f.qos == QoS::ExactlyOnce {
-                f.qos = QoS::AtLeastOnce;
+                if self.version == Version::V4 {
+                    return Err(End::AclDenied(e));
+                }
+                info!(reason = %e, "subscription refused");
+                if why.is_empty() {
+                    why = e.to_string();
+                }
+                refused.push(at);
             }
         }
-        self.forward(&Packet::Subscribe(s)).await
+        let count = s.filters().len();
+        if refused.is_empty() {
+            return self.forward(&s.upstream(&vec![true; count])).await;
+        }
+        if refused.len() == count {
+            let grants = vec![Grant::NotAuthorized; count];
+            let verdict = Verdict::new(AckCode::NotAuthorized, why);
+            return self
+                .ack(Reply::SubAck(s.pkid(), grants), settled(verdict))
+                .await;
+        }
+        let keep: Vec<bool> = (0..count).map(|i| !refused.contains(&i)).collect();
+        if let Ok(mut waiting) = self.refused_filters.lock() {
+            waiting.insert(s.pkid(), (refused, why));
+        }
+        self.forward(&s.upstream(&keep)).await
     }
 
     async fn publish(&mut self, mut p: Publish) -> Result<(), End> {
+        if let Err((code, why)) = self.aliases.resolve(&mut p) {
+            return Err(self.protocol(code, why));
+        }
+        let v5 = self.version == Version::V5;
+        if v5 && p.retain {
+            // The CONNACK said retained messages are not available.
+            return Err(self.protocol(
+                CloseCode::RetainNotSupported,
+                "retained messages are not available to devices",
+            ));
+        }
+        let (pkid, qos) = (p.pkid, p.qos);
+        let reply = match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Reply::PubAck(pkid)),
+            QoS::ExactlyOnce => Some(Reply::PubRec(pkid)),
+        };
         let kind = match topic::check_publish(&self.device, &p.topic) {
             Ok(kind) => kind,
             Err(e) => {
                 bump(&self.gate.stats.acl_denied);
-                return Err(End::AclDenied(e));
+                return match (v5, reply) {
+                    // MQTT 5 answers "not authorized" and keeps the connection.
+                    (true, Some(reply)) => {
+                        info!(reason = %e, "publish refused");
+                        let verdict = Verdict::new(AckCode::NotAuthorized, e.to_string());
+                        self.ack(reply, settled(verdict)).await
+                    }
+                    _ => Err(End::AclDenied(e)),
+                };
             }
         };
-        if p.qos == QoS::ExactlyOnce {
-            if let Some(safe) = self.qos2.get(&p.pkid) {
+        if qos == QoS::ExactlyOnce && p.dup {
+            if let Some(safe) = self.qos2.get(&pkid) {
                 // Re-sent before PUBREL: answer again once the first copy is safe; keep
-                // nothing twice.
+                // nothing twice. (Without DUP it is a new message: after a PUBREC with an
+                // MQTT 5 error code the device may reuse the packet id at once.)
                 let safe = safe.clone();
-                return self.ack(Packet::PubRec(PubRec::new(p.pkid)), safe).await;
+                return self.ack(Reply::PubRec(pkid), safe).await;
             }
         }
-        let (pkid, qos) = (p.pkid, p.qos);
         let safe = if kind == DeviceTopic::CertsCsr {
             Some(self.rotate(p.payload).await?)
         } else if kind.is_telemetry() {
@@ -522,7 +642,11 @@ impl<'g> Session<'g> {
             pending.map(|durable| {
                 async move {
                     match durable.await {
-                        Ok(Ok(_)) => Ok(()),
+                        Ok(Ok(Durable::Stored)) => Ok(Verdict::default()),
+                        Ok(Ok(Durable::DeadLettered(why))) => Ok(Verdict::new(
+                            AckCode::PayloadFormatInvalid,
+                            format!("not valid telemetry, kept as a dead letter: {why}"),
+                        )),
                         Ok(Err(e)) => Err(AckFailure::NotDurable(e)),
                         Err(_) => Err(AckFailure::NotDurable(IngestError::Closed)),
                     }
@@ -530,29 +654,40 @@ impl<'g> Session<'g> {
                 .boxed()
                 .shared()
             })
+        } else if p.breaks_payload_format() {
+            // Said to be UTF-8 text and is not: refused, not forwarded (MQTT 5).
+            bump(&self.gate.stats.payload_invalid);
+            let why = "the payload format indicator says UTF-8, and the payload is not";
+            info!(reason = why, "publish refused");
+            match reply {
+                Some(reply) => {
+                    let verdict = Verdict::new(AckCode::PayloadFormatInvalid, why);
+                    return self.ack(reply, settled(verdict)).await;
+                }
+                None => return Err(End::Protocol(CloseCode::PayloadFormatInvalid, why.into())),
+            }
         } else {
-            p.retain = false;
             let taken = (qos != QoS::AtMostOnce).then(|| {
-                p.qos = QoS::AtLeastOnce;
                 let (tx, rx) = oneshot::channel();
                 if let Ok(mut waiting) = self.upstream_acks.lock() {
                     waiting.insert(pkid, tx);
                 }
-                async move { rx.await.map_err(|_| AckFailure::UpstreamLost) }
-                    .boxed()
-                    .shared()
+                async move {
+                    let code = rx.await.map_err(|_| AckFailure::UpstreamLost)?;
+                    Ok(Verdict { code, why: None })
+                }
+                .boxed()
+                .shared()
             });
-            self.forward(&Packet::Publish(p)).await?;
+            self.forward(&p.upstream()).await?;
             taken
         };
-        match (qos, safe) {
-            (QoS::AtLeastOnce, Some(safe)) => {
-                self.ack(Packet::PubAck(PubAck::new(pkid)), safe).await
-            }
-            (QoS::ExactlyOnce, Some(safe)) => {
+        match (reply, safe) {
+            (Some(reply @ Reply::PubRec(_)), Some(safe)) => {
                 self.qos2.insert(pkid, safe.clone());
-                self.ack(Packet::PubRec(PubRec::new(pkid)), safe).await
+                self.ack(reply, safe).await
             }
+            (Some(reply), Some(safe)) => self.ack(reply, safe).await,
             _ => Ok(()),
         }
     }
@@ -564,14 +699,14 @@ impl<'g> Session<'g> {
         if self.rotating.swap(true, Ordering::AcqRel) {
             // One at a time: a device that repeats its CSR before the answer gets told so.
             let topic = DeviceTopic::CertsIssued.topic(&self.device);
-            let busy =
-                serde_json::json!({ "error": "a certificate rotation is already under way" });
+            let why = "a certificate rotation is already under way";
+            let busy = serde_json::json!({ "error": why });
             self.gate
                 .publisher
                 .publish(topic, busy.to_string().into_bytes())
                 .await
                 .map_err(|_| End::UpstreamClosed)?;
-            return Ok(ready());
+            return Ok(settled(Verdict::new(AckCode::QuotaExceeded, why)));
         }
         let gate = self.gate;
         let (pki, registry) = (gate.pki.clone(), gate.registry.clone());
@@ -630,31 +765,33 @@ impl<'g> Session<'g> {
             }
             .in_current_span(),
         );
-        Ok(
-            async move { work.await.unwrap_or(Err(AckFailure::UpstreamLost)) }
-                .boxed()
-                .shared(),
-        )
+        Ok(async move {
+            work.await
+                .unwrap_or(Err(AckFailure::UpstreamLost))
+                .map(|()| Verdict::default())
+        }
+        .boxed()
+        .shared())
     }
 
     /// Queues `reply` behind every earlier acknowledgement, to be sent once `safe` resolves.
     /// Waits while the device's window of pending acknowledgements is full, and so stops
     /// reading its socket.
-    async fn ack(&mut self, reply: Packet, safe: Safe) -> Result<(), End> {
+    async fn ack(&mut self, reply: Reply, safe: Safe) -> Result<(), End> {
         self.acks
             .send(PendingAck { reply, safe })
             .await
             .map_err(|_| End::WriterStopped)
     }
 
-    async fn forward(&mut self, packet: &Packet) -> Result<(), End> {
+    async fn forward(&mut self, frame: &[u8]) -> Result<(), End> {
         bump(&self.gate.stats.forwarded);
-        self.send_upstream(packet).await
+        self.send_upstream(frame).await
     }
 
-    async fn send_upstream(&mut self, packet: &Packet) -> Result<(), End> {
+    async fn send_upstream(&mut self, frame: &[u8]) -> Result<(), End> {
         self.upstream
-            .write_all(&encode(packet))
+            .write_all(frame)
             .await
             .map_err(|_| End::UpstreamClosed)
     }
@@ -683,20 +820,16 @@ impl Gate {
     }
 }
 
-/// Why a CONNECT is refused: the CONNACK code, the counter, and the reason logged and
-/// audited.
+/// Why a CONNECT is refused: the CONNACK code, the counter, and the reason logged, audited
+/// and (MQTT 5) told to the device.
 struct Refusal<'g> {
-    code: ConnectReturnCode,
+    code: Refused,
     counter: &'g AtomicU64,
     why: Cow<'static, str>,
 }
 
 impl<'g> Refusal<'g> {
-    fn new(
-        code: ConnectReturnCode,
-        counter: &'g AtomicU64,
-        why: impl Into<Cow<'static, str>>,
-    ) -> Self {
+    fn new(code: Refused, counter: &'g AtomicU64, why: impl Into<Cow<'static, str>>) -> Self {
         Refusal {
             code,
             counter,
@@ -706,44 +839,50 @@ impl<'g> Refusal<'g> {
 }
 
 /// Answers CONNECT with a refusal: counted, logged, audited.
-async fn refuse(gate: &Gate, peer: &Peer, wr: &mut DeviceWriter, refusal: Refusal<'_>) {
+async fn refuse(
+    gate: &Gate,
+    peer: &Peer,
+    (version, reasons): (Version, Reasons),
+    wr: &mut DeviceWriter,
+    refusal: Refusal<'_>,
+) {
     bump(refusal.counter);
     info!(code = ?refusal.code, reason = %refusal.why, "connection refused");
+    let ack = codec::connack_refused(version, reasons, refusal.code, &refusal.why);
     gate.audit(peer, AuditDecision::Refused, refusal.why);
-    let ack = Packet::ConnAck(ConnAck {
-        session_present: false,
-        code: refusal.code,
-    });
     let _ = timeout(gate.config.write_timeout, write_now(wr, &ack)).await;
 }
 
-/// Checks what the CONNECT itself says: protocol, client id and will.
+/// Checks what the CONNECT itself says: client id, authentication and will. Returns the
+/// CONNECT to forward and, if the device sent an empty client id, the one the gate gave it.
 fn check_connect<'g>(
     gate: &'g Gate,
     peer: &Peer,
     mut connect: Connect,
-) -> Result<Connect, Refusal<'g>> {
-    use ConnectReturnCode::*;
+) -> Result<(Connect, Option<String>), Refusal<'g>> {
     let stats = &gate.stats;
-    if connect.protocol != Protocol::V4 {
-        let why = "only MQTT 3.1.1 is accepted";
-        return Err(Refusal::new(
-            RefusedProtocolVersion,
-            &stats.refused_protocol,
-            why,
-        ));
-    }
-    if connect.client_id.is_empty() {
-        connect.client_id = peer.device.to_string();
-    } else if connect.client_id != peer.device.as_str() {
+    let mut assigned = None;
+    if connect.client_id().is_empty() {
+        connect.set_client_id(peer.device.to_string());
+        assigned = Some(peer.device.to_string());
+    } else if connect.client_id() != peer.device.as_str() {
         let why = format!(
             "client id {:?} is not the device id",
-            clip(&connect.client_id, 64)
+            clip(connect.client_id(), 64)
         );
-        return Err(Refusal::new(BadClientId, &stats.refused_client_id, why));
+        let code = Refused::ClientIdNotValid;
+        return Err(Refusal::new(code, &stats.refused_client_id, why));
     }
-    if let Some(will) = &mut connect.last_will {
-        let verdict = match topic::check_publish(&peer.device, &will.topic) {
+    if let Some(method) = connect.auth_method() {
+        let why = format!(
+            "authentication method {:?} is not offered; the client certificate is the identity",
+            clip(method, 64)
+        );
+        let code = Refused::BadAuthenticationMethod;
+        return Err(Refusal::new(code, &stats.refused_protocol, why));
+    }
+    if let Some(will) = connect.will_topic() {
+        let verdict = match topic::check_publish(&peer.device, will) {
             Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
             Ok(DeviceTopic::CertsCsr) => Err("a will cannot be a certificate request".to_owned()),
             Ok(_) => Ok(()),
@@ -751,20 +890,17 @@ fn check_connect<'g>(
         };
         if let Err(why) = verdict {
             let why = format!("will refused: {why}");
-            return Err(Refusal::new(NotAuthorized, &stats.acl_denied, why));
+            return Err(Refusal::new(Refused::NotAuthorized, &stats.acl_denied, why));
         }
-        will.retain = false;
-        if will.qos == QoS::ExactlyOnce {
-            will.qos = QoS::AtLeastOnce;
-        }
+        connect.tame_will();
     }
-    Ok(connect)
+    Ok((connect, assigned))
 }
 
 /// Checks the registry: the device exists and is enabled, and the certificate presented is
 /// one recorded for it and not revoked.
 async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
-    use ConnectReturnCode::*;
+    use Refused::*;
     let stats = &gate.stats;
     let registry = gate.registry.clone();
     let (device, serial) = (peer.device.clone(), peer.serial.clone());
@@ -796,14 +932,14 @@ async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
         Ok(Err(e)) => {
             warn!(error = %e, "registry lookup failed; refusing for now");
             return Err(Refusal::new(
-                ServiceUnavailable,
+                ServerUnavailable,
                 &stats.refused_unavailable,
                 "registry unavailable",
             ));
         }
         Err(_) => {
             return Err(Refusal::new(
-                ServiceUnavailable,
+                ServerUnavailable,
                 &stats.refused_unavailable,
                 "registry lookup failed",
             ));
@@ -820,7 +956,7 @@ async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
         Some(cert) if cert.device == peer.device => {
             if cert.revoked_at_ms.is_some() {
                 return Err(Refusal::new(
-                    NotAuthorized,
+                    Banned,
                     &stats.refused_revoked,
                     "the certificate is revoked",
                 ));
@@ -833,7 +969,7 @@ async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
     }
     if record.status == DeviceStatus::Disabled {
         return Err(Refusal::new(
-            NotAuthorized,
+            Banned,
             &stats.refused_disabled,
             "the device is disabled",
         ));
@@ -841,99 +977,114 @@ async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
     Ok(())
 }
 
-/// Opens the device's link to the routing core and relays its CONNACK to the device.
+/// Opens the device's link to the routing core and answers the device's CONNECT.
 async fn link_upstream(
     gate: &Gate,
     peer: &Peer,
     connect: Connect,
+    limits: &Limits,
     wr: &mut DeviceWriter,
 ) -> Option<(OwnedWriteHalf, FrameReader<OwnedReadHalf>)> {
-    let (up, up_reader, ack) = match open_link(gate, connect).await {
+    let version = connect.version();
+    let to = (version, connect.reasons());
+    let (up, up_reader, session_present) = match open_link(gate, connect).await {
         Ok(link) => link,
         Err(why) => {
             warn!(reason = why, "no link to the routing core");
             let counter = &gate.stats.refused_unavailable;
-            let refusal = Refusal::new(ConnectReturnCode::ServiceUnavailable, counter, why);
-            refuse(gate, peer, wr, refusal).await;
+            let refusal = Refusal::new(Refused::ServerUnavailable, counter, why);
+            refuse(gate, peer, to, wr, refusal).await;
             return None;
         }
     };
-    let accepted = ack.code == ConnectReturnCode::Success;
-    let sent = timeout(
-        gate.config.write_timeout,
-        write_now(wr, &Packet::ConnAck(ack)),
-    )
-    .await;
-    if !matches!(sent, Ok(Ok(()))) || !accepted {
+    let ack = codec::connack_accepted(version, session_present, limits);
+    let sent = timeout(gate.config.write_timeout, write_now(wr, &ack)).await;
+    if !matches!(sent, Ok(Ok(()))) {
         return None;
     }
     Some((up, up_reader))
 }
 
-/// Connects to the routing core as the device, with the gate's credential, and returns the
-/// link with the routing core's CONNACK.
+/// Connects to the routing core as the device, in the device's version and with the gate's
+/// credential, and returns the link and whether the routing core had a session for it.
 async fn open_link(
     gate: &Gate,
-    mut connect: Connect,
-) -> Result<(OwnedWriteHalf, FrameReader<OwnedReadHalf>, ConnAck), &'static str> {
-    let stream = TcpStream::connect(gate.routing.addr)
+    connect: Connect,
+) -> Result<(OwnedWriteHalf, FrameReader<OwnedReadHalf>, bool), &'static str> {
+    let version = connect.version();
+    let addr = match version {
+        Version::V4 => gate.routing.addr,
+        Version::V5 => gate.routing.addr_v5,
+    };
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|_| "routing core unreachable")?;
     let _ = stream.set_nodelay(true);
     let (rd, mut up) = stream.into_split();
     let mut up_reader = FrameReader::new(rd, gate.config.max_packet_size.saturating_mul(2));
     let cred = &gate.routing.credential;
-    connect.login = Some(Login::new(cred.username.clone(), cred.password.clone()));
-    connect.keep_alive = UPSTREAM_KEEP_ALIVE.as_secs() as u16;
-    let connack = async {
-        up.write_all(&encode(&Packet::Connect(connect)))
-            .await
-            .ok()?;
-        match up_reader.packet().await {
-            Ok(Packet::ConnAck(ack)) => Some(ack),
-            _ => None,
+    let keep_alive = UPSTREAM_KEEP_ALIVE.as_secs() as u16;
+    let connect = connect.upstream(&cred.username, &cred.password, keep_alive);
+    up.write_all(&connect)
+        .await
+        .map_err(|_| "routing core closed the link")?;
+    let mut connack = Box::pin(async move {
+        let answer = codec::read_connack(version, up_reader.frame_mut().await.ok()?);
+        Some((answer?, up_reader))
+    });
+    match timeout(gate.config.connect_timeout, &mut connack).await {
+        Ok(Some(((true, session_present), up_reader))) => Ok((up, up_reader, session_present)),
+        Ok(Some(((false, _), _))) => Err("routing core refused the link"),
+        Ok(None) => Err("routing core did not acknowledge the link"),
+        Err(_) => {
+            // Closing a link before the routing core has written its CONNACK leaves
+            // rumqttd 0.20 with a stale will handler that makes the device's next link panic
+            // its listener: let the CONNACK arrive first, within bounds.
+            tokio::spawn(async move {
+                let _ = timeout(LATE_CONNACK, connack).await;
+                drop(up);
+            });
+            Err("routing core did not acknowledge the link in time")
         }
-    };
-    match timeout(gate.config.connect_timeout, connack).await {
-        Ok(Some(ack)) => Ok((up, up_reader, ack)),
-        _ => Err("routing core did not acknowledge the link"),
     }
 }
 
-fn packet_name(p: &Packet) -> &'static str {
+fn inbound_name(p: &Inbound) -> &'static str {
     match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
+        Inbound::Connect(_) => "CONNECT",
+        Inbound::Publish(_) => "PUBLISH",
+        Inbound::PubRel(_) => "PUBREL",
+        Inbound::Subscribe(_) => "SUBSCRIBE",
+        Inbound::PingReq => "PINGREQ",
+        Inbound::Disconnect(_) => "DISCONNECT",
+        Inbound::Forward(frame) => match packet_type(frame) {
+            4 => "PUBACK",
+            5 => "PUBREC",
+            7 => "PUBCOMP",
+            _ => "UNSUBSCRIBE",
+        },
+        Inbound::NotFromClient(name) => name,
     }
 }
 
-async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, packet: &Packet) -> std::io::Result<()> {
-    wr.write_all(&encode(packet)).await?;
+async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    wr.write_all(frame).await?;
     wr.flush().await
 }
 
 /// Copies frames from the routing core to the writer. The routing core's PUBACKs answer
 /// the device's publishes and complete the gate's pending acknowledgements instead; the
-/// PINGRESPs answer the gate's own pings.
+/// PINGRESPs answer the gate's own pings; a SUBACK for an MQTT 5 SUBSCRIBE the gate forwarded
+/// without its refused filters gets them back, as "not authorized".
 async fn relay_from_upstream(
     mut upstream: FrameReader<OwnedReadHalf>,
     frames: mpsc::Sender<Bytes>,
     acks: UpstreamAcks,
+    refused_filters: RefusedFilters,
+    reasons: Reasons,
 ) {
     loop {
-        let frame = match upstream.frame().await {
+        let mut frame = match upstream.frame().await {
             Ok(frame) => frame,
             Err(e) => {
                 debug!(error = %e, "routing core link closed");
@@ -941,25 +1092,43 @@ async fn relay_from_upstream(
             }
         };
         match packet_type(&frame) {
-            PINGRESP => {}
+            PINGRESP => continue,
             PUBACK => {
-                // PUBACK: fixed header (2 bytes), then the packet id.
-                let &[_, _, hi, lo, ..] = frame.as_ref() else {
-                    continue;
-                };
-                let pkid = u16::from_be_bytes([hi, lo]);
-                let waiting = acks.lock().ok().and_then(|mut w| w.remove(&pkid));
-                if let Some(done) = waiting {
-                    let _ = done.send(());
+                if let Some((pkid, code)) = codec::read_puback(&frame) {
+                    let waiting = acks.lock().ok().and_then(|mut w| w.remove(&pkid));
+                    if let Some(done) = waiting {
+                        let _ = done.send(code);
+                    }
+                }
+                continue;
+            }
+            SUBACK => {
+                let refused = codec::suback_pkid(&frame).and_then(|pkid| {
+                    refused_filters
+                        .lock()
+                        .ok()
+                        .and_then(|mut r| r.remove(&pkid))
+                });
+                if let Some((at, why)) = refused {
+                    frame = codec::merge_suback(frame, &at, &why, reasons);
                 }
             }
-            _ => {
-                if frames.send(frame).await.is_err() {
-                    return;
-                }
-            }
+            _ => {}
+        }
+        if frames.send(frame).await.is_err() {
+            return;
         }
     }
+}
+
+/// How the writer speaks to the device.
+struct Output {
+    version: Version,
+    reasons: Reasons,
+    /// Most acknowledgements pending at once.
+    window: usize,
+    /// Longest one write may take.
+    write_timeout: Duration,
 }
 
 /// The one task that writes to the device. Acknowledgements go out in the order they were
@@ -967,13 +1136,13 @@ async fn relay_from_upstream(
 /// come. At most `window` acknowledgements are pending at once, and every write must finish
 /// within `write_timeout`, so a device that stops reading is closed instead of holding
 /// buffers. When a message can not be made safe, the writer stops taking new
-/// acknowledgements, still writes the pending ones that become safe, then ends, which ends the session.
+/// acknowledgements, still writes the pending ones that become safe, then ends, which ends
+/// the session. A DISCONNECT is the last thing written.
 async fn write_to_device(
     mut wr: DeviceWriter,
     mut frames: mpsc::Receiver<Bytes>,
     mut acks: mpsc::Receiver<PendingAck>,
-    window: usize,
-    write_timeout: Duration,
+    out: Output,
 ) {
     let mut pending = FuturesOrdered::new();
     let (mut frames_open, mut acks_open) = (true, true);
@@ -981,10 +1150,17 @@ async fn write_to_device(
         if !acks_open && !frames_open && pending.is_empty() {
             break;
         }
+        let mut last = false;
         let frame = tokio::select! {
             biased;
             Some((reply, safe)) = pending.next(), if !pending.is_empty() => match safe {
-                Ok(()) => encode(&reply),
+                Ok(verdict) => {
+                    last = matches!(reply, Reply::Disconnect(..));
+                    match codec::encode_reply(out.version, &reply, &verdict, out.reasons) {
+                        Some(frame) => frame,
+                        None => break,
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "closing; the device will send unacknowledged messages again");
                     acks_open = false;
@@ -992,7 +1168,7 @@ async fn write_to_device(
                     continue;
                 }
             },
-            ack = acks.recv(), if acks_open && pending.len() < window => {
+            ack = acks.recv(), if acks_open && pending.len() < out.window => {
                 match ack {
                     Some(PendingAck { reply, safe }) => {
                         pending.push_back(safe.map(move |r| (reply, r)));
@@ -1009,11 +1185,7 @@ async fn write_to_device(
                 }
             },
         };
-        let written = timeout(write_timeout, async {
-            wr.write_all(&frame).await?;
-            wr.flush().await
-        })
-        .await;
+        let written = timeout(out.write_timeout, write_now(&mut wr, &frame)).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -1021,10 +1193,13 @@ async fn write_to_device(
                 return;
             }
             Err(_) => {
-                info!(timeout = ?write_timeout, "device stopped reading; closing");
+                info!(timeout = ?out.write_timeout, "device stopped reading; closing");
                 return;
             }
         }
+        if last {
+            break;
+        }
     }
-    let _ = timeout(write_timeout, wr.shutdown()).await;
+    let _ = timeout(out.write_timeout, wr.shutdown()).await;
 }

@@ -1,11 +1,14 @@
 //! Reading whole MQTT frames off a byte stream.
 //!
-//! The device side is parsed into packets (every packet is checked); the routing-core side is
-//! cut into raw frames, which the writer copies to the device unchanged.
+//! The device side is decoded into packets of the device's MQTT version (every packet is
+//! checked); the routing-core side is cut into raw frames, which the writer copies to the
+//! device unchanged. The fixed header, and so the framing, is the same in MQTT 3.1.1 and 5.
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::{self, v4::Packet};
+use rumqttc::mqttbytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::codec::{self, Inbound, Version};
 
 /// Why a stream stopped yielding frames.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +20,7 @@ pub enum FrameError {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("malformed packet: {0}")]
-    Malformed(mqttbytes::Error),
+    Malformed(String),
     #[error("packet of {0} bytes is larger than the limit of {1}")]
     TooLarge(usize, usize),
 }
@@ -38,33 +41,41 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// The next parsed packet. Cancel-safe: bytes read stay in the buffer.
-    pub async fn packet(&mut self) -> Result<Packet, FrameError> {
-        loop {
-            match Packet::read(&mut self.buf, self.max_size) {
-                Ok(p) => return Ok(p),
-                Err(mqttbytes::Error::InsufficientBytes(_)) => self.fill().await?,
-                Err(e) => return Err(self.classify(e)),
-            }
-        }
+    /// The next packet, decoded as `version`. Cancel-safe: bytes read stay in the buffer.
+    pub async fn packet(&mut self, version: Version) -> Result<Inbound, FrameError> {
+        let frame = self.frame_mut().await?;
+        codec::decode(version, frame).map_err(FrameError::Malformed)
     }
 
     /// The next frame, unparsed. Cancel-safe like [`Self::packet`].
     pub async fn frame(&mut self) -> Result<Bytes, FrameError> {
+        Ok(self.frame_mut().await?.freeze())
+    }
+
+    pub async fn frame_mut(&mut self) -> Result<BytesMut, FrameError> {
         loop {
             match mqttbytes::check(self.buf.iter(), self.max_size) {
-                Ok(header) => return Ok(self.buf.split_to(header.frame_length()).freeze()),
+                Ok(header) => return Ok(self.buf.split_to(header.frame_length())),
                 Err(mqttbytes::Error::InsufficientBytes(_)) => self.fill().await?,
                 Err(e) => return Err(self.classify(e)),
             }
         }
     }
 
+    /// The MQTT version of the connection, from its first frame (left unread): the level
+    /// its CONNECT names, as `Err` if the gate does not speak it. A first frame that is no
+    /// CONNECT with a known protocol name is read as 3.1.1, which refuses it.
+    pub async fn version(&mut self) -> Result<Result<Version, u8>, FrameError> {
+        Ok(match self.peek_connect_level().await? {
+            None => Ok(Version::V4),
+            Some(level) => Version::from_level(level).ok_or(level),
+        })
+    }
+
     /// The protocol level a CONNECT asks for (4 is MQTT 3.1.1, 5 is MQTT 5, 3 is MQTT 3.1),
-    /// read from the next whole frame without consuming it: an MQTT 5 CONNECT must be
-    /// refused before the 3.1.1 parser misreads its properties. `None` if the frame is no
+    /// read from the next whole frame without consuming it. `None` if the frame is no
     /// CONNECT with a recognisable protocol name.
-    pub async fn peek_connect_level(&mut self) -> Result<Option<u8>, FrameError> {
+    async fn peek_connect_level(&mut self) -> Result<Option<u8>, FrameError> {
         let header = loop {
             match mqttbytes::check(self.buf.iter(), self.max_size) {
                 Ok(header) => break header,
@@ -92,7 +103,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn classify(&self, e: mqttbytes::Error) -> FrameError {
         match e {
             mqttbytes::Error::PayloadSizeLimitExceeded(n) => FrameError::TooLarge(n, self.max_size),
-            e => FrameError::Malformed(e),
+            e => FrameError::Malformed(e.to_string()),
         }
     }
 
@@ -108,20 +119,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Serialises a packet the gate writes itself.
-pub fn encode(packet: &Packet) -> Bytes {
-    let mut buf = BytesMut::with_capacity(packet.size() + 5);
-    // Packets the gate builds or relays were read within the size limit; the limit here is
-    // only the codec's own ceiling.
-    match packet.write(&mut buf, usize::MAX) {
-        Ok(_) => buf.freeze(),
-        Err(e) => {
-            tracing::error!(error = %e, ?packet, "could not encode packet");
-            Bytes::new()
-        }
-    }
-}
-
 /// The MQTT packet type of a raw frame (the high nibble of its first byte).
 pub fn packet_type(frame: &[u8]) -> u8 {
     frame.first().map(|b| b >> 4).unwrap_or(0)
@@ -129,28 +126,39 @@ pub fn packet_type(frame: &[u8]) -> u8 {
 
 /// The packet type number of PUBACK.
 pub const PUBACK: u8 = 4;
+/// The packet type number of SUBACK.
+pub const SUBACK: u8 = 9;
+/// The packet type number of UNSUBSCRIBE.
+pub const UNSUBSCRIBE: u8 = 10;
 /// The packet type number of PINGRESP.
 pub const PINGRESP: u8 = 13;
 
 // Entry points for `fuzz/`, which drives the real reader with arbitrary input and arbitrary
 // splits into socket reads.
 
-/// The packets the gate's device-side reader (`FrameReader::packet`) yields from `input`,
-/// delivered as socket reads of at most `read_size` bytes, and why it stopped (`Closed` or
-/// `Truncated` once the input is used up). For the fuzz targets; the server does not call it.
+/// What the gate's device-side reader makes of `input`, delivered as socket reads of at most
+/// `read_size` bytes: the connection's version as [`FrameReader::version`] tells it (no
+/// packets if the gate does not speak it), the packets [`FrameReader::packet`] decodes, and
+/// why it stopped (`Closed` or `Truncated` once the input is used up). For the fuzz
+/// targets; the server does not call it.
 #[doc(hidden)]
 pub fn fuzz_packets(
     input: &[u8],
     read_size: usize,
     max_packet_size: usize,
-) -> (Vec<Packet>, FrameError) {
+) -> (Result<Version, u8>, Vec<Inbound>, FrameError) {
     let mut reader = FrameReader::new(Chunked::new(input, read_size), max_packet_size);
     let mut packets = Vec::new();
     futures::executor::block_on(async {
+        let version = match reader.version().await {
+            Ok(Ok(v)) => v,
+            Ok(Err(level)) => return (Err(level), packets, FrameError::Closed),
+            Err(e) => return (Ok(Version::V4), packets, e),
+        };
         loop {
-            match reader.packet().await {
+            match reader.packet(version).await {
                 Ok(p) => packets.push(p),
-                Err(e) => return (packets, e),
+                Err(e) => return (Ok(version), packets, e),
             }
         }
     })
@@ -208,42 +216,90 @@ impl AsyncRead for Chunked<'_> {
 
 #[cfg(test)]
 mod tests {
-    use rumqttc::mqttbytes::{v4::Publish, QoS};
+    use rumqttc::mqttbytes::{v4, QoS};
+    use rumqttc::v5::mqttbytes::v5;
 
     use super::*;
 
+    fn v4_bytes(p: v4::Packet) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        p.write(&mut buf, usize::MAX).unwrap();
+        buf.to_vec()
+    }
+
     #[tokio::test]
     async fn cuts_frames_across_reads_and_refuses_oversized_ones() {
-        let mut p = Publish::new("devices/a/telemetry", QoS::AtLeastOnce, vec![7u8; 100]);
+        let mut p = v4::Publish::new("devices/a/telemetry", QoS::AtLeastOnce, vec![7u8; 100]);
         p.pkid = 3;
-        let one = encode(&Packet::Publish(p.clone()));
-        let mut two = one.to_vec();
-        two.extend_from_slice(&encode(&Packet::PingReq));
+        let one = v4_bytes(v4::Packet::Publish(p));
+        let mut two = one.clone();
+        two.extend_from_slice(&v4_bytes(v4::Packet::PingReq));
         let (mut client, server) = tokio::io::duplex(16);
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             client.write_all(&two).await.unwrap();
         });
         let mut r = FrameReader::new(server, 1024);
-        assert_eq!(r.packet().await.unwrap(), Packet::Publish(p));
+        match r.packet(Version::V4).await.unwrap() {
+            Inbound::Publish(p) => assert_eq!((p.pkid, p.payload.len()), (3, 100)),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(packet_type(&r.frame().await.unwrap()), 12);
         writer.await.unwrap();
-        assert!(matches!(r.packet().await, Err(FrameError::Closed)));
+        assert!(matches!(
+            r.packet(Version::V4).await,
+            Err(FrameError::Closed)
+        ));
 
         let mut small = FrameReader::new(&one[..], 50);
         assert!(matches!(
-            small.packet().await,
+            small.packet(Version::V4).await,
             Err(FrameError::TooLarge(..))
         ));
         let mut cut = FrameReader::new(&one[..10], 1024);
-        assert!(matches!(cut.packet().await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            cut.packet(Version::V4).await,
+            Err(FrameError::Truncated)
+        ));
+    }
 
-        // The protocol level of a CONNECT, without consuming it.
-        let connect = encode(&Packet::Connect(rumqttc::mqttbytes::v4::Connect::new("d")));
+    #[tokio::test]
+    async fn the_connect_names_the_version_without_being_consumed() {
+        let connect = v4_bytes(v4::Packet::Connect(v4::Connect::new("d")));
         let mut r = FrameReader::new(&connect[..], 1024);
-        assert_eq!(r.peek_connect_level().await.unwrap(), Some(4));
-        assert!(matches!(r.packet().await, Ok(Packet::Connect(_))));
-        let mut r = FrameReader::new(&one[..], 1024);
-        assert_eq!(r.peek_connect_level().await.unwrap(), None);
+        assert_eq!(r.version().await.unwrap(), Ok(Version::V4));
+        assert!(matches!(
+            r.packet(Version::V4).await,
+            Ok(Inbound::Connect(_))
+        ));
+
+        let mut buf = BytesMut::new();
+        let c = v5::Connect {
+            keep_alive: 30,
+            client_id: "d".into(),
+            clean_start: true,
+            properties: None,
+        };
+        v5::Packet::Connect(c, None, None)
+            .write(&mut buf, None)
+            .unwrap();
+        let mut r = FrameReader::new(&buf[..], 1024);
+        assert_eq!(r.version().await.unwrap(), Ok(Version::V5));
+        assert!(matches!(
+            r.packet(Version::V5).await,
+            Ok(Inbound::Connect(_))
+        ));
+
+        // MQTT 3.1 ("MQIsdp", level 3) is named, and refused by the caller.
+        let mut mqisdp = vec![0x10, 12, 0, 6];
+        mqisdp.extend_from_slice(b"MQIsdp");
+        mqisdp.extend_from_slice(&[3, 2, 0, 60]);
+        let mut r = FrameReader::new(&mqisdp[..], 1024);
+        assert_eq!(r.version().await.unwrap(), Err(3));
+
+        // Anything but a CONNECT is read as 3.1.1, which the session refuses.
+        let ping = v4_bytes(v4::Packet::PingReq);
+        let mut r = FrameReader::new(&ping[..], 1024);
+        assert_eq!(r.version().await.unwrap(), Ok(Version::V4));
     }
 }

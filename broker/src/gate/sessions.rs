@@ -19,6 +19,9 @@ use tokio::sync::watch;
 
 use super::rate::TokenBucket;
 
+/// Why a session is closed when another connection of its device takes over.
+pub const TAKEN_OVER: &str = "taken over by a new connection";
+
 /// A device's message-rate bucket, shared by the sessions that follow one another.
 pub type SharedBucket = std::sync::Arc<Mutex<TokenBucket>>;
 
@@ -76,8 +79,7 @@ impl Sessions {
         );
         drop(live);
         let took_over = previous.is_some_and(|p| {
-            p.close
-                .send_replace(Some("taken over by a new connection".into()));
+            p.close.send_replace(Some(TAKEN_OVER.into()));
             true
         });
         let membership = Membership {
