@@ -430,6 +430,10 @@ fn mqtt5_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
         None,
     );
     (retained.pkid, retained.retain) = (1, true);
+    // A device whose packets may be no larger than 100 bytes gets no reason strings; the
+    // DISCONNECT that closes it must still be well formed.
+    let mut tiny = v5::ConnectProperties::new();
+    tiny.max_packet_size = Some(100);
 
     vec![
         ("mqtt5-session.bin", with(0, session5()), session5_expected),
@@ -468,6 +472,30 @@ fn mqtt5_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
                 s.admitted
                     && matches!(s.end, End::Closed)
                     && s.replies == [(Reply::PubAck(1), AckCode::PayloadFormatInvalid)]
+            },
+        ),
+        (
+            "mqtt5-small-max-packet-size.bin",
+            with(
+                0,
+                [
+                    encode5(&[connect5(tiny)]),
+                    encode5(&[publish5(
+                        "devices/other/telemetry",
+                        m5::QoS::AtMostOnce,
+                        0,
+                        b"{}",
+                        None,
+                    )]),
+                ]
+                .concat(),
+            ),
+            |s| {
+                matches!(s.end, End::Acl(_))
+                    && matches!(
+                        s.replies.last(),
+                        Some((Reply::Disconnect(CloseCode::NotAuthorized, _), _))
+                    )
             },
         ),
         (

@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::{
     mqttbytes::{v4, QoS},
     v5::mqttbytes::{self as m5, v5},
@@ -589,18 +589,48 @@ pub fn encode_reply(
                         }),
                     })
                 }
-                Reply::Disconnect(code, why) => P::Disconnect(v5::Disconnect {
-                    reason_code: *code,
-                    properties: reasons.on_close().then(|| v5::DisconnectProperties {
-                        session_expiry_interval: None,
-                        reason_string: Some(clip(why, REASON_MAX)),
-                        user_properties: Vec::new(),
-                        server_reference: None,
-                    }),
-                }),
+                Reply::Disconnect(code, why) => {
+                    let why = reasons.on_close().then(|| clip(why, REASON_MAX));
+                    return Some(encode_disconnect(*code, why.as_deref()));
+                }
             };
             Some(encode_v5(&packet))
         }
+    }
+}
+
+/// An MQTT 5 DISCONNECT with `code` and, if given, a reason string. Written here, not by
+/// rumqttc: rumqttc 0.25 writes one with no properties a byte longer than its remaining
+/// length says, and one whose properties are empty as a bare two-byte DISCONNECT.
+fn encode_disconnect(code: CloseCode, why: Option<&str>) -> Bytes {
+    let mut properties = BytesMut::new();
+    if let Some(why) = why {
+        let why = &why.as_bytes()[..why.len().min(u16::MAX as usize)];
+        properties.put_u8(0x1f); // reason string
+        properties.put_u16(why.len() as u16);
+        properties.put_slice(why);
+    }
+    let mut body = BytesMut::new();
+    body.put_u8(code as u8);
+    put_variable_int(&mut body, properties.len());
+    body.put_slice(&properties);
+    let mut frame = BytesMut::with_capacity(body.len() + 5);
+    frame.put_u8(0xe0);
+    put_variable_int(&mut frame, body.len());
+    frame.put_slice(&body);
+    frame.freeze()
+}
+
+/// MQTT's variable byte integer (remaining lengths, property lengths); `n` is below 2^28.
+fn put_variable_int(buf: &mut BytesMut, mut n: usize) {
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            buf.put_u8(byte);
+            return;
+        }
+        buf.put_u8(byte | 0x80);
     }
 }
 
