@@ -76,12 +76,12 @@ pub enum RoutingError {
 /// rumqttd binds its listener itself and has no way to stop, so the port is reserved by
 /// binding and releasing it, and the core lives as long as the process.
 pub fn start(config: &RoutingConfig) -> Result<RoutingCore, RoutingError> {
-    let reserve = || {
-        StdListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(RoutingError::Port)
-    };
-    let (addr, addr_v5) = (reserve()?, reserve()?);
+    // Both ports are held until both are known, so that they differ.
+    let reserve = || StdListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(RoutingError::Port);
+    let (first, second) = (reserve()?, reserve()?);
+    let port = |l: &StdListener| l.local_addr().map_err(RoutingError::Port);
+    let (addr, addr_v5) = (port(&first)?, port(&second)?);
+    drop((first, second));
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let credential = GateCredential {

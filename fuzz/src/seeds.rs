@@ -132,16 +132,24 @@ fn packet_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
     ));
     let mut no_id = Connect::new("");
     no_id.keep_alive = 30;
+    // MQTT 3.1.1 has no way to say retain is not available: the will is relayed unretained.
+    let mut retained_will = Connect::new(DEVICE);
+    retained_will.last_will = Some(LastWill::new(
+        topic("events/offline"),
+        "gone",
+        QoS::AtLeastOnce,
+        true,
+    ));
 
     let seeds: Vec<(&'static str, Vec<u8>, Expect)> = vec![
         ("session.bin", with(0, session()), |s| {
-            s.admitted && matches!(s.end, End::Disconnected) && s.packets == 10
+            s.admitted && matches!(s.end, End::Disconnected { with_will: false }) && s.packets == 10
         }),
         ("session-bytewise.bin", with(1, session()), |s| {
-            matches!(s.end, End::Disconnected) && s.packets == 10
+            matches!(s.end, End::Disconnected { with_will: false }) && s.packets == 10
         }),
         ("session-by-7.bin", with(7, session()), |s| {
-            matches!(s.end, End::Disconnected) && s.packets == 10
+            matches!(s.end, End::Disconnected { with_will: false }) && s.packets == 10
         }),
         (
             "empty-client-id.bin",
@@ -228,6 +236,14 @@ fn packet_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
             "telemetry-will.bin",
             with(0, encode(&[Packet::Connect(telemetry_will)])),
             |s| matches!(s.end, End::Refused(Refused::NotAuthorized, _)),
+        ),
+        (
+            "retained-will.bin",
+            with(
+                0,
+                encode(&[Packet::Connect(retained_will), Packet::Disconnect]),
+            ),
+            |s| s.admitted && matches!(s.end, End::Disconnected { with_will: false }),
         ),
         (
             "server-packet.bin",
@@ -394,7 +410,7 @@ fn session5_expected(s: &Session) -> bool {
     let boot = topic("events/boot");
     s.admitted
         && s.version == Some(Version::V5)
-        && matches!(s.end, End::Disconnected)
+        && matches!(s.end, End::Disconnected { with_will: false })
         && s.packets == 12
         && s.forwarded == [boot.clone(), boot, topic("state/reported")]
         && s.granted == [topic("commands/+"), topic("state/desired")]
@@ -434,6 +450,28 @@ fn mqtt5_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
     // DISCONNECT that closes it must still be well formed.
     let mut tiny = v5::ConnectProperties::new();
     tiny.max_packet_size = Some(100);
+    let alias = |i: u16| v5::PublishProperties {
+        topic_alias: Some(i),
+        ..Default::default()
+    };
+    let mut subscription_id = v5::Publish::new(
+        topic("events/boot"),
+        m5::QoS::AtLeastOnce,
+        b"ok".to_vec(),
+        Some(v5::PublishProperties {
+            subscription_identifiers: vec![1],
+            ..Default::default()
+        }),
+    );
+    subscription_id.pkid = 1;
+    let mut id_zero = v5::Subscribe::new(
+        v5::Filter::new(topic("commands/+"), m5::QoS::AtLeastOnce),
+        Some(v5::SubscribeProperties {
+            id: Some(0),
+            user_properties: Vec::new(),
+        }),
+    );
+    id_zero.pkid = 1;
 
     vec![
         ("mqtt5-session.bin", with(0, session5()), session5_expected),
@@ -509,7 +547,208 @@ fn mqtt5_seeds() -> Vec<(&'static str, Vec<u8>, Expect)> {
             )])),
             |s| matches!(s.end, End::Protocol(CloseCode::ProtocolError, _)),
         ),
+        (
+            // DISCONNECT with reason 0x04 alone (remaining length 1): the device asks for its
+            // will, so the gate forwards no DISCONNECT.
+            "mqtt5-disconnect-with-will.bin",
+            after_connect(vec![0xe0, 1, 0x04]),
+            |s| {
+                s.admitted
+                    && s.packets == 2
+                    && matches!(s.end, End::Disconnected { with_will: true })
+                    && s.replies.is_empty()
+            },
+        ),
+        (
+            "mqtt5-disconnect-normal-reason.bin",
+            after_connect(vec![0xe0, 1, 0x00]),
+            |s| matches!(s.end, End::Disconnected { with_will: false }),
+        ),
+        ("mqtt5-qos2-dead-letter-again.bin", qos2_again(), |s| {
+            s.admitted
+                && matches!(s.end, End::Closed)
+                && s.forwarded == [topic("events/boot")]
+                && s.replies
+                    == [
+                        (Reply::PubRec(5), AckCode::PayloadFormatInvalid),
+                        (Reply::PubRec(5), AckCode::Success),
+                        (Reply::PubComp(5), AckCode::Success),
+                        (Reply::PubRec(6), AckCode::Success),
+                        (Reply::PubRec(6), AckCode::Success),
+                        (Reply::PubComp(6), AckCode::Success),
+                        (Reply::PubRec(7), AckCode::PayloadFormatInvalid),
+                        (Reply::PubComp(7), AckCode::PayloadFormatInvalid),
+                    ]
+        }),
+        ("mqtt5-qos2-window.bin", qos2_window(), |s| {
+            s.forwarded.len() == 256
+                && matches!(s.end, End::Protocol(CloseCode::ReceiveMaximumExceeded, _))
+                && matches!(
+                    s.replies.last(),
+                    Some((Reply::Disconnect(CloseCode::ReceiveMaximumExceeded, _), _))
+                )
+        }),
+        (
+            "mqtt5-retained-will.bin",
+            with(0, encode5(&[retained_will5()])),
+            |s| !s.admitted && matches!(s.end, End::Refused(Refused::RetainNotSupported, _)),
+        ),
+        ("mqtt5-shared-subscribe.bin", shared_subscribe(), |s| {
+            use tellus_broker::gate::codec::Grant;
+            let refused = vec![Grant::SharedNotSupported, Grant::NotAuthorized];
+            matches!(s.end, End::Closed)
+                && s.granted == [topic("commands/+")]
+                && s.replies == [(Reply::SubAck(2, refused), AckCode::NotAuthorized)]
+        }),
+        (
+            "mqtt5-alias-refused-topic.bin",
+            after_connect(encode5(&[
+                publish5(
+                    &topic("events/boot"),
+                    m5::QoS::AtLeastOnce,
+                    1,
+                    b"a",
+                    Some(alias(2)),
+                ),
+                // Refused: alias 2 keeps events/boot, alias 3 is not set.
+                publish5(
+                    "devices/dev-2/events/boot",
+                    m5::QoS::AtLeastOnce,
+                    2,
+                    b"b",
+                    Some(alias(2)),
+                ),
+                publish5(
+                    "devices/dev-2/events/boot",
+                    m5::QoS::AtLeastOnce,
+                    3,
+                    b"c",
+                    Some(alias(3)),
+                ),
+                publish5("", m5::QoS::AtLeastOnce, 4, b"d", Some(alias(2))),
+                publish5("", m5::QoS::AtLeastOnce, 5, b"e", Some(alias(3))),
+            ])),
+            |s| {
+                let boot = topic("events/boot");
+                s.forwarded == [boot.clone(), boot]
+                    && s.replies[..4]
+                        == [
+                            (Reply::PubAck(1), AckCode::Success),
+                            (Reply::PubAck(2), AckCode::NotAuthorized),
+                            (Reply::PubAck(3), AckCode::NotAuthorized),
+                            (Reply::PubAck(4), AckCode::Success),
+                        ]
+                    && matches!(&s.end, End::Protocol(CloseCode::ProtocolError, why)
+                        if why.ends_with("topic alias 3 was never set"))
+            },
+        ),
+        (
+            "mqtt5-publish-subscription-id.bin",
+            after_connect(encode5(&[v5::Packet::Publish(subscription_id)])),
+            |s| {
+                s.forwarded.is_empty()
+                    && matches!(&s.end, End::Protocol(CloseCode::ProtocolError, why)
+                        if why.contains("subscription identifiers"))
+            },
+        ),
+        (
+            "mqtt5-subscription-id-0.bin",
+            after_connect(encode5(&[v5::Packet::Subscribe(id_zero)])),
+            |s| {
+                s.granted.is_empty()
+                    && matches!(&s.end, End::Protocol(CloseCode::ProtocolError, why)
+                        if why.contains("identifier 0"))
+            },
+        ),
     ]
+}
+
+/// QoS 2 telemetry that ingest dead-letters (PUBREC "payload format invalid", which ends
+/// the exchange), then the same packet id without DUP: a new message, stored. Then a QoS 2
+/// publish sent twice before PUBREL, the second without DUP: answered again, forwarded once.
+/// Last, a PUBREL for a dead-lettered message: a PUBCOMP all the same.
+fn qos2_again() -> Vec<u8> {
+    let telemetry = topic("telemetry");
+    let boot = topic("events/boot");
+    let packets = encode5(&[
+        device_connect5(),
+        publish5(&telemetry, m5::QoS::ExactlyOnce, 5, b"not telemetry", None),
+        publish5(
+            &telemetry,
+            m5::QoS::ExactlyOnce,
+            5,
+            br#"{"temperature": 21.5}"#,
+            None,
+        ),
+        v5::Packet::PubRel(v5::PubRel::new(5, None)),
+        publish5(&boot, m5::QoS::ExactlyOnce, 6, b"ok", None),
+        publish5(&boot, m5::QoS::ExactlyOnce, 6, b"ok", None),
+        v5::Packet::PubRel(v5::PubRel::new(6, None)),
+        publish5(&telemetry, m5::QoS::ExactlyOnce, 7, b"{", None),
+        v5::Packet::PubRel(v5::PubRel::new(7, None)),
+    ]);
+    [vec![0], packets].concat()
+}
+
+/// QoS 2 publishes that never see PUBREL, up to the gate's window (`max_inflight`, 256):
+/// 255 forwarded and one dead-lettered. The next is taken once the dead-lettered one is
+/// swept; the one after that finds the window full.
+fn qos2_window() -> Vec<u8> {
+    let event = topic("events/e");
+    let mut packets = vec![device_connect5()];
+    packets.extend((1..=255).map(|id| publish5(&event, m5::QoS::ExactlyOnce, id, b"x", None)));
+    packets.push(publish5(
+        &topic("telemetry"),
+        m5::QoS::ExactlyOnce,
+        256,
+        b"x",
+        None,
+    ));
+    packets.push(publish5(&event, m5::QoS::ExactlyOnce, 257, b"x", None));
+    packets.push(publish5(&event, m5::QoS::ExactlyOnce, 258, b"x", None));
+    [vec![0], encode5(&packets)].concat()
+}
+
+/// An MQTT 5 CONNECT whose will asks to be retained, on a topic a will may not have either:
+/// refused for the retain first.
+fn retained_will5() -> v5::Packet {
+    let will = v5::LastWill::new(topic("telemetry"), "{}", m5::QoS::AtMostOnce, true, None);
+    let connect = v5::Connect {
+        keep_alive: 30,
+        client_id: DEVICE.into(),
+        clean_start: true,
+        properties: None,
+    };
+    v5::Packet::Connect(connect, Some(will), None)
+}
+
+/// A SUBSCRIBE partly refused (a `$share/` filter and another device's), then one wholly
+/// refused (a `$share/` filter and a `#`).
+fn shared_subscribe() -> Vec<u8> {
+    let filter = |path: String| v5::Filter::new(path, m5::QoS::AtLeastOnce);
+    let mut partly = v5::Subscribe::new_many(
+        [
+            filter(format!("$share/g/{}", topic("commands/+"))),
+            filter(topic("commands/+")),
+            filter("devices/dev-2/state/desired".into()),
+        ],
+        None,
+    );
+    partly.pkid = 1;
+    let mut wholly = v5::Subscribe::new_many(
+        [
+            filter(format!("$share/g/{}", topic("state/desired"))),
+            filter(topic("#")),
+        ],
+        None,
+    );
+    wholly.pkid = 2;
+    let packets = encode5(&[
+        device_connect5(),
+        v5::Packet::Subscribe(partly),
+        v5::Packet::Subscribe(wholly),
+    ]);
+    [vec![0], packets].concat()
 }
 
 fn telemetry_seeds() -> Vec<(&'static str, &'static [u8])> {

@@ -48,14 +48,18 @@ pub enum Inbound {
     PubRel(u16),
     Subscribe(Subscribe),
     PingReq,
-    /// DISCONNECT: the frame, to be forwarded as it is (an MQTT 5 reason may ask for the
-    /// will).
-    Disconnect(Bytes),
+    /// DISCONNECT; `with_will` if an MQTT 5 device asks for its will to be published
+    /// (reason 0x04).
+    Disconnect {
+        with_will: bool,
+    },
     /// PUBACK, PUBREC or PUBCOMP (the device answering a delivery) or UNSUBSCRIBE: the
     /// frame, checked, to be forwarded to the routing core as it is.
     Forward(Bytes),
     /// A packet a client may not send (or AUTH, which the gate does not offer); its name.
     NotFromClient(&'static str),
+    /// A well-formed packet that breaks a rule of MQTT 5: the DISCONNECT code, and why.
+    Violation(CloseCode, String),
 }
 
 /// Decodes one whole frame from a device that speaks `version`. The error says what is
@@ -63,7 +67,7 @@ pub enum Inbound {
 pub fn decode(version: Version, frame: BytesMut) -> Result<Inbound, String> {
     let kind = frame.first().map_or(0, |b| b >> 4);
     // Forwarded frames are copied before parsing consumes them; they are small.
-    let raw = matches!(kind, 4 | 5 | 7 | 10 | 14).then(|| Bytes::copy_from_slice(&frame));
+    let raw = matches!(kind, 4 | 5 | 7 | 10).then(|| Bytes::copy_from_slice(&frame));
     match version {
         Version::V4 => decode_v4(frame, raw),
         Version::V5 => decode_v5(frame, raw),
@@ -87,7 +91,7 @@ fn decode_v4(mut frame: BytesMut, raw: Option<Bytes>) -> Result<Inbound, String>
         P::PubRel(r) => Inbound::PubRel(r.pkid),
         P::Subscribe(s) => Inbound::Subscribe(Subscribe::V4(s)),
         P::PingReq => Inbound::PingReq,
-        P::Disconnect => Inbound::Disconnect(raw.unwrap_or_default()),
+        P::Disconnect => Inbound::Disconnect { with_will: false },
         P::PubAck(_) | P::PubRec(_) | P::PubComp(_) | P::Unsubscribe(_) => {
             Inbound::Forward(raw.unwrap_or_default())
         }
@@ -103,12 +107,15 @@ fn decode_v5(mut frame: BytesMut, raw: Option<Bytes>) -> Result<Inbound, String>
     match frame.first().map_or(0, |b| b >> 4) {
         // AUTH: the codec does not know it; the gate offers no extended authentication.
         15 => return Ok(Inbound::NotFromClient("AUTH")),
-        // DISCONNECT with no reason code means a normal disconnection.
-        14 if frame.len() == 2 => {
-            return match frame[0] & 0x0f {
-                0 => Ok(Inbound::Disconnect(raw.unwrap_or_default())),
+        // DISCONNECT with no reason code (a normal disconnection) or a reason code alone,
+        // which rumqttc does not read.
+        14 if frame.len() <= 3 => {
+            return match (frame[0] & 0x0f, frame.get(2)) {
+                (0, reason) => Ok(Inbound::Disconnect {
+                    with_will: reason == Some(&WITH_WILL),
+                }),
                 _ => Err("DISCONNECT with reserved flags set".into()),
-            }
+            };
         }
         _ => {}
     }
@@ -128,7 +135,17 @@ fn decode_v5(mut frame: BytesMut, raw: Option<Bytes>) -> Result<Inbound, String>
                 .as_ref()
                 .is_some_and(|props| !props.subscription_identifiers.is_empty()) =>
         {
-            return Err("a client may not send subscription identifiers".into());
+            Inbound::Violation(
+                CloseCode::ProtocolError,
+                "a client may not send subscription identifiers in a PUBLISH".into(),
+            )
+        }
+        // rumqttd drops a link whose SUBSCRIBE has identifier 0, which MQTT 5 forbids.
+        P::Subscribe(s) if s.properties.as_ref().and_then(|p| p.id) == Some(0) => {
+            Inbound::Violation(
+                CloseCode::ProtocolError,
+                "subscription identifier 0 is not allowed".into(),
+            )
         }
         P::Publish(p) => Inbound::Publish(Publish {
             topic: utf8(&p.topic, "topic")?.to_owned(),
@@ -142,7 +159,9 @@ fn decode_v5(mut frame: BytesMut, raw: Option<Bytes>) -> Result<Inbound, String>
         P::PubRel(r) => Inbound::PubRel(r.pkid),
         P::Subscribe(s) => Inbound::Subscribe(Subscribe::V5(s)),
         P::PingReq(_) => Inbound::PingReq,
-        P::Disconnect(_) => Inbound::Disconnect(raw.unwrap_or_default()),
+        P::Disconnect(d) => Inbound::Disconnect {
+            with_will: d.reason_code as u8 == WITH_WILL,
+        },
         P::PubAck(_) | P::PubRec(_) | P::PubComp(_) | P::Unsubscribe(_) => {
             Inbound::Forward(raw.unwrap_or_default())
         }
@@ -153,6 +172,9 @@ fn decode_v5(mut frame: BytesMut, raw: Option<Bytes>) -> Result<Inbound, String>
         P::PingResp(_) => Inbound::NotFromClient("PINGRESP"),
     })
 }
+
+/// The DISCONNECT reason "disconnect with will message".
+const WITH_WILL: u8 = 0x04;
 
 fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, String> {
     std::str::from_utf8(bytes).map_err(|_| format!("{what} is not UTF-8"))
@@ -226,6 +248,14 @@ impl Connect {
             Connect::V5(_, w) => w
                 .as_ref()
                 .map(|w| std::str::from_utf8(&w.topic).unwrap_or_default()),
+        }
+    }
+
+    /// Whether the will asks to be retained.
+    pub fn will_retained(&self) -> bool {
+        match self {
+            Connect::V4(c) => c.last_will.as_ref().is_some_and(|w| w.retain),
+            Connect::V5(_, w) => w.as_ref().is_some_and(|w| w.retain),
         }
     }
 
@@ -348,12 +378,17 @@ impl Publish {
 }
 
 /// The topic aliases an MQTT 5 device has set on this connection (MQTT 5, 3.3.2.3.4). The
-/// gate resolves them itself: it must know every publish's topic to check it.
+/// gate resolves them itself: it must know every publish's topic to check it. Bounded: at
+/// most `max` topics, each only once the ACL allowed it and at most [`ALIAS_TOPIC_MAX`]
+/// bytes long (a longer one is used for its publish but not kept).
 #[derive(Debug)]
 pub struct TopicAliases {
     max: u16,
     topics: HashMap<u16, String>,
 }
+
+/// The longest topic a topic alias is kept for.
+pub const ALIAS_TOPIC_MAX: usize = 1024;
 
 impl TopicAliases {
     /// Accepts aliases 1..=`max` (0: none).
@@ -364,9 +399,9 @@ impl TopicAliases {
         }
     }
 
-    /// Gives `p` its full topic: sets the alias when it comes with a topic, looks it up when
-    /// it comes alone. Bounded: at most `max` topics are kept.
-    pub fn resolve(&mut self, p: &mut Publish) -> Result<(), (CloseCode, String)> {
+    /// Gives `p` its full topic, looking up an alias that comes alone. Returns the alias that
+    /// `p` sets for its topic, for [`Self::keep`] once the topic is allowed.
+    pub fn resolve(&self, p: &mut Publish) -> Result<Option<u16>, (CloseCode, String)> {
         let alias = p
             .properties
             .as_mut()
@@ -376,7 +411,7 @@ impl TopicAliases {
                 CloseCode::ProtocolError,
                 "PUBLISH with neither a topic nor a topic alias".into(),
             )),
-            None => Ok(()),
+            None => Ok(None),
             Some(a) if a == 0 || a > self.max => Err((
                 CloseCode::TopicAliasInvalid,
                 format!("topic alias {a} is outside 1..={}", self.max),
@@ -384,17 +419,23 @@ impl TopicAliases {
             Some(a) if p.topic.is_empty() => match self.topics.get(&a) {
                 Some(topic) => {
                     p.topic = topic.clone();
-                    Ok(())
+                    Ok(None)
                 }
                 None => Err((
                     CloseCode::ProtocolError,
                     format!("topic alias {a} was never set"),
                 )),
             },
-            Some(a) => {
-                self.topics.insert(a, p.topic.clone());
-                Ok(())
-            }
+            Some(a) => Ok(Some(a)),
+        }
+    }
+
+    /// Keeps `topic` (allowed by the ACL) under `alias`.
+    pub fn keep(&mut self, alias: u16, topic: &str) {
+        if topic.len() <= ALIAS_TOPIC_MAX {
+            self.topics.insert(alias, topic.to_owned());
+        } else {
+            self.topics.remove(&alias);
         }
     }
 }
@@ -474,6 +515,11 @@ pub enum AckCode {
 }
 
 impl AckCode {
+    /// Whether the code says the message was not taken (0x80 and above).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, AckCode::Success | AckCode::NoMatchingSubscribers)
+    }
+
     /// The code a PUBACK or PUBREC reason byte stands for.
     pub fn from_reason(byte: u8) -> AckCode {
         match byte {
@@ -508,6 +554,8 @@ impl Verdict {
 pub enum Grant {
     Granted(QoS),
     NotAuthorized,
+    /// A `$share/…` filter (MQTT 5 only).
+    SharedNotSupported,
 }
 
 /// An answer the gate writes to the device.
@@ -541,7 +589,9 @@ pub fn encode_reply(
                 Reply::SubAck(id, grants) => {
                     let codes = grants.iter().map(|g| match g {
                         Grant::Granted(q) => v4::SubscribeReasonCode::Success(*q),
-                        Grant::NotAuthorized => v4::SubscribeReasonCode::Failure,
+                        Grant::NotAuthorized | Grant::SharedNotSupported => {
+                            v4::SubscribeReasonCode::Failure
+                        }
                     });
                     P::SubAck(v4::SubAck::new(*id, codes.collect()))
                 }
@@ -579,6 +629,9 @@ pub fn encode_reply(
                     let codes = grants.iter().map(|g| match g {
                         Grant::Granted(q) => v5::SubscribeReasonCode::Success(qos_to_v5(*q)),
                         Grant::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+                        Grant::SharedNotSupported => {
+                            v5::SubscribeReasonCode::SharedSubscriptionsNotSupported
+                        }
                     });
                     P::SubAck(v5::SubAck {
                         pkid: *id,
@@ -696,6 +749,8 @@ pub enum Refused {
     Banned,
     BadAuthenticationMethod,
     ServerUnavailable,
+    /// A will asking to be retained (MQTT 5 only: CONNACK says retain is not available).
+    RetainNotSupported,
 }
 
 /// What an accepted MQTT 5 device is told about the gate's limits in CONNACK.
@@ -743,9 +798,10 @@ pub fn connack_refused(version: Version, reasons: Reasons, refused: Refused, why
             let code = match refused {
                 Refused::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
                 Refused::ClientIdNotValid => C::BadClientId,
-                Refused::NotAuthorized | Refused::Banned | Refused::BadAuthenticationMethod => {
-                    C::NotAuthorized
-                }
+                Refused::NotAuthorized
+                | Refused::Banned
+                | Refused::BadAuthenticationMethod
+                | Refused::RetainNotSupported => C::NotAuthorized,
                 Refused::ServerUnavailable => C::ServiceUnavailable,
             };
             encode_v4(&v4::Packet::ConnAck(v4::ConnAck::new(code, false)))
@@ -759,6 +815,7 @@ pub fn connack_refused(version: Version, reasons: Reasons, refused: Refused, why
                 Refused::Banned => C::Banned,
                 Refused::BadAuthenticationMethod => C::BadAuthenticationMethod,
                 Refused::ServerUnavailable => C::ServerUnavailable,
+                Refused::RetainNotSupported => C::RetainNotSupported,
             };
             let mut props = no_connack_properties();
             props.reason_string = reasons.on_close().then(|| clip(why, REASON_MAX));
@@ -832,18 +889,26 @@ pub fn suback_pkid(frame: &[u8]) -> Option<u16> {
     }
 }
 
-/// The routing core's MQTT 5 SUBACK for the filters the gate forwarded, with "not
-/// authorized" put back in the places of the filters it refused (`refused`: the positions
-/// in the device's SUBSCRIBE), and why.
-pub fn merge_suback(frame: Bytes, refused: &[usize], why: &str, reasons: Reasons) -> Bytes {
+/// The routing core's MQTT 5 SUBACK for the filters the gate forwarded, with the refusals
+/// put back in the places of the filters the gate refused (`refused`: their positions in
+/// the device's SUBSCRIBE, in order), and why.
+pub fn merge_suback(
+    frame: Bytes,
+    refused: &[(usize, Grant)],
+    why: &str,
+    reasons: Reasons,
+) -> Bytes {
     let Ok(v5::Packet::SubAck(mut ack)) = v5::Packet::read(&mut BytesMut::from(&frame[..]), None)
     else {
         return frame;
     };
-    for &at in refused {
+    for &(at, grant) in refused {
+        let code = match grant {
+            Grant::SharedNotSupported => v5::SubscribeReasonCode::SharedSubscriptionsNotSupported,
+            Grant::NotAuthorized | Grant::Granted(_) => v5::SubscribeReasonCode::NotAuthorized,
+        };
         let at = at.min(ack.return_codes.len());
-        ack.return_codes
-            .insert(at, v5::SubscribeReasonCode::NotAuthorized);
+        ack.return_codes.insert(at, code);
     }
     if reasons.on_acks() {
         ack.properties = Some(v5::SubAckProperties {

@@ -107,6 +107,16 @@ fn ready() -> Safe {
     settled(Verdict::default())
 }
 
+/// Whether a QoS 2 exchange ended with its PUBREC: answered with an error code (or not at
+/// all), so the device will send no PUBREL for it.
+fn released(safe: &Safe) -> bool {
+    match safe.peek() {
+        Some(Ok(verdict)) => verdict.code.is_failure(),
+        Some(Err(_)) => true,
+        None => false,
+    }
+}
+
 /// An answer the writer sends, in order, once `safe` resolves.
 struct PendingAck {
     reply: Reply,
@@ -122,7 +132,7 @@ type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<AckCode>>>>;
 /// MQTT 5 SUBSCRIBEs the gate forwarded without the filters it refused, by packet id: where
 /// the refused filters stood, and why, so that the relay can put them back into the routing
 /// core's SUBACK. At most one entry per packet id.
-type RefusedFilters = Arc<Mutex<HashMap<u16, (Vec<usize>, String)>>>;
+type RefusedFilters = Arc<Mutex<HashMap<u16, (Vec<(usize, Grant)>, String)>>>;
 
 /// Serves one accepted TCP connection to its end. Never panics on input; every refusal is
 /// logged with its reason and counted.
@@ -368,11 +378,12 @@ impl<'g> Session<'g> {
             window,
             write_timeout: gate.config.write_timeout,
         };
+        let (close, close_rx) = oneshot::channel();
         let mut writer =
-            tokio::spawn(write_to_device(wr, frames_rx, acks_rx, out).in_current_span());
+            tokio::spawn(write_to_device(wr, frames_rx, acks_rx, close_rx, out).in_current_span());
         let upstream_acks = UpstreamAcks::default();
         let refused_filters = RefusedFilters::default();
-        let relay = tokio::spawn(
+        let mut relay = tokio::spawn(
             relay_from_upstream(
                 upstream_reader,
                 frames,
@@ -399,7 +410,13 @@ impl<'g> Session<'g> {
             rotating: Arc::default(),
         };
         let (end, writer_done) = session
-            .run(keep_alive, &shutdown, &mut writer, &mut membership)
+            .run(
+                keep_alive,
+                &shutdown,
+                &mut writer,
+                &mut relay,
+                &mut membership,
+            )
             .await;
         match &end {
             End::AclDenied(_) | End::Protocol(..) => warn!(reason = %end, "connection closed"),
@@ -422,14 +439,9 @@ impl<'g> Session<'g> {
         if let Ok(mut waiting) = upstream_acks.lock() {
             waiting.clear();
         }
-        // An MQTT 5 device is told why, after the acknowledgements already queued; if the
-        // queue is full the device just sees the close.
-        if let (Some(code), false) = (end.close_code(), writer_done) {
-            let reply = Reply::Disconnect(code, end.to_string());
-            let _ = acks.try_send(PendingAck {
-                reply,
-                safe: ready(),
-            });
+        // An MQTT 5 device is told why, after the acknowledgements already queued.
+        if let Some(code) = end.close_code() {
+            let _ = close.send(Reply::Disconnect(code, end.to_string()));
         }
         // Closing the channel lets the writer finish: it still writes the acknowledgement of
         // every publish that becomes safe, then closes the TLS session.
@@ -446,6 +458,7 @@ impl<'g> Session<'g> {
         keep_alive: u16,
         shutdown: &CancellationToken,
         writer: &mut tokio::task::JoinHandle<()>,
+        relay: &mut tokio::task::JoinHandle<()>,
         membership: &mut Membership<'_>,
     ) -> (End, bool) {
         // MQTT: the server closes a connection silent for one and a half keep-alives.
@@ -463,6 +476,7 @@ impl<'g> Session<'g> {
                 reason = membership.closed() => Err(End::ClosedByGate(reason)),
                 _ = sleep_until(deadline) => Err(End::KeepAliveExpired),
                 _ = &mut *writer => return (End::WriterStopped, true),
+                _ = &mut *relay => Err(End::UpstreamClosed),
                 _ = ping.tick() => self.send_upstream(&codec::pingreq()).await,
                 _ = sleep_until(paused_until.unwrap_or(deadline)), if paused_until.is_some() => {
                     paused_until = None;
@@ -525,11 +539,15 @@ impl<'g> Session<'g> {
             Inbound::Subscribe(s) => self.subscribe(s).await,
             Inbound::Forward(frame) => self.forward(&frame).await,
             Inbound::PingReq => self.ack(Reply::PingResp, ready()).await,
-            Inbound::Disconnect(frame) => {
-                // Forwarded as the device sent it: an MQTT 5 reason may ask for the will.
-                self.forward(&frame).await?;
+            Inbound::Disconnect { with_will } => {
+                // The routing core drops the will on any DISCONNECT, so a device that asks
+                // for its will (MQTT 5) gets it by the link closing without one.
+                if !with_will {
+                    self.forward(&[0xe0, 0x00]).await?;
+                }
                 Err(End::DeviceDisconnected)
             }
+            Inbound::Violation(code, why) => Err(self.protocol(code, why)),
             Inbound::Connect(_) => Err(self.protocol(CloseCode::ProtocolError, "a second CONNECT")),
             Inbound::NotFromClient(name) => Err(self.protocol(
                 CloseCode::ProtocolError,
@@ -545,12 +563,13 @@ impl<'g> Session<'g> {
     }
 
     /// Forwards the filters the ACL allows. MQTT 3.1.1: a refused filter closes the
-    /// connection. MQTT 5: a refused filter is answered "not authorized" in the SUBACK and
-    /// the others are subscribed.
+    /// connection. MQTT 5: a refused filter is answered "not authorized" (or "shared
+    /// subscriptions not supported") in the SUBACK and the others are subscribed.
     async fn subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let filters = s.filters();
         let mut refused = Vec::new();
         let mut why = String::new();
-        for (at, filter) in s.filters().into_iter().enumerate() {
+        for (at, filter) in filters.iter().enumerate() {
             if let Err(e) = topic::check_subscribe(&self.device, filter) {
                 bump(&self.gate.stats.acl_denied);
                 if self.version == Version::V4 {
@@ -560,21 +579,27 @@ impl<'g> Session<'g> {
                 if why.is_empty() {
                     why = e.to_string();
                 }
-                refused.push(at);
+                let grant = match filter.starts_with("$share/") {
+                    true => Grant::SharedNotSupported,
+                    false => Grant::NotAuthorized,
+                };
+                refused.push((at, grant));
             }
         }
-        let count = s.filters().len();
+        let count = filters.len();
         if refused.is_empty() {
             return self.forward(&s.upstream(&vec![true; count])).await;
         }
         if refused.len() == count {
-            let grants = vec![Grant::NotAuthorized; count];
+            let grants = refused.into_iter().map(|(_, g)| g).collect();
             let verdict = Verdict::new(AckCode::NotAuthorized, why);
             return self
                 .ack(Reply::SubAck(s.pkid(), grants), settled(verdict))
                 .await;
         }
-        let keep: Vec<bool> = (0..count).map(|i| !refused.contains(&i)).collect();
+        let keep: Vec<bool> = (0..count)
+            .map(|i| !refused.iter().any(|(at, _)| *at == i))
+            .collect();
         if let Ok(mut waiting) = self.refused_filters.lock() {
             waiting.insert(s.pkid(), (refused, why));
         }
@@ -582,9 +607,10 @@ impl<'g> Session<'g> {
     }
 
     async fn publish(&mut self, mut p: Publish) -> Result<(), End> {
-        if let Err((code, why)) = self.aliases.resolve(&mut p) {
-            return Err(self.protocol(code, why));
-        }
+        let new_alias = match self.aliases.resolve(&mut p) {
+            Ok(alias) => alias,
+            Err((code, why)) => return Err(self.protocol(code, why)),
+        };
         let v5 = self.version == Version::V5;
         if v5 && p.retain {
             // The CONNACK said retained messages are not available.
@@ -600,7 +626,13 @@ impl<'g> Session<'g> {
             QoS::ExactlyOnce => Some(Reply::PubRec(pkid)),
         };
         let kind = match topic::check_publish(&self.device, &p.topic) {
-            Ok(kind) => kind,
+            Ok(kind) => {
+                // Only an allowed topic is kept under its alias.
+                if let Some(alias) = new_alias {
+                    self.aliases.keep(alias, &p.topic);
+                }
+                kind
+            }
             Err(e) => {
                 bump(&self.gate.stats.acl_denied);
                 return match (v5, reply) {
@@ -614,13 +646,32 @@ impl<'g> Session<'g> {
                 };
             }
         };
-        if qos == QoS::ExactlyOnce && p.dup {
-            if let Some(safe) = self.qos2.get(&pkid) {
-                // Re-sent before PUBREL: answer again once the first copy is safe; keep
-                // nothing twice. (Without DUP it is a new message: after a PUBREC with an
-                // MQTT 5 error code the device may reuse the packet id at once.)
-                let safe = safe.clone();
-                return self.ack(Reply::PubRec(pkid), safe).await;
+        if qos == QoS::ExactlyOnce {
+            match self
+                .qos2
+                .get(&pkid)
+                .map(|safe| (safe.clone(), released(safe)))
+            {
+                // Sent again before PUBREL (DUP or not, MQTT 4.3.3): answered again once the
+                // first copy is safe; nothing is kept twice.
+                Some((safe, false)) => return self.ack(Reply::PubRec(pkid), safe).await,
+                // Its PUBREC carried an error code, which ended that exchange: a new message.
+                Some((_, true)) => {
+                    self.qos2.remove(&pkid);
+                }
+                None => {}
+            }
+            if self.qos2.len() >= self.gate.config.max_inflight.max(1) {
+                self.qos2.retain(|_, safe| !released(safe));
+            }
+            if self.qos2.len() >= self.gate.config.max_inflight.max(1) {
+                return Err(self.protocol(
+                    CloseCode::ReceiveMaximumExceeded,
+                    format!(
+                        "more than {} QoS 2 messages await PUBREL",
+                        self.gate.config.max_inflight.max(1)
+                    ),
+                ));
             }
         }
         let safe = if kind == DeviceTopic::CertsCsr {
@@ -881,6 +932,11 @@ fn check_connect<'g>(
         let code = Refused::BadAuthenticationMethod;
         return Err(Refusal::new(code, &stats.refused_protocol, why));
     }
+    if connect.version() == Version::V5 && connect.will_retained() {
+        let why = "retained messages are not available, and so no retained will";
+        let code = Refused::RetainNotSupported;
+        return Err(Refusal::new(code, &stats.refused_protocol, why));
+    }
     if let Some(will) = connect.will_topic() {
         let verdict = match topic::check_publish(&peer.device, will) {
             Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
@@ -1039,15 +1095,23 @@ async fn open_link(
         Err(_) => {
             // Closing a link before the routing core has written its CONNACK leaves
             // rumqttd 0.20 with a stale will handler that makes the device's next link panic
-            // its listener: let the CONNACK arrive first, within bounds.
-            tokio::spawn(async move {
-                let _ = timeout(LATE_CONNACK, connack).await;
-                drop(up);
-            });
+            // its listener: let the CONNACK arrive first, within bounds (in time, and in
+            // how many such links wait at once), then leave without a will.
+            if let Ok(permit) = LATE_LINKS.try_acquire() {
+                tokio::spawn(async move {
+                    if let Ok(Some(_)) = timeout(LATE_CONNACK, connack).await {
+                        let _ = timeout(LATE_CONNACK, up.write_all(&[0xe0, 0x00])).await;
+                    }
+                    drop(permit);
+                });
+            }
             Err("routing core did not acknowledge the link in time")
         }
     }
 }
+
+/// Links that timed out waiting for their CONNACK and wait on for it in the background.
+static LATE_LINKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(256);
 
 fn inbound_name(p: &Inbound) -> &'static str {
     match p {
@@ -1056,7 +1120,8 @@ fn inbound_name(p: &Inbound) -> &'static str {
         Inbound::PubRel(_) => "PUBREL",
         Inbound::Subscribe(_) => "SUBSCRIBE",
         Inbound::PingReq => "PINGREQ",
-        Inbound::Disconnect(_) => "DISCONNECT",
+        Inbound::Disconnect { .. } => "DISCONNECT",
+        Inbound::Violation(..) => "a packet that breaks MQTT 5",
         Inbound::Forward(frame) => match packet_type(frame) {
             4 => "PUBACK",
             5 => "PUBREC",
@@ -1137,32 +1202,35 @@ struct Output {
 /// within `write_timeout`, so a device that stops reading is closed instead of holding
 /// buffers. When a message can not be made safe, the writer stops taking new
 /// acknowledgements, still writes the pending ones that become safe, then ends, which ends
-/// the session. A DISCONNECT is the last thing written.
+/// the session. Last, an MQTT 5 device gets a DISCONNECT saying why: the one the session
+/// sends on `close`, or the writer's own when a message could not be made safe.
 async fn write_to_device(
     mut wr: DeviceWriter,
     mut frames: mpsc::Receiver<Bytes>,
     mut acks: mpsc::Receiver<PendingAck>,
+    mut close: oneshot::Receiver<Reply>,
     out: Output,
 ) {
     let mut pending = FuturesOrdered::new();
     let (mut frames_open, mut acks_open) = (true, true);
+    let mut failed: Option<String> = None;
     loop {
         if !acks_open && !frames_open && pending.is_empty() {
             break;
         }
-        let mut last = false;
         let frame = tokio::select! {
             biased;
             Some((reply, safe)) = pending.next(), if !pending.is_empty() => match safe {
                 Ok(verdict) => {
-                    last = matches!(reply, Reply::Disconnect(..));
                     match codec::encode_reply(out.version, &reply, &verdict, out.reasons) {
                         Some(frame) => frame,
-                        None => break,
+                        None => continue,
                     }
                 }
                 Err(e) => {
+                    let e: AckFailure = e;
                     warn!(error = %e, "closing; the device will send unacknowledged messages again");
+                    failed.get_or_insert_with(|| e.to_string());
                     acks_open = false;
                     frames_open = false;
                     continue;
@@ -1185,21 +1253,42 @@ async fn write_to_device(
                 }
             },
         };
-        let written = timeout(out.write_timeout, write_now(&mut wr, &frame)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!(error = %e, "device socket closed");
-                return;
-            }
-            Err(_) => {
-                info!(timeout = ?out.write_timeout, "device stopped reading; closing");
-                return;
-            }
+        if !write(&mut wr, &frame, out.write_timeout).await {
+            return;
         }
-        if last {
-            break;
+    }
+    // The session has ended (its senders are gone), so its DISCONNECT, if any, is there.
+    let last = match (close.try_recv(), failed) {
+        (Ok(reply), _) => Some(reply),
+        (Err(_), Some(why)) => Some(Reply::Disconnect(
+            CloseCode::UnspecifiedError,
+            format!("{why}; send unacknowledged messages again"),
+        )),
+        (Err(_), None) => None,
+    };
+    let verdict = Verdict::default();
+    if let Some(frame) =
+        last.and_then(|r| codec::encode_reply(out.version, &r, &verdict, out.reasons))
+    {
+        if !write(&mut wr, &frame, out.write_timeout).await {
+            return;
         }
     }
     let _ = timeout(out.write_timeout, wr.shutdown()).await;
+}
+
+/// Writes one frame to the device within `limit`; `false` if the device is gone or stopped
+/// reading.
+async fn write(wr: &mut DeviceWriter, frame: &[u8], limit: Duration) -> bool {
+    match timeout(limit, write_now(wr, frame)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            debug!(error = %e, "device socket closed");
+            false
+        }
+        Err(_) => {
+            info!(timeout = ?limit, "device stopped reading; closing");
+            false
+        }
+    }
 }
