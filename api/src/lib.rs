@@ -28,7 +28,9 @@
 //! | `POST /api/v1/devices/{id}/revoke` | revoke `{"serial"}`, or every certificate (no body, or `{}`) |
 //! | `POST /api/v1/devices/{id}/disable`, `…/enable` | refuse the device at the gate, or admit it again |
 //! | `DELETE /api/v1/devices/{id}` | remove the device; its certificates stay on the CRL |
-//! | `GET /api/v1/devices/{id}/telemetry`, `…/latest` | points of one metric; newest value of each |
+//! | `GET /api/v1/devices/{id}/telemetry` | one metric (`metric=`) or several (`metrics=a,b`), raw or in buckets (`step=1m&agg=max`, or planned within `max_points`), JSON pages or `format=csv` streamed |
+//! | `GET /api/v1/devices/{id}/latest` | newest value of each metric of the device |
+//! | `GET /api/v1/telemetry/latest` | newest value of one metric across the fleet, `?metric=&tag=key:value` |
 //! | `GET /api/v1/deadletters`, `…/{id}` | refused payloads |
 //! | `GET /api/v1/pki/crl.pem` | the fleet CA's CRL; **no token needed** (none is checked) |
 //! | `POST /api/v1/pki/cas` | trust an external CA `{"pem", "auto_register", "tags"}`; with `auto_register` its devices are registered on first connection |

@@ -2,7 +2,10 @@
 //!
 //! Out: RFC 3339 in UTC (`2024-11-28T08:00:00.123Z`), beside the raw milliseconds where a
 //! program may want them. In (`from`/`to` query parameters): either an integer number of
-//! milliseconds since the Unix epoch or an RFC 3339 time.
+//! milliseconds since the Unix epoch or an RFC 3339 time. Durations in (`expiring_within`,
+//! `step`) are humantime's: `30s`, `1m`, `12h`, `30d`, `90days`.
+
+use std::time::Duration;
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
@@ -36,6 +39,21 @@ pub fn parse(name: &str, s: &str) -> Result<TimestampMs, ApiError> {
         })
 }
 
+/// The earliest time RFC 3339 can write, 0000-01-01T00:00:00Z, in ms since the Unix epoch.
+pub const MIN_MS: TimestampMs = -62_167_219_200_000;
+/// The latest time RFC 3339 can write, 9999-12-31T23:59:59.999Z, in ms since the Unix epoch.
+pub const MAX_MS: TimestampMs = 253_402_300_799_999;
+
+/// Parses a humantime duration (`30s`, `1m`, `12h`, `30d`); `name` is the parameter and
+/// `examples` what the error message suggests instead.
+pub fn duration(name: &str, s: &str, examples: &str) -> Result<Duration, ApiError> {
+    humantime::parse_duration(s).map_err(|e| {
+        ApiError::InvalidQuery(format!(
+            "{name}: expected a duration such as {examples}, found {s:?} ({e})"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +75,28 @@ mod tests {
             assert!(matches!(parse("to", bad), Err(ApiError::InvalidQuery(_))));
         }
         assert!(rfc3339(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn the_bounds_are_the_ends_of_rfc_3339() {
+        assert_eq!(rfc3339(MIN_MS).unwrap(), "0000-01-01T00:00:00Z");
+        assert_eq!(rfc3339(MAX_MS).unwrap(), "9999-12-31T23:59:59.999Z");
+        assert!(rfc3339(MAX_MS + 1).is_err());
+    }
+
+    #[test]
+    fn durations_are_humantime() {
+        assert_eq!(
+            duration("step", "1m", "1m").unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            duration("step", "1h 30m", "1m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        let Err(ApiError::InvalidQuery(message)) = duration("step", "soon", "1m or 1h") else {
+            panic!("soon is no duration");
+        };
+        assert!(message.starts_with("step: expected a duration such as 1m or 1h"));
     }
 }

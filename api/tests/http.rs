@@ -1,120 +1,20 @@
 //! The API over real HTTP: a real SQLite store and registry in a temp dir, a real PKI, the
-//! server on 127.0.0.1:0, and reqwest as the client.
+//! server on 127.0.0.1:0, and reqwest as the client (the harness is in `support`). The
+//! telemetry queries (aggregation, planning, CSV, the fleet view) are in `queries.rs`.
 
-use std::{sync::Arc, time::Duration};
+mod support;
 
-use reqwest::{Client, Method, StatusCode};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value as Json};
-use tellus_api::AppState;
-use tellus_broker::pki::Pki;
 use tellus_core::{
-    now_ms, AuditDecision, AuditEntry, CertificateRecord, Change, DeviceId, Registry, Sample,
-    Value, FLEET_ISSUER,
+    now_ms, AuditDecision, AuditEntry, CertificateRecord, Change, Registry, Sample, Value,
+    FLEET_ISSUER,
 };
-use tellus_ingest::{
-    Batch, DeadLetter, Durability, IngestStats, SqliteRegistry, SqliteStore, TelemetryStore,
-};
-use tokio::sync::oneshot;
+use tellus_ingest::{Batch, DeadLetter, TelemetryStore};
 
-const TOKEN: &str = "test-admin-token";
-
-struct Server {
-    base: String,
-    client: Client,
-    store: Arc<SqliteStore>,
-    registry: Arc<SqliteRegistry>,
-    pki: Arc<Pki>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(SqliteStore::open(&dir.path().join("telemetry.db"), Durability::Os).unwrap());
-        let registry = Arc::new(SqliteRegistry::open(&dir.path().join("registry.db")).unwrap());
-        let pki = Arc::new(
-            Pki::load_or_create(&dir.path().join("pki"), Duration::from_secs(365 * 86400)).unwrap(),
-        );
-        let state = AppState {
-            registry: registry.clone(),
-            store: store.clone(),
-            pki: pki.clone(),
-            ingest_stats: Arc::new(IngestStats::default()),
-            gate_stats: Arc::new(tellus_broker::gate::GateStats::default()),
-            admin_token: TOKEN.into(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tellus_api::serve(listener, state, async {
-            let _ = stopped.await;
-        }));
-        Server {
-            base,
-            client: Client::new(),
-            store,
-            registry,
-            pki,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
-    }
-
-    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Json) {
-        send(self.req(Method::GET, path)).await
-    }
-
-    async fn post(&self, path: &str, body: Json) -> (StatusCode, Json) {
-        send(self.req(Method::POST, path).json(&body)).await
-    }
-
-    /// A POST without a body.
-    async fn post_empty(&self, path: &str) -> (StatusCode, Json) {
-        send(self.req(Method::POST, path)).await
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("server stops")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Json) {
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let body = resp.text().await.unwrap();
-    let json = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {body:?}"));
-    (status, json)
-}
-
-/// Asserts the API's error shape and returns the message.
-fn error_code(body: &Json) -> (&str, &str) {
-    let err = &body["error"];
-    let code = err["code"].as_str().unwrap_or_else(|| panic!("{body}"));
-    let message = err["message"].as_str().unwrap_or_else(|| panic!("{body}"));
-    assert!(!message.is_empty());
-    (code, message)
-}
-
-fn id(s: &str) -> DeviceId {
-    DeviceId::parse(s).unwrap()
-}
+use support::{error_code, id, send, Server, TOKEN};
 
 #[tokio::test]
 async fn token_is_required() {

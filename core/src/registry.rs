@@ -93,6 +93,9 @@ pub struct DeviceQuery<'a> {
     pub limit: usize,
     /// Only devices whose current certificate ends before this time.
     pub expiring_before: Option<TimestampMs>,
+    /// Only devices carrying every one of these tags, as (key, value): a key named twice
+    /// with different values matches no device.
+    pub tags: &'a [(String, String)],
 }
 
 /// Something the gate must act on: a live connection may no longer be allowed.

@@ -73,6 +73,23 @@ pub enum DecodeError {
     Repeated(String, TimestampMs),
 }
 
+impl DecodeError {
+    /// A short name of the error's kind, for counting rejections by reason.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::NotJson(_) => "not_json",
+            DecodeError::NotAnObject(_) => "not_an_object",
+            DecodeError::Empty => "empty",
+            DecodeError::BadTimestamp(_) | DecodeError::NegativeTimestamp(..) => "bad_timestamp",
+            DecodeError::TsWithoutValues | DecodeError::UnexpectedKey(_) => "bad_structure",
+            DecodeError::BadValue(..) => "bad_value",
+            DecodeError::BadMetricName(_) => "bad_metric_name",
+            DecodeError::NotProtobuf(_) => "not_protobuf",
+            DecodeError::Repeated(..) => "repeated_point",
+        }
+    }
+}
+
 fn kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",

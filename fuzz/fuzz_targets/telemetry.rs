@@ -1,4 +1,5 @@
-//! A telemetry payload into `telemetry::decode_json`, as ingest decodes it.
+//! A telemetry payload into `telemetry::decode_json` and `decode_protobuf`, as ingest decodes
+//! it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -10,7 +10,7 @@
 //! | `tls` | [`tls::handshake`] | the bytes a device sends from the TCP accept on, into a rustls server configured by `Pki::gate_tls_config` |
 //! | `certificate` | [`certificate`] | a DER certificate into `pki::peer_identity` |
 //! | `csr` | [`csr`] | a certificate rotation request (`devices/{id}/certs/csr`) into `Pki::sign_device_csr` |
-//! | `telemetry` | [`telemetry()`] | a telemetry payload into `telemetry::decode_json` |
+//! | `telemetry` | [`telemetry()`] | a telemetry payload into `telemetry::decode_json` and `decode_protobuf` |
 //!
 //! `packets` and `tls` read their first input byte as the size of each socket read (0: all at
 //! once), so the fuzzer also explores how packets and records are split across reads.
@@ -105,27 +105,50 @@ pub fn csr(input: &[u8]) -> bool {
     true
 }
 
-/// `telemetry::decode_json` on any bytes. When it accepts a payload: at least one sample,
-/// every metric name non-empty, at most `MAX_METRIC_LEN` bytes and without empty dotted
-/// parts, and device times not negative. (The server clock is read once per object without
-/// a device time, as documented, even for an object that yields no sample, such as
-/// `{"a": {}}` beside others: so there is no bound on reads per sample to check.)
+/// `telemetry::decode_json` and `telemetry::decode_protobuf` on any bytes (ingest decodes
+/// `telemetry` and `telemetry/pb` payloads with them). When one accepts a payload: at least
+/// one sample, every metric name non-empty, at most `MAX_METRIC_LEN` bytes and without empty
+/// dotted parts, device times not negative, and floats finite; a protobuf batch also has
+/// each (metric, time) once, and reads the server clock at most once. (JSON reads the clock
+/// once per object without a device time, as documented, even for an object that yields no
+/// sample, such as `{"a": {}}` beside others: so there is no bound on reads to check.)
 pub fn telemetry(payload: &[u8]) {
     let mut now = 1_700_000_000_000;
-    let decoded = telemetry::decode_json(payload, &mut || {
+    let json = telemetry::decode_json(payload, &mut || {
         now += 1;
         now
     });
-    let Ok(samples) = decoded else { return };
-    assert!(!samples.is_empty(), "accepted a payload with no samples");
-    for s in &samples {
-        assert!(
-            !s.metric.is_empty()
-                && s.metric.len() <= MAX_METRIC_LEN
-                && s.metric.split('.').all(|part| !part.is_empty()),
-            "bad metric name {:?}",
-            s.metric
-        );
-        assert!(s.ts_ms >= 0, "negative timestamp {}", s.ts_ms);
+    let mut reads = 0;
+    let protobuf = telemetry::decode_protobuf(payload, &mut || {
+        reads += 1;
+        1_700_000_000_000
+    });
+    if let Ok(samples) = &protobuf {
+        assert!(reads <= 1, "the server clock was read {reads} times");
+        let mut seen = std::collections::HashSet::new();
+        for s in samples {
+            assert!(
+                seen.insert((&s.metric, s.ts_ms)),
+                "{} twice at {}",
+                s.metric,
+                s.ts_ms
+            );
+        }
+    }
+    for samples in [json, protobuf].into_iter().flatten() {
+        assert!(!samples.is_empty(), "accepted a payload with no samples");
+        for s in &samples {
+            assert!(
+                !s.metric.is_empty()
+                    && s.metric.len() <= MAX_METRIC_LEN
+                    && s.metric.split('.').all(|part| !part.is_empty()),
+                "bad metric name {:?}",
+                s.metric
+            );
+            assert!(s.ts_ms >= 0, "negative timestamp {}", s.ts_ms);
+            if let tellus_core::Value::Float(f) = s.value {
+                assert!(f.is_finite(), "{} is {f}", s.metric);
+            }
+        }
     }
 }

@@ -17,4 +17,7 @@ pub mod store;
 
 pub use pipeline::{Ingest, IngestConfig, IngestStats, IngestStatsSnapshot};
 pub use registry::SqliteRegistry;
-pub use store::{Batch, DeadLetter, Durability, SqliteStore, StoreError, TelemetryStore};
+pub use store::{
+    Agg, Batch, Bucket, DeadLetter, Durability, Retention, SqliteStore, StoreConfig, StoreError,
+    TelemetryStore,
+};

@@ -11,12 +11,13 @@
 //! received, stored, dead-lettered, or failed.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread,
+    time::Instant,
 };
 
 use tellus_core::{
@@ -56,10 +57,74 @@ pub struct IngestStats {
     deadlettered: AtomicU64,
     failed: AtomicU64,
     commits: AtomicU64,
+    /// Dead-lettered messages by the kind of their reason.
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// How long commits take, from the start of the transaction to its durable end.
+    commit_latency: Histogram,
+}
+
+/// Upper bounds, in ms, of the commit-latency histogram's buckets (a last one holds the rest).
+pub const COMMIT_LATENCY_BOUNDS_MS: [u64; 12] =
+    [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// Counts of durations by bucket, with their sum.
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [AtomicU64; COMMIT_LATENCY_BOUNDS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn record(&self, took: std::time::Duration) {
+        let ms = took.as_millis() as u64;
+        let at = COMMIT_LATENCY_BOUNDS_MS
+            .iter()
+            .position(|bound| ms < *bound)
+            .unwrap_or(COMMIT_LATENCY_BOUNDS_MS.len());
+        self.counts[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let buckets = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                cumulative += c.load(Ordering::Relaxed);
+                LatencyBucket {
+                    le_ms: COMMIT_LATENCY_BOUNDS_MS.get(i).copied(),
+                    count: cumulative,
+                }
+            })
+            .collect();
+        HistogramSnapshot {
+            buckets,
+            count: cumulative,
+            sum_ms: self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        }
+    }
+}
+
+/// A histogram at one moment, cumulative like Prometheus's: each bucket counts the
+/// durations below its bound (`null`: all of them).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<LatencyBucket>,
+    pub count: u64,
+    pub sum_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LatencyBucket {
+    pub le_ms: Option<u64>,
+    pub count: u64,
 }
 
 /// A copy of [`IngestStats`] at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct IngestStatsSnapshot {
     pub received: u64,
     pub stored: u64,
@@ -67,6 +132,8 @@ pub struct IngestStatsSnapshot {
     pub deadlettered: u64,
     pub failed: u64,
     pub commits: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub commit_latency: HistogramSnapshot,
 }
 
 impl IngestStats {
@@ -79,6 +146,14 @@ impl IngestStats {
             deadlettered: get(&self.deadlettered),
             failed: get(&self.failed),
             commits: get(&self.commits),
+            rejected: self.rejected.lock().map(|r| r.clone()).unwrap_or_default(),
+            commit_latency: self.commit_latency.snapshot(),
+        }
+    }
+
+    fn reject(&self, kind: &'static str) {
+        if let Ok(mut r) = self.rejected.lock() {
+            *r.entry(kind).or_insert(0) += 1;
         }
     }
 }
@@ -102,6 +177,7 @@ impl Ingest {
             stats: stats.clone(),
             max_batch: config.max_batch.max(1),
             last_server_ts: HashMap::new(),
+            rejected: Vec::new(),
         };
         let thread = thread::Builder::new()
             .name("ingest".into())
@@ -125,6 +201,10 @@ impl Ingest {
 
 type Completion = tokio::sync::oneshot::Sender<Result<Durable, IngestError>>;
 
+/// How far ahead of the server's clock a device may stamp a point; a message with a point
+/// further ahead is dead-lettered.
+pub const MAX_AHEAD_MS: TimestampMs = 86_400_000;
+
 struct Worker {
     store: Arc<dyn TelemetryStore>,
     stats: Arc<IngestStats>,
@@ -134,22 +214,61 @@ struct Worker {
     /// overwrite each other.
     /// Bounded by the number of devices that publish.
     last_server_ts: HashMap<DeviceId, TimestampMs>,
+    /// The kinds of the dead letters of the batch being committed, counted once it is.
+    rejected: Vec<&'static str>,
 }
 
 impl Worker {
     fn run(mut self, mut rx: IngestReceiver) {
+        // A runtime of this thread's own, only to wait for the channel or the store's next
+        // housekeeping, whichever comes first; every store call blocks this thread.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(
+                |e| error!(error = %e, "ingest has no timer; housekeeping runs after commits only"),
+            )
+            .ok();
         let mut requests = Vec::with_capacity(self.max_batch);
-        while let Some(first) = rx.blocking_recv() {
-            requests.push(first);
-            while requests.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(r) => requests.push(r),
-                    Err(_) => break,
+        let mut next_housekeeping = self.housekeeping();
+        loop {
+            let first = match (&timer, next_housekeeping) {
+                (Some(timer), Some(wait)) => {
+                    timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
+                }
+                _ => Some(rx.blocking_recv()),
+            };
+            match first {
+                // Time for housekeeping.
+                None => {}
+                // Closed and drained. What is left in the head is merged at the next start.
+                Some(None) => break,
+                Some(Some(first)) => {
+                    requests.push(first);
+                    while requests.len() < self.max_batch {
+                        match rx.try_recv() {
+                            Ok(r) => requests.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(&mut requests);
                 }
             }
-            self.commit(&mut requests);
+            next_housekeeping = self.housekeeping();
         }
         debug!("ingest channel closed and drained");
+    }
+
+    /// Runs the store's housekeeping if it is due; returns when to run it next.
+    fn housekeeping(&self) -> Option<std::time::Duration> {
+        match self.store.maintain(tellus_core::now_ms()) {
+            Ok(next) => next,
+            Err(e) => {
+                // Nothing acknowledged is at risk (it is committed); retried soon.
+                error!(error = %e, "store housekeeping failed; retrying in a second");
+                Some(std::time::Duration::from_secs(1))
+            }
+        }
     }
 
     fn commit(&mut self, requests: &mut Vec<IngestRequest>) {
@@ -165,7 +284,9 @@ impl Worker {
             outcomes.push((req.done, outcome));
             budget.push(req.budget);
         }
+        let started = Instant::now();
         let committed = self.store.commit(&batch);
+        self.stats.commit_latency.record(started.elapsed());
         drop(budget);
         match committed {
             Ok(()) => {
@@ -173,6 +294,9 @@ impl Worker {
                 self.stats
                     .samples
                     .fetch_add(batch.samples.len() as u64, Ordering::Relaxed);
+                for kind in self.rejected.drain(..) {
+                    self.stats.reject(kind);
+                }
                 let dead = batch.deadletters.len() as u64;
                 self.stats.deadlettered.fetch_add(dead, Ordering::Relaxed);
                 self.stats.stored.fetch_add(n - dead, Ordering::Relaxed);
@@ -186,6 +310,7 @@ impl Worker {
             Err(e) => {
                 error!(error = %e, messages = n, "commit failed; messages not acknowledged");
                 self.stats.failed.fetch_add(n, Ordering::Relaxed);
+                self.rejected.clear();
                 let err = IngestError::Storage(e.to_string());
                 for (done, _) in outcomes {
                     if let Some(done) = done {
@@ -204,17 +329,30 @@ impl Worker {
             *last
         };
         let decoded = match req.topic {
-            DeviceTopic::Telemetry => {
-                telemetry::decode_json(&req.payload, &mut server_time).map_err(|e| e.to_string())
-            }
+            DeviceTopic::Telemetry => telemetry::decode_json(&req.payload, &mut server_time)
+                .map_err(|e| (e.kind(), e.to_string())),
             DeviceTopic::TelemetryPb => telemetry::decode_protobuf(&req.payload, &mut server_time)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| (e.kind(), e.to_string())),
             // The gate hands over telemetry topics only.
-            ref other => Err(format!(
-                "{} is not a telemetry topic",
-                other.topic(&req.device)
+            ref other => Err((
+                "not_telemetry",
+                format!("{} is not a telemetry topic", other.topic(&req.device)),
             )),
         };
+        // A device clock far ahead would stamp points no retention reaches for years.
+        let decoded = decoded.and_then(|samples| {
+            let limit = req.received_at_ms.saturating_add(MAX_AHEAD_MS);
+            match samples.iter().find(|s| s.ts_ms > limit) {
+                Some(s) => Err((
+                    "too_far_ahead",
+                    format!(
+                        "metric {:?} is stamped {} ms, more than a day ahead of the server's clock",
+                        s.metric, s.ts_ms
+                    ),
+                )),
+                None => Ok(samples),
+            }
+        });
         match decoded {
             Ok(samples) => {
                 batch
@@ -222,8 +360,9 @@ impl Worker {
                     .extend(samples.into_iter().map(|s| (req.device.clone(), s)));
                 Durable::Stored
             }
-            Err(reason) => {
+            Err((kind, reason)) => {
                 debug!(device_id = %req.device, %reason, "telemetry dead-lettered");
+                self.rejected.push(kind);
                 batch.deadletters.push(DeadLetter {
                     id: 0,
                     received_at_ms: req.received_at_ms,
@@ -279,12 +418,18 @@ mod tests {
         let pb = pb.await.unwrap().unwrap();
         let bad_pb = submit(DeviceTopic::TelemetryPb, b"\xff".to_vec());
         let bad_pb = bad_pb.await.unwrap().unwrap();
+        let ahead = json(r#"{"ts": 86401001, "values": {"t": 9}}"#);
+        let ahead = ahead.await.unwrap().unwrap();
         assert_eq!(a.await.unwrap(), Ok(Durable::Stored));
         assert_eq!(b.await.unwrap(), Ok(Durable::Stored));
         assert!(matches!(c.await.unwrap(), Ok(Durable::DeadLettered(_))));
         assert_eq!(pb.await.unwrap(), Ok(Durable::Stored));
         match bad_pb.await.unwrap() {
             Ok(Durable::DeadLettered(why)) => assert!(why.contains("protobuf"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        match ahead.await.unwrap() {
+            Ok(Durable::DeadLettered(why)) => assert!(why.contains("ahead"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(
@@ -296,15 +441,25 @@ mod tests {
             ]
         );
         let dead = store.deadletters(None, 10).unwrap();
-        assert_eq!(dead[0].payload, b"\xff");
-        assert_eq!(dead[1].payload, b"not json");
+        assert_eq!(dead[1].payload, b"\xff");
+        assert_eq!(dead[2].payload, b"not json");
         drop(tx);
         let stats = ingest.stats();
         ingest.finished().await;
         let s = stats.snapshot();
         assert_eq!(
             (s.received, s.stored, s.deadlettered, s.failed),
-            (5, 3, 2, 0)
+            (6, 3, 3, 0)
+        );
+        let rejected: Vec<_> = s.rejected.into_iter().collect();
+        assert_eq!(
+            rejected,
+            [("not_json", 1), ("not_protobuf", 1), ("too_far_ahead", 1)]
+        );
+        assert_eq!(s.commit_latency.count, s.commits);
+        assert_eq!(
+            s.commit_latency.buckets.last().map(|b| b.count),
+            Some(s.commits)
         );
     }
 }

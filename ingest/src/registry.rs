@@ -1,6 +1,6 @@
 //! The embedded device registry: `registry.db` (SQLite) in the data directory.
 //!
-//! - `devices`: id, status, tags (a JSON object);
+//! - `devices`: id, status, tags (a JSON object, which listings filter with `json_each`);
 //! - `certificates`: every certificate issued to a device, by issuer (the fleet CA or an
 //!   external one) and serial, kept (revoked) after the device is deleted so that the CRL
 //!   still lists it;
@@ -256,15 +256,26 @@ impl Registry for SqliteRegistry {
     }
 
     fn devices(&self, q: &DeviceQuery<'_>) -> Result<Vec<DeviceRecord>, RegistryError> {
+        // The wanted tags travel as one JSON array of [key, value] pairs, so that one
+        // statement serves any number of them: no wanted pair may be missing from the
+        // device's tags.
+        let tags = serde_json::to_string(q.tags).map_err(backend)?;
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{DEVICE_SELECT}
                  WHERE d.id > ?1 AND (?3 IS NULL OR c.not_after < ?3)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM json_each(?4) want
+                       WHERE NOT EXISTS (
+                           SELECT 1 FROM json_each(d.tags) have
+                           WHERE have.key = want.value ->> 0
+                             AND have.value = want.value ->> 1))
                  ORDER BY d.id LIMIT ?2"
             ))?;
             let after = q.after.map(DeviceId::as_str).unwrap_or("");
             let rows = stmt.query_map(
-                params![after, q.limit as i64, q.expiring_before],
+                params![after, limit, q.expiring_before, tags],
                 device_record,
             )?;
             rows.collect()
@@ -686,6 +697,57 @@ mod tests {
         // Reopening keeps the data and does not re-run migrations.
         let reg = SqliteRegistry::open(&dir.path().join("registry.db")).unwrap();
         assert_eq!(reg.devices(&query(10)).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn devices_filter_by_every_tag_given() {
+        let (_dir, reg) = open();
+        let tagged = |device: &str, tags: &[(&str, &str)]| NewDevice {
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..new(device, &format!("0{device}"), 100)
+        };
+        reg.insert_device(&tagged("a", &[("site", "berlin"), ("kind", "meter")]))
+            .unwrap();
+        reg.insert_device(&tagged("b", &[("site", "berlin")]))
+            .unwrap();
+        reg.insert_device(&tagged("c", &[("site", "paris"), ("kind", "meter")]))
+            .unwrap();
+        reg.insert_device(&tagged("d", &[])).unwrap();
+        // Keys and values that would need quoting in a JSON path or in SQL.
+        reg.insert_device(&tagged("e", &[("a.b \"c'", "x:y\\z"), ("site", "berlin")]))
+            .unwrap();
+        let with = |tags: &[(&str, &str)], after: Option<&DeviceId>, limit| {
+            let tags: Vec<(String, String)> = tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            ids(reg
+                .devices(&DeviceQuery {
+                    after,
+                    limit,
+                    tags: &tags,
+                    ..Default::default()
+                })
+                .unwrap())
+        };
+        assert_eq!(with(&[], None, 10), ["a", "b", "c", "d", "e"]);
+        assert_eq!(with(&[("site", "berlin")], None, 10), ["a", "b", "e"]);
+        assert_eq!(
+            with(&[("site", "berlin"), ("kind", "meter")], None, 10),
+            ["a"]
+        );
+        assert_eq!(with(&[("kind", "meter")], None, 10), ["a", "c"]);
+        // Every tag must match: one key with two values matches nothing.
+        assert!(with(&[("site", "berlin"), ("site", "paris")], None, 10).is_empty());
+        assert!(with(&[("site", "Berlin")], None, 10).is_empty());
+        assert!(with(&[("nope", "")], None, 10).is_empty());
+        assert_eq!(with(&[("a.b \"c'", "x:y\\z")], None, 10), ["e"]);
+        // Paging applies after the filter.
+        assert_eq!(with(&[("site", "berlin")], None, 2), ["a", "b"]);
+        assert_eq!(with(&[("site", "berlin")], Some(&id("b")), 2), ["e"]);
     }
 
     #[test]

@@ -1,30 +1,17 @@
-//! The telemetry store: the [`TelemetryStore`] trait and the embedded SQLite implementation.
-//!
-//! Layout of `telemetry.db`:
-//! - `series`: the series dictionary, one row per (device, metric), keyed by a small integer;
-//! - `points`: `(series, ts)` is the primary key of a `WITHOUT ROWID` table, so a series' points
-//!   are stored in time order and a point re-sent with the same timestamp replaces itself
-//!   instead of becoming a duplicate;
-//! - `latest`: the newest point of every series, kept up to date by each commit;
-//! - `deadletters`: payloads that were not valid telemetry, raw, with the reason.
-//!
-//! `points.series` and `latest.series` are foreign keys to `series(id)`, so a point can never
-//! be stored under an id that no committed series has.
-//!
-//! The writer caches series ids, but only ids that a successful COMMIT made durable: ids looked
-//! up or created inside a transaction live in a map of that batch and reach the cache after
-//! `COMMIT` returned Ok (see [`SqliteStore::commit`]). A batch that fails, at any statement or
-//! at `COMMIT` itself, leaves neither rows nor cached ids behind.
+//! The telemetry store: the [`TelemetryStore`] trait, what it answers with, and the
+//! embedded implementation ([`SqliteStore`], in `store/embedded.rs`, where its layout is
+//! described).
 //!
 //! A value keeps its type: `kind` says whether the stored SQLite value is a bool, an integer,
-//! a float or text.
+//! a float or text. Aggregates ([`Bucket`]) summarise numbers, and booleans as 0 and 1.
 
-use std::{collections::HashMap, path::Path, sync::Mutex};
+use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use tellus_core::{DeviceId, Sample, TimestampMs, Value};
 
-use crate::sqlite;
+mod embedded;
+
+pub use embedded::{Retention, SqliteStore, StoreConfig};
 
 /// How hard a commit works to survive a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -39,7 +26,7 @@ pub enum Durability {
 }
 
 impl Durability {
-    fn synchronous(self) -> &'static str {
+    pub(crate) fn synchronous(self) -> &'static str {
         match self {
             Durability::Fsync => "FULL",
             Durability::Os => "NORMAL",
@@ -75,6 +62,97 @@ pub struct DeadLetter {
 /// How many leading bytes of each payload [`TelemetryStore::deadletters`] returns.
 pub const DEADLETTER_PREVIEW_BYTES: usize = 1024;
 
+/// The summary of one metric's values in one time bucket. Numbers are aggregated, and
+/// booleans as 0 and 1; text values are not (a bucket of text only has no summary).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Bucket {
+    /// The bucket's start: a multiple of its width since the Unix epoch.
+    pub start: TimestampMs,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The value with the earliest timestamp in the bucket.
+    pub first: f64,
+    /// The value with the latest timestamp in the bucket.
+    pub last: f64,
+}
+
+/// How a bucket is summarised into one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Agg {
+    Avg,
+    Min,
+    Max,
+    Sum,
+    Count,
+    First,
+    Last,
+}
+
+impl Bucket {
+    /// A bucket holding one value at `ts`.
+    pub fn of(start: TimestampMs, value: f64) -> Bucket {
+        Bucket {
+            start,
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+            first: value,
+            last: value,
+        }
+    }
+
+    /// Adds `later`, whose values all come after this bucket's (same start).
+    pub fn merge(&mut self, later: &Bucket) {
+        self.count += later.count;
+        self.sum += later.sum;
+        self.min = self.min.min(later.min);
+        self.max = self.max.max(later.max);
+        self.last = later.last;
+    }
+
+    /// The bucket summarised by `agg`: a count is an integer, the rest are numbers.
+    pub fn get(&self, agg: Agg) -> Value {
+        match agg {
+            Agg::Avg => Value::Float(self.sum / self.count.max(1) as f64),
+            Agg::Min => Value::Float(self.min),
+            Agg::Max => Value::Float(self.max),
+            Agg::Sum => Value::Float(self.sum),
+            Agg::Count => Value::Int(i64::try_from(self.count).unwrap_or(i64::MAX)),
+            Agg::First => Value::Float(self.first),
+            Agg::Last => Value::Float(self.last),
+        }
+    }
+}
+
+/// The number a value counts as in a [`Bucket`], if any.
+pub fn numeric(value: &Value) -> Option<f64> {
+    match value {
+        Value::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) => Some(*f),
+        Value::Text(_) => None,
+    }
+}
+
+/// Summarises time-ordered points into buckets of `step` ms aligned to the epoch.
+pub fn bucketize(points: impl IntoIterator<Item = (TimestampMs, Value)>, step: i64) -> Vec<Bucket> {
+    let step = step.max(1);
+    let mut out: Vec<Bucket> = Vec::new();
+    for (ts, value) in points {
+        let Some(v) = numeric(&value) else { continue };
+        let start = ts.div_euclid(step) * step;
+        match out.last_mut() {
+            Some(b) if b.start == start => b.merge(&Bucket::of(start, v)),
+            _ => out.push(Bucket::of(start, v)),
+        }
+    }
+    out
+}
+
 /// What one commit writes, atomically.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -87,6 +165,13 @@ pub struct Batch {
 pub trait TelemetryStore: Send + Sync + 'static {
     /// Writes the whole batch durably, or nothing.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Housekeeping the ingest thread runs between commits (for the embedded store: merging
+    /// recent points into their partitions and rollups, and retention). Returns how long
+    /// until it should run again, `None` if only after the next commit.
+    fn maintain(&self, now: TimestampMs) -> Result<Option<Duration>, StoreError> {
+        let _ = now;
+        Ok(None)
+    }
     /// Points of one series with `from <= ts <= to`, in time order, at most `limit`.
     fn range(
         &self,
@@ -96,8 +181,36 @@ pub trait TelemetryStore: Send + Sync + 'static {
         to: TimestampMs,
         limit: usize,
     ) -> Result<Vec<(TimestampMs, Value)>, StoreError>;
+    /// How many points of one series lie in `from <= ts <= to`.
+    fn count(
+        &self,
+        device: &DeviceId,
+        metric: &str,
+        from: TimestampMs,
+        to: TimestampMs,
+    ) -> Result<u64, StoreError>;
+    /// One series summarised in buckets of `step` ms aligned to the Unix epoch, in time
+    /// order, covering `from..=to` widened to whole buckets; buckets without a number are
+    /// left out. The store answers from its coarsest resolution that divides `step`.
+    fn buckets(
+        &self,
+        device: &DeviceId,
+        metric: &str,
+        from: TimestampMs,
+        to: TimestampMs,
+        step: i64,
+    ) -> Result<Vec<Bucket>, StoreError>;
+    /// The widths (ms) of the store's rollups, coarsest first: steps that are a multiple of
+    /// one are answered from it.
+    fn resolutions(&self) -> &[i64];
     /// The newest point of every metric of a device: (metric, ts, value), by metric name.
     fn latest(&self, device: &DeviceId) -> Result<Vec<(String, TimestampMs, Value)>, StoreError>;
+    /// The newest point of `metric` of every device that has it: (device, ts, value), by
+    /// device.
+    fn latest_of_metric(
+        &self,
+        metric: &str,
+    ) -> Result<Vec<(DeviceId, TimestampMs, Value)>, StoreError>;
     /// Dead letters, newest first, with an id below `before` when given, at most `limit`.
     /// Each `payload` is only the first [`DEADLETTER_PREVIEW_BYTES`] bytes (a page of whole
     /// payloads could be hundreds of megabytes); `payload_size` is the whole length.
@@ -107,43 +220,12 @@ pub trait TelemetryStore: Send + Sync + 'static {
     fn deadletter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError>;
 }
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE series (
-        id      INTEGER PRIMARY KEY,
-        device  TEXT NOT NULL,
-        metric  TEXT NOT NULL,
-        UNIQUE (device, metric)
-    );
-    CREATE TABLE points (
-        series  INTEGER NOT NULL REFERENCES series(id),
-        ts      INTEGER NOT NULL,
-        kind    INTEGER NOT NULL,
-        value,
-        PRIMARY KEY (series, ts)
-    ) WITHOUT ROWID;
-    CREATE TABLE latest (
-        series  INTEGER PRIMARY KEY REFERENCES series(id),
-        ts      INTEGER NOT NULL,
-        kind    INTEGER NOT NULL,
-        value
-    );
-    CREATE TABLE deadletters (
-        id          INTEGER PRIMARY KEY,
-        received_at INTEGER NOT NULL,
-        device      TEXT NOT NULL,
-        topic       TEXT NOT NULL,
-        reason      TEXT NOT NULL,
-        payload     BLOB NOT NULL
-    );"];
-
-/// Most series ids the writer keeps in memory; past this the cache starts over.
-const SERIES_CACHE_MAX: usize = 100_000;
-
 const KIND_BOOL: i64 = 0;
 const KIND_INT: i64 = 1;
 const KIND_FLOAT: i64 = 2;
 const KIND_TEXT: i64 = 3;
 
-fn to_sql(v: &Value) -> (i64, rusqlite::types::Value) {
+pub(crate) fn to_sql(v: &Value) -> (i64, rusqlite::types::Value) {
     use rusqlite::types::Value as Sql;
     match v {
         Value::Bool(b) => (KIND_BOOL, Sql::Integer(*b as i64)),
@@ -153,7 +235,7 @@ fn to_sql(v: &Value) -> (i64, rusqlite::types::Value) {
     }
 }
 
-fn from_sql(kind: i64, v: rusqlite::types::Value) -> Value {
+pub(crate) fn from_sql(kind: i64, v: rusqlite::types::Value) -> Value {
     use rusqlite::types::Value as Sql;
     match (kind, v) {
         (KIND_BOOL, Sql::Integer(i)) => Value::Bool(i != 0),
@@ -165,208 +247,9 @@ fn from_sql(kind: i64, v: rusqlite::types::Value) -> Value {
     }
 }
 
-/// A series' key in the id maps: (device, metric).
-type SeriesKey = (DeviceId, String);
-
-struct Writer {
-    conn: Connection,
-    /// Ids of series whose rows are committed. Only [`SqliteStore::commit`] adds to it, and only
-    /// after `COMMIT` succeeded: an id from a transaction that rolled back would point at a row
-    /// that does not exist, and SQLite would later hand the same id to another series.
-    series: HashMap<SeriesKey, i64>,
-}
-
-impl Writer {
-    /// The id of series (`device`, `metric`), creating the row if needed. `resolved` holds the
-    /// ids this transaction has looked up or created so far and is searched first; new ids go
-    /// there, never into `committed`.
-    fn series_id(
-        tx: &rusqlite::Transaction<'_>,
-        committed: &HashMap<SeriesKey, i64>,
-        resolved: &mut HashMap<SeriesKey, i64>,
-        device: &DeviceId,
-        metric: &str,
-    ) -> Result<i64, rusqlite::Error> {
-        let key = (device.clone(), metric.to_owned());
-        if let Some(id) = resolved.get(&key).or_else(|| committed.get(&key)) {
-            return Ok(*id);
-        }
-        let existing = tx
-            .prepare_cached("SELECT id FROM series WHERE device = ?1 AND metric = ?2")?
-            .query_row(params![device.as_str(), metric], |r| r.get(0))
-            .optional()?;
-        let id = match existing {
-            Some(id) => id,
-            None => {
-                tx.prepare_cached("INSERT INTO series (device, metric) VALUES (?1, ?2)")?
-                    .execute(params![device.as_str(), metric])?;
-                tx.last_insert_rowid()
-            }
-        };
-        resolved.insert(key, id);
-        Ok(id)
-    }
-
-    /// Adds the ids of a committed transaction to the cache, starting over when it is full.
-    fn remember(&mut self, resolved: HashMap<SeriesKey, i64>) {
-        if self.series.len() + resolved.len() > SERIES_CACHE_MAX {
-            self.series.clear();
-        }
-        self.series.extend(resolved);
-    }
-}
-
-/// The embedded telemetry store. One writer connection (the ingest thread) and one reader
-/// connection (queries); WAL mode lets them run side by side.
-pub struct SqliteStore {
-    writer: Mutex<Writer>,
-    reader: Mutex<Connection>,
-}
-
-impl SqliteStore {
-    pub fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
-        let conn = sqlite::open(path, durability.synchronous(), MIGRATIONS)?;
-        let reader = sqlite::open(path, durability.synchronous(), MIGRATIONS)?;
-        Ok(SqliteStore {
-            writer: Mutex::new(Writer {
-                conn,
-                series: HashMap::new(),
-            }),
-            reader: Mutex::new(reader),
-        })
-    }
-
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
-    ) -> Result<T, StoreError> {
-        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
-        Ok(f(&conn)?)
-    }
-}
-
-impl TelemetryStore for SqliteStore {
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut w = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let Writer { conn, series } = &mut *w;
-        // Series ids of this transaction; they reach `series` only once COMMIT succeeded.
-        let mut resolved = HashMap::new();
-        let tx = conn.transaction()?;
-        let result = (|| {
-            for (device, s) in &batch.samples {
-                let id = Writer::series_id(&tx, series, &mut resolved, device, &s.metric)?;
-                let (kind, value) = to_sql(&s.value);
-                tx.prepare_cached(
-                    "INSERT INTO points (series, ts, kind, value) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (series, ts) DO UPDATE SET kind = excluded.kind, value = excluded.value",
-                )?
-                .execute(params![id, s.ts_ms, kind, value])?;
-                tx.prepare_cached(
-                    "INSERT INTO latest (series, ts, kind, value) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (series) DO UPDATE SET ts = excluded.ts, kind = excluded.kind,
-                        value = excluded.value
-                     WHERE excluded.ts >= latest.ts",
-                )?
-                .execute(params![id, s.ts_ms, kind, value])?;
-            }
-            for d in &batch.deadletters {
-                tx.prepare_cached(
-                    "INSERT INTO deadletters (received_at, device, topic, reason, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
-                    d.received_at_ms,
-                    d.device.as_str(),
-                    d.topic,
-                    d.reason,
-                    d.payload
-                ])?;
-            }
-            Ok::<_, rusqlite::Error>(())
-        })();
-        // On any error, dropping `tx` rolls back (also when COMMIT itself failed and left the
-        // transaction open) and `resolved` is dropped with the ids of the rolled-back rows.
-        result?;
-        tx.commit()?;
-        w.remember(resolved);
-        Ok(())
-    }
-
-    fn range(
-        &self,
-        device: &DeviceId,
-        metric: &str,
-        from: TimestampMs,
-        to: TimestampMs,
-        limit: usize,
-    ) -> Result<Vec<(TimestampMs, Value)>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT p.ts, p.kind, p.value FROM points p
-                 JOIN series s ON s.id = p.series
-                 WHERE s.device = ?1 AND s.metric = ?2 AND p.ts >= ?3 AND p.ts <= ?4
-                 ORDER BY p.ts LIMIT ?5",
-            )?;
-            let rows = stmt.query_map(
-                params![device.as_str(), metric, from, to, limit as i64],
-                |r| Ok((r.get(0)?, from_sql(r.get(1)?, r.get(2)?))),
-            )?;
-            rows.collect()
-        })
-    }
-
-    fn latest(&self, device: &DeviceId) -> Result<Vec<(String, TimestampMs, Value)>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT s.metric, l.ts, l.kind, l.value FROM latest l
-                 JOIN series s ON s.id = l.series
-                 WHERE s.device = ?1 ORDER BY s.metric",
-            )?;
-            let rows = stmt.query_map([device.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, from_sql(r.get(2)?, r.get(3)?)))
-            })?;
-            rows.collect()
-        })
-    }
-
-    fn deadletters(
-        &self,
-        before: Option<i64>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, received_at, device, topic, reason, substr(payload, 1, ?3),
-                        length(payload)
-                 FROM deadletters WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    before.unwrap_or(i64::MAX),
-                    limit as i64,
-                    DEADLETTER_PREVIEW_BYTES as i64
-                ],
-                deadletter_row,
-            )?;
-            rows.collect()
-        })
-    }
-
-    fn deadletter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
-        self.read(|c| {
-            c.prepare_cached(
-                "SELECT id, received_at, device, topic, reason, payload, length(payload)
-                 FROM deadletters WHERE id = ?1",
-            )?
-            .query_row([id], deadletter_row)
-            .optional()
-        })
-    }
-}
-
 /// A dead letter from a row of `id, received_at, device, topic, reason, payload (or a prefix
 /// of it), length(payload)`.
-fn deadletter_row(r: &rusqlite::Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
+pub(crate) fn deadletter_row(r: &rusqlite::Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
     let device: String = r.get(2)?;
     let payload_size: i64 = r.get(6)?;
     Ok(DeadLetter {
@@ -519,7 +402,7 @@ mod tests {
         let store = SqliteStore::open(&path, Durability::Os).unwrap();
         // Creating series 'poison' inserts a row that breaks a deferred foreign key, so every
         // statement of that batch succeeds and only its COMMIT fails.
-        Connection::open(&path)
+        rusqlite::Connection::open(&path)
             .unwrap()
             .execute_batch(
                 "CREATE TABLE guard (x INTEGER REFERENCES series(id) DEFERRABLE INITIALLY DEFERRED);

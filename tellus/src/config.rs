@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tellus_ingest::{Durability, IngestConfig};
+use tellus_ingest::{Durability, IngestConfig, Retention, StoreConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -19,6 +19,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub pki: PkiConfig,
     pub ingest: IngestSection,
+    pub store: StoreSection,
     pub log: LogConfig,
     /// Longest a graceful stop waits for connections to close and ingest to commit.
     #[serde(with = "humantime_serde")]
@@ -66,6 +67,59 @@ pub struct IngestSection {
     pub durability: Durability,
 }
 
+/// The embedded telemetry store: how long each resolution is kept, and how soon new points
+/// are merged into their partitions and rollups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    pub retention_raw: Keep,
+    pub retention_minute: Keep,
+    pub retention_hour: Keep,
+    #[serde(with = "humantime_serde")]
+    pub merge_interval: Duration,
+    pub merge_rows: usize,
+}
+
+/// How long data is kept: a duration, or `"forever"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Keep(pub Option<Duration>);
+
+impl TryFrom<String> for Keep {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Keep, String> {
+        match s.as_str() {
+            "forever" => Ok(Keep(None)),
+            d => humantime::parse_duration(d)
+                .map(|d| Keep(Some(d)))
+                .map_err(|e| format!("{d:?} is neither a duration nor \"forever\": {e}")),
+        }
+    }
+}
+
+impl From<Keep> for String {
+    fn from(k: Keep) -> String {
+        match k.0 {
+            None => "forever".into(),
+            Some(d) => humantime::format_duration(d).to_string(),
+        }
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        let store = StoreConfig::default();
+        StoreSection {
+            retention_raw: Keep(store.retention.raw),
+            retention_minute: Keep(store.retention.minute),
+            retention_hour: Keep(store.retention.hour),
+            merge_interval: store.merge_interval,
+            merge_rows: store.merge_rows,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -90,6 +144,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             pki: PkiConfig::default(),
             ingest: IngestSection::default(),
+            store: StoreSection::default(),
             log: LogConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
         }
@@ -169,6 +224,35 @@ impl Config {
         }
     }
 
+    /// The telemetry store's settings; an error if a coarser resolution would be kept for
+    /// less time than a finer one (rollups are computed from the finer data while it is
+    /// kept).
+    pub fn store(&self) -> Result<StoreConfig, String> {
+        let s = &self.store;
+        let longer = |a: Keep, b: Keep| match (a.0, b.0) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(a), Some(b)) => a <= b,
+        };
+        if !longer(s.retention_raw, s.retention_minute)
+            || !longer(s.retention_minute, s.retention_hour)
+        {
+            return Err(
+                "[store] retention_raw <= retention_minute <= retention_hour must hold".into(),
+            );
+        }
+        Ok(StoreConfig {
+            durability: self.ingest.durability,
+            retention: Retention {
+                raw: s.retention_raw.0,
+                minute: s.retention_minute.0,
+                hour: s.retention_hour.0,
+            },
+            merge_interval: s.merge_interval,
+            merge_rows: s.merge_rows.max(1),
+        })
+    }
+
     pub fn ingest(&self) -> IngestConfig {
         IngestConfig {
             queue_capacity: self.ingest.queue_capacity,
@@ -238,6 +322,19 @@ max_batch = 1024
 # loss). "os": the OS flushes later (survives a crash of Tellus, not of the machine).
 durability = "fsync"
 
+[store]
+# How long each resolution of telemetry is kept: raw points, 1-minute and 1-hour rollups
+# (min, max, sum, count, first, last). A duration, or "forever"; each at least as long as
+# the finer one. Data is stored in time partitions (a day of raw points, 30 days of minutes,
+# 365 days of hours) and a partition is dropped whole once all of it is past its retention.
+retention_raw = "30days"
+retention_minute = "365days"
+retention_hour = "forever"
+# New points are first appended to a small head, which is merged into the partitions and
+# rollups at least this often, or as soon as it holds merge_rows points.
+merge_interval = "1s"
+merge_rows = 500000
+
 [log]
 # "text" or "json".
 format = "text"
@@ -249,6 +346,20 @@ filter = "info,rumqttd=off,rustls=error"
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_is_a_duration_or_forever_and_coarser_is_kept_longer() {
+        let c = Config::from_toml(
+            "[store]\nretention_raw = \"7days\"\nretention_minute = \"forever\"\n",
+        )
+        .unwrap();
+        let store = c.store().unwrap();
+        assert_eq!(store.retention.raw, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!((store.retention.minute, store.retention.hour), (None, None));
+        assert!(Config::from_toml("[store]\nretention_raw = \"soon\"\n").is_err());
+        let shorter = Config::from_toml("[store]\nretention_raw = \"400days\"\n").unwrap();
+        assert!(shorter.store().unwrap_err().contains("retention_raw"));
+    }
 
     #[test]
     fn the_printed_default_is_the_default() {

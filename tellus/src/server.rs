@@ -122,8 +122,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .context("building the TLS configuration")?;
 
     let store: Arc<dyn TelemetryStore> = Arc::new(
-        SqliteStore::open(&dir.telemetry(), config.ingest.durability)
-            .with_context(|| format!("opening {}", dir.telemetry().display()))?,
+        SqliteStore::open_with(
+            &dir.telemetry(),
+            config.store().map_err(anyhow::Error::msg)?,
+        )
+        .with_context(|| format!("opening {}", dir.telemetry().display()))?,
     );
     let routing = routing::start(&RoutingConfig {
         max_connections: config.mqtt.max_connections + 16,

@@ -286,3 +286,14 @@ pub fn require(what: &str, mut probe: Command, hint: &str) -> bool {
     }
     found
 }
+
+/// A device time for test data: an hour ago, to the minute, the same for the whole test
+/// process. Data must be recent to be kept raw: the store keeps raw points for 30 days (by
+/// their time), and older ones only in its rollups.
+pub fn recent_base() -> i64 {
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        let now = tellus_core::now_ms();
+        (now - 3_600_000).div_euclid(60_000) * 60_000
+    })
+}

@@ -134,7 +134,7 @@ async fn mosquitto_pub_with_files_from_device_create() {
         .args(["-i", "door-7", "-q", "1", "-t", "devices/door-7/telemetry"])
         .args([
             "-m",
-            r#"{"ts": 1732780800123, "values": {"open": true, "battery": 87}}"#,
+            &json!({"ts": *BASE, "values": {"open": true, "battery": 87}}).to_string(),
         ])
         .output()
         .await
@@ -145,8 +145,8 @@ async fn mosquitto_pub_with_files_from_device_create() {
     assert_eq!(
         latest["metrics"],
         json!({
-            "battery": {"ts": 1732780800123i64, "value": 87},
-            "open": {"ts": 1732780800123i64, "value": true},
+            "battery": {"ts": *BASE, "value": 87},
+            "open": {"ts": *BASE, "value": true},
         })
     );
 }
@@ -297,119 +297,151 @@ enum Interrupt {
     Kill,
 }
 
-const BASE: i64 = 1_600_000_000_000;
+static BASE: std::sync::LazyLock<i64> = std::sync::LazyLock::new(tellus_tests::recent_base);
 const MAX: i64 = 200_000;
+/// Devices publishing at once.
+const DEVICES: usize = 4;
+/// Acknowledged messages (all devices together) after which Tellus is interrupted.
+const INTERRUPT_AFTER: usize = 4_000;
 
-/// Starts Tellus, publishes QoS 1 telemetry without pause (message k carries device time
-/// BASE + k and value k), interrupts Tellus once 2,000 messages are acknowledged, and
-/// returns what was acknowledged, the data directory, and how the process ended.
+fn busy(n: usize) -> String {
+    format!("busy-{n}")
+}
+
+/// Starts Tellus, has `DEVICES` devices publish QoS 1 telemetry at once without pause
+/// (message k of a device carries device time BASE + k and value k), interrupts Tellus once
+/// `INTERRUPT_AFTER` messages are acknowledged, and returns what each device saw
+/// acknowledged and how the process ended.
 async fn acknowledged_before(
     interrupt: Interrupt,
     dir: &std::path::Path,
-) -> (BTreeSet<i64>, std::process::ExitStatus) {
+) -> (Vec<BTreeSet<i64>>, std::process::ExitStatus) {
     let t = Tellus::start_in(dir, None);
-    let creds = t.create_device("busy").await;
-    let mut options = t.mqtt_options(&creds);
-    // More in flight than the gate's window (256), so the gate also stops reading.
-    options.set_inflight(1000);
-    let (client, mut events) = connect(options).await;
-
-    let topic = creds.telemetry_topic();
-    let publisher = tokio::spawn(async move {
-        for k in 0..MAX {
-            let body = json!({"ts": BASE + k, "values": {"seq": k}}).to_string();
-            if client
-                .publish(&topic, QoS::AtLeastOnce, false, body)
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-
-    // Outgoing publishes leave in the order they were queued, so the n-th outgoing publish
-    // is message n; a PUBACK for its packet id means message n is durable.
-    let mut sent: i64 = 0;
-    let mut by_pkid: HashMap<u16, i64> = HashMap::new();
-    let mut acked = BTreeSet::new();
-    let mut running = Some(t);
-    let mut ending = None;
-    let result = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    by_pkid.insert(pkid, sent);
-                    sent += 1;
+    let acked_total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (reached, mut reached_rx) = tokio::sync::mpsc::channel::<()>(DEVICES);
+    let mut devices = Vec::new();
+    for n in 0..DEVICES {
+        let creds = t.create_device(&busy(n)).await;
+        let mut options = t.mqtt_options(&creds);
+        // More in flight than the gate's window (256), so the gate also stops reading.
+        options.set_inflight(1000);
+        let (client, events) = connect(options).await;
+        let topic = creds.telemetry_topic();
+        let publisher = tokio::spawn(async move {
+            for k in 0..MAX {
+                let body = json!({"ts": *BASE + k, "values": {"seq": k}}).to_string();
+                if client
+                    .publish(&topic, QoS::AtLeastOnce, false, body)
+                    .await
+                    .is_err()
+                {
+                    break;
                 }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let k = by_pkid
-                        .remove(&ack.pkid)
-                        .expect("PUBACK for a known packet");
-                    acked.insert(k);
-                    if acked.len() == 2_000 {
-                        if let Some(t) = running.take() {
-                            // Interrupt while messages are in flight.
-                            ending = Some(tokio::task::spawn_blocking(move || match interrupt {
-                                Interrupt::Stop => t.stop(),
-                                Interrupt::Kill => t.kill(),
-                            }));
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
             }
-        }
+        });
+        let listener = tokio::spawn(acknowledged(events, acked_total.clone(), reached.clone()));
+        devices.push((publisher, listener));
+    }
+    drop(reached);
+    // Interrupt while messages of every device are in flight.
+    reached_rx.recv().await.expect("load reached the interrupt");
+    let status = tokio::task::spawn_blocking(move || match interrupt {
+        Interrupt::Stop => t.stop(),
+        Interrupt::Kill => t.kill(),
     })
-    .await;
-    assert!(result.is_ok(), "the connection did not end");
-    publisher.abort();
-    let status = ending
-        .expect("load reached 2,000 acknowledged messages")
-        .await
-        .unwrap();
-    eprintln!(
-        "sent {sent}, acknowledged {} before the process ended",
-        acked.len()
-    );
+    .await
+    .unwrap();
+    let mut acked = Vec::new();
+    for (publisher, listener) in devices {
+        let seen = tokio::time::timeout(Duration::from_secs(120), listener)
+            .await
+            .expect("the connection did not end")
+            .unwrap();
+        publisher.abort();
+        acked.push(seen);
+    }
+    let total: usize = acked.iter().map(BTreeSet::len).sum();
+    eprintln!("{total} acknowledged before the process ended");
     (acked, status)
 }
 
-/// Restarts Tellus on `dir` and returns every stored value of the test metric.
-async fn stored_after_restart(dir: &std::path::Path) -> (Tellus, BTreeSet<i64>) {
-    let t = Tellus::start_in(dir, None);
-    let mut stored = BTreeSet::new();
-    let mut from = BASE;
+/// Follows one device's connection until it ends; returns the messages acknowledged.
+/// Outgoing publishes leave in the order they were queued, so the n-th outgoing publish is
+/// message n; a PUBACK for its packet id means message n is durable.
+async fn acknowledged(
+    mut events: rumqttc::EventLoop,
+    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    reached: tokio::sync::mpsc::Sender<()>,
+) -> BTreeSet<i64> {
+    let mut sent: i64 = 0;
+    let mut by_pkid: HashMap<u16, i64> = HashMap::new();
+    let mut acked = BTreeSet::new();
     loop {
-        let (status, body) = t
-            .get(&format!(
-                "/api/v1/devices/busy/telemetry?metric=seq&from={from}&to={}&limit=100000",
-                BASE + MAX
-            ))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        for p in body["points"].as_array().unwrap() {
-            let (ts, v) = (p[0].as_i64().unwrap(), p[1].as_i64().unwrap());
-            assert_eq!(ts - BASE, v, "point stored at the wrong time");
-            stored.insert(v);
-        }
-        match body["next"].as_i64() {
-            Some(next) => from = next,
-            None => break,
+        match events.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                by_pkid.insert(pkid, sent);
+                sent += 1;
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let k = by_pkid
+                    .remove(&ack.pkid)
+                    .expect("PUBACK for a known packet");
+                acked.insert(k);
+                let n = total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n == INTERRUPT_AFTER {
+                    let _ = reached.try_send(());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return acked,
         }
     }
-    (t, stored)
 }
 
-fn assert_none_lost(acked: &BTreeSet<i64>, stored: &BTreeSet<i64>) {
-    assert!(acked.len() >= 2_000, "only {} acknowledged", acked.len());
-    let lost: Vec<_> = acked.difference(stored).take(10).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost, first {lost:?}",
-        acked.difference(stored).count()
-    );
+/// Restarts Tellus on `dir` and returns every stored value of the test metric, by device.
+async fn stored_after_restart(dir: &std::path::Path) -> (Tellus, Vec<BTreeSet<i64>>) {
+    let t = Tellus::start_in(dir, None);
+    let mut all = Vec::new();
+    for n in 0..DEVICES {
+        let mut stored = BTreeSet::new();
+        let mut from = *BASE;
+        loop {
+            let (status, body) = t
+                .get(&format!(
+                    "/api/v1/devices/{}/telemetry?metric=seq&agg=none&from={from}&to={}&limit=100000",
+                    busy(n),
+                    *BASE + MAX
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            for p in body["points"].as_array().unwrap() {
+                let (ts, v) = (p[0].as_i64().unwrap(), p[1].as_i64().unwrap());
+                assert_eq!(ts - *BASE, v, "point stored at the wrong time");
+                stored.insert(v);
+            }
+            match body["next"].as_i64() {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        all.push(stored);
+    }
+    (t, all)
+}
+
+fn assert_none_lost(acked: &[BTreeSet<i64>], stored: &[BTreeSet<i64>]) {
+    let total: usize = acked.iter().map(BTreeSet::len).sum();
+    assert!(total >= INTERRUPT_AFTER, "only {total} acknowledged");
+    for (n, (acked, stored)) in acked.iter().zip(stored).enumerate() {
+        assert!(!acked.is_empty(), "{} had nothing acknowledged", busy(n));
+        let lost: Vec<_> = acked.difference(stored).take(10).collect();
+        assert!(
+            lost.is_empty(),
+            "{}: {} acknowledged messages lost, first {lost:?}",
+            busy(n),
+            acked.difference(stored).count()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

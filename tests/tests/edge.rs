@@ -25,7 +25,7 @@ use tellus_tests::{
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// Device time of the first test message.
-const BASE: i64 = 1_700_000_000_000;
+static BASE: std::sync::LazyLock<i64> = std::sync::LazyLock::new(tellus_tests::recent_base);
 
 /// Raises this process's soft limit of open files to `want` (at most the hard limit); a
 /// `tellus` started afterwards inherits it.
@@ -66,8 +66,9 @@ async fn wait_for_stats(t: &Tellus, what: &str, ready: impl Fn(&Value) -> bool) 
 async fn points(t: &Tellus, device: &str, metric: &str) -> Vec<Value> {
     let (status, body) = t
         .get(&format!(
-            "/api/v1/devices/{device}/telemetry?metric={metric}&from={BASE}&to={}&limit=1000",
-            BASE + 1_000_000
+            "/api/v1/devices/{device}/telemetry?metric={metric}&agg=none&from={}&to={}&limit=1000",
+            *BASE,
+            *BASE + 1_000_000
         ))
         .await;
     assert_eq!(status, 200, "{body}");
@@ -152,7 +153,7 @@ async fn idle_and_slow_loris_sockets_do_not_delay_a_device() {
         &client,
         &mut events,
         &creds.telemetry_topic(),
-        &json!({"ts": BASE, "values": {"t": 1}}).to_string(),
+        &json!({"ts": *BASE, "values": {"t": 1}}).to_string(),
     )
     .await;
     let busy_publish = since.elapsed();
@@ -161,7 +162,7 @@ async fn idle_and_slow_loris_sockets_do_not_delay_a_device() {
          slow-loris sockets: connect {busy_connect:?}, QoS 1 publish to PUBACK {busy_publish:?}",
         SILENT_LORIS + 1
     );
-    assert_eq!(points(&t, "punctual", "t").await, vec![json!([BASE, 1])]);
+    assert_eq!(points(&t, "punctual", "t").await, vec![json!([*BASE, 1])]);
 
     // The sockets were held open all along: none was closed by a deadline or a limit.
     assert!(
@@ -208,7 +209,7 @@ async fn a_publish_flood_slows_only_the_flooding_device() {
         tokio::spawn(async move {
             let publisher = tokio::spawn(async move {
                 for k in 0..FLOOD as i64 {
-                    let body = json!({"ts": BASE + k, "values": {"seq": k}}).to_string();
+                    let body = json!({"ts": *BASE + k, "values": {"seq": k}}).to_string();
                     client_a
                         .publish(&topic, QoS::AtLeastOnce, false, body)
                         .await
@@ -250,7 +251,7 @@ async fn a_publish_flood_slows_only_the_flooding_device() {
             &client_b,
             &mut events_b,
             &calm.telemetry_topic(),
-            &json!({"ts": BASE + k, "values": {"n": k}}).to_string(),
+            &json!({"ts": *BASE + k, "values": {"n": k}}).to_string(),
         )
         .await;
         slowest_b = slowest_b.max(one.elapsed());
@@ -276,13 +277,13 @@ async fn a_publish_flood_slows_only_the_flooding_device() {
         &client_a,
         &mut events_a,
         &flooder.telemetry_topic(),
-        &json!({"ts": BASE, "values": {"after": true}}).to_string(),
+        &json!({"ts": *BASE, "values": {"after": true}}).to_string(),
     )
     .await;
 
     // Nothing was dropped: every message of both devices is stored, at its device time.
     let stored_a = points(&t, "flood-a", "seq").await;
-    let expected_a: Vec<Value> = (0..FLOOD as i64).map(|k| json!([BASE + k, k])).collect();
+    let expected_a: Vec<Value> = (0..FLOOD as i64).map(|k| json!([*BASE + k, k])).collect();
     assert_eq!(
         stored_a.len(),
         FLOOD,
@@ -291,7 +292,7 @@ async fn a_publish_flood_slows_only_the_flooding_device() {
     );
     assert_eq!(stored_a, expected_a);
     let stored_b = points(&t, "calm-b", "n").await;
-    let expected_b: Vec<Value> = (0..CALM as i64).map(|k| json!([BASE + k, k])).collect();
+    let expected_b: Vec<Value> = (0..CALM as i64).map(|k| json!([*BASE + k, k])).collect();
     assert_eq!(stored_b, expected_b);
 
     let gate = gate_stats(&t).await;
@@ -397,7 +398,7 @@ async fn a_paho_mqtt_device_publishes_and_an_unregistered_one_is_refused() {
     ];
     for (i, (qos, protocol, humidity)) in runs.into_iter().enumerate() {
         let values =
-            json!({"ts": BASE + i as i64, "values": {"humidity": humidity, "lib": "paho"}});
+            json!({"ts": *BASE + i as i64, "values": {"humidity": humidity, "lib": "paho"}});
         let out = paho_publish(&t, &certs, &creds, &values.to_string(), qos, protocol).await;
         assert!(
             out.status.success(),
@@ -407,10 +408,10 @@ async fn a_paho_mqtt_device_publishes_and_an_unregistered_one_is_refused() {
     assert_eq!(
         points(&t, "paho-01", "humidity").await,
         vec![
-            json!([BASE, 48.5]),
-            json!([BASE + 1, 49.0]),
-            json!([BASE + 2, 49.5]),
-            json!([BASE + 3, 50.0])
+            json!([*BASE, 48.5]),
+            json!([*BASE + 1, 49.0]),
+            json!([*BASE + 2, 49.5]),
+            json!([*BASE + 3, 50.0])
         ]
     );
     let (_, latest) = t.get("/api/v1/devices/paho-01/latest").await;

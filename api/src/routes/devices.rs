@@ -25,7 +25,11 @@ use tellus_core::{
 };
 
 use super::{blocking, page_limit, split_page};
-use crate::{extract, timestamps::rfc3339, ApiError, AppState};
+use crate::{
+    extract,
+    timestamps::{self, rfc3339},
+    ApiError, AppState,
+};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -171,6 +175,7 @@ pub async fn list(
             after: after.as_ref(),
             limit: limit + 1,
             expiring_before,
+            ..Default::default()
         })
     })
     .await?;
@@ -190,11 +195,7 @@ pub async fn list(
 /// `now` + the humantime duration `within`, in ms (saturating: a huge span lists every device
 /// with a certificate).
 fn expiring_before(now: TimestampMs, within: &str) -> Result<TimestampMs, ApiError> {
-    let span = humantime::parse_duration(within).map_err(|e| {
-        ApiError::InvalidQuery(format!(
-            "expiring_within: expected a duration such as 30d or 12h, found {within:?} ({e})"
-        ))
-    })?;
+    let span = timestamps::duration("expiring_within", within, "30d or 12h")?;
     let span = TimestampMs::try_from(span.as_millis()).unwrap_or(TimestampMs::MAX);
     Ok(now.saturating_add(span))
 }

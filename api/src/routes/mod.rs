@@ -5,7 +5,9 @@
 //! |---|---|---|
 //! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] | yes |
-//! | `GET /devices/{id}/telemetry`, `GET /devices/{id}/latest` | [`telemetry`] | yes |
+//! | `GET /devices/{id}/telemetry` (`metric=` or `metrics=a,b`; `step=`, `agg=`, `max_points=`, `format=csv`) | [`telemetry`] | yes |
+//! | `GET /devices/{id}/latest` | [`telemetry`] | yes |
+//! | `GET /telemetry/latest?metric=&tag=key:value` (the fleet view) | [`telemetry::fleet`] | yes |
 //! | `GET /deadletters`, `GET /deadletters/{id}` | [`deadletters`] | yes |
 //! | `GET /pki/crl.pem` | [`pki`] | **no**: signed public data, for other brokers |
 //! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] | yes |
@@ -52,6 +54,7 @@ pub fn v1() -> Router<AppState> {
         .route("/devices/{id}/enable", post(devices::enable))
         .route("/devices/{id}/telemetry", get(telemetry::range))
         .route("/devices/{id}/latest", get(telemetry::latest))
+        .route("/telemetry/latest", get(telemetry::fleet::fleet_latest))
         .route("/deadletters", get(deadletters::list))
         .route("/deadletters/{id}", get(deadletters::get_one))
         .route("/pki/cas", post(pki::create_ca).get(pki::list_cas))

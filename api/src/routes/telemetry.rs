@@ -1,93 +1,401 @@
-//! Telemetry of one device: a metric over a time range, and the newest value of each metric.
+//! Telemetry: one device's series over a time range, raw or aggregated, as JSON pages or a
+//! CSV stream; the newest value of each metric of a device; and the newest value of one
+//! metric across the fleet ([`fleet`]).
 //!
-//! Values keep the type the device sent (number, boolean or string). A range is
-//! `from <= ts <= to`, both given as epoch milliseconds or RFC 3339; by default the last hour.
-//! Points come in time order; when a page is full, `next` is the `from` of the next page.
+//! `GET /devices/{id}/telemetry` takes:
+//! - `metric=a` (one series) or `metrics=a,b` (up to [`MAX_METRICS`], in one answer): one of
+//!   the two, not both; names may not be empty or repeat (a metric whose name holds a comma
+//!   can only be asked for with `metric=`);
+//! - `from`, `to`: `from <= ts <= to`, each epoch milliseconds or RFC 3339; by default the
+//!   last hour. Times outside years 0000–9999 are moved to the nearest end of that span;
+//! - `step=1m` (humantime: `30s`, `1m`, `1h`, `1d`, or a number of ms; at most 100 years)
+//!   and `agg=avg|min|max|sum|count|first|last` (default `avg`): one value per bucket of
+//!   `step`, as `[bucket_start, value]`. Buckets are aligned to multiples of `step` since the
+//!   Unix epoch, `from` and `to` widened to whole buckets; a bucket without a number is left
+//!   out (text is not aggregated; booleans count as 0 and 1);
+//! - without `step`, `max_points` (default 1000, at most 100 000): a range holding at most
+//!   that many raw points is answered raw, a larger one aggregated by `agg` with the step
+//!   [`plan::auto_step`] chooses (the smallest that gives at most `max_points` buckets, a
+//!   multiple of the store's coarsest rollup that still gives that many, so the store
+//!   answers from the rollup). The store keeps raw points for less time than rollups, so
+//!   when the raw points fit but a rollup knows numbers they lack, the answer is that
+//!   rollup's buckets (see [`plan`]): an old range is answered from what is left of it;
+//! - `agg=none` instead: raw points whatever their number, paged by `limit` (neither `step`
+//!   nor `max_points` with it);
+//! - `limit` and `format=json|csv` (below).
+//!
+//! JSON: `metric=` is answered `{device, metric, points: [[ts, value]], next}`, with `step`
+//! (ms) and `agg` added when the points are buckets. `metrics=` is answered
+//! `{device, from, to, series: [{metric, points, next, step?, agg?}]}`, each series planned
+//! on its own (a sparse one may come raw beside an aggregated one). A page holds at most
+//! `limit` points per series (default 10 000); each series has its own `next`, the `from`
+//! that continues it (the next bucket, for buckets), `null` once it is complete: continue a
+//! series with `metric=<it>&from=<its next>`, with its `step` and `agg` if it has them (so
+//! that the next page is cut into the same buckets, whatever its smaller range would plan).
+//!
+//! CSV ([`csv`]): `metric,ts,value` lines, streamed with no cap, series after series; `limit`
+//! is refused. Without `step`, a CSV export is every raw point the store still keeps (an
+//! export is not a chart: capping it at `max_points` would defeat it), unless `max_points`
+//! asks for the planning above; with `step` (or `max_points`) it is the same buckets as the
+//! JSON answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use axum::{extract::State, Json};
+use axum::{
+    extract::State,
+    response::{IntoResponse, Response},
+    Json,
+};
 use serde::{Deserialize, Serialize};
 use tellus_core::{now_ms, DeviceId, TimestampMs, Value};
+use tellus_ingest::{Agg, StoreError, TelemetryStore};
 
-use super::{blocking, page_limit, split_page};
+use super::{blocking, page_limit};
 use crate::{extract, timestamps, ApiError, AppState};
+
+pub mod csv;
+pub mod fleet;
+pub mod plan;
+pub mod read;
+
+use plan::Shape;
 
 const DEFAULT_LIMIT: usize = 10_000;
 const MAX_LIMIT: usize = 100_000;
 const DEFAULT_SPAN_MS: TimestampMs = 3_600_000;
+const DEFAULT_MAX_POINTS: usize = 1000;
+const MAX_MAX_POINTS: usize = 100_000;
+/// The most metrics one request may name.
+pub const MAX_METRICS: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RangeQuery {
     pub metric: Option<String>,
+    /// Comma-separated metric names.
+    pub metrics: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
     pub limit: Option<usize>,
+    pub step: Option<String>,
+    pub agg: Option<String>,
+    pub max_points: Option<usize>,
+    pub format: Option<String>,
 }
 
+/// One series of an answer. `points` are `[ts_ms, value]` pairs, or `[bucket_start_ms,
+/// value]` when `step` and `agg` say the series is aggregated.
+#[derive(Debug, Serialize)]
+pub struct Series {
+    pub metric: String,
+    pub points: Vec<(TimestampMs, Value)>,
+    pub next: Option<TimestampMs>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agg: Option<Agg>,
+}
+
+/// The answer to `metric=`: `{device, metric, points, next}`, and `step`, `agg` when
+/// aggregated.
 #[derive(Debug, Serialize)]
 pub struct RangeAnswer {
     pub device: DeviceId,
-    pub metric: String,
-    /// `[ts_ms, value]` pairs.
-    pub points: Vec<(TimestampMs, Value)>,
-    pub next: Option<TimestampMs>,
+    #[serde(flatten)]
+    pub series: Series,
 }
 
-/// `GET /api/v1/devices/{id}/telemetry?metric=&from=&to=&limit=`
+/// The answer to `metrics=`: the range queried (ms) and one series per metric, in the
+/// order asked.
+#[derive(Debug, Serialize)]
+pub struct SeriesAnswer {
+    pub device: DeviceId,
+    pub from: TimestampMs,
+    pub to: TimestampMs,
+    pub series: Vec<Series>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Csv,
+}
+
+/// What a request asks of each series, before the store is consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// Buckets of this step.
+    Step(i64),
+    /// Raw if the range holds at most this many points, else buckets of [`plan::auto_step`].
+    AtMost(usize),
+    /// Every raw point, paged by `limit` (`agg=none`, and CSV exports without `step` or
+    /// `max_points`).
+    Raw,
+}
+
+/// A validated request.
+#[derive(Debug)]
+struct Request {
+    metrics: Vec<String>,
+    /// Asked with `metrics=`: answered with a list of series.
+    many: bool,
+    from: TimestampMs,
+    to: TimestampMs,
+    wanted: Wanted,
+    agg: Agg,
+    format: Format,
+    /// Points per series per JSON page.
+    limit: usize,
+}
+
+impl RangeQuery {
+    fn validate(self, now: TimestampMs) -> Result<Request, ApiError> {
+        let (metrics, many) = match (self.metric, self.metrics) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::InvalidQuery(
+                    "give either metric (one) or metrics (a comma-separated list), not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ApiError::InvalidQuery(
+                    "the metric parameter is required, e.g. ?metric=temperature \
+                     (or ?metrics=temperature,humidity)"
+                        .into(),
+                ))
+            }
+            (Some(m), None) if m.is_empty() => {
+                return Err(ApiError::InvalidQuery("metric must not be empty".into()))
+            }
+            (Some(m), None) => (vec![m], false),
+            (None, Some(list)) => (metric_list(&list)?, true),
+        };
+        let to = match self.to.as_deref() {
+            Some(s) => timestamps::parse("to", s)?,
+            None => now,
+        };
+        let from = match self.from.as_deref() {
+            Some(s) => timestamps::parse("from", s)?,
+            None => to.saturating_sub(DEFAULT_SPAN_MS),
+        };
+        if from > to {
+            return Err(ApiError::InvalidQuery(format!(
+                "from ({from}) is after to ({to})"
+            )));
+        }
+        let clamp = |t: TimestampMs| t.clamp(timestamps::MIN_MS, timestamps::MAX_MS);
+        let (from, to) = (clamp(from), clamp(to));
+        let format = match self.format.as_deref() {
+            None | Some("json") => Format::Json,
+            Some("csv") => Format::Csv,
+            Some(other) => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "format: expected json or csv, found {other:?}"
+                )))
+            }
+        };
+        let limit = match format {
+            Format::Json => page_limit(self.limit, DEFAULT_LIMIT, MAX_LIMIT)?,
+            Format::Csv if self.limit.is_some() => {
+                return Err(ApiError::InvalidQuery(
+                    "limit does not apply to format=csv, which streams the whole range".into(),
+                ))
+            }
+            Format::Csv => usize::MAX,
+        };
+        let step = self.step.as_deref().map(plan::parse_step).transpose()?;
+        // agg=none: raw points whatever their number, paged by limit.
+        let raw = self.agg.as_deref() == Some("none");
+        let agg = match self.agg.as_deref() {
+            None | Some("none") => Agg::Avg,
+            Some(agg) => plan::parse_agg(agg)?,
+        };
+        if self.max_points == Some(0) {
+            return Err(ApiError::InvalidQuery(
+                "max_points must be at least 1".into(),
+            ));
+        }
+        let max_points = self.max_points.map(|n| n.min(MAX_MAX_POINTS));
+        let wanted = match (step, max_points, format) {
+            (Some(_), _, _) if raw => {
+                return Err(ApiError::InvalidQuery(
+                    "agg=none asks for raw points; it takes no step".into(),
+                ))
+            }
+            (None, Some(_), _) if raw => {
+                return Err(ApiError::InvalidQuery(
+                    "agg=none asks for raw points; it takes no max_points".into(),
+                ))
+            }
+            (Some(step), _, _) => Wanted::Step(step),
+            (None, None, _) if raw => Wanted::Raw,
+            (None, Some(n), _) => Wanted::AtMost(n),
+            (None, None, Format::Json) => Wanted::AtMost(DEFAULT_MAX_POINTS),
+            (None, None, Format::Csv) => Wanted::Raw,
+        };
+        Ok(Request {
+            metrics,
+            many,
+            from,
+            to,
+            wanted,
+            agg,
+            format,
+            limit,
+        })
+    }
+}
+
+/// The metrics of `metrics=a,b`: at least one, at most [`MAX_METRICS`], none empty, none
+/// twice.
+fn metric_list(list: &str) -> Result<Vec<String>, ApiError> {
+    let metrics: Vec<String> = list.split(',').map(str::to_owned).collect();
+    if metrics.iter().any(String::is_empty) {
+        return Err(ApiError::InvalidQuery(format!(
+            "metrics: expected comma-separated metric names, none empty, found {list:?}"
+        )));
+    }
+    if metrics.len() > MAX_METRICS {
+        return Err(ApiError::InvalidQuery(format!(
+            "metrics: at most {MAX_METRICS} metrics per request, found {}",
+            metrics.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    if let Some(twice) = metrics.iter().find(|m| !seen.insert(m.as_str())) {
+        return Err(ApiError::InvalidQuery(format!(
+            "metrics: {twice:?} is named twice"
+        )));
+    }
+    Ok(metrics)
+}
+
+/// How one series will be answered, and its raw points when planning already read them all.
+fn plan_series(
+    store: &dyn TelemetryStore,
+    device: &DeviceId,
+    metric: &str,
+    r: &Request,
+) -> Result<(Shape, Option<read::Points>), StoreError> {
+    match r.wanted {
+        Wanted::Step(step) => Ok((Shape::Buckets { step, agg: r.agg }, None)),
+        Wanted::Raw => Ok((Shape::Raw, None)),
+        Wanted::AtMost(max_points) => {
+            // Reading at most max_points + 1 points tells whether the range holds more than
+            // max_points as surely as counting them, at a bounded cost, and gives the answer
+            // when it does not.
+            let points = store.range(device, metric, r.from, r.to, max_points + 1)?;
+            let resolutions = store.resolutions();
+            if points.len() > max_points {
+                let step = plan::auto_step(r.from, r.to, max_points, resolutions);
+                return Ok((Shape::Buckets { step, agg: r.agg }, None));
+            }
+            // Few raw points may mean that the others expired while their rollups live on.
+            for step in plan::rollup_steps(r.from, r.to, max_points, resolutions) {
+                let buckets = store.buckets(device, metric, r.from, r.to, step)?;
+                match plan::numbers_inside(&points, &buckets, step, (r.from, r.to)) {
+                    (rolled, raw) if rolled > raw => {
+                        return Ok((Shape::Buckets { step, agg: r.agg }, None))
+                    }
+                    // The raw points hold what this rollup knows: they are whole.
+                    (rolled, raw) if rolled > 0 || raw > 0 => break,
+                    // Nothing here at this width (a finer rollup may have expired too).
+                    _ => continue,
+                }
+            }
+            Ok((Shape::Raw, Some(points)))
+        }
+    }
+}
+
+/// One JSON page of one series.
+fn series_page(
+    store: &dyn TelemetryStore,
+    device: &DeviceId,
+    metric: String,
+    r: &Request,
+) -> Result<Series, StoreError> {
+    let range = (r.from, r.to);
+    let (shape, prefetched) = plan_series(store, device, &metric, r)?;
+    let (points, next) = match (shape, prefetched) {
+        (Shape::Raw, Some(points)) => read::cut(points, r.limit),
+        (Shape::Raw, None) => read::raw_page(store, device, &metric, range, r.limit)?,
+        (Shape::Buckets { step, agg }, _) => {
+            read::bucket_page(store, device, &metric, range, (step, agg), r.limit)?
+        }
+    };
+    let (step, agg) = match shape {
+        Shape::Raw => (None, None),
+        Shape::Buckets { step, agg } => (Some(step), Some(agg)),
+    };
+    Ok(Series {
+        metric,
+        points,
+        next,
+        step,
+        agg,
+    })
+}
+
+/// `GET /api/v1/devices/{id}/telemetry?metric=|metrics=&from=&to=&step=&agg=&max_points=&limit=&format=`
 pub async fn range(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
     extract::Query(q): extract::Query<RangeQuery>,
-) -> Result<Json<RangeAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     let device = DeviceId::parse(&id)?;
-    let metric = match q.metric {
-        Some(m) if !m.is_empty() => m,
-        Some(_) => return Err(ApiError::InvalidQuery("metric must not be empty".into())),
-        None => {
-            return Err(ApiError::InvalidQuery(
-                "the metric parameter is required, e.g. ?metric=temperature".into(),
-            ))
-        }
-    };
-    let to = match q.to.as_deref() {
-        Some(s) => timestamps::parse("to", s)?,
-        None => now_ms(),
-    };
-    let from = match q.from.as_deref() {
-        Some(s) => timestamps::parse("from", s)?,
-        None => to.saturating_sub(DEFAULT_SPAN_MS),
-    };
-    if from > to {
-        return Err(ApiError::InvalidQuery(format!(
-            "from ({from}) is after to ({to})"
-        )));
-    }
-    let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-
+    let r = q.validate(now_ms())?;
     let (registry, store) = (state.registry.clone(), state.store.clone());
-    let (device, metric, rows) = blocking(move || {
-        if registry.device(&device)?.is_none() {
-            return Err(ApiError::DeviceNotFound(device));
+    match r.format {
+        Format::Json => {
+            let (device, r, mut series) = blocking(move || {
+                if registry.device(&device)?.is_none() {
+                    return Err(ApiError::DeviceNotFound(device));
+                }
+                let series = r
+                    .metrics
+                    .iter()
+                    .map(|m| series_page(store.as_ref(), &device, m.clone(), &r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((device, r, series))
+            })
+            .await?;
+            if r.many {
+                let (from, to) = (r.from, r.to);
+                Ok(Json(SeriesAnswer {
+                    device,
+                    from,
+                    to,
+                    series,
+                })
+                .into_response())
+            } else {
+                let series = series
+                    .pop()
+                    .ok_or_else(|| ApiError::internal("no series"))?;
+                Ok(Json(RangeAnswer { device, series }).into_response())
+            }
         }
-        let rows = store.range(&device, &metric, from, to, limit + 1)?;
-        Ok((device, metric, rows))
-    })
-    .await?;
-    let (points, more) = split_page(rows, limit);
-    // Timestamps are unique within a series, so the next page starts just after this one.
-    let next = if more {
-        points.last().map(|(ts, _)| ts.saturating_add(1))
-    } else {
-        None
-    };
-    Ok(Json(RangeAnswer {
-        device,
-        metric,
-        points,
-        next,
-    }))
+        Format::Csv => {
+            let planner = store.clone();
+            let (device, r, series) = blocking(move || {
+                if registry.device(&device)?.is_none() {
+                    return Err(ApiError::DeviceNotFound(device));
+                }
+                let mut series = Vec::with_capacity(r.metrics.len());
+                for metric in &r.metrics {
+                    let (shape, prefetched) = plan_series(planner.as_ref(), &device, metric, &r)?;
+                    series.push(csv::Series {
+                        metric: metric.clone(),
+                        shape,
+                        prefetched,
+                    });
+                }
+                Ok((device, r, series))
+            })
+            .await?;
+            Ok(csv::response(store, device, series, (r.from, r.to)))
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

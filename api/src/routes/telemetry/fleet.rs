@@ -1,0 +1,231 @@
+//! `GET /api/v1/telemetry/latest?metric=temperature&tag=site:berlin`: the newest value of one
+//! metric for every registered device that has it, optionally only devices carrying every
+//! `tag=key:value` given (the parameter repeats; the key ends at the first `:`).
+//!
+//! Answer: `{metric, devices: [{device, ts, value}], next}`, in device id order, paged by
+//! `limit` (default 10 000, enough for a whole fleet of that size in one page; at most
+//! 100 000) and `after` (the previous page's `next`). A device deleted from the registry is
+//! not listed, even though its telemetry stays in the store.
+//!
+//! One store call reads the newest point of the metric for all devices at once, whatever the
+//! fleet's size; the registry is read in pages of [`REGISTRY_CHUNK`] devices (filtered by
+//! tag in the registry's query) and the two lists, both in id order, are merged.
+
+use axum::{extract::State, Json};
+use serde::Serialize;
+use tellus_core::{DeviceId, DeviceQuery, TimestampMs, Value};
+
+use crate::{
+    extract,
+    routes::{blocking, page_limit, split_page},
+    ApiError, AppState,
+};
+
+const DEFAULT_LIMIT: usize = 10_000;
+const MAX_LIMIT: usize = 100_000;
+/// The most `tag` filters one request may give.
+pub const MAX_TAGS: usize = 32;
+/// Devices read from the registry per call while merging.
+const REGISTRY_CHUNK: usize = 2_000;
+
+#[derive(Debug, Serialize)]
+pub struct DeviceValue {
+    pub device: DeviceId,
+    pub ts: TimestampMs,
+    pub value: Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FleetAnswer {
+    pub metric: String,
+    pub devices: Vec<DeviceValue>,
+    pub next: Option<DeviceId>,
+}
+
+/// The parameters, read from the query string by hand because `tag` repeats.
+#[derive(Debug, Default)]
+struct FleetQuery {
+    metric: String,
+    tags: Vec<(String, String)>,
+    limit: usize,
+    after: Option<DeviceId>,
+}
+
+fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
+    let (mut metric, mut limit, mut after) = (None, None, None);
+    let mut tags = Vec::new();
+    let once = |slot: &mut Option<String>, key: &str, value: String| {
+        if slot.replace(value).is_some() {
+            return Err(ApiError::InvalidQuery(format!("{key} is given twice")));
+        }
+        Ok(())
+    };
+    for (key, value) in pairs {
+        match key.as_str() {
+            "metric" => once(&mut metric, "metric", value)?,
+            "limit" => once(&mut limit, "limit", value)?,
+            "after" => once(&mut after, "after", value)?,
+            "tag" => {
+                let Some((k, v)) = value.split_once(':').filter(|(k, _)| !k.is_empty()) else {
+                    return Err(ApiError::InvalidQuery(format!(
+                        "tag: expected key:value such as site:berlin, found {value:?}"
+                    )));
+                };
+                tags.push((k.to_owned(), v.to_owned()));
+            }
+            other => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown parameter {other:?}; expected metric, tag, limit or after"
+                )))
+            }
+        }
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::InvalidQuery(format!(
+            "at most {MAX_TAGS} tag filters per request, found {}",
+            tags.len()
+        )));
+    }
+    let metric = match metric {
+        Some(m) if !m.is_empty() => m,
+        Some(_) => return Err(ApiError::InvalidQuery("metric must not be empty".into())),
+        None => {
+            return Err(ApiError::InvalidQuery(
+                "the metric parameter is required, e.g. ?metric=temperature".into(),
+            ))
+        }
+    };
+    let limit = limit
+        .map(|l| {
+            l.parse::<usize>().map_err(|_| {
+                ApiError::InvalidQuery(format!("limit: expected a whole number, found {l:?}"))
+            })
+        })
+        .transpose()?;
+    Ok(FleetQuery {
+        metric,
+        tags,
+        limit: page_limit(limit, DEFAULT_LIMIT, MAX_LIMIT)?,
+        after: after.as_deref().map(DeviceId::parse).transpose()?,
+    })
+}
+
+/// `GET /api/v1/telemetry/latest?metric=&tag=key:value&limit=&after=`
+pub async fn fleet_latest(
+    State(state): State<AppState>,
+    extract::Query(pairs): extract::Query<Vec<(String, String)>>,
+) -> Result<Json<FleetAnswer>, ApiError> {
+    let q = parse(pairs)?;
+    let (registry, store) = (state.registry.clone(), state.store.clone());
+    blocking(move || {
+        let mut latest = store.latest_of_metric(&q.metric)?;
+        // The store lists by device already; sorting what is sorted costs one pass, and the
+        // merge below is only right on sorted input.
+        latest.sort_by(|a, b| a.0.cmp(&b.0));
+        let start = q
+            .after
+            .as_ref()
+            .map_or(0, |after| latest.partition_point(|(d, ..)| d <= after));
+        let mut values = latest.into_iter().skip(start).peekable();
+
+        // Merge with the registry's devices (those with the tags), both in id order, until
+        // one more than a page is found or either list ends.
+        let mut found = Vec::new();
+        let mut cursor = q.after.clone();
+        while values.peek().is_some() && found.len() <= q.limit {
+            let chunk = registry.devices(&DeviceQuery {
+                after: cursor.as_ref(),
+                limit: REGISTRY_CHUNK,
+                tags: &q.tags,
+                ..Default::default()
+            })?;
+            let last_chunk = chunk.len() < REGISTRY_CHUNK;
+            for record in chunk {
+                while values.next_if(|(d, ..)| *d < record.id).is_some() {}
+                if let Some((device, ts, value)) = values.next_if(|(d, ..)| *d == record.id) {
+                    found.push(DeviceValue { device, ts, value });
+                    if found.len() > q.limit {
+                        break;
+                    }
+                }
+                cursor = Some(record.id);
+            }
+            if last_chunk {
+                break;
+            }
+        }
+        let (devices, more) = split_page(found, q.limit);
+        let next = if more {
+            devices.last().map(|d| d.device.clone())
+        } else {
+            None
+        };
+        Ok::<_, ApiError>(FleetAnswer {
+            metric: q.metric,
+            devices,
+            next,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn tags_repeat_and_split_at_the_first_colon() {
+        let q = parse(pairs(&[
+            ("metric", "t"),
+            ("tag", "site:berlin"),
+            ("tag", "url:http://x"),
+            ("tag", "empty:"),
+        ]))
+        .unwrap();
+        assert_eq!(q.metric, "t");
+        assert_eq!(
+            q.tags,
+            [
+                ("site".to_owned(), "berlin".to_owned()),
+                ("url".to_owned(), "http://x".to_owned()),
+                ("empty".to_owned(), String::new()),
+            ]
+        );
+        assert_eq!(q.limit, DEFAULT_LIMIT);
+        assert_eq!(q.after, None);
+    }
+
+    #[test]
+    fn bad_parameters_are_invalid_queries() {
+        for bad in [
+            &[][..],
+            &[("metric", "")],
+            &[("metric", "t"), ("metric", "u")],
+            &[("metric", "t"), ("tag", "site")],
+            &[("metric", "t"), ("tag", ":berlin")],
+            &[("metric", "t"), ("limit", "0")],
+            &[("metric", "t"), ("limit", "many")],
+            &[("metric", "t"), ("color", "red")],
+        ] {
+            assert!(
+                matches!(parse(pairs(bad)), Err(ApiError::InvalidQuery(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            parse(pairs(&[("metric", "t"), ("after", "a/b")])),
+            Err(ApiError::InvalidDeviceId(_))
+        ));
+        let many: Vec<(&str, &str)> = std::iter::once(("metric", "t"))
+            .chain(std::iter::repeat_n(("tag", "a:b"), MAX_TAGS + 1))
+            .collect();
+        assert!(parse(pairs(&many)).is_err());
+    }
+}
