@@ -264,6 +264,9 @@ async fn without_a_step_max_points_chooses_raw_points_or_the_right_step() {
             .map(|i| sample("plan", "t", plan_start + i * PLAN_EVERY, Value::Int(i % 97)))
             .collect(),
     );
+    // Through the partitions and rollups, as a running server would after its first
+    // merge: points older than the raw retention are in the rollups only.
+    s.store.merge(tellus_core::now_ms()).unwrap();
     let resolutions = s.store.resolutions().to_vec();
     let rollups = resolutions == [HOUR, MINUTE];
     let query = |from: i64, to: i64, extra: &str| {

@@ -19,11 +19,32 @@ pub fn open(
 ) -> Result<Connection, rusqlite::Error> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Switching a new file to WAL, and a migration's first write, can meet another process
+    // doing the same; SQLite then answers "busy" at once rather than call the busy handler
+    // (it would deadlock), so those steps are retried for a while.
+    retry_busy(|| conn.pragma_update(None, "journal_mode", "WAL"))?;
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    migrate(&mut conn, migrations)?;
+    retry_busy(|| migrate(&mut conn, migrations))?;
     Ok(conn)
+}
+
+/// Runs `f` again while it fails with "database is busy", for at most [`BUSY_TIMEOUT`].
+fn retry_busy<T>(mut f: impl FnMut() -> Result<T, rusqlite::Error>) -> Result<T, rusqlite::Error> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut wait = Duration::from_millis(1);
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Applies the migrations the database lacks, each in its own transaction. The version is

@@ -40,6 +40,10 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("store lock poisoned")]
     Poisoned,
+    /// New points wait for a merge that keeps failing (a full disk, say): commits are
+    /// refused, and so not acknowledged, until it succeeds, so memory stays bounded.
+    #[error("{0} points wait for a merge into the store; refusing more until it succeeds")]
+    Backlog(usize),
 }
 
 /// A payload that was not valid telemetry, kept raw with its reason.

@@ -25,14 +25,15 @@
 //! rollups only.
 //!
 //! Queries see every committed point: they read the partitions and add the head from
-//! memory. The head lock is held from copying the head until the read transaction has its
-//! snapshot, and a merge holds it across its commit, so a query sees each point once,
-//! either in the head or in the partitions.
+//! memory. A query holds the head's read lock from copying the head until its read
+//! transaction has its snapshot, and a merge holds the write lock from its commit until the
+//! head is cleared, so a query sees each point once, either in the head or in the
+//! partitions; while a merge writes its transaction, queries go on.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::Path,
-    sync::{Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant},
 };
 
@@ -222,7 +223,8 @@ impl Retention {
         match self.of(res) {
             None => true,
             Some(keep) => {
-                let horizon = now.saturating_sub(keep.as_millis() as i64);
+                let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+                let horizon = now.saturating_sub(keep);
                 res.partition(ts).end() > horizon
             }
         }
@@ -293,12 +295,20 @@ struct Writer {
 pub struct SqliteStore {
     writer: Mutex<Writer>,
     reader: Mutex<Connection>,
-    head: Mutex<Head>,
+    head: RwLock<Head>,
     config: StoreConfig,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, StoreError> {
     m.lock().map_err(|_| StoreError::Poisoned)
+}
+
+fn read<T>(l: &RwLock<T>) -> Result<RwLockReadGuard<'_, T>, StoreError> {
+    l.read().map_err(|_| StoreError::Poisoned)
+}
+
+fn write<T>(l: &RwLock<T>) -> Result<RwLockWriteGuard<'_, T>, StoreError> {
+    l.write().map_err(|_| StoreError::Poisoned)
 }
 
 /// A running summary of numeric values, ordered by time (first and last by timestamp).
@@ -411,7 +421,7 @@ impl SqliteStore {
                 last_retention: None,
             }),
             reader: Mutex::new(reader),
-            head: Mutex::new(head),
+            head: RwLock::new(head),
             config,
         })
     }
@@ -430,25 +440,31 @@ impl SqliteStore {
     }
 
     fn merge_locked(&self, w: &mut Writer, now: TimestampMs) -> Result<(), StoreError> {
-        // Held until the merge is committed and the head cleared: see the module docs.
-        let mut head = lock(&self.head)?;
-        if head.rows == 0 {
-            return Ok(());
-        }
         let Writer {
             conn, partitions, ..
         } = w;
         let mut created = Vec::new();
         let tx = sqlite::write_transaction(conn)?;
-        merge_head(
-            &tx,
-            &head,
-            &self.config.retention,
-            now,
-            partitions,
-            &mut created,
-        )?;
+        {
+            // Only the holder of the writer lock changes the head, so reading it is enough
+            // while the transaction is written; queries go on meanwhile.
+            let head = read(&self.head)?;
+            if head.rows == 0 {
+                return Ok(());
+            }
+            merge_head(
+                &tx,
+                &head,
+                &self.config.retention,
+                now,
+                partitions,
+                &mut created,
+            )?;
+        }
         tx.execute("DELETE FROM head", [])?;
+        // Exclusive from the commit until the head is cleared: a query sees each point
+        // once, in the head or in the partitions (see the module docs).
+        let mut head = write(&self.head)?;
         tx.commit()?;
         partitions.extend(created);
         *head = Head::default();
@@ -490,7 +506,7 @@ impl SqliteStore {
         f: impl FnOnce(&Transaction<'_>, C) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
         let mut conn = lock(&self.reader)?;
-        let head = lock(&self.head)?;
+        let head = read(&self.head)?;
         let copied = copy(&head);
         let tx = conn.transaction()?;
         // The first read fixes the snapshot; only then may a merge go on.
@@ -803,12 +819,51 @@ fn raw_summary(
     until: TimestampMs,
 ) -> Result<Option<Acc>, rusqlite::Error> {
     let mut acc: Option<Acc> = None;
-    for (ts, value) in raw_points(tx, id, from, until - 1, usize::MAX)? {
-        if let Some(v) = numeric(&value) {
-            fold(&mut acc, &Acc::of(ts, v))
+    each_point(tx, id, from, until - 1, &[], |ts, value| {
+        if let Some(v) = numeric(value) {
+            fold(&mut acc, &Acc::of(ts, v));
+        }
+    })?;
+    Ok(acc)
+}
+
+/// Calls `f` with every point of series `id` in `from..=to`, in time order, without
+/// collecting them: the raw points of the partitions, with the head points `fresh` (in
+/// time order) in place of raw points of the same time.
+fn each_point(
+    tx: &Transaction<'_>,
+    id: i64,
+    from: TimestampMs,
+    to: TimestampMs,
+    fresh: &[(TimestampMs, Value)],
+    mut f: impl FnMut(TimestampMs, &Value),
+) -> Result<(), rusqlite::Error> {
+    let mut head = fresh
+        .iter()
+        .filter(|(t, _)| (from..=to).contains(t))
+        .peekable();
+    for name in partitions_between(tx, Res::Raw, from, to)? {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT ts, kind, value FROM {name} WHERE series = ?1 AND ts >= ?2 AND ts <= ?3
+             ORDER BY ts"
+        ))?;
+        let mut rows = stmt.query(params![id, from, to])?;
+        while let Some(r) = rows.next()? {
+            let ts: i64 = r.get(0)?;
+            while let Some((t, v)) = head.next_if(|(t, _)| *t < ts) {
+                f(*t, v);
+            }
+            match head.next_if(|(t, _)| *t == ts) {
+                // The head's point replaces this one.
+                Some((t, v)) => f(*t, v),
+                None => f(ts, &from_sql(r.get(1)?, r.get(2)?)),
+            }
         }
     }
-    Ok(acc)
+    for (t, v) in head {
+        f(*t, v);
+    }
+    Ok(())
 }
 
 /// The summary of series `id`'s minute rollups in the hour starting at `hour`.
@@ -993,6 +1048,10 @@ fn merge_points(
 impl TelemetryStore for SqliteStore {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut w = lock(&self.writer)?;
+        let waiting = read(&self.head)?.rows;
+        if waiting >= self.config.merge_rows.max(1).saturating_mul(2) {
+            return Err(StoreError::Backlog(waiting));
+        }
         let Writer { conn, series, .. } = &mut *w;
         // Series ids of this transaction; they reach `series` only once COMMIT succeeded.
         let mut resolved = HashMap::new();
@@ -1031,7 +1090,7 @@ impl TelemetryStore for SqliteStore {
             series.clear();
         }
         series.extend(resolved);
-        let mut head = lock(&self.head)?;
+        let mut head = write(&self.head)?;
         for ((device, s), id) in batch.samples.iter().zip(ids) {
             head.add(id, device, &s.metric, s.ts_ms, s.value.clone());
         }
@@ -1041,20 +1100,24 @@ impl TelemetryStore for SqliteStore {
     fn maintain(&self, now: TimestampMs) -> Result<Option<Duration>, StoreError> {
         let mut w = lock(&self.writer)?;
         let (rows, since) = {
-            let head = lock(&self.head)?;
+            let head = read(&self.head)?;
             (head.rows, head.since)
         };
         let merge_due = since.map(|s| s.elapsed() >= self.config.merge_interval);
-        if rows >= self.config.merge_rows.max(1) || merge_due == Some(true) {
-            self.merge_locked(&mut w, now)?;
-        }
+        let merged = if rows >= self.config.merge_rows.max(1) || merge_due == Some(true) {
+            self.merge_locked(&mut w, now)
+        } else {
+            Ok(())
+        };
+        // Retention frees room whether or not the merge went through.
         let retention_due = w
             .last_retention
             .is_none_or(|t| t.elapsed() >= RETENTION_EVERY);
         if retention_due {
             self.retention_locked(&mut w, now)?;
         }
-        let head_since = lock(&self.head)?.since;
+        merged?;
+        let head_since = read(&self.head)?.since;
         let next_merge = head_since.map(|s| self.config.merge_interval.saturating_sub(s.elapsed()));
         let next_retention = w
             .last_retention
@@ -1141,56 +1204,51 @@ impl TelemetryStore for SqliteStore {
             |head| head.points(id, from, to),
             |tx, fresh| {
                 let mut out: BTreeMap<TimestampMs, Acc> = BTreeMap::new();
-                if res == Res::Raw {
-                    let raw = raw_points(tx, id, from, to, usize::MAX)?;
-                    for (ts, v) in merge_points(raw, fresh, usize::MAX) {
-                        if let Some(v) = numeric(&v) {
-                            add_to(&mut out, ts.div_euclid(step) * step, &Acc::of(ts, v));
-                        }
+                let add = |out: &mut BTreeMap<TimestampMs, Acc>, ts: TimestampMs, v: &Value| {
+                    if let Some(v) = numeric(v) {
+                        add_to(out, ts.div_euclid(step) * step, &Acc::of(ts, v));
                     }
+                };
+                if res == Res::Raw {
+                    each_point(tx, id, from, to, &fresh, |ts, v| add(&mut out, ts, v))?;
                     return Ok(out.iter().map(|(s, a)| a.bucket(*s)).collect());
+                }
+                // The head is not in the rollups yet. A rollup row in which a head point
+                // replaces a merged one is stale: it is summed again from its raw points
+                // (whose day is kept, as the replaced point is there) and the head.
+                let width = res.bucket_ms();
+                let mut stale = BTreeSet::new();
+                for (ts, _) in &fresh {
+                    if raw_has(tx, id, *ts)? {
+                        stale.insert(ts.div_euclid(width) * width);
+                    }
                 }
                 for name in partitions_between(tx, res, from, to)? {
                     let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT bucket, count, sum, min, max, first_ts, first, last_ts, last FROM {name}
-                     WHERE series = ?1 AND bucket >= ?2 AND bucket <= ?3 ORDER BY bucket"
-                ))?;
+                        "SELECT bucket, count, sum, min, max, first_ts, first, last_ts, last
+                         FROM {name} WHERE series = ?1 AND bucket >= ?2 AND bucket <= ?3"
+                    ))?;
                     let mut rows = stmt.query(params![id, from, to])?;
                     while let Some(r) = rows.next()? {
                         let bucket: i64 = r.get(0)?;
-                        add_to(
-                            &mut out,
-                            bucket.div_euclid(step) * step,
-                            &Acc::from_row(r, 1)?,
-                        );
-                    }
-                }
-                // The head is not in the rollups yet, unless a head point replaces a merged one:
-                // such a bucket is summed again from its raw points.
-                let mut redo = BTreeSet::new();
-                for (ts, _) in &fresh {
-                    if raw_has(tx, id, *ts)? {
-                        redo.insert(ts.div_euclid(step) * step);
+                        if !stale.contains(&bucket) {
+                            add_to(
+                                &mut out,
+                                bucket.div_euclid(step) * step,
+                                &Acc::from_row(r, 1)?,
+                            );
+                        }
                     }
                 }
                 for (ts, v) in &fresh {
-                    let start = ts.div_euclid(step) * step;
-                    if let (false, Some(v)) = (redo.contains(&start), numeric(v)) {
-                        add_to(&mut out, start, &Acc::of(*ts, v));
+                    if !stale.contains(&(ts.div_euclid(width) * width)) {
+                        add(&mut out, *ts, v);
                     }
                 }
-                for start in redo {
-                    out.remove(&start);
-                    let raw = raw_points(tx, id, start, start + step - 1, usize::MAX)?;
-                    let mine = fresh
-                        .iter()
-                        .filter(|(t, _)| t.div_euclid(step) * step == start)
-                        .cloned();
-                    for (ts, v) in merge_points(raw, mine, usize::MAX) {
-                        if let Some(v) = numeric(&v) {
-                            add_to(&mut out, start, &Acc::of(ts, v));
-                        }
-                    }
+                for row in stale {
+                    each_point(tx, id, row, row + width - 1, &fresh, |ts, v| {
+                        add(&mut out, ts, v)
+                    })?;
                 }
                 Ok(out.iter().map(|(s, a)| a.bucket(*s)).collect())
             },
@@ -1579,16 +1637,16 @@ mod tests {
             let points: Vec<_> = (0..2).map(|i| (&d, "t", now + i, Value::Int(i))).collect();
             store.commit(&batch(&points)).unwrap();
             store.maintain(now).unwrap();
-            assert_eq!(lock(&store.head).unwrap().rows, 2, "not full yet");
+            assert_eq!(read(&store.head).unwrap().rows, 2, "not full yet");
         }
         // Reopened: the head is read back, then merged once full.
         let store = SqliteStore::open_with(&path, config).unwrap();
-        assert_eq!(lock(&store.head).unwrap().rows, 2);
+        assert_eq!(read(&store.head).unwrap().rows, 2);
         store
             .commit(&batch(&[(&d, "t", now + 5, Value::Int(5))]))
             .unwrap();
         store.maintain(now).unwrap();
-        assert_eq!(lock(&store.head).unwrap().rows, 0);
+        assert_eq!(read(&store.head).unwrap().rows, 0);
         assert_eq!(store.count(&d, "t", 0, i64::MAX).unwrap(), 3);
         assert_eq!(
             store.latest(&d).unwrap(),
@@ -1598,5 +1656,89 @@ mod tests {
             store.latest_of_metric("t").unwrap(),
             vec![(d.clone(), now + 5, Value::Int(5))]
         );
+    }
+
+    #[test]
+    fn a_point_sent_again_after_retention_does_not_hide_rolled_up_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            durability: Durability::Os,
+            retention: Retention {
+                raw: Some(Duration::from_secs(2 * 86_400)),
+                minute: None,
+                hour: None,
+            },
+            merge_interval: Duration::from_secs(3600),
+            merge_rows: usize::MAX,
+        };
+        let store = SqliteStore::open_with(&dir.path().join("t.db"), config).unwrap();
+        let d = id("d");
+        let now = 400 * DAY + 12 * HOUR;
+        let points: Vec<_> = (0..10)
+            .map(|day| (&d, "t", now - day * DAY, Value::Int(1)))
+            .collect();
+        store.commit(&batch(&points)).unwrap();
+        store.merge(now).unwrap();
+        store.apply_retention(now).unwrap();
+        let total = |store: &SqliteStore| {
+            let b = store.buckets(&d, "t", 0, now, 30 * DAY).unwrap();
+            (
+                b.iter().map(|b| b.count).sum::<u64>(),
+                b.iter().map(|b| b.sum).sum::<f64>(),
+            )
+        };
+        assert_eq!(total(&store), (10, 10.0));
+        // The newest point again, with another value: it replaces the first in place.
+        store
+            .commit(&batch(&[(&d, "t", now, Value::Int(5))]))
+            .unwrap();
+        assert_eq!(total(&store), (10, 14.0), "while the point is in the head");
+        assert_eq!(store.count(&d, "t", 0, now).unwrap(), 3);
+        store.merge(now).unwrap();
+        assert_eq!(total(&store), (10, 14.0), "once merged");
+    }
+
+    #[test]
+    fn commits_are_refused_while_merges_fail_and_resume_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let config = StoreConfig {
+            durability: Durability::Os,
+            retention: Retention::default(),
+            merge_interval: Duration::from_secs(3600),
+            merge_rows: 2,
+        };
+        let store = SqliteStore::open_with(&path, config).unwrap();
+        // A merge writes `latest`; while `broken` has a row, that fails.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE broken (x); INSERT INTO broken VALUES (1);
+                 CREATE TRIGGER fail BEFORE INSERT ON latest WHEN EXISTS (SELECT 1 FROM broken)
+                 BEGIN SELECT RAISE(ABORT, 'disk full, say'); END;",
+            )
+            .unwrap();
+        let d = id("d");
+        let now = tellus_core::now_ms();
+        let one = |ts| batch(&[(&d, "t", ts, Value::Int(1))]);
+        store.commit(&one(now)).unwrap();
+        store.commit(&one(now + 1)).unwrap();
+        assert!(store.maintain(now).is_err());
+        store.commit(&one(now + 2)).unwrap();
+        store.commit(&one(now + 3)).unwrap();
+        assert!(matches!(
+            store.commit(&one(now + 4)),
+            Err(StoreError::Backlog(4))
+        ));
+        // Everything committed is still queryable, and nothing is lost once merges work.
+        assert_eq!(store.count(&d, "t", 0, now + 10).unwrap(), 4);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DELETE FROM broken")
+            .unwrap();
+        store.maintain(now).unwrap();
+        store.commit(&one(now + 4)).unwrap();
+        assert_eq!(store.count(&d, "t", 0, now + 10).unwrap(), 5);
+        assert_eq!(read(&store.head).unwrap().rows, 1);
     }
 }

@@ -113,6 +113,9 @@ async fn produce(
                         .map_err(Some)?;
                     if !buckets.is_empty() {
                         send(lines(&metric, &read::points(&buckets, agg))).await?;
+                    } else if tx.is_closed() {
+                        // Empty windows send nothing, so check that someone still reads.
+                        return Err(None);
                     }
                     if end >= to {
                         break;
