@@ -1425,18 +1425,24 @@ mod tests {
         }
     }
 
-    fn store_keeping_all(dir: &Path) -> SqliteStore {
-        let config = StoreConfig {
+    /// A store that merges only when told to (or once `merge_rows` points wait), keeping raw
+    /// points and minute rollups `raw` and `minute` days (`None`: forever), hours forever.
+    fn config(raw: Option<u64>, minute: Option<u64>, merge_rows: usize) -> StoreConfig {
+        let days = |n: u64| Duration::from_secs(n * 86_400);
+        StoreConfig {
             durability: Durability::Os,
             retention: Retention {
-                raw: None,
-                minute: None,
+                raw: raw.map(days),
+                minute: minute.map(days),
                 hour: None,
             },
             merge_interval: Duration::from_secs(3600),
-            merge_rows: usize::MAX,
-        };
-        SqliteStore::open_with(&dir.join("t.db"), config).unwrap()
+            merge_rows,
+        }
+    }
+
+    fn store_keeping_all(dir: &Path) -> SqliteStore {
+        SqliteStore::open_with(&dir.join("t.db"), config(None, None, usize::MAX)).unwrap()
     }
 
     /// A small deterministic generator, so that a failure can be replayed.
@@ -1544,16 +1550,7 @@ mod tests {
     #[test]
     fn retention_drops_whole_partitions_and_late_points_reach_the_rollups() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig {
-            durability: Durability::Os,
-            retention: Retention {
-                raw: Some(Duration::from_secs(2 * 86_400)),
-                minute: Some(Duration::from_secs(60 * 86_400)),
-                hour: None,
-            },
-            merge_interval: Duration::from_secs(3600),
-            merge_rows: usize::MAX,
-        };
+        let config = config(Some(2), Some(60), usize::MAX);
         let store = SqliteStore::open_with(&dir.path().join("t.db"), config).unwrap();
         let d = id("d");
         let now = 400 * DAY + 12 * HOUR;
@@ -1624,12 +1621,7 @@ mod tests {
     fn housekeeping_merges_when_the_head_is_full_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let config = StoreConfig {
-            durability: Durability::Os,
-            retention: Retention::default(),
-            merge_interval: Duration::from_secs(3600),
-            merge_rows: 3,
-        };
+        let config = config(Some(30), Some(365), 3);
         let d = id("d");
         let now = tellus_core::now_ms();
         {
@@ -1661,16 +1653,7 @@ mod tests {
     #[test]
     fn a_point_sent_again_after_retention_does_not_hide_rolled_up_history() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig {
-            durability: Durability::Os,
-            retention: Retention {
-                raw: Some(Duration::from_secs(2 * 86_400)),
-                minute: None,
-                hour: None,
-            },
-            merge_interval: Duration::from_secs(3600),
-            merge_rows: usize::MAX,
-        };
+        let config = config(Some(2), None, usize::MAX);
         let store = SqliteStore::open_with(&dir.path().join("t.db"), config).unwrap();
         let d = id("d");
         let now = 400 * DAY + 12 * HOUR;
@@ -1702,12 +1685,7 @@ mod tests {
     fn commits_are_refused_while_merges_fail_and_resume_after() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let config = StoreConfig {
-            durability: Durability::Os,
-            retention: Retention::default(),
-            merge_interval: Duration::from_secs(3600),
-            merge_rows: 2,
-        };
+        let config = config(Some(30), Some(365), 2);
         let store = SqliteStore::open_with(&path, config).unwrap();
         // A merge writes `latest`; while `broken` has a row, that fails.
         Connection::open(&path)
