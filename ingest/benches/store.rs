@@ -167,6 +167,9 @@ fn main() {
             .len()
     });
     time(&format!("latest temperature of {DEVICES} devices"), &|| {
-        store.latest_of_metric("temperature").expect("latest").len()
+        store
+            .latest_of_metric("temperature", None, DEVICES)
+            .expect("latest")
+            .len()
     });
 }

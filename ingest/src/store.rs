@@ -209,11 +209,13 @@ pub trait TelemetryStore: Send + Sync + 'static {
     fn resolutions(&self) -> &[i64];
     /// The newest point of every metric of a device: (metric, ts, value), by metric name.
     fn latest(&self, device: &DeviceId) -> Result<Vec<(String, TimestampMs, Value)>, StoreError>;
-    /// The newest point of `metric` of every device that has it: (device, ts, value), by
-    /// device.
+    /// The newest point of `metric` of the devices that have it: (device, ts, value), by
+    /// device, those after `after` only, at most `limit`.
     fn latest_of_metric(
         &self,
         metric: &str,
+        after: Option<&DeviceId>,
+        limit: usize,
     ) -> Result<Vec<(DeviceId, TimestampMs, Value)>, StoreError>;
     /// Dead letters, newest first, with an id below `before` when given, at most `limit`.
     /// Each `payload` is only the first [`DEADLETTER_PREVIEW_BYTES`] bytes (a page of whole

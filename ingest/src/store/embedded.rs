@@ -1288,16 +1288,25 @@ impl TelemetryStore for SqliteStore {
     fn latest_of_metric(
         &self,
         metric: &str,
+        after: Option<&DeviceId>,
+        limit: usize,
     ) -> Result<Vec<(DeviceId, TimestampMs, Value)>, StoreError> {
+        let after_id = after.map_or("", DeviceId::as_str);
         self.snapshot(
-            |head| head.newest(|s| (s.metric == metric).then(|| s.device.clone())),
+            |head| {
+                head.newest(|s| {
+                    (s.metric == metric && s.device.as_str() > after_id).then(|| s.device.clone())
+                })
+            },
             |tx, head| {
                 let mut out: BTreeMap<DeviceId, (TimestampMs, Value)> = BTreeMap::new();
                 let mut stmt = tx.prepare_cached(
                     "SELECT s.device, l.ts, l.kind, l.value FROM series s
-                 JOIN latest l ON l.series = s.id WHERE s.metric = ?1",
+                     JOIN latest l ON l.series = s.id
+                     WHERE s.metric = ?1 AND s.device > ?2 ORDER BY s.device LIMIT ?3",
                 )?;
-                let mut rows = stmt.query([metric])?;
+                let page = i64::try_from(limit).unwrap_or(i64::MAX);
+                let mut rows = stmt.query(params![metric, after_id, page])?;
                 while let Some(r) = rows.next()? {
                     let device: String = r.get(0)?;
                     let device = DeviceId::parse(&device).map_err(|e| {
@@ -1309,8 +1318,14 @@ impl TelemetryStore for SqliteStore {
                     })?;
                     out.insert(device, (r.get(1)?, from_sql(r.get(2)?, r.get(3)?)));
                 }
+                // The head may name devices the page did not reach: whatever is past `limit`
+                // in the union is left for the next page.
                 newest_of_head(&mut out, head);
-                Ok(out.into_iter().map(|(d, (t, v))| (d, t, v)).collect())
+                Ok(out
+                    .into_iter()
+                    .take(limit)
+                    .map(|(d, (t, v))| (d, t, v))
+                    .collect())
             },
         )
     }
@@ -1645,7 +1660,7 @@ mod tests {
             vec![("t".into(), now + 5, Value::Int(5))]
         );
         assert_eq!(
-            store.latest_of_metric("t").unwrap(),
+            store.latest_of_metric("t", None, 10).unwrap(),
             vec![(d.clone(), now + 5, Value::Int(5))]
         );
     }
@@ -1718,5 +1733,46 @@ mod tests {
         store.commit(&one(now + 4)).unwrap();
         assert_eq!(store.count(&d, "t", 0, now + 10).unwrap(), 5);
         assert_eq!(read(&store.head).unwrap().rows, 1);
+    }
+
+    #[test]
+    fn the_latest_of_a_metric_pages_by_device_across_partitions_and_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_keeping_all(dir.path());
+        let (a, b, c) = (id("a"), id("b"), id("c"));
+        let now = tellus_core::now_ms();
+        store
+            .commit(&batch(&[
+                (&a, "t", now, Value::Int(1)),
+                (&c, "t", now, Value::Int(3)),
+            ]))
+            .unwrap();
+        store.merge(now).unwrap();
+        // b is in the head only; a has a newer value there.
+        store
+            .commit(&batch(&[
+                (&b, "t", now, Value::Int(2)),
+                (&a, "t", now + 1, Value::Int(9)),
+            ]))
+            .unwrap();
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.latest_of_metric("t", after.as_ref(), 1).unwrap();
+            let Some((last, ..)) = page.last().cloned() else {
+                break;
+            };
+            pages.push(page);
+            after = Some(last);
+        }
+        assert_eq!(
+            pages,
+            vec![
+                vec![(a.clone(), now + 1, Value::Int(9))],
+                vec![(b.clone(), now, Value::Int(2))],
+                vec![(c.clone(), now, Value::Int(3))],
+            ]
+        );
+        assert_eq!(store.latest_of_metric("t", None, 10).unwrap().len(), 3);
     }
 }

@@ -7,9 +7,10 @@
 //! 100 000) and `after` (the previous page's `next`). A device deleted from the registry is
 //! not listed, even though its telemetry stays in the store.
 //!
-//! One store call reads the newest point of the metric for all devices at once, whatever the
-//! fleet's size; the registry is read in pages of [`REGISTRY_CHUNK`] devices (filtered by
-//! tag in the registry's query) and the two lists, both in id order, are merged.
+//! The store's newest values of the metric and the registry's devices (filtered by tag in
+//! the registry's query) are both read in id order, in pages of [`STORE_CHUNK`] and
+//! [`REGISTRY_CHUNK`] devices, and merged: a page costs a few calls and memory in proportion
+//! to its size, not to the fleet's.
 
 use axum::{extract::State, Json};
 use serde::Serialize;
@@ -27,6 +28,48 @@ const MAX_LIMIT: usize = 100_000;
 pub const MAX_TAGS: usize = 32;
 /// Devices read from the registry per call while merging.
 const REGISTRY_CHUNK: usize = 2_000;
+/// Newest values read from the store per call while merging.
+const STORE_CHUNK: usize = 10_000;
+
+/// The store's newest values of one metric, in device order, read a page at a time.
+struct StoreValues<'a> {
+    store: &'a dyn tellus_ingest::TelemetryStore,
+    metric: &'a str,
+    /// Read so far and not taken.
+    page: std::collections::VecDeque<(DeviceId, TimestampMs, Value)>,
+    /// Where the next page starts; `None` once the store has no more.
+    next: Option<Option<DeviceId>>,
+    size: usize,
+}
+
+impl StoreValues<'_> {
+    /// The next value not taken, reading a page when needed.
+    fn peek(&mut self) -> Result<Option<&(DeviceId, TimestampMs, Value)>, ApiError> {
+        if self.page.is_empty() {
+            if let Some(after) = self.next.take() {
+                let page = self
+                    .store
+                    .latest_of_metric(self.metric, after.as_ref(), self.size)?;
+                if page.len() == self.size {
+                    self.next = Some(page.last().map(|(d, ..)| d.clone()));
+                }
+                self.page = page.into();
+            }
+        }
+        Ok(self.page.front())
+    }
+
+    /// Takes the next value if `take` accepts it.
+    fn next_if(
+        &mut self,
+        take: impl Fn(&DeviceId) -> bool,
+    ) -> Result<Option<(DeviceId, TimestampMs, Value)>, ApiError> {
+        match self.peek()? {
+            Some((d, ..)) if take(d) => Ok(self.page.pop_front()),
+            _ => Ok(None),
+        }
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct DeviceValue {
@@ -118,21 +161,19 @@ pub async fn fleet_latest(
     let q = parse(pairs)?;
     let (registry, store) = (state.registry.clone(), state.store.clone());
     blocking(move || {
-        let mut latest = store.latest_of_metric(&q.metric)?;
-        // The store lists by device already; sorting what is sorted costs one pass, and the
-        // merge below is only right on sorted input.
-        latest.sort_by(|a, b| a.0.cmp(&b.0));
-        let start = q
-            .after
-            .as_ref()
-            .map_or(0, |after| latest.partition_point(|(d, ..)| d <= after));
-        let mut values = latest.into_iter().skip(start).peekable();
+        let mut values = StoreValues {
+            store: store.as_ref(),
+            metric: &q.metric,
+            page: Default::default(),
+            next: Some(q.after.clone()),
+            size: (q.limit + 1).min(STORE_CHUNK),
+        };
 
         // Merge with the registry's devices (those with the tags), both in id order, until
         // one more than a page is found or either list ends.
         let mut found = Vec::new();
         let mut cursor = q.after.clone();
-        while values.peek().is_some() && found.len() <= q.limit {
+        while values.peek()?.is_some() && found.len() <= q.limit {
             let chunk = registry.devices(&DeviceQuery {
                 after: cursor.as_ref(),
                 limit: REGISTRY_CHUNK,
@@ -141,8 +182,8 @@ pub async fn fleet_latest(
             })?;
             let last_chunk = chunk.len() < REGISTRY_CHUNK;
             for record in chunk {
-                while values.next_if(|(d, ..)| *d < record.id).is_some() {}
-                if let Some((device, ts, value)) = values.next_if(|(d, ..)| *d == record.id) {
+                while values.next_if(|d| *d < record.id)?.is_some() {}
+                if let Some((device, ts, value)) = values.next_if(|d| *d == record.id)? {
                     found.push(DeviceValue { device, ts, value });
                     if found.len() > q.limit {
                         break;
