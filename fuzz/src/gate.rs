@@ -84,8 +84,8 @@ use rumqttc::{
 use tellus_broker::gate::{
     audit::clip,
     codec::{
-        self, AckCode, CloseCode, Connect, Grant, Inbound, Limits, Publish, Reasons, Refused,
-        Reply, Subscribe, TopicAliases, Verdict, Version, ALIAS_TOPIC_MAX,
+        self, qos_from_v5, qos_to_v5, AckCode, CloseCode, Connect, Grant, Inbound, Limits, Publish,
+        Reasons, Refused, Reply, Subscribe, TopicAliases, Verdict, Version, ALIAS_TOPIC_MAX,
     },
     fuzz_frames, fuzz_packets, FrameError, GateConfig,
 };
@@ -607,11 +607,7 @@ impl Model {
                 if why.is_empty() {
                     why = e.to_string();
                 }
-                let grant = match filter.starts_with("$share/") {
-                    true => Grant::SharedNotSupported,
-                    false => Grant::NotAuthorized,
-                };
-                refused.push((at, grant));
+                refused.push((at, Grant::refused(filter)));
             }
         }
         if refused.len() == filters.len() {
@@ -1143,22 +1139,6 @@ fn cap_v5(q: m5::QoS) -> m5::QoS {
     match q {
         m5::QoS::ExactlyOnce => m5::QoS::AtLeastOnce,
         q => q,
-    }
-}
-
-fn qos_from_v5(q: m5::QoS) -> QoS {
-    match q {
-        m5::QoS::AtMostOnce => QoS::AtMostOnce,
-        m5::QoS::AtLeastOnce => QoS::AtLeastOnce,
-        m5::QoS::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-fn qos_to_v5(q: QoS) -> m5::QoS {
-    match q {
-        QoS::AtMostOnce => m5::QoS::AtMostOnce,
-        QoS::AtLeastOnce => m5::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => m5::QoS::ExactlyOnce,
     }
 }
 

@@ -180,7 +180,8 @@ fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, String> {
     std::str::from_utf8(bytes).map_err(|_| format!("{what} is not UTF-8"))
 }
 
-fn qos_from_v5(q: m5::QoS) -> QoS {
+/// The 3.1.1 codec's QoS of an MQTT 5 one (the gate's own type).
+pub fn qos_from_v5(q: m5::QoS) -> QoS {
     match q {
         m5::QoS::AtMostOnce => QoS::AtMostOnce,
         m5::QoS::AtLeastOnce => QoS::AtLeastOnce,
@@ -188,7 +189,8 @@ fn qos_from_v5(q: m5::QoS) -> QoS {
     }
 }
 
-fn qos_to_v5(q: QoS) -> m5::QoS {
+/// The MQTT 5 codec's QoS of the gate's.
+pub fn qos_to_v5(q: QoS) -> m5::QoS {
     match q {
         QoS::AtMostOnce => m5::QoS::AtMostOnce,
         QoS::AtLeastOnce => m5::QoS::AtLeastOnce,
@@ -556,6 +558,16 @@ pub enum Grant {
     NotAuthorized,
     /// A `$share/…` filter (MQTT 5 only).
     SharedNotSupported,
+}
+
+impl Grant {
+    /// How a filter the ACL refused is answered in an MQTT 5 SUBACK.
+    pub fn refused(filter: &str) -> Grant {
+        match filter.starts_with("$share/") {
+            true => Grant::SharedNotSupported,
+            false => Grant::NotAuthorized,
+        }
+    }
 }
 
 /// An answer the gate writes to the device.

@@ -579,11 +579,7 @@ impl<'g> Session<'g> {
                 if why.is_empty() {
                     why = e.to_string();
                 }
-                let grant = match filter.starts_with("$share/") {
-                    true => Grant::SharedNotSupported,
-                    false => Grant::NotAuthorized,
-                };
-                refused.push((at, grant));
+                refused.push((at, Grant::refused(filter)));
             }
         }
         let count = filters.len();
