@@ -8,8 +8,8 @@
 //! (`topic::check_publish`, `topic::check_subscribe`). The order of decisions is a model of
 //! `broker/src/gate/connection.rs` without its sockets, registry, ingest, PKI, rate limit or
 //! routing core: the first packet must be a CONNECT in a version the gate speaks; the CONNECT
-//! is admitted as `Session::start` and `check_connect` do (the registry and serial checks
-//! pass: the device is [`DEVICE`]); then every packet is handled as `Session::handle`,
+//! is admitted by the gate's own `Connect::admit` (the registry and serial checks pass: the
+//! device is [`DEVICE`]); then every packet is handled as `Session::handle`,
 //! `publish` and `subscribe` do, until one ends the connection; an MQTT 5 device is then
 //! told why in a DISCONNECT, as the gate tells it (after every acknowledgement queued).
 //!
@@ -82,7 +82,6 @@ use rumqttc::{
     v5::mqttbytes::{self as m5, v5},
 };
 use tellus_broker::gate::{
-    audit::clip,
     codec::{
         self, qos_from_v5, qos_to_v5, AckCode, CloseCode, Connect, Grant, Inbound, Limits, Publish,
         Reasons, Refused, Reply, Subscribe, TopicAliases, Verdict, Version, ALIAS_TOPIC_MAX,
@@ -248,7 +247,7 @@ pub fn device_stream(input: &[u8]) -> Session {
             break 'session stopped.into();
         };
         let Inbound::Connect(connect) = first else {
-            break 'session End::NotConnect(name(&first));
+            break 'session End::NotConnect(first.name());
         };
         if let Err(end) = gate.admit(connect) {
             break 'session end;
@@ -319,8 +318,8 @@ impl Model {
         }
     }
 
-    /// `connection::check_connect`, then CONNACK and `open_link`'s CONNECT.
-    fn admit(&mut self, mut connect: Connect) -> Result<(), End> {
+    /// `connection::check_connect` (`Connect::admit`), then CONNACK and `open_link`'s CONNECT.
+    fn admit(&mut self, connect: Connect) -> Result<(), End> {
         assert_eq!(
             connect.version(),
             self.version,
@@ -328,41 +327,14 @@ impl Model {
         );
         // A refusing CONNACK already carries a reason where the CONNECT allows it.
         self.reasons = connect.reasons();
-        let mut assigned = None;
-        if connect.client_id().is_empty() {
-            connect.set_client_id(self.device.to_string());
-            assigned = Some(self.device.to_string());
-        } else if connect.client_id() != self.device.as_str() {
-            let why = format!(
-                "client id {:?} is not the device id",
-                clip(connect.client_id(), 64)
-            );
-            return Err(self.refuse(Refused::ClientIdNotValid, why));
-        }
-        if let Some(method) = connect.auth_method() {
-            let why = format!(
-                "authentication method {:?} is not offered; the client certificate is the identity",
-                clip(method, 64)
-            );
-            return Err(self.refuse(Refused::BadAuthenticationMethod, why));
-        }
-        if self.version == Version::V5 && connect.will_retained() {
-            let why = "retained messages are not available, and so no retained will";
-            return Err(self.refuse(Refused::RetainNotSupported, why.into()));
-        }
-        if let Some(will) = connect.will_topic().map(str::to_owned) {
-            let verdict = match self.check_publish(&will) {
-                Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
-                Ok(DeviceTopic::CertsCsr) => {
-                    Err("a will cannot be a certificate request".to_owned())
-                }
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(why) = verdict {
-                return Err(self.refuse(Refused::NotAuthorized, format!("will refused: {why}")));
-            }
-            connect.tame_will();
+        let will = connect.will_topic().map(str::to_owned);
+        let (connect, assigned) = match connect.admit(&self.device) {
+            Ok(admitted) => admitted,
+            Err((code, why)) => return Err(self.refuse(code, why)),
+        };
+        if let Some(will) = will {
+            // What the ACL let through as a will obeys the ACL's own properties.
+            let _ = self.check_publish(&will);
             let tame = match &connect {
                 Connect::V4(c) => c.last_will.as_ref().map(|w| (w.retain, w.qos)),
                 Connect::V5(_, w) => w.as_ref().map(|w| (w.retain, qos_from_v5(w.qos))),
@@ -927,36 +899,35 @@ fn connack_accepted(version: Version, limits: &Limits) {
 /// A CONNACK refusing the device reads back with its code and (MQTT 5) why.
 fn connack_refused(version: Version, reasons: Reasons, refused: Refused, why: &str) {
     let frame = codec::connack_refused(version, reasons, refused, why);
+    // The return code (3.1.1, 3.2.2.3) or reason code (5, 3.2.2.2) the specifications give
+    // each refusal, written out here rather than taken from the gate.
+    let code: u8 = match (version, refused) {
+        (Version::V4, Refused::UnsupportedProtocolVersion) => 0x01,
+        (Version::V4, Refused::ClientIdNotValid) => 0x02,
+        (Version::V4, Refused::ServerUnavailable) => 0x03,
+        (Version::V4, _) => 0x05,
+        (Version::V5, Refused::UnsupportedProtocolVersion) => 0x84,
+        (Version::V5, Refused::ClientIdNotValid) => 0x85,
+        (Version::V5, Refused::NotAuthorized) => 0x87,
+        (Version::V5, Refused::ServerUnavailable) => 0x88,
+        (Version::V5, Refused::Banned) => 0x8a,
+        (Version::V5, Refused::BadAuthenticationMethod) => 0x8c,
+        (Version::V5, Refused::RetainNotSupported) => 0x9a,
+    };
+    // CONNACK: after the fixed header, the session-present flag, then the code.
+    assert_eq!(frame.first(), Some(&0x20), "{refused:?}");
+    assert_eq!(body(&frame).get(..2), Some(&[0, code][..]), "{refused:?}");
     match version {
-        Version::V4 => {
-            use v4::ConnectReturnCode as C;
-            let code = match refused {
-                Refused::UnsupportedProtocolVersion => C::RefusedProtocolVersion,
-                Refused::ClientIdNotValid => C::BadClientId,
-                Refused::ServerUnavailable => C::ServiceUnavailable,
-                _ => C::NotAuthorized,
-            };
-            match read_v4(&frame) {
-                v4::Packet::ConnAck(a) => assert_eq!((a.code, a.session_present), (code, false)),
-                other => panic!("CONNACK reads as {other:?}"),
-            }
-        }
+        Version::V4 => match read_v4(&frame) {
+            v4::Packet::ConnAck(a) => assert!(!a.session_present),
+            other => panic!("CONNACK reads as {other:?}"),
+        },
         Version::V5 => {
-            use v5::ConnectReturnCode as C;
-            let code = match refused {
-                Refused::UnsupportedProtocolVersion => C::UnsupportedProtocolVersion,
-                Refused::ClientIdNotValid => C::ClientIdentifierNotValid,
-                Refused::NotAuthorized => C::NotAuthorized,
-                Refused::Banned => C::Banned,
-                Refused::BadAuthenticationMethod => C::BadAuthenticationMethod,
-                Refused::ServerUnavailable => C::ServerUnavailable,
-                Refused::RetainNotSupported => C::RetainNotSupported,
-            };
             let ack = match read_v5(&frame) {
                 v5::Packet::ConnAck(a) => a,
                 other => panic!("CONNACK reads as {other:?}"),
             };
-            assert_eq!((ack.code, ack.session_present), (code, false));
+            assert!(!ack.session_present);
             let said = ack.properties.and_then(|p| p.reason_string);
             check_reason(said.as_deref(), Some(why).filter(|_| reasons.on_close()));
         }
@@ -1070,8 +1041,14 @@ fn spec_code(code: AckCode) -> u8 {
 /// The reason byte of a PUBACK or PUBREC frame: after the fixed header and the packet id;
 /// absent means success.
 fn reason_byte(frame: &[u8]) -> u8 {
-    let length_bytes = frame[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
-    frame.get(1 + length_bytes + 2).copied().unwrap_or(0)
+    body(frame).get(2).copied().unwrap_or(0)
+}
+
+/// What follows a frame's fixed header (type byte, then the remaining length in one to four
+/// bytes, each but the last with its high bit set).
+fn body(frame: &[u8]) -> &[u8] {
+    let length_bytes = frame.iter().skip(1).take_while(|b| *b & 0x80 != 0).count() + 1;
+    frame.get(1 + length_bytes..).unwrap_or_default()
 }
 
 /// The filters of an UNSUBSCRIBE frame the reader accepted.
@@ -1185,25 +1162,6 @@ fn readers_agree(
             discriminant(&frames_stopped),
             "packet() stopped with {stopped:?}, frame() with {frames_stopped:?}"
         ),
-    }
-}
-
-fn name(p: &Inbound) -> &'static str {
-    match p {
-        Inbound::Connect(_) => "CONNECT",
-        Inbound::Publish(_) => "PUBLISH",
-        Inbound::PubRel(_) => "PUBREL",
-        Inbound::Subscribe(_) => "SUBSCRIBE",
-        Inbound::PingReq => "PINGREQ",
-        Inbound::Disconnect { .. } => "DISCONNECT",
-        Inbound::Violation(..) => "a packet that breaks MQTT 5",
-        Inbound::Forward(frame) => match frame.first().map(|b| b >> 4) {
-            Some(4) => "PUBACK",
-            Some(5) => "PUBREC",
-            Some(7) => "PUBCOMP",
-            _ => "UNSUBSCRIBE",
-        },
-        Inbound::NotFromClient(name) => name,
     }
 }
 

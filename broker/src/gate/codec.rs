@@ -16,6 +16,11 @@ use rumqttc::{
     v5::mqttbytes::{self as m5, v5},
 };
 
+use tellus_core::{
+    topic::{self, DeviceTopic},
+    DeviceId,
+};
+
 use super::audit::clip;
 
 pub use v5::DisconnectReasonCode as CloseCode;
@@ -60,6 +65,28 @@ pub enum Inbound {
     NotFromClient(&'static str),
     /// A well-formed packet that breaks a rule of MQTT 5: the DISCONNECT code, and why.
     Violation(CloseCode, String),
+}
+
+impl Inbound {
+    /// The packet's name, for logs and refusals.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Inbound::Connect(_) => "CONNECT",
+            Inbound::Publish(_) => "PUBLISH",
+            Inbound::PubRel(_) => "PUBREL",
+            Inbound::Subscribe(_) => "SUBSCRIBE",
+            Inbound::PingReq => "PINGREQ",
+            Inbound::Disconnect { .. } => "DISCONNECT",
+            Inbound::Violation(..) => "a packet that breaks MQTT 5",
+            Inbound::Forward(frame) => match frame.first().map(|b| b >> 4) {
+                Some(4) => "PUBACK",
+                Some(5) => "PUBREC",
+                Some(7) => "PUBCOMP",
+                _ => "UNSUBSCRIBE",
+            },
+            Inbound::NotFromClient(name) => name,
+        }
+    }
 }
 
 /// Decodes one whole frame from a device that speaks `version`. The error says what is
@@ -307,6 +334,55 @@ impl Connect {
                 .as_ref()
                 .and_then(|p| p.authentication_method.as_deref()),
         }
+    }
+
+    /// What the CONNECT itself must say for `device` (the registry has been asked already):
+    /// its client id is the device id (an empty one becomes it, returned as the id the gate
+    /// assigned), no extended authentication, no retained will in MQTT 5 (retain is not
+    /// available), and a will the ACL allows that is neither telemetry nor a certificate
+    /// request (a will travels through the routing core, where neither would be handled).
+    /// Returns the CONNECT to forward, its will made what the gate relays, or why not.
+    pub fn admit(
+        mut self,
+        device: &DeviceId,
+    ) -> Result<(Connect, Option<String>), (Refused, String)> {
+        let mut assigned = None;
+        if self.client_id().is_empty() {
+            self.set_client_id(device.to_string());
+            assigned = Some(device.to_string());
+        } else if self.client_id() != device.as_str() {
+            let why = format!(
+                "client id {:?} is not the device id",
+                clip(self.client_id(), 64)
+            );
+            return Err((Refused::ClientIdNotValid, why));
+        }
+        if let Some(method) = self.auth_method() {
+            let why = format!(
+                "authentication method {:?} is not offered; the client certificate is the identity",
+                clip(method, 64)
+            );
+            return Err((Refused::BadAuthenticationMethod, why));
+        }
+        if self.version() == Version::V5 && self.will_retained() {
+            let why = "retained messages are not available, and so no retained will";
+            return Err((Refused::RetainNotSupported, why.into()));
+        }
+        if let Some(will) = self.will_topic() {
+            let verdict = match topic::check_publish(device, will) {
+                Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
+                Ok(DeviceTopic::CertsCsr) => {
+                    Err("a will cannot be a certificate request".to_owned())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = verdict {
+                return Err((Refused::NotAuthorized, format!("will refused: {why}")));
+            }
+            self.tame_will();
+        }
+        Ok((self, assigned))
     }
 
     /// The CONNECT the gate sends the routing core for the device: with the gate's login and

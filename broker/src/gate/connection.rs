@@ -55,7 +55,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::{audit::clip, trust::Issuer};
+use super::trust::Issuer;
 use super::{
     bump,
     codec::{
@@ -293,7 +293,7 @@ impl<'g> Session<'g> {
             Ok(Ok(Ok(Inbound::Connect(c)))) => c,
             Ok(Ok(Ok(other))) => {
                 bump(&gate.stats.protocol_errors);
-                let why = format!("first packet is {}, not CONNECT", inbound_name(&other));
+                let why = format!("first packet is {}, not CONNECT", other.name());
                 info!(reason = %why, "connection refused");
                 gate.audit(&peer, AuditDecision::Refused, why);
                 return;
@@ -900,53 +900,23 @@ async fn refuse(
     let _ = timeout(gate.config.write_timeout, write_now(wr, &ack)).await;
 }
 
-/// Checks what the CONNECT itself says: client id, authentication and will. Returns the
-/// CONNECT to forward and, if the device sent an empty client id, the one the gate gave it.
+/// Checks what the CONNECT itself says ([`Connect::admit`]); a refusal is counted with
+/// the kind of rule it broke.
 fn check_connect<'g>(
     gate: &'g Gate,
     peer: &Peer,
-    mut connect: Connect,
+    connect: Connect,
 ) -> Result<(Connect, Option<String>), Refusal<'g>> {
-    let stats = &gate.stats;
-    let mut assigned = None;
-    if connect.client_id().is_empty() {
-        connect.set_client_id(peer.device.to_string());
-        assigned = Some(peer.device.to_string());
-    } else if connect.client_id() != peer.device.as_str() {
-        let why = format!(
-            "client id {:?} is not the device id",
-            clip(connect.client_id(), 64)
-        );
-        let code = Refused::ClientIdNotValid;
-        return Err(Refusal::new(code, &stats.refused_client_id, why));
-    }
-    if let Some(method) = connect.auth_method() {
-        let why = format!(
-            "authentication method {:?} is not offered; the client certificate is the identity",
-            clip(method, 64)
-        );
-        let code = Refused::BadAuthenticationMethod;
-        return Err(Refusal::new(code, &stats.refused_protocol, why));
-    }
-    if connect.version() == Version::V5 && connect.will_retained() {
-        let why = "retained messages are not available, and so no retained will";
-        let code = Refused::RetainNotSupported;
-        return Err(Refusal::new(code, &stats.refused_protocol, why));
-    }
-    if let Some(will) = connect.will_topic() {
-        let verdict = match topic::check_publish(&peer.device, will) {
-            Ok(kind) if kind.is_telemetry() => Err("a will cannot be telemetry".to_owned()),
-            Ok(DeviceTopic::CertsCsr) => Err("a will cannot be a certificate request".to_owned()),
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+    connect.admit(&peer.device).map_err(|(code, why)| {
+        let stats = &gate.stats;
+        let counter = match code {
+            Refused::ClientIdNotValid => &stats.refused_client_id,
+            // The will: refused by the ACL.
+            Refused::NotAuthorized => &stats.acl_denied,
+            _ => &stats.refused_protocol,
         };
-        if let Err(why) = verdict {
-            let why = format!("will refused: {why}");
-            return Err(Refusal::new(Refused::NotAuthorized, &stats.acl_denied, why));
-        }
-        connect.tame_will();
-    }
-    Ok((connect, assigned))
+        Refusal::new(code, counter, why)
+    })
 }
 
 /// Checks the registry: the device exists and is enabled, and the certificate presented is
@@ -1109,25 +1079,6 @@ async fn open_link(
 /// Links that timed out waiting for their CONNACK and wait on for it in the background.
 static LATE_LINKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(256);
 
-fn inbound_name(p: &Inbound) -> &'static str {
-    match p {
-        Inbound::Connect(_) => "CONNECT",
-        Inbound::Publish(_) => "PUBLISH",
-        Inbound::PubRel(_) => "PUBREL",
-        Inbound::Subscribe(_) => "SUBSCRIBE",
-        Inbound::PingReq => "PINGREQ",
-        Inbound::Disconnect { .. } => "DISCONNECT",
-        Inbound::Violation(..) => "a packet that breaks MQTT 5",
-        Inbound::Forward(frame) => match packet_type(frame) {
-            4 => "PUBACK",
-            5 => "PUBREC",
-            7 => "PUBCOMP",
-            _ => "UNSUBSCRIBE",
-        },
-        Inbound::NotFromClient(name) => name,
-    }
-}
-
 async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, frame: &[u8]) -> std::io::Result<()> {
     wr.write_all(frame).await?;
     wr.flush().await
@@ -1209,7 +1160,7 @@ async fn write_to_device(
 ) {
     let mut pending = FuturesOrdered::new();
     let (mut frames_open, mut acks_open) = (true, true);
-    let mut failed: Option<String> = None;
+    let mut failed = false;
     loop {
         if !acks_open && !frames_open && pending.is_empty() {
             break;
@@ -1226,7 +1177,7 @@ async fn write_to_device(
                 Err(e) => {
                     let e: AckFailure = e;
                     warn!(error = %e, "closing; the device will send unacknowledged messages again");
-                    failed.get_or_insert_with(|| e.to_string());
+                    failed = true;
                     acks_open = false;
                     frames_open = false;
                     continue;
@@ -1254,13 +1205,14 @@ async fn write_to_device(
         }
     }
     // The session has ended (its senders are gone), so its DISCONNECT, if any, is there.
+    // Why a message could not be made safe is logged above, not told the device.
     let last = match (close.try_recv(), failed) {
         (Ok(reply), _) => Some(reply),
-        (Err(_), Some(why)) => Some(Reply::Disconnect(
+        (Err(_), true) => Some(Reply::Disconnect(
             CloseCode::UnspecifiedError,
-            format!("{why}; send unacknowledged messages again"),
+            "a message could not be stored; send unacknowledged messages again".into(),
         )),
-        (Err(_), None) => None,
+        (Err(_), false) => None,
     };
     let verdict = Verdict::default();
     if let Some(frame) =
