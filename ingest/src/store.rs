@@ -110,7 +110,8 @@ impl Bucket {
     }
 
     /// Adds `later`, whose values all come after this bucket's (same start).
-    pub fn merge(&mut self, later: &Bucket) {
+    #[cfg(test)]
+    fn merge(&mut self, later: &Bucket) {
         self.count += later.count;
         self.sum += later.sum;
         self.min = self.min.min(later.min);
@@ -142,7 +143,9 @@ pub fn numeric(value: &Value) -> Option<f64> {
     }
 }
 
-/// Summarises time-ordered points into buckets of `step` ms aligned to the epoch.
+/// Summarises time-ordered points into buckets of `step` ms aligned to the epoch: what the
+/// store's buckets must equal, written independently of its rollups.
+#[cfg(test)]
 pub fn bucketize(points: impl IntoIterator<Item = (TimestampMs, Value)>, step: i64) -> Vec<Bucket> {
     let step = step.max(1);
     let mut out: Vec<Bucket> = Vec::new();
@@ -185,14 +188,6 @@ pub trait TelemetryStore: Send + Sync + 'static {
         to: TimestampMs,
         limit: usize,
     ) -> Result<Vec<(TimestampMs, Value)>, StoreError>;
-    /// How many points of one series lie in `from <= ts <= to`.
-    fn count(
-        &self,
-        device: &DeviceId,
-        metric: &str,
-        from: TimestampMs,
-        to: TimestampMs,
-    ) -> Result<u64, StoreError>;
     /// One series summarised in buckets of `step` ms aligned to the Unix epoch, in time
     /// order, covering `from..=to` widened to whole buckets; buckets without a number are
     /// left out. The store answers from its coarsest resolution that divides `step`.

@@ -1148,38 +1148,6 @@ impl TelemetryStore for SqliteStore {
         )
     }
 
-    fn count(
-        &self,
-        device: &DeviceId,
-        metric: &str,
-        from: TimestampMs,
-        to: TimestampMs,
-    ) -> Result<u64, StoreError> {
-        let Some(id) = self.series_id(device, metric)? else {
-            return Ok(0);
-        };
-        self.snapshot(
-            |head| head.points(id, from, to),
-            |tx, fresh| {
-                let mut n = 0u64;
-                for name in partitions_between(tx, Res::Raw, from, to)? {
-                    let c: i64 = tx
-                        .prepare_cached(&format!(
-                        "SELECT count(*) FROM {name} WHERE series = ?1 AND ts >= ?2 AND ts <= ?3"
-                    ))?
-                        .query_row(params![id, from, to], |r| r.get(0))?;
-                    n += c as u64;
-                }
-                for (ts, _) in fresh {
-                    if !raw_has(tx, id, ts)? {
-                        n += 1;
-                    }
-                }
-                Ok(n)
-            },
-        )
-    }
-
     fn buckets(
         &self,
         device: &DeviceId,
@@ -1654,7 +1622,7 @@ mod tests {
             .unwrap();
         store.maintain(now).unwrap();
         assert_eq!(read(&store.head).unwrap().rows, 0);
-        assert_eq!(store.count(&d, "t", 0, i64::MAX).unwrap(), 3);
+        assert_eq!(store.range(&d, "t", 0, i64::MAX, 100).unwrap().len(), 3);
         assert_eq!(
             store.latest(&d).unwrap(),
             vec![("t".into(), now + 5, Value::Int(5))]
@@ -1691,7 +1659,7 @@ mod tests {
             .commit(&batch(&[(&d, "t", now, Value::Int(5))]))
             .unwrap();
         assert_eq!(total(&store), (10, 14.0), "while the point is in the head");
-        assert_eq!(store.count(&d, "t", 0, now).unwrap(), 3);
+        assert_eq!(store.range(&d, "t", 0, now, 100).unwrap().len(), 3);
         store.merge(now).unwrap();
         assert_eq!(total(&store), (10, 14.0), "once merged");
     }
@@ -1724,14 +1692,14 @@ mod tests {
             Err(StoreError::Backlog(4))
         ));
         // Everything committed is still queryable, and nothing is lost once merges work.
-        assert_eq!(store.count(&d, "t", 0, now + 10).unwrap(), 4);
+        assert_eq!(store.range(&d, "t", 0, now + 10, 100).unwrap().len(), 4);
         Connection::open(&path)
             .unwrap()
             .execute_batch("DELETE FROM broken")
             .unwrap();
         store.maintain(now).unwrap();
         store.commit(&one(now + 4)).unwrap();
-        assert_eq!(store.count(&d, "t", 0, now + 10).unwrap(), 5);
+        assert_eq!(store.range(&d, "t", 0, now + 10, 100).unwrap().len(), 5);
         assert_eq!(read(&store.head).unwrap().rows, 1);
     }
 
