@@ -252,40 +252,22 @@ mod tests {
                 .pem()
                 .unwrap()
         };
-        let refused =
-            |r: Result<IssuedCert, ProvisionError>| matches!(r, Err(ProvisionError::Refused(_)));
-        assert!(refused(rotate_certificate(
-            &pki,
-            &reg,
-            &id,
-            (FLEET_ISSUER, "00"),
-            &csr()
-        )));
+        let rotate = |presented| rotate_certificate(&pki, &reg, &id, presented, &csr());
+        let refused = |presented| matches!(rotate(presented), Err(ProvisionError::Refused(_)));
+        assert!(refused((FLEET_ISSUER, "00")));
         let first = create_device(&pki, &reg, "rot", None).unwrap();
         let presented = (FLEET_ISSUER, first.cert.serial_hex.as_str());
         for _ in 1..MAX_VALID_CERTIFICATES {
-            let next = rotate_certificate(&pki, &reg, &id, presented, &csr()).unwrap();
+            let next = rotate(presented).unwrap();
             assert_ne!(next.serial_hex, first.cert.serial_hex);
             assert!(next.key_pem.is_none());
         }
         assert_eq!(reg.certificates(&id).unwrap().len(), MAX_VALID_CERTIFICATES);
-        assert!(refused(rotate_certificate(
-            &pki,
-            &reg,
-            &id,
-            presented,
-            &csr()
-        )));
+        assert!(refused(presented));
         // Once the presenting certificate is revoked it can mint no more.
         reg.revoke(&id, Some(&first.cert.serial_hex), now_ms())
             .unwrap();
-        assert!(refused(rotate_certificate(
-            &pki,
-            &reg,
-            &id,
-            presented,
-            &csr()
-        )));
+        assert!(refused(presented));
     }
 
     #[test]
