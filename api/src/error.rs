@@ -65,6 +65,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("method {0} is not allowed on this endpoint")]
     MethodNotAllowed(Method),
+    /// The telemetry store's backend (QuestDB) cannot answer now; the cause is logged,
+    /// never sent.
+    #[error("telemetry store unavailable: {0}")]
+    StoreUnavailable(#[source] StoreError),
     /// Anything that is the server's fault; the cause is logged, never sent.
     #[error("internal error: {0}")]
     Internal(#[source] BoxError),
@@ -96,6 +100,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,6 +127,7 @@ impl ApiError {
             ApiError::InvalidPath(_) => "invalid_path",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -152,7 +158,11 @@ impl IntoResponse for ApiError {
                 other => chain(other),
             };
             tracing::error!(error = %cause, "request failed");
-            return (status, body("internal", "internal server error")).into_response();
+            let message = match self {
+                ApiError::StoreUnavailable(_) => "the telemetry store cannot answer now; try again",
+                _ => "internal server error",
+            };
+            return (status, body(self.code(), message)).into_response();
         }
         let mut response = (status, body(self.code(), &self.to_string())).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -191,7 +201,10 @@ impl From<RegistryError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            e @ StoreError::Unavailable(_) => ApiError::StoreUnavailable(e),
+            e => ApiError::internal(e),
+        }
     }
 }
 

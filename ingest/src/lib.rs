@@ -1,4 +1,5 @@
-//! Ingest: telemetry from the gate to durable storage, and the embedded stores.
+//! Ingest: telemetry from the gate to durable storage, the embedded stores, and the QuestDB
+//! store.
 //!
 //! Start with [`pipeline`]: one thread drains the gate's hand-off channel, decodes each
 //! message, commits a whole batch in one transaction (one fsync for many messages) and only
@@ -6,9 +7,10 @@
 //! `durability = "fsync"`, the default).
 //!
 //! - [`store`]: the [`TelemetryStore`] trait (append a batch, range query, latest values,
-//!   dead letters) and its embedded SQLite implementation;
+//!   dead letters), its embedded SQLite implementation, and the QuestDB one (a local spool
+//!   drained to QuestDB over the line protocol, queries in QuestDB SQL);
 //! - [`registry`]: the embedded SQLite implementation of `tellus_core::Registry`;
-//! - [`sqlite`]: what both SQLite databases share (opening, pragmas, schema migrations).
+//! - [`sqlite`]: what the SQLite databases share (opening, pragmas, schema migrations).
 
 pub mod pipeline;
 pub mod registry;
@@ -18,6 +20,6 @@ pub mod store;
 pub use pipeline::{Ingest, IngestConfig, IngestStats, IngestStatsSnapshot};
 pub use registry::SqliteRegistry;
 pub use store::{
-    Agg, Batch, Bucket, DeadLetter, Durability, Retention, SqliteStore, StoreConfig, StoreError,
-    TelemetryStore,
+    Agg, Batch, Bucket, DeadLetter, Durability, QuestDbConfig, QuestDbStore, Retention, SpoolStats,
+    SqliteStore, StoreConfig, StoreError, TelemetryStore,
 };

@@ -1,6 +1,6 @@
-//! The telemetry store: the [`TelemetryStore`] trait, what it answers with, and the
-//! embedded implementation ([`SqliteStore`], in `store/embedded.rs`, where its layout is
-//! described).
+//! The telemetry store: the [`TelemetryStore`] trait, what it answers with, the embedded
+//! implementation ([`SqliteStore`], in `store/embedded.rs`, where its layout is described)
+//! and the QuestDB one ([`QuestDbStore`], in `store/questdb.rs`).
 //!
 //! A value keeps its type: `kind` says whether the stored SQLite value is a bool, an integer,
 //! a float or text. Aggregates ([`Bucket`]) summarise numbers, and booleans as 0 and 1.
@@ -10,7 +10,9 @@ use std::time::Duration;
 use tellus_core::{DeviceId, Sample, TimestampMs, Value};
 
 mod embedded;
+mod questdb;
 
+pub use self::questdb::{QuestDbConfig, QuestDbStore, SpoolStats};
 pub use embedded::{Retention, SqliteStore, StoreConfig};
 
 /// How hard a commit works to survive a crash.
@@ -44,6 +46,11 @@ pub enum StoreError {
     /// refused, and so not acknowledged, until it succeeds, so memory stays bounded.
     #[error("{0} points wait for a merge into the store; refusing more until it succeeds")]
     Backlog(usize),
+    /// The store's backend (QuestDB) could not answer a query.
+    #[error("the telemetry store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("store configuration: {0}")]
+    Config(String),
 }
 
 /// A payload that was not valid telemetry, kept raw with its reason.
@@ -219,6 +226,10 @@ pub trait TelemetryStore: Send + Sync + 'static {
         -> Result<Vec<DeadLetter>, StoreError>;
     /// One dead letter with its whole payload, or `None` if no dead letter has this id.
     fn deadletter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError>;
+    /// The spool's counters, for a store that forwards points elsewhere (QuestDB).
+    fn spool(&self) -> Option<SpoolStats> {
+        None
+    }
 }
 
 const KIND_BOOL: i64 = 0;
@@ -248,9 +259,66 @@ pub(crate) fn from_sql(kind: i64, v: rusqlite::types::Value) -> Value {
     }
 }
 
+/// Writes dead letters into a `deadletters` table (id, received_at, device, topic, reason,
+/// payload), in the caller's transaction.
+pub(crate) fn insert_deadletters(
+    tx: &rusqlite::Transaction<'_>,
+    deadletters: &[DeadLetter],
+) -> Result<(), rusqlite::Error> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO deadletters (received_at, device, topic, reason, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for d in deadletters {
+        stmt.execute(rusqlite::params![
+            d.received_at_ms,
+            d.device.as_str(),
+            d.topic,
+            d.reason,
+            d.payload
+        ])?;
+    }
+    Ok(())
+}
+
+/// [`TelemetryStore::deadletters`] from a `deadletters` table.
+pub(crate) fn list_deadletters(
+    conn: &rusqlite::Connection,
+    before: Option<i64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, received_at, device, topic, reason, substr(payload, 1, ?3), length(payload)
+         FROM deadletters WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        rusqlite::params![
+            before.unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            DEADLETTER_PREVIEW_BYTES as i64
+        ],
+        deadletter_row,
+    )?;
+    rows.collect()
+}
+
+/// [`TelemetryStore::deadletter`] from a `deadletters` table.
+pub(crate) fn one_deadletter(
+    conn: &rusqlite::Connection,
+    id: i64,
+) -> Result<Option<DeadLetter>, rusqlite::Error> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached(
+        "SELECT id, received_at, device, topic, reason, payload, length(payload)
+         FROM deadletters WHERE id = ?1",
+    )?
+    .query_row([id], deadletter_row)
+    .optional()
+}
+
 /// A dead letter from a row of `id, received_at, device, topic, reason, payload (or a prefix
 /// of it), length(payload)`.
-pub(crate) fn deadletter_row(r: &rusqlite::Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
+fn deadletter_row(r: &rusqlite::Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
     let device: String = r.get(2)?;
     let payload_size: i64 = r.get(6)?;
     Ok(DeadLetter {

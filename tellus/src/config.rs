@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tellus_ingest::{Durability, IngestConfig, Retention, StoreConfig};
+use tellus_ingest::{Durability, IngestConfig, QuestDbConfig, Retention, StoreConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,17 +67,57 @@ pub struct IngestSection {
     pub durability: Durability,
 }
 
-/// The embedded telemetry store: how long each resolution is kept, and how soon new points
-/// are merged into their partitions and rollups.
+/// The telemetry store: which one, and its settings. The embedded store's are how long each
+/// resolution is kept, and how soon new points are merged into their partitions and rollups.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
+    pub backend: Backend,
     pub retention_raw: Keep,
     pub retention_minute: Keep,
     pub retention_hour: Keep,
     #[serde(with = "humantime_serde")]
     pub merge_interval: Duration,
     pub merge_rows: usize,
+    pub questdb: QuestDbSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Embedded,
+    Questdb,
+}
+
+/// The QuestDB store ([`QuestDbConfig`] says what each setting does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuestDbSection {
+    pub ilp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sql_url: Option<String>,
+    pub table: String,
+    pub create_table: bool,
+    pub spool_capacity: u64,
+    pub batch_points: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for QuestDbSection {
+    fn default() -> Self {
+        let q = QuestDbConfig::default();
+        QuestDbSection {
+            ilp: q.ilp,
+            sql_url: q.sql_url,
+            table: q.table,
+            create_table: q.create_table,
+            spool_capacity: q.spool_capacity,
+            batch_points: q.batch_points,
+            request_timeout: q.request_timeout,
+        }
+    }
 }
 
 /// How long data is kept: a duration, or `"forever"`.
@@ -111,11 +151,13 @@ impl Default for StoreSection {
     fn default() -> Self {
         let store = StoreConfig::default();
         StoreSection {
+            backend: Backend::default(),
             retention_raw: Keep(store.retention.raw),
             retention_minute: Keep(store.retention.minute),
             retention_hour: Keep(store.retention.hour),
             merge_interval: store.merge_interval,
             merge_rows: store.merge_rows,
+            questdb: QuestDbSection::default(),
         }
     }
 }
@@ -253,6 +295,21 @@ impl Config {
         })
     }
 
+    /// The QuestDB store's settings (used when `[store] backend = "questdb"`).
+    pub fn questdb(&self) -> QuestDbConfig {
+        let q = &self.store.questdb;
+        QuestDbConfig {
+            ilp: q.ilp.clone(),
+            sql_url: q.sql_url.clone(),
+            table: q.table.clone(),
+            create_table: q.create_table,
+            spool_capacity: q.spool_capacity,
+            batch_points: q.batch_points.max(1),
+            durability: self.ingest.durability,
+            request_timeout: q.request_timeout,
+        }
+    }
+
     pub fn ingest(&self) -> IngestConfig {
         IngestConfig {
             queue_capacity: self.ingest.queue_capacity,
@@ -323,6 +380,9 @@ max_batch = 1024
 durability = "fsync"
 
 [store]
+# Where telemetry is stored: "embedded" (this machine, the settings below) or "questdb"
+# (the [store.questdb] settings; see the README's QuestDB section).
+backend = "embedded"
 # How long each resolution of telemetry is kept: raw points, 1-minute and 1-hour rollups
 # (min, max, sum, count, first, last). A duration, or "forever"; each at least as long as
 # the finer one. Data is stored in time partitions (a day of raw points, 30 days of minutes,
@@ -334,6 +394,24 @@ retention_hour = "forever"
 # rollups at least this often, or as soon as it holds merge_rows points.
 merge_interval = "1s"
 merge_rows = 500000
+
+[store.questdb]
+# The line-protocol sender as a questdb-rs configuration string: transport (http, https,
+# tcp, tcps), address, credentials (username/password or token), protocol_version.
+ilp = "http::addr=localhost:9000;"
+# QuestDB's HTTP endpoint for queries and for creating the table; by default the address
+# of ilp when it is http or https. Credentials are those of ilp.
+# sql_url = "http://localhost:9000"
+table = "telemetry"
+# Create the table, with its deduplication keys, before the first send.
+create_table = true
+# Acknowledged points wait in a local spool (in the data directory, durable as [ingest]
+# durability says) until QuestDB confirms them. When it holds spool_capacity points,
+# commits are refused, so devices keep their messages and send them again.
+spool_capacity = 50000000
+# Most points in one request to QuestDB, and how long a request may take.
+batch_points = 10000
+request_timeout = "10s"
 
 [log]
 # "text" or "json".

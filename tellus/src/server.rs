@@ -30,12 +30,12 @@ use tellus_broker::{
     routing::{self, Publisher, RoutingConfig},
 };
 use tellus_core::{IngestSender, Registry};
-use tellus_ingest::{Ingest, SqliteRegistry, SqliteStore, TelemetryStore};
+use tellus_ingest::{Ingest, QuestDbStore, SqliteRegistry, SqliteStore, TelemetryStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 
 /// Audit entries that may wait for the registry; past this they are shed and counted.
 const AUDIT_QUEUE: usize = 10_000;
@@ -54,6 +54,9 @@ impl DataDir {
     }
     pub fn telemetry(&self) -> PathBuf {
         self.root.join("telemetry.db")
+    }
+    pub fn questdb_spool(&self) -> PathBuf {
+        self.root.join("questdb-spool.db")
     }
     pub fn admin_token(&self) -> PathBuf {
         self.root.join("admin.token")
@@ -121,13 +124,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let trust = Trust::build(&fleet.pki, &server_identity, &cas)
         .context("building the TLS configuration")?;
 
-    let store: Arc<dyn TelemetryStore> = Arc::new(
-        SqliteStore::open_with(
-            &dir.telemetry(),
-            config.store().map_err(anyhow::Error::msg)?,
-        )
-        .with_context(|| format!("opening {}", dir.telemetry().display()))?,
-    );
+    let store: Arc<dyn TelemetryStore> = match config.store.backend {
+        Backend::Embedded => Arc::new(
+            SqliteStore::open_with(
+                &dir.telemetry(),
+                config.store().map_err(anyhow::Error::msg)?,
+            )
+            .with_context(|| format!("opening {}", dir.telemetry().display()))?,
+        ),
+        Backend::Questdb => {
+            let questdb = config.questdb();
+            info!(table = %questdb.table, "telemetry goes to QuestDB");
+            Arc::new(
+                QuestDbStore::open(&dir.questdb_spool(), questdb)
+                    .with_context(|| format!("opening {}", dir.questdb_spool().display()))?,
+            )
+        }
+    };
     let routing = routing::start(&RoutingConfig {
         max_connections: config.mqtt.max_connections + 16,
         max_packet_size: config.mqtt.max_packet_size,

@@ -1,11 +1,13 @@
 //! Counters: `GET /api/v1/stats` is `{"ingest": {received, stored, samples, deadlettered,
-//! failed, commits}, "gate": {accepted, connected, active, refusals by reason, …}}`.
-//! Reading them is a few atomic loads, so no blocking thread is needed.
+//! failed, commits, rejected by kind, commit_latency}, "gate": {accepted, connected, active,
+//! refusals by reason, …}}`, and with the QuestDB store `"spool": {spooled, drained, pending,
+//! refused, send_errors, last_error, last_delivery_ms}`. Reading them is a few atomic loads
+//! (and one lock), so no blocking thread is needed.
 
 use axum::{extract::State, Json};
 use serde::Serialize;
 use tellus_broker::gate::GateStatsSnapshot;
-use tellus_ingest::IngestStatsSnapshot;
+use tellus_ingest::{IngestStatsSnapshot, SpoolStats};
 
 use crate::AppState;
 
@@ -13,11 +15,15 @@ use crate::AppState;
 pub struct Stats {
     pub ingest: IngestStatsSnapshot,
     pub gate: GateStatsSnapshot,
+    /// With the QuestDB store: points spooled, drained to QuestDB, pending and refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolStats>,
 }
 
 pub async fn get(State(state): State<AppState>) -> Json<Stats> {
     Json(Stats {
         ingest: state.ingest_stats.snapshot(),
         gate: state.gate_stats.snapshot(),
+        spool: state.store.spool(),
     })
 }

@@ -42,7 +42,6 @@ use tellus_core::{DeviceId, TimestampMs, Value};
 
 use super::{
     from_sql, numeric, to_sql, Batch, Bucket, DeadLetter, Durability, StoreError, TelemetryStore,
-    DEADLETTER_PREVIEW_BYTES,
 };
 use crate::sqlite;
 
@@ -1067,19 +1066,7 @@ impl TelemetryStore for SqliteStore {
                 .execute(params![id, s.ts_ms, kind, value])?;
                 ids.push(id);
             }
-            for d in &batch.deadletters {
-                tx.prepare_cached(
-                    "INSERT INTO deadletters (received_at, device, topic, reason, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
-                    d.received_at_ms,
-                    d.device.as_str(),
-                    d.topic,
-                    d.reason,
-                    d.payload
-                ])?;
-            }
+            super::insert_deadletters(&tx, &batch.deadletters)?;
             Ok::<_, rusqlite::Error>(())
         })();
         // On any error, dropping `tx` rolls back (also when COMMIT itself failed and left the
@@ -1303,33 +1290,11 @@ impl TelemetryStore for SqliteStore {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, received_at, device, topic, reason, substr(payload, 1, ?3),
-                        length(payload)
-                 FROM deadletters WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    before.unwrap_or(i64::MAX),
-                    limit as i64,
-                    DEADLETTER_PREVIEW_BYTES as i64
-                ],
-                super::deadletter_row,
-            )?;
-            rows.collect()
-        })
+        self.read(|c| super::list_deadletters(c, before, limit))
     }
 
     fn deadletter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
-        self.read(|c| {
-            c.prepare_cached(
-                "SELECT id, received_at, device, topic, reason, payload, length(payload)
-                 FROM deadletters WHERE id = ?1",
-            )?
-            .query_row([id], super::deadletter_row)
-            .optional()
-        })
+        self.read(|c| super::one_deadletter(c, id))
     }
 }
 
