@@ -16,7 +16,9 @@ use std::{
 
 pub mod certs;
 pub mod mqtt;
+pub mod questdb;
 pub mod raw;
+pub mod victoria;
 
 use serde_json::{json, Value};
 use tellus_device::Credentials;
