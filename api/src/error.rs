@@ -67,7 +67,7 @@ pub enum ApiError {
     MethodNotAllowed(Method),
     /// The telemetry store's backend (QuestDB) cannot answer now; the cause is logged,
     /// never sent.
-    #[error("telemetry store unavailable: {0}")]
+    #[error("telemetry store unavailable")]
     StoreUnavailable(#[source] StoreError),
     /// Anything that is the server's fault; the cause is logged, never sent.
     #[error("internal error: {0}")]

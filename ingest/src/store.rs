@@ -46,9 +46,12 @@ pub enum StoreError {
     /// refused, and so not acknowledged, until it succeeds, so memory stays bounded.
     #[error("{0} points wait for a merge into the store; refusing more until it succeeds")]
     Backlog(usize),
-    /// The store's backend (QuestDB) could not answer a query.
-    #[error("the telemetry store is unavailable: {0}")]
+    /// The store's backend (QuestDB) could not be reached, or answered that it cannot now.
+    #[error("{0}")]
     Unavailable(String),
+    /// The store's backend (QuestDB) refused a query.
+    #[error("{0}")]
+    Query(String),
     #[error("store configuration: {0}")]
     Config(String),
 }

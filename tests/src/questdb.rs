@@ -61,7 +61,7 @@ use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::oneshot};
 
 /// How long [`FakeQuestDb::wait_rows`] waits.
-const WAIT: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(20);
 
 /// The largest `/write` body accepted: above `questdb-rs`'s default `max_buf_size` (100 MiB).
 const MAX_BODY: usize = 128 * 1024 * 1024;

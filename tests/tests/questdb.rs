@@ -6,7 +6,14 @@
 //!   (version 1) over HTTP and TCP, read back through its export API;
 //! - a live test against a real QuestDB when `TELLUS_TEST_QUESTDB` names one.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use serde_json::{json, Value as Json};
 use tellus_core::{DeviceId, Sample, Value};
@@ -140,7 +147,7 @@ async fn spooled_points_reach_questdb_once_and_in_order_through_its_errors() {
 
     let stats = spool_until(&store, |s| s.pending == 0).await;
     assert_eq!((stats.spooled, stats.drained, stats.refused), (40, 40, 0));
-    assert_eq!(stats.send_errors, 3, "{stats:?}");
+    assert!(stats.send_errors >= 3, "{stats:?}");
     assert_eq!(stats.last_error, None, "cleared once QuestDB answered");
     assert!(stats.last_delivery_ms.is_some());
     let statuses: Vec<u16> = db.writes().iter().map(|w| w.status).collect();
@@ -149,7 +156,7 @@ async fn spooled_points_reach_questdb_once_and_in_order_through_its_errors() {
     // The table is created first, with the keys that make a re-sent point one row.
     let sql = db.sql();
     assert!(
-        sql[0].starts_with("CREATE TABLE IF NOT EXISTS telemetry (")
+        sql[0].starts_with("CREATE TABLE IF NOT EXISTS \"telemetry\" (")
             && sql[0].contains("TIMESTAMP(ts) PARTITION BY DAY WAL")
             && sql[0].ends_with("DEDUP UPSERT KEYS(ts, device, metric)"),
         "{sql:?}"
@@ -195,8 +202,15 @@ async fn points_wait_on_disk_while_questdb_is_down_and_drain_after_a_restart() {
     let spool = dir.path().join("spool.db");
     let base = recent_base();
     let first = points("d1", base, 0..20);
+    // Without the table to create first, the drainer meets the outage at /write.
+    let config = || QuestDbConfig {
+        create_table: false,
+        ..config(db.ilp_conf())
+    };
     {
-        let store = QuestDbStore::open(&spool, config(db.ilp_conf())).unwrap();
+        let store = QuestDbStore::open(&spool, config()).unwrap();
+        // One process at a time on a spool.
+        assert!(QuestDbStore::open(&spool, config()).is_err());
         store.commit(&first).unwrap();
         let stats = spool_until(&store, |s| s.send_errors >= 2).await;
         assert_eq!((stats.spooled, stats.pending, stats.drained), (20, 20, 0));
@@ -209,8 +223,9 @@ async fn points_wait_on_disk_while_questdb_is_down_and_drain_after_a_restart() {
     }
     assert!(db.rows().is_empty());
 
+    assert!(db.writes().iter().all(|w| w.status == 503));
     db.outage(None);
-    let store = QuestDbStore::open(&spool, config(db.ilp_conf())).unwrap();
+    let store = QuestDbStore::open(&spool, config()).unwrap();
     let second = points("d1", base, 20..25);
     store.commit(&second).unwrap();
     let rows = db.wait_rows(25).await;
@@ -242,6 +257,78 @@ async fn full_spool_refuses_commits_until_it_drains() {
     spool_until(&store, |s| s.pending == 0).await;
     store.commit(&points("d1", base, 10..11)).unwrap();
     db.wait_rows(11).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_go_in_requests_of_bounded_size() {
+    let db = FakeQuestDb::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = QuestDbStore::open(&dir.path().join("spool.db"), config(db.ilp_conf())).unwrap();
+    let base = recent_base();
+    let mut batch = points("d1", base, 0..6);
+    for (_, s) in &mut batch.samples {
+        s.value = Value::Text("x".repeat(3 << 20));
+    }
+    store.commit(&batch).unwrap();
+    assert_eq!(db.wait_rows(6).await, expected_rows(&[&batch]));
+    let sizes: Vec<usize> = db.writes().iter().map(|w| w.body.len()).collect();
+    // Each request stops at the first row that takes it past 8 MiB.
+    assert!(sizes.len() >= 2, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|n| *n < (8 << 20) + (4 << 20)),
+        "{sizes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_questdb_refuses_everything_the_table_is_blamed_not_the_points() {
+    let db = FakeQuestDb::start().await;
+    let refusing = Arc::new(AtomicBool::new(true));
+    {
+        let refusing = refusing.clone();
+        db.reject_rows(move |_| refusing.load(Ordering::Relaxed));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = QuestDbStore::open(&dir.path().join("spool.db"), config(db.ilp_conf())).unwrap();
+    let batch = points("d1", recent_base(), 0..500);
+    store.commit(&batch).unwrap();
+    let stats = spool_until(&store, |s| s.send_errors >= 2).await;
+    // A round stops after 100 refusals and keeps them; the table is created again.
+    assert_eq!((stats.refused, stats.pending), (0, 500), "{stats:?}");
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("refused 100 points in a row"),
+        "{stats:?}"
+    );
+    let creates = db
+        .sql()
+        .iter()
+        .filter(|q| q.starts_with("CREATE TABLE"))
+        .count();
+    assert!(creates >= 2, "{:?}", db.sql());
+    refusing.store(false, Ordering::Relaxed);
+    assert_eq!(db.wait_rows(500).await, expected_rows(&[&batch]));
+    assert!(store.deadletters(None, 1).unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_for_the_sender_is_halved() {
+    let db = FakeQuestDb::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ilp = format!("{}max_buf_size=1048576;", db.ilp_conf());
+    let store = QuestDbStore::open(&dir.path().join("spool.db"), config(ilp)).unwrap();
+    let mut batch = points("d1", recent_base(), 0..8);
+    for (_, s) in &mut batch.samples {
+        s.value = Value::Text("y".repeat(300 << 10));
+    }
+    store.commit(&batch).unwrap();
+    assert_eq!(db.wait_rows(8).await, expected_rows(&[&batch]));
+    assert!(db.writes().iter().all(|w| w.body.len() <= 1 << 20));
+    let stats = spool_until(&store, |s| s.pending == 0).await;
+    assert_eq!((stats.drained, stats.refused), (8, 0));
 }
 
 /// QuestDB's `/exec` answer: columns and rows.
@@ -365,26 +452,26 @@ async fn queries_are_asked_in_questdb_sql_and_answers_keep_their_types() {
     };
     assert_eq!(
         asked("PARTITION BY metric"),
-        "SELECT metric, ts, kind, value, int_value, text_value FROM telemetry \
+        "SELECT metric, ts, kind, value, int_value, text_value FROM \"telemetry\" \
          WHERE device = 'd1' LATEST ON ts PARTITION BY metric"
     );
     assert_eq!(
         asked("SAMPLE BY"),
         "SELECT ts, count(value), sum(value), min(value), max(value), first(value), last(value) \
-         FROM telemetry WHERE device = 'd1' AND metric = 't' AND kind != 'text' \
+         FROM \"telemetry\" WHERE device = 'd1' AND metric = 't' AND kind != 'text' \
          AND ts >= '2026-11-28T10:00:00.000Z' AND ts < '2026-11-28T10:02:00.000Z' \
          SAMPLE BY 1m FROM '2026-11-28T10:00:00.000Z' TO '2026-11-28T10:02:00.000Z'"
     );
     assert_eq!(
         asked("ORDER BY ts"),
-        "SELECT ts, kind, value, int_value, text_value FROM telemetry \
+        "SELECT ts, kind, value, int_value, text_value FROM \"telemetry\" \
          WHERE device = 'd1' AND metric = 'it''s' \
          AND ts >= '2026-11-28T10:00:00.000Z' AND ts <= '2026-11-28T10:00:00.010Z' \
          ORDER BY ts LIMIT 5"
     );
     assert_eq!(
         asked("PARTITION BY device"),
-        "SELECT device, ts, kind, value, int_value, text_value FROM telemetry \
+        "SELECT device, ts, kind, value, int_value, text_value FROM \"telemetry\" \
          WHERE metric = 't' LATEST ON ts PARTITION BY device"
     );
 }

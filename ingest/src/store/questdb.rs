@@ -106,6 +106,11 @@ pub struct SpoolStats {
 /// How long the drainer waits before retrying after a failure: doubling from the first to
 /// the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
+/// Most bytes of one request, whatever `batch_points` says: large text values would
+/// otherwise make a request larger than the sender or QuestDB takes.
+const MAX_REQUEST_BYTES: usize = 8 << 20;
+/// Refused points after which a round stops and blames the table instead.
+const REFUSALS_PER_ROUND: usize = 100;
 /// How often a QuestDB that stays unreachable is logged again.
 const LOG_AGAIN: Duration = Duration::from_secs(60);
 /// The widths the API plans charts with. QuestDB computes any step from raw points; these
@@ -147,19 +152,32 @@ impl QuestDbStore {
         SenderBuilder::from_conf(&config.ilp).map_err(|e| invalid(format!("ilp: {}", e.msg())))?;
         let conf = questdb_confstr::parse_conf_str(&config.ilp)
             .map_err(|e| invalid(format!("ilp: {e}")))?;
+        if config.request_timeout.is_zero() {
+            return Err(invalid("request_timeout must be more than 0".into()));
+        }
+        let http = matches!(conf.service(), "http" | "https");
+        if !http {
+            warn!(
+                "the line protocol over TCP confirms nothing: points count as delivered once \
+                 written to the socket, and those QuestDB drops are lost; use http"
+            );
+        }
         let sql_url = config.sql_url.clone().or_else(|| {
-            matches!(conf.service(), "http" | "https")
-                .then(|| {
-                    conf.get("addr")
-                        .map(|a| format!("{}://{a}", conf.service()))
-                })
-                .flatten()
+            let addr = conf.get("addr").filter(|_| http)?;
+            // questdb-rs's default port, which the address may leave out.
+            let has_port = addr
+                .rsplit_once(':')
+                .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+            let port = if has_port { "" } else { ":9000" };
+            Some(format!("{}://{addr}{port}", conf.service()))
         });
+        // Over TCP, `token` is the private key of its authentication: never sent anywhere.
         let auth = match (
             conf.get("username"),
             conf.get("password"),
             conf.get("token"),
         ) {
+            _ if !http => None,
             (_, _, Some(token)) => Some(format!("Bearer {token}")),
             (Some(user), Some(password), None) => Some(format!(
                 "Basic {}",
@@ -218,7 +236,11 @@ impl Drop for QuestDbStore {
     /// Stops the drainer and waits for it: at most the request in flight
     /// (`request_timeout`). What it has not sent stays in the spool for the next start.
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::Relaxed);
+        {
+            // Under the lock, so the drainer cannot miss it between its check and its wait.
+            let _work = self.inner.work.0.lock();
+            self.inner.stop.store(true, Ordering::Relaxed);
+        }
         self.inner.work.1.notify_all();
         if let Some(drainer) = self.drainer.take() {
             if drainer.join().is_err() {
@@ -228,9 +250,15 @@ impl Drop for QuestDbStore {
     }
 }
 
-/// Why an attempt did not go through: QuestDB could not be reached or did not confirm. The
-/// points stay in the spool and are sent again.
-struct Failed(String);
+/// Why an attempt did not go through. The points stay in the spool and are sent again.
+enum Failed {
+    /// QuestDB could not be reached or did not confirm.
+    Unavailable(String),
+    /// QuestDB refused point after point: more likely its table than the points (dropped,
+    /// or created by someone else with other columns). The table is created again before
+    /// the next attempt, and nothing is dead-lettered meanwhile.
+    RefusesAll(String),
+}
 
 impl Inner {
     fn drain(self: Arc<Self>) {
@@ -243,13 +271,16 @@ impl Inner {
             let attempt = if !table_ready {
                 self.create_table().map(|()| table_ready = true)
             } else {
-                match self.spool.oldest(self.config.batch_points.max(1)) {
+                match self
+                    .spool
+                    .oldest(self.config.batch_points.max(1), MAX_REQUEST_BYTES)
+                {
                     Ok(points) if points.is_empty() => {
                         self.wait(Duration::from_secs(1), true);
                         continue;
                     }
                     Ok(points) => self.deliver(&mut sender, &points),
-                    Err(e) => Err(Failed(format!("reading the spool: {e}"))),
+                    Err(e) => Err(Failed::Unavailable(format!("reading the spool: {e}"))),
                 }
             };
             match attempt {
@@ -266,9 +297,11 @@ impl Inner {
                         *last = None;
                     }
                 }
-                Err(Failed(why)) => {
-                    // A new connection next time: the old one may be broken.
+                Err(Failed::Unavailable(why) | Failed::RefusesAll(why)) => {
+                    // A new connection next time: the old one may be broken. And the table
+                    // again: it may be what QuestDB refuses.
                     sender = None;
+                    table_ready = !self.config.create_table;
                     self.send_errors.fetch_add(1, Ordering::Relaxed);
                     failing_since.get_or_insert_with(Instant::now);
                     if logged.is_none_or(|t| t.elapsed() >= LOG_AGAIN) {
@@ -317,7 +350,7 @@ impl Inner {
         let Some(sql) = &self.sql else { return Ok(()) };
         sql.exec(&layout::create_table_sql(&self.config.table))
             .map(|_| info!(table = %self.config.table, "QuestDB table ready"))
-            .map_err(|e| Failed(format!("creating the table: {e}")))
+            .map_err(|e| Failed::Unavailable(format!("creating the table: {e}")))
     }
 
     fn connect(&self) -> Result<Sender, questdb::Error> {
@@ -340,14 +373,19 @@ impl Inner {
     /// Sends `points` (consecutive, oldest first), and settles in the spool what QuestDB
     /// confirmed or refused, also when a later part could not be sent.
     fn deliver(&self, sender: &mut Option<Sender>, points: &[Spooled]) -> Result<(), Failed> {
-        let mut delivered = Vec::new();
-        let mut refused = Vec::new();
+        let mut round = Round::default();
         let all: Vec<&Spooled> = points.iter().collect();
-        let sent = self.send(sender, &all, &mut delivered, &mut refused);
+        let sent = self.send(sender, &all, &mut round);
+        if matches!(sent, Err(Failed::RefusesAll(_))) {
+            round.refused.clear();
+        }
+        let Round {
+            delivered, refused, ..
+        } = round;
         if !delivered.is_empty() || !refused.is_empty() {
             self.spool
                 .settle(&delivered, &refused, tellus_core::now_ms())
-                .map_err(|e| Failed(format!("settling the spool: {e}")))?;
+                .map_err(|e| Failed::Unavailable(format!("settling the spool: {e}")))?;
             self.drained
                 .fetch_add(delivered.len() as u64, Ordering::Relaxed);
             self.refused
@@ -364,17 +402,24 @@ impl Inner {
         sent
     }
 
-    /// Sends `points` in one request; when QuestDB refuses it as bad data, each half again,
-    /// down to single points, which are then refused. Appends the seqs it delivered and the
-    /// points it refused, in order.
+    /// Sends `points` in one request, or as many as fit in [`MAX_REQUEST_BYTES`] (the rest
+    /// wait for the next round). When QuestDB refuses a request as bad data, the line it
+    /// names is refused and the points around it are sent again; without a line, or when
+    /// the request is too large, each half is sent again, down to single points.
     fn send(
         &self,
         sender: &mut Option<Sender>,
         points: &[&Spooled],
-        delivered: &mut Vec<i64>,
-        refused: &mut Vec<(Spooled, String)>,
+        round: &mut Round,
     ) -> Result<(), Failed> {
-        let unavailable = |e: questdb::Error| Failed(e.msg().to_owned());
+        if round.refused.len() >= REFUSALS_PER_ROUND {
+            return Err(Failed::RefusesAll(format!(
+                "QuestDB refused {} points in a row; last: {}",
+                round.refused.len(),
+                round.refused.last().map_or("", |(_, why)| why.as_str())
+            )));
+        }
+        let unavailable = |e: questdb::Error| Failed::Unavailable(e.msg().to_owned());
         let s = match sender {
             Some(s) => s,
             None => sender.insert(self.connect().map_err(unavailable)?),
@@ -382,29 +427,42 @@ impl Inner {
         let mut buf = s.new_buffer();
         let mut rows = Vec::with_capacity(points.len());
         for &p in points {
+            if buf.len() >= MAX_REQUEST_BYTES {
+                break;
+            }
             match layout::write_row(&mut buf, &self.config.table, p) {
                 Ok(()) => rows.push(p),
-                Err(why) => refused.push((p.clone(), why)),
+                Err(why) => round.refused.push((p.clone(), why)),
             }
         }
         if rows.is_empty() {
             return Ok(());
         }
-        match s.flush(&mut buf) {
+        let refusal = match s.flush(&mut buf) {
             Ok(()) => {
-                delivered.extend(rows.iter().map(|p| p.seq));
+                round.delivered.extend(rows.iter().map(|p| p.seq));
+                return Ok(());
+            }
+            Err(e) => match refusal(&e) {
+                Some(refusal) => (refusal, e.msg().to_owned()),
+                None => return Err(unavailable(e)),
+            },
+        };
+        match refusal {
+            (Refusal::Line(n), why) if (1..=rows.len()).contains(&n) => {
+                self.send(sender, &rows[..n - 1], round)?;
+                round.refused.push((rows[n - 1].clone(), why));
+                self.send(sender, &rows[n..], round)
+            }
+            (_, why) if rows.len() == 1 => {
+                round.refused.push((rows[0].clone(), why));
                 Ok(())
             }
-            Err(e) if is_refusal(&e) => {
-                if let [one] = rows.as_slice() {
-                    refused.push(((*one).clone(), e.msg().to_owned()));
-                    return Ok(());
-                }
+            _ => {
                 let (first, second) = rows.split_at(rows.len() / 2);
-                self.send(sender, first, delivered, refused)?;
-                self.send(sender, second, delivered, refused)
+                self.send(sender, first, round)?;
+                self.send(sender, second, round)
             }
-            Err(e) => Err(unavailable(e)),
         }
     }
 
@@ -423,10 +481,38 @@ impl Inner {
     }
 }
 
-/// Whether QuestDB refused the request's data (HTTP 400 with `"code": "invalid"`), which
-/// sending it again will not change, rather than failing to take it.
-fn is_refusal(e: &questdb::Error) -> bool {
-    e.code() == ErrorCode::ServerFlushError && e.msg().contains("code: invalid")
+/// What one round of [`Inner::send`] settled, in order.
+#[derive(Default)]
+struct Round {
+    delivered: Vec<i64>,
+    refused: Vec<(Spooled, String)>,
+}
+
+/// Why QuestDB (or the sender) will not take a request as it is, whatever the retries.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// Bad data (HTTP 400, `"code": "invalid"`) at this line (1-based), when QuestDB says.
+    Line(usize),
+    /// Bad data, line unknown.
+    Data,
+    /// The request is too large for the sender's buffer or for the server (413).
+    TooLarge,
+}
+
+fn refusal(e: &questdb::Error) -> Option<Refusal> {
+    let msg = e.msg();
+    match e.code() {
+        ErrorCode::InvalidApiCall if msg.contains("exceeds maximum") => Some(Refusal::TooLarge),
+        ErrorCode::ServerFlushError if msg.contains("code: invalid") => Some(
+            msg.rsplit_once("line: ")
+                .and_then(|(_, rest)| rest.trim_end_matches(']').parse().ok())
+                .map_or(Refusal::Data, Refusal::Line),
+        ),
+        ErrorCode::ServerFlushError if msg.contains("413") || msg.contains("too large") => {
+            Some(Refusal::TooLarge)
+        }
+        _ => None,
+    }
 }
 
 impl TelemetryStore for QuestDbStore {

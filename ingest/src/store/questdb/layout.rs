@@ -57,10 +57,13 @@ impl Kind {
     }
 }
 
+/// The last millisecond QuestDB stores: 9999-12-31T23:59:59.999Z.
+const MAX_TS: i64 = 253_402_300_799_999;
+
 /// The table's DDL; a no-op when the table exists.
 pub(super) fn create_table_sql(table: &str) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {table} (\
+        "CREATE TABLE IF NOT EXISTS \"{table}\" (\
          device SYMBOL, metric SYMBOL, kind SYMBOL, \
          value DOUBLE, int_value LONG, text_value VARCHAR, ts TIMESTAMP\
          ) TIMESTAMP(ts) PARTITION BY DAY WAL \
@@ -69,7 +72,7 @@ pub(super) fn create_table_sql(table: &str) -> String {
 }
 
 /// Whether `name` can be the table: letters, digits and `_`, at most 127 bytes, so it needs
-/// no quoting in SQL or in the line protocol.
+/// no escaping in the line protocol (SQL quotes it, in case it is a keyword).
 pub(super) fn valid_table_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 127
@@ -80,6 +83,9 @@ pub(super) fn valid_table_name(name: &str) -> bool {
 /// Appends `p` to `buf` as one row of `table`. On an error (a value the protocol cannot
 /// carry), `buf` is left as it was.
 pub(super) fn write_row(buf: &mut Buffer, table: &str, p: &Spooled) -> Result<(), String> {
+    if !(0..=MAX_TS).contains(&p.ts) {
+        return Err(format!("{} is outside QuestDB's timestamps", p.ts));
+    }
     buf.set_marker().map_err(|e| e.msg().to_owned())?;
     let row = (|| {
         buf.table(table)?

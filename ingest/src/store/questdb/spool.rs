@@ -61,7 +61,11 @@ pub(super) struct Spool {
 
 impl Spool {
     pub fn open(path: &Path, durability: Durability, capacity: u64) -> Result<Spool, StoreError> {
-        let conn = sqlite::open(path, durability.synchronous(), MIGRATIONS)?;
+        let mut conn = sqlite::open(path, durability.synchronous(), MIGRATIONS)?;
+        // One process at a time: two drainers of one spool would send its points twice.
+        // The lock is taken by the first write and kept until the connection closes.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        sqlite::write_transaction(&mut conn)?.commit()?;
         let pending: i64 = conn.query_row("SELECT count(*) FROM spool", [], |r| r.get(0))?;
         Ok(Spool {
             conn: Mutex::new(conn),
@@ -107,22 +111,32 @@ impl Spool {
         Ok(())
     }
 
-    /// The oldest `limit` points, in commit order.
-    pub fn oldest(&self, limit: usize) -> Result<Vec<Spooled>, StoreError> {
+    /// The oldest points in commit order: at most `limit`, and no more once they add up
+    /// to `max_bytes` (text values can be large).
+    pub fn oldest(&self, limit: usize, max_bytes: usize) -> Result<Vec<Spooled>, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(
             "SELECT seq, device, metric, ts, kind, value FROM spool ORDER BY seq LIMIT ?1",
         )?;
-        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok(Spooled {
+        let mut rows = stmt.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        while bytes < max_bytes {
+            let Some(r) = rows.next()? else { break };
+            let p = Spooled {
                 seq: r.get(0)?,
                 device: r.get(1)?,
                 metric: r.get(2)?,
                 ts: r.get(3)?,
                 value: from_sql(r.get(4)?, r.get(5)?),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            };
+            let text = match &p.value {
+                Value::Text(t) => t.len(),
+                _ => 0,
+            };
+            bytes += p.device.len() + p.metric.len() + text + 64;
+            out.push(p);
+        }
+        Ok(out)
     }
 
     /// Deletes the points QuestDB has confirmed (`delivered`: their seqs), and dead-letters
@@ -135,10 +149,11 @@ impl Spool {
     ) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let tx = sqlite::write_transaction(&mut conn)?;
+        let mut deleted = 0u64;
         {
             let mut delete = tx.prepare_cached("DELETE FROM spool WHERE seq = ?1")?;
             for seq in delivered.iter().chain(refused.iter().map(|(p, _)| &p.seq)) {
-                delete.execute([seq])?;
+                deleted += delete.execute([seq])? as u64;
             }
         }
         let dead: Vec<DeadLetter> = refused
@@ -147,8 +162,12 @@ impl Spool {
             .collect();
         insert_deadletters(&tx, &dead)?;
         tx.commit()?;
-        self.pending
-            .fetch_sub((delivered.len() + refused.len()) as u64, Ordering::Relaxed);
+        // What was deleted, not what was asked: the count never goes below zero.
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(deleted))
+            });
         Ok(())
     }
 

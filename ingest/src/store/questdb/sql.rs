@@ -71,9 +71,13 @@ impl SqlClient {
             let why = serde_json::from_str::<Failure>(&body)
                 .map(|f| f.error)
                 .unwrap_or_else(|_| body.chars().take(200).collect());
-            return Err(StoreError::Unavailable(format!(
-                "QuestDB answered {status}: {why}"
-            )));
+            let why = format!("QuestDB answered {status}: {why}");
+            // A query QuestDB cannot run (a table missing, say) stays so: not "try again".
+            return Err(if status.is_client_error() && status.as_u16() != 401 {
+                StoreError::Query(why)
+            } else {
+                StoreError::Unavailable(why)
+            });
         }
         let answer: Answer = serde_json::from_str(&body)
             .map_err(|e| unavailable(&format!("QuestDB's answer is not JSON rows: {e}")))?;
@@ -132,7 +136,7 @@ pub(super) fn range_sql(
     limit: usize,
 ) -> String {
     format!(
-        "SELECT ts, {VALUE_COLUMNS} FROM {table} \
+        "SELECT ts, {VALUE_COLUMNS} FROM \"{table}\" \
          WHERE device = {} AND metric = {} AND ts >= {} AND ts <= {} \
          ORDER BY ts LIMIT {limit}",
         quote(device.as_str()),
@@ -157,7 +161,7 @@ pub(super) fn buckets_sql(
     let end = to.div_euclid(step).saturating_add(1).saturating_mul(step);
     format!(
         "SELECT ts, count(value), sum(value), min(value), max(value), first(value), last(value) \
-         FROM {table} \
+         FROM \"{table}\" \
          WHERE device = {} AND metric = {} AND kind != 'text' AND ts >= {} AND ts < {} \
          SAMPLE BY {} FROM {} TO {}",
         quote(device.as_str()),
@@ -172,7 +176,7 @@ pub(super) fn buckets_sql(
 
 pub(super) fn latest_sql(table: &str, device: &DeviceId) -> String {
     format!(
-        "SELECT metric, ts, {VALUE_COLUMNS} FROM {table} WHERE device = {} \
+        "SELECT metric, ts, {VALUE_COLUMNS} FROM \"{table}\" WHERE device = {} \
          LATEST ON ts PARTITION BY metric",
         quote(device.as_str())
     )
@@ -180,7 +184,7 @@ pub(super) fn latest_sql(table: &str, device: &DeviceId) -> String {
 
 pub(super) fn latest_of_metric_sql(table: &str, metric: &str) -> String {
     format!(
-        "SELECT device, ts, {VALUE_COLUMNS} FROM {table} WHERE metric = {} \
+        "SELECT device, ts, {VALUE_COLUMNS} FROM \"{table}\" WHERE metric = {} \
          LATEST ON ts PARTITION BY device",
         quote(metric)
     )
