@@ -9,6 +9,7 @@
 //! - [`registry`]: the device registry as a trait, so that a shared database can replace the
 //!   embedded one.
 
+pub mod command;
 pub mod handoff;
 pub mod id;
 pub mod registry;
@@ -16,6 +17,7 @@ pub mod serial;
 pub mod telemetry;
 pub mod topic;
 
+pub use command::{Command, CommandResult, CommandStatus};
 pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
 pub use registry::{

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{DeviceId, TimestampMs};
+use crate::{Command, CommandStatus, DeviceId, TimestampMs};
 
 /// Whether a device may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -224,6 +224,44 @@ pub trait Registry: Send + Sync + 'static {
     fn cas(&self) -> Result<Vec<CaRecord>, RegistryError>;
     /// Stops trusting a CA; `false` if it was not trusted.
     fn delete_ca(&self, id: &str, at: TimestampMs) -> Result<bool, RegistryError>;
+    /// Records a new command (status `queued`).
+    fn insert_command(&self, command: &Command) -> Result<(), RegistryError>;
+    /// One command of a device; `None` if the device has no command with this id.
+    fn command(&self, device: &DeviceId, id: &str) -> Result<Option<Command>, RegistryError>;
+    /// Commands of a device, newest first, created before the one with id `before` (when
+    /// given), at most `limit`.
+    fn commands(
+        &self,
+        device: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Command>, RegistryError>;
+    /// Moves command `id` of `device` to `to` at `at`, if its status is one of
+    /// `to.from_states()` and it has not expired by `at` (for any `to` but `expired`);
+    /// sets the matching `…_at_ms` and, when given, `output`. Returns the command as it is
+    /// now, changed or not; `None` if there is no such command.
+    fn move_command(
+        &self,
+        device: &DeviceId,
+        id: &str,
+        to: CommandStatus,
+        at: TimestampMs,
+        output: Option<&serde_json::Value>,
+    ) -> Result<Option<(Command, bool)>, RegistryError>;
+    /// Commands of `device` waiting to be sent (`queued`, or `sent` and not delivered) that
+    /// have not expired by `now`, oldest first.
+    fn commands_to_send(
+        &self,
+        device: &DeviceId,
+        now: TimestampMs,
+    ) -> Result<Vec<Command>, RegistryError>;
+    /// Moves every command not ended whose `expires_at_ms` is at or before `now` to
+    /// `expired`, at most `limit`; returns them as they are now.
+    fn expire_commands(
+        &self,
+        now: TimestampMs,
+        limit: usize,
+    ) -> Result<Vec<Command>, RegistryError>;
     /// Audit entries, newest first, for one device or all, with an id below `before`.
     fn audit(
         &self,

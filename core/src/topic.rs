@@ -176,12 +176,52 @@ pub fn check_subscribe(device: &DeviceId, filter: &str) -> Result<(), AclDenied>
     }
 }
 
+/// Whether the MQTT topic filter `filter` (with `+` and `#` wildcards) matches `topic`.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        match (level, topic_levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (l, Some(t)) if l == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn id(s: &str) -> DeviceId {
         DeviceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        let t = "devices/d1/commands/c-1";
+        for yes in [
+            "devices/d1/commands/+",
+            "devices/d1/#",
+            "#",
+            "devices/+/commands/c-1",
+            t,
+        ] {
+            assert!(filter_matches(yes, t), "{yes}");
+        }
+        for no in [
+            "devices/d1/commands",
+            "devices/d1/commands/+/result",
+            "devices/d2/#",
+            "+",
+        ] {
+            assert!(!filter_matches(no, t), "{no}");
+        }
+        assert!(filter_matches(
+            "devices/d1/commands/#",
+            "devices/d1/commands"
+        ));
     }
 
     #[test]

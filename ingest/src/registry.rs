@@ -7,19 +7,25 @@
 //! - `cas`: the external CAs the gate trusts beside the fleet CA;
 //! - `changes`: a sequence of revocations, disables, deletions and trust changes, written in the same
 //!   transaction as the change itself, which the gate polls to close affected connections;
-//! - `audit`: the edge's decisions about connections, the newest [`AUDIT_KEEP`] kept.
+//! - `audit`: the edge's decisions about connections, the newest [`AUDIT_KEEP`] kept;
+//! - `commands`: commands to devices and the states they moved through (see
+//!   [`tellus_core::CommandStatus`]), in the order they were created (`seq`). Deleting a device
+//!   keeps its commands as history and cancels those not ended, so a device registered again
+//!   under the same id is sent none of them.
 
 use std::{path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
-    AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceId, DeviceQuery,
-    DeviceRecord, DeviceStatus, NewDevice, Registry, RegistryError, TimestampMs, FLEET_ISSUER,
+    AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, Command, CommandStatus,
+    DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, NewDevice, Registry, RegistryError,
+    TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE devices (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE devices (
         id          TEXT PRIMARY KEY,
         created_at  INTEGER NOT NULL,
         status      TEXT NOT NULL DEFAULT 'enabled',
@@ -60,7 +66,31 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE devices (
         decision  TEXT NOT NULL,
         reason    TEXT NOT NULL
     );
-    CREATE INDEX audit_by_device ON audit (device, id);"];
+    CREATE INDEX audit_by_device ON audit (device, id);",
+    // `seq` (the rowid, named so that VACUUM keeps it) orders commands as they were created,
+    // also those created in the same millisecond. The partial index holds only the commands
+    // not ended, which is what expiry scans; its condition must appear word for word in
+    // the queries that are to use it.
+    "CREATE TABLE commands (
+        seq           INTEGER PRIMARY KEY,
+        id            TEXT NOT NULL UNIQUE,
+        device        TEXT NOT NULL,
+        job           TEXT,
+        name          TEXT NOT NULL,
+        params        TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        sent_at       INTEGER,
+        delivered_at  INTEGER,
+        finished_at   INTEGER,
+        output        TEXT
+    );
+    CREATE INDEX commands_by_device ON commands (device, seq);
+    CREATE INDEX commands_due ON commands (expires_at)
+        WHERE status IN ('queued', 'sent', 'delivered');",
+];
 
 /// Audit entries kept; older ones are deleted as new ones arrive.
 pub const AUDIT_KEEP: i64 = 1_000_000;
@@ -112,6 +142,53 @@ fn bad_column(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> ru
 fn device_id(row: &Row<'_>, i: usize) -> Result<DeviceId, rusqlite::Error> {
     let id: String = row.get(i)?;
     DeviceId::parse(&id).map_err(|e| bad_column(i, e))
+}
+
+/// A command's status column held something this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown command status {0:?}")]
+struct UnknownCommandStatus(String);
+
+const COMMAND_COLUMNS: &str = "id, device, job, name, params, status, created_at, expires_at,
+    updated_at, sent_at, delivered_at, finished_at, output";
+
+/// What a command that expired says, unless the device said something already.
+const EXPIRED_OUTPUT: &str = r#"{"error":"expired before the device answered"}"#;
+
+fn command_record(row: &Row<'_>) -> Result<Command, rusqlite::Error> {
+    let params: String = row.get(4)?;
+    let status: String = row.get(5)?;
+    let output: Option<String> = row.get(12)?;
+    Ok(Command {
+        id: row.get(0)?,
+        device: device_id(row, 1)?,
+        job: row.get(2)?,
+        name: row.get(3)?,
+        params: serde_json::from_str(&params).map_err(|e| bad_column(4, e))?,
+        status: CommandStatus::parse(&status)
+            .ok_or_else(|| bad_column(5, UnknownCommandStatus(status)))?,
+        created_at_ms: row.get(6)?,
+        expires_at_ms: row.get(7)?,
+        updated_at_ms: row.get(8)?,
+        sent_at_ms: row.get(9)?,
+        delivered_at_ms: row.get(10)?,
+        finished_at_ms: row.get(11)?,
+        output: output
+            .map(|o| serde_json::from_str(&o).map_err(|e| bad_column(12, e)))
+            .transpose()?,
+    })
+}
+
+fn load_command(
+    c: &Connection,
+    device: &DeviceId,
+    id: &str,
+) -> Result<Option<Command>, rusqlite::Error> {
+    c.prepare_cached(&format!(
+        "SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?1 AND device = ?2"
+    ))?
+    .query_row([id, device.as_str()], command_record)
+    .optional()
 }
 
 /// Devices with their current certificate (of those not revoked, the one valid longest).
@@ -437,6 +514,14 @@ impl Registry for SqliteRegistry {
                 return Ok(false);
             }
             revoke_in(&tx, id, None, at)?;
+            // Its commands end with it: a device registered again under the id starts
+            // with none waiting.
+            tx.execute(
+                "UPDATE commands SET status = 'cancelled', updated_at = ?2, finished_at = ?2,
+                     output = coalesce(output, '{\"error\":\"the device was deleted\"}')
+                 WHERE device = ?1 AND status IN ('queued', 'sent', 'delivered')",
+                params![id.as_str(), at],
+            )?;
             tx.execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
             record_change(&tx, at, Some(id), "deleted", None)?;
             tx.commit()?;
@@ -585,6 +670,201 @@ impl Registry for SqliteRegistry {
             tx.commit()?;
             Ok(deleted > 0)
         })
+    }
+
+    fn insert_command(&self, cmd: &Command) -> Result<(), RegistryError> {
+        if cmd.status != CommandStatus::Queued {
+            return Err(RegistryError::Refused(format!(
+                "a new command must be queued, not {}",
+                cmd.status.as_str()
+            )));
+        }
+        let params_json = serde_json::to_string(&cmd.params).map_err(backend)?;
+        let output = cmd
+            .output
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(backend)?;
+        let refusal = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            if !exists(&tx, &cmd.device)? {
+                return Ok(Some(format!(
+                    "no device {} to send a command to",
+                    cmd.device
+                )));
+            }
+            let inserted = tx.execute(
+                &format!(
+                    "INSERT INTO commands ({COMMAND_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                     ON CONFLICT (id) DO NOTHING"
+                ),
+                params![
+                    cmd.id,
+                    cmd.device.as_str(),
+                    cmd.job,
+                    cmd.name,
+                    params_json,
+                    cmd.status.as_str(),
+                    cmd.created_at_ms,
+                    cmd.expires_at_ms,
+                    cmd.updated_at_ms,
+                    cmd.sent_at_ms,
+                    cmd.delivered_at_ms,
+                    cmd.finished_at_ms,
+                    output
+                ],
+            )?;
+            if inserted == 0 {
+                return Ok(Some(format!("command {} exists already", cmd.id)));
+            }
+            tx.commit()?;
+            Ok(None)
+        })?;
+        match refusal {
+            None => Ok(()),
+            Some(why) => Err(RegistryError::Refused(why)),
+        }
+    }
+
+    fn command(&self, device: &DeviceId, id: &str) -> Result<Option<Command>, RegistryError> {
+        self.with(|c| load_command(c, device, id))
+    }
+
+    fn commands(
+        &self,
+        device: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Command>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let before = match before {
+                None => i64::MAX,
+                Some(id) => {
+                    let seq: Option<i64> = c
+                        .prepare_cached("SELECT seq FROM commands WHERE id = ?1 AND device = ?2")?
+                        .query_row([id, device.as_str()], |r| r.get(0))
+                        .optional()?;
+                    match seq {
+                        Some(seq) => seq,
+                        // Not one of this device's commands: nothing comes before it.
+                        None => return Ok(Vec::new()),
+                    }
+                }
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands
+                 WHERE device = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![device.as_str(), before, limit], command_record)?;
+            rows.collect()
+        })
+    }
+
+    fn move_command(
+        &self,
+        device: &DeviceId,
+        id: &str,
+        to: CommandStatus,
+        at: TimestampMs,
+        output: Option<&serde_json::Value>,
+    ) -> Result<Option<(Command, bool)>, RegistryError> {
+        let output = output
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(backend)?;
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let Some(now) = load_command(&tx, device, id)? else {
+                return Ok(None);
+            };
+            let allowed = to.from_states().contains(&now.status)
+                && (to == CommandStatus::Expired || now.expires_at_ms > at);
+            if !allowed {
+                return Ok(Some((now, false)));
+            }
+            let (mut sent_at, mut delivered_at, mut finished_at) =
+                (now.sent_at_ms, now.delivered_at_ms, now.finished_at_ms);
+            match to {
+                // Sent again after a reconnect: when it was sent last.
+                CommandStatus::Sent => sent_at = Some(at),
+                CommandStatus::Delivered => delivered_at = Some(at),
+                _ if to.is_final() => finished_at = Some(at),
+                _ => {}
+            }
+            let moved = tx
+                .prepare_cached(&format!(
+                    "UPDATE commands SET status = ?3, updated_at = ?4, sent_at = ?5,
+                         delivered_at = ?6, finished_at = ?7, output = coalesce(?8, output)
+                     WHERE id = ?1 AND device = ?2
+                     RETURNING {COMMAND_COLUMNS}"
+                ))?
+                .query_row(
+                    params![
+                        id,
+                        device.as_str(),
+                        to.as_str(),
+                        at,
+                        sent_at,
+                        delivered_at,
+                        finished_at,
+                        output
+                    ],
+                    command_record,
+                )?;
+            tx.commit()?;
+            Ok(Some((moved, true)))
+        })
+    }
+
+    fn commands_to_send(
+        &self,
+        device: &DeviceId,
+        now: TimestampMs,
+    ) -> Result<Vec<Command>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands
+                 WHERE device = ?1 AND status IN ('queued', 'sent') AND expires_at > ?2
+                 ORDER BY seq"
+            ))?;
+            let rows = stmt.query_map(params![device.as_str(), now], command_record)?;
+            rows.collect()
+        })
+    }
+
+    fn expire_commands(
+        &self,
+        now: TimestampMs,
+        limit: usize,
+    ) -> Result<Vec<Command>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut expired = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            // The inner condition is the partial index's, word for word, so that only
+            // commands not ended are scanned.
+            let expired = tx
+                .prepare_cached(&format!(
+                    "UPDATE commands SET status = 'expired', updated_at = ?1, finished_at = ?1,
+                         output = coalesce(output, ?3)
+                     WHERE seq IN (
+                         SELECT seq FROM commands
+                         WHERE status IN ('queued', 'sent', 'delivered') AND expires_at <= ?1
+                         ORDER BY expires_at LIMIT ?2)
+                     RETURNING {COMMAND_COLUMNS}, seq"
+                ))?
+                .query_map(params![now, limit, EXPIRED_OUTPUT], |r| {
+                    Ok((r.get::<_, i64>(13)?, command_record(r)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok(expired)
+        })?;
+        // RETURNING yields rows in no promised order.
+        expired.sort_by_key(|(seq, _)| *seq);
+        Ok(expired.into_iter().map(|(_, c)| c).collect())
     }
 
     fn audit(
@@ -995,5 +1275,368 @@ mod tests {
         assert_eq!(all.len(), 4);
         assert_eq!(all[3].device, None);
         assert_eq!(reg.audit(None, Some(all[1].id), 10).unwrap().len(), 2);
+    }
+
+    /// A queued command `name` for `device`, created at 1, expiring at `expires`.
+    fn cmd(device: &str, name: &str, expires: i64) -> Command {
+        Command {
+            id: tellus_core::command::new_command_id(),
+            device: id(device),
+            name: name.into(),
+            params: serde_json::json!({"name": name, "n": [1, 2]}),
+            status: CommandStatus::Queued,
+            created_at_ms: 1,
+            expires_at_ms: expires,
+            updated_at_ms: 1,
+            sent_at_ms: None,
+            delivered_at_ms: None,
+            finished_at_ms: None,
+            output: None,
+            job: None,
+        }
+    }
+
+    fn names(v: Vec<Command>) -> Vec<String> {
+        v.into_iter().map(|c| c.name).collect()
+    }
+
+    /// Moves a command and returns whether it changed, checking that the status is then `to`
+    /// exactly when it did.
+    fn move_to(reg: &SqliteRegistry, c: &Command, to: CommandStatus, at: i64) -> bool {
+        let (now, changed) = reg
+            .move_command(&c.device, &c.id, to, at, None)
+            .unwrap()
+            .unwrap();
+        if changed {
+            assert_eq!(now.status, to);
+            assert_eq!(now.updated_at_ms, at);
+        }
+        changed
+    }
+
+    #[test]
+    fn commands_are_recorded_and_listed_newest_first() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        // All created in the same millisecond: the order they were recorded in decides.
+        let a: Vec<Command> = ["one", "two", "three"]
+            .into_iter()
+            .map(|n| Command {
+                job: Some("job-1".into()),
+                ..cmd("a", n, 1_000)
+            })
+            .collect();
+        for c in &a {
+            reg.insert_command(c).unwrap();
+        }
+        let b = cmd("b", "other", 1_000);
+        reg.insert_command(&b).unwrap();
+
+        assert_eq!(
+            reg.command(&id("a"), &a[1].id).unwrap().as_ref(),
+            Some(&a[1])
+        );
+        // A command is found only under its own device.
+        assert_eq!(reg.command(&id("b"), &a[1].id).unwrap(), None);
+        assert_eq!(reg.command(&id("a"), "c-nope").unwrap(), None);
+
+        let list =
+            |before: Option<&str>, limit| names(reg.commands(&id("a"), before, limit).unwrap());
+        assert_eq!(list(None, 10), ["three", "two", "one"]);
+        assert_eq!(list(None, 2), ["three", "two"]);
+        assert_eq!(list(Some(&a[2].id), 10), ["two", "one"]);
+        assert_eq!(list(Some(&a[1].id), 1), ["one"]);
+        assert!(list(Some(&a[0].id), 10).is_empty());
+        // `before` must name one of this device's commands.
+        assert!(list(Some(&b.id), 10).is_empty());
+        assert!(list(Some("c-nope"), 10).is_empty());
+        assert_eq!(names(reg.commands(&id("b"), None, 10).unwrap()), ["other"]);
+        assert!(reg.commands(&id("zz"), None, 10).unwrap().is_empty());
+
+        let refused = |r: Result<(), RegistryError>| match r {
+            Err(RegistryError::Refused(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert!(refused(reg.insert_command(&a[0])).contains("exists already"));
+        assert!(refused(reg.insert_command(&cmd("zz", "x", 1_000))).contains("no device zz"));
+        let sent = Command {
+            status: CommandStatus::Sent,
+            ..cmd("a", "x", 1_000)
+        };
+        assert!(refused(reg.insert_command(&sent)).contains("must be queued"));
+        assert_eq!(reg.commands(&id("a"), None, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn commands_move_only_along_the_allowed_transitions() {
+        use CommandStatus::*;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        // How to bring a new command to each status.
+        let path = |s: CommandStatus| -> &'static [CommandStatus] {
+            match s {
+                Queued => &[],
+                Sent => &[Sent],
+                Delivered => &[Sent, Delivered],
+                Succeeded => &[Sent, Succeeded],
+                Failed => &[Sent, Delivered, Failed],
+                Expired => &[Expired],
+                Cancelled => &[Cancelled],
+            }
+        };
+        for from in CommandStatus::ALL {
+            for to in CommandStatus::ALL {
+                let c = cmd("a", &format!("{from:?} to {to:?}"), 1_000);
+                reg.insert_command(&c).unwrap();
+                for (at, step) in path(from).iter().enumerate() {
+                    assert!(move_to(&reg, &c, *step, 10 + at as i64), "{step:?}");
+                }
+                let before = reg.command(&c.device, &c.id).unwrap().unwrap();
+                assert_eq!(before.status, from);
+                let allowed = to.from_states().contains(&from);
+                assert_eq!(move_to(&reg, &c, to, 20), allowed, "{from:?} to {to:?}");
+                let after = reg.command(&c.device, &c.id).unwrap().unwrap();
+                if !allowed {
+                    assert_eq!(after, before, "{from:?} to {to:?}");
+                }
+            }
+        }
+
+        // The cases that matter most, spelled out.
+        let c = cmd("a", "named", 1_000);
+        reg.insert_command(&c).unwrap();
+        assert!(!move_to(&reg, &c, Delivered, 2));
+        assert!(move_to(&reg, &c, Sent, 3));
+        assert!(move_to(&reg, &c, Delivered, 4));
+        assert!(!move_to(&reg, &c, Cancelled, 5));
+        assert!(!move_to(&reg, &c, Queued, 5));
+        let c = cmd("a", "overtaken", 1_000);
+        reg.insert_command(&c).unwrap();
+        assert!(move_to(&reg, &c, Sent, 3));
+        assert!(move_to(&reg, &c, Succeeded, 4));
+        assert!(!move_to(&reg, &c, Delivered, 5));
+    }
+
+    #[test]
+    fn moves_set_their_time_and_output() {
+        use CommandStatus::*;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        let c = cmd("a", "reboot", 1_000);
+        reg.insert_command(&c).unwrap();
+        let at = |to, at, output: Option<serde_json::Value>| {
+            reg.move_command(&c.device, &c.id, to, at, output.as_ref())
+                .unwrap()
+                .unwrap()
+        };
+        let (sent, changed) = at(Sent, 5, None);
+        assert!(changed);
+        assert_eq!(sent.sent_at_ms, Some(5));
+        // Sent again after a reconnect.
+        let (sent, changed) = at(Sent, 6, None);
+        assert!(changed);
+        assert_eq!((sent.sent_at_ms, sent.updated_at_ms), (Some(6), 6));
+        let (delivered, _) = at(Delivered, 7, Some(serde_json::json!({"progress": 0.5})));
+        assert_eq!(delivered.delivered_at_ms, Some(7));
+        assert_eq!(delivered.output, Some(serde_json::json!({"progress": 0.5})));
+        // A move without output keeps the one there is.
+        let (done, changed) = at(Failed, 8, None);
+        assert!(changed);
+        assert_eq!(done.output, Some(serde_json::json!({"progress": 0.5})));
+        let (done, changed) = at(Succeeded, 9, Some(serde_json::json!({"uptime": 3})));
+        assert!(!changed);
+        assert_eq!(done.status, Failed);
+        assert_eq!(done.output, Some(serde_json::json!({"progress": 0.5})));
+        assert_eq!(
+            (
+                done.sent_at_ms,
+                done.delivered_at_ms,
+                done.finished_at_ms,
+                done.updated_at_ms
+            ),
+            (Some(6), Some(7), Some(8), 8)
+        );
+        assert_eq!(done.created_at_ms, 1);
+        assert_eq!(done.params, c.params);
+        assert_eq!(reg.command(&c.device, &c.id).unwrap(), Some(done));
+    }
+
+    #[test]
+    fn an_expired_command_moves_only_to_expired() {
+        use CommandStatus::*;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        let c = cmd("a", "reboot", 100);
+        reg.insert_command(&c).unwrap();
+        assert!(move_to(&reg, &c, Sent, 99));
+        // At `expires_at_ms` it has expired.
+        assert!(!move_to(&reg, &c, Sent, 100));
+        assert!(!move_to(&reg, &c, Delivered, 100));
+        assert!(!move_to(&reg, &c, Succeeded, 150));
+        assert!(!move_to(&reg, &c, Cancelled, 150));
+        assert!(move_to(&reg, &c, Expired, 150));
+        let now = reg.command(&c.device, &c.id).unwrap().unwrap();
+        assert_eq!(now.finished_at_ms, Some(150));
+        // An unknown command, or one of another device, is none.
+        assert_eq!(
+            reg.move_command(&id("b"), &c.id, Cancelled, 1, None)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            reg.move_command(&id("a"), "c-nope", Cancelled, 1, None)
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn commands_to_send_are_those_waiting_oldest_first() {
+        use CommandStatus::*;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        let made = |name: &str, expires, path: &[CommandStatus]| {
+            let c = cmd("a", name, expires);
+            reg.insert_command(&c).unwrap();
+            for step in path {
+                assert!(move_to(&reg, &c, *step, 2));
+            }
+        };
+        made("sent", 1_000, &[Sent]);
+        made("delivered", 1_000, &[Sent, Delivered]);
+        made("queued", 1_000, &[]);
+        made("succeeded", 1_000, &[Sent, Succeeded]);
+        made("cancelled", 1_000, &[Cancelled]);
+        made("expired", 1_000, &[Expired]);
+        made("due", 50, &[]);
+        made("sent due", 50, &[Sent]);
+        reg.insert_command(&cmd("b", "b's", 1_000)).unwrap();
+        let to_send = |now| names(reg.commands_to_send(&id("a"), now).unwrap());
+        assert_eq!(to_send(10), ["sent", "queued", "due", "sent due"]);
+        assert_eq!(to_send(50), ["sent", "queued"]);
+        assert!(to_send(1_000).is_empty());
+        assert_eq!(names(reg.commands_to_send(&id("b"), 10).unwrap()), ["b's"]);
+    }
+
+    #[test]
+    fn expiry_ends_only_commands_due_and_not_ended() {
+        use CommandStatus::*;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        let made = |device: &str, name: &str, expires, path: &[CommandStatus]| {
+            let c = cmd(device, name, expires);
+            reg.insert_command(&c).unwrap();
+            for step in path {
+                assert!(move_to(&reg, &c, *step, 2));
+            }
+            c
+        };
+        made("a", "queued", 50, &[]);
+        made("b", "sent", 40, &[Sent]);
+        let delivered = made("a", "delivered", 60, &[Sent]);
+        assert!(reg
+            .move_command(
+                &delivered.device,
+                &delivered.id,
+                Delivered,
+                3,
+                Some(&serde_json::json!({"progress": 1})),
+            )
+            .unwrap()
+            .is_some_and(|(_, changed)| changed));
+        let later = made("a", "later", 500, &[]);
+        let ended: Vec<Command> = [
+            ("succeeded", &[Sent, Succeeded][..]),
+            ("failed", &[Sent, Failed]),
+            ("cancelled", &[Cancelled]),
+        ]
+        .into_iter()
+        .map(|(name, path)| made("a", name, 10, path))
+        .collect();
+        let ended: Vec<Command> = ended
+            .iter()
+            .map(|c| reg.command(&c.device, &c.id).unwrap().unwrap())
+            .collect();
+
+        // At most `limit`, the longest due first.
+        let first = reg.expire_commands(100, 2).unwrap();
+        assert_eq!(names(first.clone()), ["queued", "sent"]);
+        let rest = reg.expire_commands(100, 10).unwrap();
+        assert_eq!(names(rest.clone()), ["delivered"]);
+        assert!(reg.expire_commands(100, 10).unwrap().is_empty());
+        for c in first.iter().chain(&rest) {
+            assert_eq!(c.status, Expired);
+            assert_eq!((c.finished_at_ms, c.updated_at_ms), (Some(100), 100));
+            assert_eq!(reg.command(&c.device, &c.id).unwrap().as_ref(), Some(c));
+        }
+        assert_eq!(
+            first[0].output,
+            Some(serde_json::json!({"error": "expired before the device answered"}))
+        );
+        // What the device said is kept.
+        assert_eq!(rest[0].output, Some(serde_json::json!({"progress": 1})));
+        assert_eq!(rest[0].delivered_at_ms, Some(3));
+        // Those not due and those ended are left as they were.
+        assert_eq!(
+            reg.command(&later.device, &later.id)
+                .unwrap()
+                .unwrap()
+                .status,
+            Queued
+        );
+        for c in ended {
+            assert_eq!(reg.command(&c.device, &c.id).unwrap(), Some(c));
+        }
+        assert_eq!(names(reg.expire_commands(500, 10).unwrap()), ["later"]);
+    }
+
+    #[test]
+    fn commands_survive_reopening_and_bad_rows_are_errors() {
+        let (dir, reg) = open();
+        let path = dir.path().join("registry.db");
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        let c = cmd("a", "reboot", 1_000);
+        reg.insert_command(&c).unwrap();
+        let (sent, _) = reg
+            .move_command(&c.device, &c.id, CommandStatus::Sent, 5, None)
+            .unwrap()
+            .unwrap();
+        reg.insert_command(&cmd("a", "later", 1_000)).unwrap();
+        drop(reg);
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(reg.command(&c.device, &c.id).unwrap(), Some(sent));
+        assert_eq!(
+            names(reg.commands(&id("a"), None, 10).unwrap()),
+            ["later", "reboot"]
+        );
+
+        // A status or JSON this version cannot read is an error, not a panic.
+        let raw = Connection::open(&path).unwrap();
+        raw.execute(
+            "UPDATE commands SET status = 'paused' WHERE id = ?1",
+            [&c.id],
+        )
+        .unwrap();
+        assert!(matches!(
+            reg.command(&c.device, &c.id),
+            Err(RegistryError::Backend(_))
+        ));
+        assert!(matches!(
+            reg.commands(&id("a"), None, 10),
+            Err(RegistryError::Backend(_))
+        ));
+        raw.execute(
+            "UPDATE commands SET status = 'queued', output = '{not json' WHERE id = ?1",
+            [&c.id],
+        )
+        .unwrap();
+        assert!(matches!(
+            reg.commands_to_send(&id("a"), 10),
+            Err(RegistryError::Backend(_))
+        ));
     }
 }

@@ -1,0 +1,183 @@
+//! Commands to devices: what one is, and the states it moves through.
+//!
+//! ```text
+//! queued ──► sent ──► delivered ──► succeeded | failed
+//!   │          │          │
+//!   └──────────┴──────────┴──► expired (its timeout passed)
+//!   └──────────┴──► cancelled (by an operator, before delivery)
+//! ```
+//!
+//! `sent`: Tellus published it on `devices/{id}/commands/{command_id}`; `delivered`: the
+//! device acknowledged that publish (PUBACK, so only over a QoS 1 subscription); the result
+//! is what the device publishes on `…/commands/{command_id}/result`. A command that was sent
+//! but not delivered is sent again when the device subscribes again (after a reconnect, or
+//! a restart of Tellus), until it expires.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DeviceId, TimestampMs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandStatus {
+    Queued,
+    Sent,
+    Delivered,
+    Succeeded,
+    Failed,
+    Expired,
+    Cancelled,
+}
+
+impl CommandStatus {
+    pub const ALL: [CommandStatus; 7] = [
+        CommandStatus::Queued,
+        CommandStatus::Sent,
+        CommandStatus::Delivered,
+        CommandStatus::Succeeded,
+        CommandStatus::Failed,
+        CommandStatus::Expired,
+        CommandStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Queued => "queued",
+            CommandStatus::Sent => "sent",
+            CommandStatus::Delivered => "delivered",
+            CommandStatus::Succeeded => "succeeded",
+            CommandStatus::Failed => "failed",
+            CommandStatus::Expired => "expired",
+            CommandStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandStatus> {
+        CommandStatus::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Whether the command has ended: nothing moves it any more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandStatus::Succeeded
+                | CommandStatus::Failed
+                | CommandStatus::Expired
+                | CommandStatus::Cancelled
+        )
+    }
+
+    /// The states a command may be in to move to `self`.
+    pub fn from_states(self) -> &'static [CommandStatus] {
+        use CommandStatus::*;
+        match self {
+            Queued => &[],
+            // Sent again (a reconnect) keeps it `sent`.
+            Sent => &[Queued, Sent],
+            Delivered => &[Sent],
+            // A result may overtake the PUBACK that makes a command delivered.
+            Succeeded | Failed => &[Sent, Delivered],
+            Expired => &[Queued, Sent, Delivered],
+            Cancelled => &[Queued, Sent],
+        }
+    }
+}
+
+/// A command to one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// `c-` and 20 hex digits: a topic level of its own.
+    pub id: String,
+    pub device: DeviceId,
+    pub name: String,
+    /// Whatever JSON the operator gave; the device interprets it.
+    pub params: serde_json::Value,
+    pub status: CommandStatus,
+    pub created_at_ms: TimestampMs,
+    /// When it becomes `expired` unless it has ended before.
+    pub expires_at_ms: TimestampMs,
+    /// When the status last changed.
+    pub updated_at_ms: TimestampMs,
+    pub sent_at_ms: Option<TimestampMs>,
+    pub delivered_at_ms: Option<TimestampMs>,
+    pub finished_at_ms: Option<TimestampMs>,
+    /// The device's `output` (with a result), or why it failed or ended.
+    pub output: Option<serde_json::Value>,
+    /// The fleet job it belongs to, if any.
+    pub job: Option<String>,
+}
+
+impl Command {
+    /// What the device receives on `devices/{id}/commands/{command_id}`.
+    pub fn message(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "params": self.params,
+            "expires_at_ms": self.expires_at_ms,
+        })
+    }
+}
+
+/// A new command id: `c-` and 20 random hex digits.
+pub fn new_command_id() -> String {
+    let bytes: [u8; 10] = rand::random();
+    format!("c-{}", hex::encode(bytes))
+}
+
+/// What a device's result says: `{"ok": true|false, "output": …}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CommandResult {
+    pub ok: bool,
+    #[serde(default)]
+    pub output: serde_json::Value,
+}
+
+impl CommandResult {
+    /// The result in `payload`, or why it is not one.
+    pub fn parse(payload: &[u8]) -> Result<CommandResult, String> {
+        serde_json::from_slice(payload)
+            .map_err(|e| format!("the result is not {{\"ok\": bool, \"output\": …}}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip_and_only_move_forward() {
+        for s in CommandStatus::ALL {
+            assert_eq!(CommandStatus::parse(s.as_str()), Some(s));
+            for from in s.from_states() {
+                assert!(!from.is_final(), "{s:?} from {from:?}");
+            }
+        }
+        assert!(CommandStatus::Cancelled
+            .from_states()
+            .iter()
+            .all(|s| *s != CommandStatus::Delivered));
+    }
+
+    #[test]
+    fn ids_are_distinct_topic_levels() {
+        let a = new_command_id();
+        let b = new_command_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 22);
+        assert!(a[2..].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn results_are_parsed_or_refused_with_a_reason() {
+        assert_eq!(
+            CommandResult::parse(br#"{"ok": true, "output": {"uptime": 3}}"#).unwrap(),
+            CommandResult {
+                ok: true,
+                output: serde_json::json!({"uptime": 3})
+            }
+        );
+        assert!(!CommandResult::parse(br#"{"ok": false}"#).unwrap().ok);
+        assert!(CommandResult::parse(b"done").is_err());
+    }
+}
