@@ -38,6 +38,8 @@ pub enum ApiError {
     CertificateNotFound(String),
     #[error("dead letter {0} not found")]
     DeadLetterNotFound(i64),
+    #[error("device {0} has no command {1}")]
+    CommandNotFound(DeviceId, String),
     #[error("invalid certificate signing request: {0}")]
     InvalidCsr(String),
     #[error("invalid CA certificate: {0}")]
@@ -95,6 +97,7 @@ impl ApiError {
             ApiError::DeviceNotFound(_)
             | ApiError::CertificateNotFound(_)
             | ApiError::DeadLetterNotFound(_)
+            | ApiError::CommandNotFound(..)
             | ApiError::CaNotFound(_)
             | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -115,6 +118,7 @@ impl ApiError {
             ApiError::Refused(_) => "refused",
             ApiError::CertificateNotFound(_) => "certificate_not_found",
             ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
+            ApiError::CommandNotFound(..) => "command_not_found",
             ApiError::InvalidCsr(_) => "invalid_csr",
             ApiError::InvalidCa(_) => "invalid_ca",
             ApiError::CaExists(_) => "ca_exists",

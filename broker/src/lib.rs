@@ -5,7 +5,9 @@
 //! - [`provision`]: registering a device (used by the HTTP API and the CLI);
 //! - [`routing`]: the embedded rumqttd, on loopback, reachable only with the gate's secret;
 //! - [`gate`]: the mTLS front door: handshake, CONNECT checks, per-device ACL, durable
-//!   telemetry acknowledgements, and relaying everything else to the routing core.
+//!   telemetry acknowledgements, and relaying everything else to the routing core;
+//! - [`commands`]: commands to devices, kept in the registry and followed through the gate.
+pub mod commands;
 pub mod gate;
 pub mod pki;
 pub mod provision;

@@ -277,6 +277,15 @@ impl Publisher {
         Publisher { client }
     }
 
+    /// A publisher with no link: every publish fails with [`PublishError`], as after a
+    /// shutdown. For parts of Tellus run without a routing core (the API's own tests).
+    pub fn detached() -> Publisher {
+        let options = rumqttc::MqttOptions::new(PUBLISHER_ID, "127.0.0.1", 1);
+        // The event loop is dropped at once, which closes the client's queue.
+        let (client, _events) = rumqttc::AsyncClient::new(options, 1);
+        Publisher { client }
+    }
+
     /// Publishes `payload` on `topic` at QoS 1, waiting while the link's queue is full.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), PublishError> {
         self.client

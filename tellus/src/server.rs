@@ -19,6 +19,7 @@ use anyhow::Context;
 use rand::RngCore;
 use tellus_api::AppState;
 use tellus_broker::{
+    commands::Commands,
     gate::{
         self,
         audit::AuditLog,
@@ -166,6 +167,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (audit, audit_writer) =
         AuditLog::spawn(fleet.registry.clone(), AUDIT_QUEUE, gate_stats.clone())
             .context("starting the audit writer")?;
+    let (commands, device_events, device_events_rx) =
+        Commands::new(fleet.registry.clone(), publisher.clone());
+    // The command service stops with the publisher, after every session.
+    let commands_task = tokio::spawn(
+        commands
+            .clone()
+            .run(device_events_rx, publisher_stop.clone()),
+    );
     let gate = Gate {
         trust: RwLock::new(Arc::new(trust)),
         server_identity,
@@ -178,6 +187,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         audit,
         pki: fleet.pki.clone(),
         publisher,
+        device_events,
     };
     let gate_task = tokio::spawn(gate::run(mqtt, gate, stop.clone()));
     let state = AppState {
@@ -186,6 +196,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pki: fleet.pki.clone(),
         ingest_stats: ingest.stats(),
         gate_stats,
+        commands,
         admin_token: Arc::from(token),
     };
     // The API outlives the gate and ingest, so operators can query until the end.
@@ -208,6 +219,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .await;
     api_stop.cancel();
     publisher_stop.cancel();
+    let _ = commands_task.await;
     if drained.is_err() {
         warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");
         anyhow::bail!("shutdown timed out after {:?}", config.shutdown_timeout);

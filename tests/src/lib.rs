@@ -190,6 +190,19 @@ impl Tellus {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// DELETE with the admin token; returns the status and the JSON body.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Registers a device through the API and returns its credentials.
     pub async fn create_device(&self, id: &str) -> Credentials {
         let (status, body) = self.post("/api/v1/devices", json!({ "id": id })).await;

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] | yes |
+//! | `POST /devices/{id}/commands` (`?wait=10s`), `GET /devices/{id}/commands`, `GET`/`DELETE /devices/{id}/commands/{command}` | [`commands`] | yes |
 //! | `GET /devices/{id}/telemetry` (`metric=` or `metrics=a,b`; `step=`, `agg=`, `max_points=`, `format=csv`) | [`telemetry`] | yes |
 //! | `GET /devices/{id}/latest` | [`telemetry`] | yes |
 //! | `GET /telemetry/latest?metric=&tag=key:value` (the fleet view) | [`telemetry::fleet`] | yes |
@@ -28,6 +29,7 @@ use axum::{
 use crate::{ApiError, AppState};
 
 pub mod audit;
+pub mod commands;
 pub mod deadletters;
 pub mod devices;
 pub mod pki;
@@ -52,6 +54,14 @@ pub fn v1() -> Router<AppState> {
         .route("/devices/{id}/revoke", post(devices::revoke))
         .route("/devices/{id}/disable", post(devices::disable))
         .route("/devices/{id}/enable", post(devices::enable))
+        .route(
+            "/devices/{id}/commands",
+            post(commands::create).get(commands::list),
+        )
+        .route(
+            "/devices/{id}/commands/{command}",
+            get(commands::get_one).delete(commands::cancel),
+        )
         .route("/devices/{id}/telemetry", get(telemetry::range))
         .route("/devices/{id}/latest", get(telemetry::latest))
         .route("/telemetry/latest", get(telemetry::fleet::fleet_latest))

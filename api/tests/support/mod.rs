@@ -36,7 +36,12 @@ impl Server {
         let pki = Arc::new(
             Pki::load_or_create(&dir.path().join("pki"), Duration::from_secs(365 * 86400)).unwrap(),
         );
+        let (commands, _, _) = tellus_broker::commands::Commands::new(
+            registry.clone(),
+            tellus_broker::routing::Publisher::detached(),
+        );
         let state = AppState {
+            commands,
             registry: registry.clone(),
             store: store.clone(),
             pki: pki.clone(),

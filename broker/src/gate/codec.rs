@@ -969,6 +969,23 @@ pub fn read_puback(frame: &[u8]) -> Option<(u16, AckCode)> {
     }
 }
 
+/// The topic and packet id (QoS 1 and 2 only) of a PUBLISH frame from the routing core,
+/// read from its fixed place at the start of the frame (the same in 3.1.1 and 5).
+pub fn read_publish_head(frame: &[u8]) -> Option<(&str, Option<u16>)> {
+    let qos = (frame.first()? >> 1) & 0b11;
+    let body = body(frame)?;
+    let len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let topic = std::str::from_utf8(body.get(2..2 + len)?).ok()?;
+    let pkid = match qos {
+        0 => None,
+        _ => Some(u16::from_be_bytes([
+            *body.get(2 + len)?,
+            *body.get(3 + len)?,
+        ])),
+    };
+    Some((topic, pkid))
+}
+
 /// The packet id of a SUBACK frame from the routing core.
 pub fn suback_pkid(frame: &[u8]) -> Option<u16> {
     match body(frame)? {

@@ -21,7 +21,7 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -62,12 +62,15 @@ use super::{
         self, AckCode, CloseCode, Connect, Grant, Inbound, Limits, Publish, Reasons, Refused,
         Reply, Subscribe, TopicAliases, Verdict, Version,
     },
-    frames::{packet_type, FrameError, FrameReader, PINGRESP, PUBACK, SUBACK, UNSUBSCRIBE},
+    frames::{
+        packet_type, FrameError, FrameReader, PINGRESP, PUBACK, PUBLISH, SUBACK, UNSUBSCRIBE,
+    },
     rate::TokenBucket,
     sessions::{Membership, TAKEN_OVER},
     Gate,
 };
 use crate::{
+    commands::DeviceEvent,
     pki::peer_identity,
     provision::{lookup_connecting, rotate_certificate, ProvisionError},
 };
@@ -128,6 +131,31 @@ struct PendingAck {
 /// completes it when the routing core's PUBACK arrives. Bounded by the device's window of
 /// unacknowledged publishes.
 type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<AckCode>>>>;
+
+/// What the session and the relay share to tell the command service about the device
+/// ([`DeviceEvent`]): the packet ids of SUBSCRIBEs covering its command topic, until their
+/// SUBACK, and of command publishes sent to it, until its PUBACK. Each bounded by the packet
+/// id space.
+#[derive(Clone)]
+struct CommandWatch {
+    device: DeviceId,
+    events: mpsc::Sender<DeviceEvent>,
+    subscribes: Arc<Mutex<HashSet<u16>>>,
+    delivering: Arc<Mutex<HashMap<u16, String>>>,
+}
+
+impl CommandWatch {
+    /// Tells the command service; waits while its queue is full (this device only).
+    async fn tell(&self, event: DeviceEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    /// Whether `filter` covers the device's command topic.
+    fn covers_commands(&self, filter: &str) -> bool {
+        let some_command = DeviceTopic::Command("c-0".into()).topic(&self.device);
+        topic::filter_matches(filter, &some_command)
+    }
+}
 
 /// MQTT 5 SUBSCRIBEs the gate forwarded without the filters it refused, by packet id: where
 /// the refused filters stood, and why, so that the relay can put them back into the routing
@@ -256,6 +284,7 @@ struct Session<'g> {
     upstream: OwnedWriteHalf,
     upstream_acks: UpstreamAcks,
     refused_filters: RefusedFilters,
+    commands: CommandWatch,
     acks: mpsc::Sender<PendingAck>,
     /// QoS 2 publishes answered (or to be answered) with PUBREC and awaiting the device's
     /// PUBREL. At most one entry per packet id, so at most 65,535.
@@ -383,6 +412,12 @@ impl<'g> Session<'g> {
             tokio::spawn(write_to_device(wr, frames_rx, acks_rx, close_rx, out).in_current_span());
         let upstream_acks = UpstreamAcks::default();
         let refused_filters = RefusedFilters::default();
+        let commands = CommandWatch {
+            device: peer.device.clone(),
+            events: gate.device_events.clone(),
+            subscribes: Arc::default(),
+            delivering: Arc::default(),
+        };
         let mut relay = tokio::spawn(
             relay_from_upstream(
                 upstream_reader,
@@ -390,6 +425,7 @@ impl<'g> Session<'g> {
                 upstream_acks.clone(),
                 refused_filters.clone(),
                 reasons,
+                commands.clone(),
             )
             .in_current_span(),
         );
@@ -402,6 +438,7 @@ impl<'g> Session<'g> {
             upstream,
             upstream_acks,
             refused_filters,
+            commands,
             acks,
             qos2: HashMap::new(),
             aliases: TopicAliases::new(TOPIC_ALIAS_MAX),
@@ -429,8 +466,15 @@ impl<'g> Session<'g> {
             mut upstream,
             upstream_acks,
             acks,
+            commands,
             ..
         } = session;
+        // Only while this session is the device's: a takeover's new session has said it
+        // is subscribed, and must not be undone.
+        if !matches!(&end, End::ClosedByGate(why) if why == TAKEN_OVER) {
+            let device = peer.device.clone();
+            commands.tell(DeviceEvent::Offline { device }).await;
+        }
         let _ = upstream.shutdown().await;
         relay.abort();
         let _ = relay.await;
@@ -537,7 +581,12 @@ impl<'g> Session<'g> {
                 self.ack(Reply::PubComp(pkid), safe).await
             }
             Inbound::Subscribe(s) => self.subscribe(s).await,
-            Inbound::Forward(frame) => self.forward(&frame).await,
+            Inbound::Forward(frame) => {
+                if packet_type(&frame) == PUBACK {
+                    self.delivered(&frame).await;
+                }
+                self.forward(&frame).await
+            }
             Inbound::PingReq => self.ack(Reply::PingResp, ready()).await,
             Inbound::Disconnect { with_will } => {
                 // The routing core drops the will on any DISCONNECT, so a device that asks
@@ -583,6 +632,14 @@ impl<'g> Session<'g> {
             }
         }
         let count = filters.len();
+        let covers_commands = filters.iter().enumerate().any(|(at, f)| {
+            !refused.iter().any(|(r, _)| *r == at) && self.commands.covers_commands(f)
+        });
+        if covers_commands {
+            if let Ok(mut subs) = self.commands.subscribes.lock() {
+                subs.insert(s.pkid());
+            }
+        }
         if refused.is_empty() {
             return self.forward(&s.upstream(&vec![true; count])).await;
         }
@@ -672,6 +729,27 @@ impl<'g> Session<'g> {
         }
         let safe = if kind == DeviceTopic::CertsCsr {
             Some(self.rotate(p.payload).await?)
+        } else if let DeviceTopic::CommandResult(command) = kind {
+            // Recorded by the command service before it is acknowledged; not routed on.
+            let (recorded, done) = oneshot::channel();
+            let device = self.device.clone();
+            let payload = p.payload;
+            self.commands
+                .tell(DeviceEvent::Result {
+                    device,
+                    command,
+                    payload,
+                    recorded,
+                })
+                .await;
+            Some(
+                async move {
+                    done.await.map_err(|_| AckFailure::UpstreamLost)?;
+                    Ok(Verdict::default())
+                }
+                .boxed()
+                .shared(),
+            )
         } else if kind.is_telemetry() {
             bump(&self.gate.stats.telemetry_received);
             let pending = self
@@ -824,6 +902,26 @@ impl<'g> Session<'g> {
     /// Queues `reply` behind every earlier acknowledgement, to be sent once `safe` resolves.
     /// Waits while the device's window of pending acknowledgements is full, and so stops
     /// reading its socket.
+    /// The device acknowledged a publish from the routing core: if it was a command, the
+    /// command service hears it was delivered.
+    async fn delivered(&self, puback: &[u8]) {
+        let Some((pkid, _)) = codec::read_puback(puback) else {
+            return;
+        };
+        let command = self
+            .commands
+            .delivering
+            .lock()
+            .ok()
+            .and_then(|mut d| d.remove(&pkid));
+        if let Some(command) = command {
+            let device = self.device.clone();
+            self.commands
+                .tell(DeviceEvent::Delivered { device, command })
+                .await;
+        }
+    }
+
     async fn ack(&mut self, reply: Reply, safe: Safe) -> Result<(), End> {
         self.acks
             .send(PendingAck { reply, safe })
@@ -1094,6 +1192,7 @@ async fn relay_from_upstream(
     acks: UpstreamAcks,
     refused_filters: RefusedFilters,
     reasons: Reasons,
+    watch: CommandWatch,
 ) {
     loop {
         let mut frame = match upstream.frame().await {
@@ -1115,7 +1214,16 @@ async fn relay_from_upstream(
                 continue;
             }
             SUBACK => {
-                let refused = codec::suback_pkid(&frame).and_then(|pkid| {
+                let pkid = codec::suback_pkid(&frame);
+                let commands = pkid
+                    .is_some_and(|pkid| watch.subscribes.lock().is_ok_and(|mut s| s.remove(&pkid)));
+                if commands {
+                    let device = watch.device.clone();
+                    watch
+                        .tell(DeviceEvent::SubscribedToCommands { device })
+                        .await;
+                }
+                let refused = pkid.and_then(|pkid| {
                     refused_filters
                         .lock()
                         .ok()
@@ -1123,6 +1231,22 @@ async fn relay_from_upstream(
                 });
                 if let Some((at, why)) = refused {
                     frame = codec::merge_suback(frame, &at, &why, reasons);
+                }
+            }
+            PUBLISH => {
+                // A command on its way to the device: its PUBACK will say it was delivered.
+                let command = codec::read_publish_head(&frame).and_then(|(t, pkid)| {
+                    match (topic::parse(t), pkid) {
+                        (Some((d, DeviceTopic::Command(c))), Some(pkid)) if d == watch.device => {
+                            Some((pkid, c))
+                        }
+                        _ => None,
+                    }
+                });
+                if let Some((pkid, command)) = command {
+                    if let Ok(mut d) = watch.delivering.lock() {
+                        d.insert(pkid, command);
+                    }
                 }
             }
             _ => {}

@@ -124,6 +124,8 @@ pub fn packet_type(frame: &[u8]) -> u8 {
     frame.first().map(|b| b >> 4).unwrap_or(0)
 }
 
+/// The packet type number of PUBLISH.
+pub const PUBLISH: u8 = 3;
 /// The packet type number of PUBACK.
 pub const PUBACK: u8 = 4;
 /// The packet type number of SUBACK.

@@ -1,0 +1,381 @@
+//! Commands to devices: kept in the registry, sent through the routing core, followed by
+//! what the gate sees of each device ([`DeviceEvent`]).
+//!
+//! A command is created `queued`. It is sent (published at QoS 1 on
+//! `devices/{id}/commands/{command_id}`) as soon as its device is connected and subscribed
+//! to its command topic, at once if it is then, else when the gate reports the device's
+//! subscription (after a reconnect, or a restart of Tellus: the registry keeps it). The
+//! gate reports the device's PUBACK of that publish (`delivered`) and hands over the result
+//! the device publishes (`succeeded` or `failed`), which is recorded before the device's
+//! publish is acknowledged. A command sent but not delivered when the device goes away is
+//! sent again on its next subscription; one whose timeout passes first ends `expired`. A
+//! device may so receive a command more than once, and should act once per command id.
+//!
+//! Every change of a command is broadcast ([`Commands::watch`]): the synchronous API call
+//! waits on it, and so will the live stream.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tellus_core::{
+    command::new_command_id, now_ms, topic::DeviceTopic, Command, CommandResult, CommandStatus,
+    DeviceId, Registry, RegistryError, TimestampMs,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::routing::Publisher;
+
+/// What the gate tells the command service about devices.
+#[derive(Debug)]
+pub enum DeviceEvent {
+    /// The device's session ended.
+    Offline { device: DeviceId },
+    /// The routing core granted a subscription whose filter covers the device's commands.
+    SubscribedToCommands { device: DeviceId },
+    /// The device acknowledged the publish of this command.
+    Delivered { device: DeviceId, command: String },
+    /// The device published a result for this command; `recorded` is answered once the
+    /// registry has it (or could not take it), and only then is the device's publish
+    /// acknowledged.
+    Result {
+        device: DeviceId,
+        command: String,
+        payload: Bytes,
+        recorded: oneshot::Sender<()>,
+    },
+}
+
+/// Events that may wait for the command service; past this, the gate's connection that
+/// sends one waits (backpressure on that device only).
+pub const EVENT_QUEUE: usize = 4_096;
+/// Command changes a watcher may fall behind by; a slower one misses the oldest and is told
+/// so (it reads the registry again).
+const WATCH_QUEUE: usize = 4_096;
+/// How often commands are checked for expiry.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// Most commands expired in one check.
+const EXPIRE_BATCH: usize = 1_000;
+/// Longest a command may wait for its device.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("device {0} not found")]
+    UnknownDevice(DeviceId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("the registry's thread failed")]
+    Blocking,
+}
+
+/// The command service. Cheap to share (`Arc`).
+pub struct Commands {
+    registry: Arc<dyn Registry>,
+    publisher: Publisher,
+    changes: broadcast::Sender<Command>,
+    /// Devices connected and subscribed to their command topic now.
+    subscribed: Mutex<HashSet<DeviceId>>,
+}
+
+impl Commands {
+    /// The service, and the sender the gate reports to; [`Commands::run`] takes the events.
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        publisher: Publisher,
+    ) -> (
+        Arc<Commands>,
+        mpsc::Sender<DeviceEvent>,
+        mpsc::Receiver<DeviceEvent>,
+    ) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let commands = Arc::new(Commands {
+            registry,
+            publisher,
+            changes: broadcast::channel(WATCH_QUEUE).0,
+            subscribed: Mutex::default(),
+        });
+        (commands, tx, rx)
+    }
+
+    /// Every change of a command from now on.
+    pub fn watch(&self) -> broadcast::Receiver<Command> {
+        self.changes.subscribe()
+    }
+
+    /// Handles the gate's events and expires commands until `stop`.
+    pub async fn run(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<DeviceEvent>,
+        stop: CancellationToken,
+    ) {
+        let mut expire = tokio::time::interval(EXPIRE_EVERY);
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = expire.tick() => self.expire().await,
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => return,
+                },
+            }
+        }
+    }
+
+    async fn handle(&self, event: DeviceEvent) {
+        match event {
+            DeviceEvent::Offline { device } => {
+                if let Ok(mut s) = self.subscribed.lock() {
+                    s.remove(&device);
+                }
+            }
+            DeviceEvent::SubscribedToCommands { device } => {
+                if let Ok(mut s) = self.subscribed.lock() {
+                    s.insert(device.clone());
+                }
+                let waiting = {
+                    let device = device.clone();
+                    self.blocking(move |r| r.commands_to_send(&device, now_ms()))
+                        .await
+                };
+                match waiting {
+                    Ok(waiting) => {
+                        for command in waiting {
+                            self.send(command).await;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(device_id = %device, error = %e, "could not read the device's commands")
+                    }
+                }
+            }
+            DeviceEvent::Delivered { device, command } => {
+                self.advance(&device, &command, CommandStatus::Delivered, None)
+                    .await;
+            }
+            DeviceEvent::Result {
+                device,
+                command,
+                payload,
+                recorded,
+            } => {
+                let (to, output) = match CommandResult::parse(&payload) {
+                    Ok(r) if r.ok => (CommandStatus::Succeeded, r.output),
+                    Ok(r) => (CommandStatus::Failed, r.output),
+                    Err(why) => (CommandStatus::Failed, serde_json::json!({ "error": why })),
+                };
+                self.advance(&device, &command, to, Some(output)).await;
+                let _ = recorded.send(());
+            }
+        }
+    }
+
+    /// Moves a command on (if its status allows), and tells watchers when it moved.
+    async fn advance(
+        &self,
+        device: &DeviceId,
+        id: &str,
+        to: CommandStatus,
+        output: Option<serde_json::Value>,
+    ) -> Option<(Command, bool)> {
+        let moved = {
+            let (device, id) = (device.clone(), id.to_owned());
+            self.blocking(move |r| r.move_command(&device, &id, to, now_ms(), output.as_ref()))
+                .await
+        };
+        match moved {
+            Ok(Some((command, changed))) => {
+                if changed {
+                    debug!(device_id = %device, command = %id, status = to.as_str(), "command moved");
+                    let _ = self.changes.send(command.clone());
+                }
+                Some((command, changed))
+            }
+            Ok(None) => {
+                info!(device_id = %device, command = %id, "no such command");
+                None
+            }
+            Err(e) => {
+                warn!(device_id = %device, command = %id, error = %e, "could not record a command's status");
+                None
+            }
+        }
+    }
+
+    /// Publishes the command to its device and marks it sent.
+    async fn send(&self, command: Command) {
+        let topic = DeviceTopic::Command(command.id.clone()).topic(&command.device);
+        let message = command.message().to_string().into_bytes();
+        if self.publisher.publish(topic, message).await.is_err() {
+            // Shutting down: it stays queued (or sent) and goes out after the restart.
+            return;
+        }
+        self.advance(&command.device, &command.id, CommandStatus::Sent, None)
+            .await;
+    }
+
+    async fn expire(&self) {
+        match self
+            .blocking(|r| r.expire_commands(now_ms(), EXPIRE_BATCH))
+            .await
+        {
+            Ok(expired) => {
+                for command in expired {
+                    info!(device_id = %command.device, command = %command.id, "command expired");
+                    let _ = self.changes.send(command);
+                }
+            }
+            Err(e) => warn!(error = %e, "could not expire commands"),
+        }
+    }
+
+    /// Creates a command for `device` and sends it at once if the device is listening.
+    pub async fn create(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<Command, CommandError> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(CommandError::Invalid(
+                "a command's name is 1 to 128 bytes".into(),
+            ));
+        }
+        if timeout.is_zero() || timeout > MAX_TIMEOUT {
+            return Err(CommandError::Invalid(format!(
+                "timeout must be more than 0 and at most {} days",
+                MAX_TIMEOUT.as_secs() / 86_400
+            )));
+        }
+        let now = now_ms();
+        let command = Command {
+            id: new_command_id(),
+            device: device.clone(),
+            name: name.to_owned(),
+            params,
+            status: CommandStatus::Queued,
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(timeout.as_millis() as TimestampMs),
+            updated_at_ms: now,
+            sent_at_ms: None,
+            delivered_at_ms: None,
+            finished_at_ms: None,
+            output: None,
+            job: None,
+        };
+        {
+            let (device, command) = (device.clone(), command.clone());
+            self.blocking(move |r| {
+                if r.device(&device)?.is_none() {
+                    return Ok(Err(CommandError::UnknownDevice(device)));
+                }
+                r.insert_command(&command).map(Ok)
+            })
+            .await??;
+        }
+        let _ = self.changes.send(command.clone());
+        let listening = self
+            .subscribed
+            .lock()
+            .map(|s| s.contains(device))
+            .unwrap_or(false);
+        if listening {
+            self.send(command.clone()).await;
+        }
+        Ok(self.get(device, &command.id).await?.unwrap_or(command))
+    }
+
+    pub async fn get(&self, device: &DeviceId, id: &str) -> Result<Option<Command>, CommandError> {
+        let (device, id) = (device.clone(), id.to_owned());
+        self.blocking(move |r| r.command(&device, &id)).await
+    }
+
+    pub async fn list(
+        &self,
+        device: &DeviceId,
+        before: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Command>, CommandError> {
+        let device = device.clone();
+        self.blocking(move |r| r.commands(&device, before.as_deref(), limit))
+            .await
+    }
+
+    /// Cancels a command not yet delivered. `None` if there is no such command; else the
+    /// command as it is now and whether it was cancelled.
+    pub async fn cancel(
+        &self,
+        device: &DeviceId,
+        id: &str,
+    ) -> Result<Option<(Command, bool)>, CommandError> {
+        let output = serde_json::json!({ "error": "cancelled by an operator" });
+        let (d, i) = (device.clone(), id.to_owned());
+        let moved = self
+            .blocking(move |r| {
+                r.move_command(&d, &i, CommandStatus::Cancelled, now_ms(), Some(&output))
+            })
+            .await?;
+        if let Some((command, true)) = &moved {
+            let _ = self.changes.send(command.clone());
+        }
+        Ok(moved)
+    }
+
+    /// Waits until command `id` of `device` has ended or `wait` has passed, and returns it
+    /// as it is then. `changes` must have been taken (with [`Commands::watch`]) before the
+    /// command was created, so that no change is missed.
+    pub async fn wait(
+        &self,
+        device: &DeviceId,
+        id: &str,
+        mut changes: broadcast::Receiver<Command>,
+        wait: Duration,
+    ) -> Result<Option<Command>, CommandError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.get(device, id).await? {
+                Some(c) if c.status.is_final() => return Ok(Some(c)),
+                None => return Ok(None),
+                Some(_) => {}
+            }
+            // Until a change of this command, a lag (then the registry is read again), or
+            // the deadline.
+            let changed = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match changes.recv().await {
+                        Ok(c) if c.id == id => return,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            })
+            .await;
+            if changed.is_err() {
+                return self.get(device, id).await;
+            }
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, CommandError> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || f(registry.as_ref()))
+            .await
+            .map_err(|_| CommandError::Blocking)?
+            .map_err(CommandError::from)
+    }
+}
