@@ -13,9 +13,13 @@
 //!
 //! Every change of a command is broadcast ([`Commands::watch`]): the synchronous API call
 //! waits on it, and so will the live stream.
+//!
+//! The service also records presence: every connection the gate admits and how it ended
+//! (the registry's sessions, written in one transaction per batch of events), from which
+//! the API answers whether a device is online, since when, and its connection history.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,7 +27,7 @@ use std::{
 use bytes::Bytes;
 use tellus_core::{
     command::new_command_id, now_ms, topic::DeviceTopic, Command, CommandResult, CommandStatus,
-    DeviceId, Registry, RegistryError, TimestampMs,
+    DeviceId, PresenceCounts, Registry, RegistryError, Session, SessionEvent, TimestampMs,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -31,13 +35,21 @@ use tracing::{debug, info, warn};
 
 use crate::routing::Publisher;
 
-/// What the gate tells the command service about devices.
+/// What the gate tells the command service about devices. Connections are told apart by
+/// their session number: a device's new connection may open before its old one has ended.
 #[derive(Debug)]
 pub enum DeviceEvent {
-    /// The device's session ended.
-    Offline { device: DeviceId },
+    /// A connection of the device was admitted.
+    Online(Session),
+    /// A connection of the device ended.
+    Offline {
+        device: DeviceId,
+        session: u64,
+        at_ms: TimestampMs,
+        reason: String,
+    },
     /// The routing core granted a subscription whose filter covers the device's commands.
-    SubscribedToCommands { device: DeviceId },
+    SubscribedToCommands { device: DeviceId, session: u64 },
     /// The device acknowledged the publish of this command.
     Delivered { device: DeviceId, command: String },
     /// The device published a result for this command; `recorded` is answered once the
@@ -54,6 +66,8 @@ pub enum DeviceEvent {
 /// Events that may wait for the command service; past this, the gate's connection that
 /// sends one waits (backpressure on that device only).
 pub const EVENT_QUEUE: usize = 4_096;
+/// Most events handled together (their connections recorded in one transaction).
+const EVENT_BATCH: usize = 256;
 /// Command changes a watcher may fall behind by; a slower one misses the oldest and is told
 /// so (it reads the registry again).
 const WATCH_QUEUE: usize = 4_096;
@@ -81,8 +95,9 @@ pub struct Commands {
     registry: Arc<dyn Registry>,
     publisher: Publisher,
     changes: broadcast::Sender<Command>,
-    /// Devices connected and subscribed to their command topic now.
-    subscribed: Mutex<HashSet<DeviceId>>,
+    /// The current connection of each connected device, and whether it has subscribed to
+    /// its command topic. Bounded by the devices connected.
+    listening: Mutex<HashMap<DeviceId, (u64, bool)>>,
 }
 
 impl Commands {
@@ -100,7 +115,7 @@ impl Commands {
             registry,
             publisher,
             changes: broadcast::channel(WATCH_QUEUE).0,
-            subscribed: Mutex::default(),
+            listening: Mutex::default(),
         });
         (commands, tx, rx)
     }
@@ -116,30 +131,87 @@ impl Commands {
         mut events: mpsc::Receiver<DeviceEvent>,
         stop: CancellationToken,
     ) {
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
         let mut expire = tokio::time::interval(EXPIRE_EVERY);
         expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = expire.tick() => self.expire().await,
-                event = events.recv() => match event {
-                    Some(event) => self.handle(event).await,
-                    None => return,
-                },
+                n = events.recv_many(&mut batch, EVENT_BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    self.record_presence(&batch).await;
+                    for event in batch.drain(..) {
+                        self.handle(event).await;
+                    }
+                }
             }
+        }
+    }
+
+    /// Records the connections that opened and ended, in one transaction for the batch.
+    async fn record_presence(&self, events: &[DeviceEvent]) {
+        let sessions: Vec<SessionEvent> = events
+            .iter()
+            .filter_map(|e| match e {
+                DeviceEvent::Online(s) => Some(SessionEvent::Opened(s.clone())),
+                DeviceEvent::Offline {
+                    device,
+                    session,
+                    at_ms,
+                    reason,
+                } => Some(SessionEvent::Closed {
+                    device: device.clone(),
+                    session: *session,
+                    at_ms: *at_ms,
+                    reason: reason.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if sessions.is_empty() {
+            return;
+        }
+        if let Err(e) = self.blocking(move |r| r.record_sessions(&sessions)).await {
+            // Presence history has a gap; commands are unaffected.
+            warn!(error = %e, "could not record connections");
         }
     }
 
     async fn handle(&self, event: DeviceEvent) {
         match event {
-            DeviceEvent::Offline { device } => {
-                if let Ok(mut s) = self.subscribed.lock() {
-                    s.remove(&device);
+            DeviceEvent::Online(s) => {
+                if let Ok(mut l) = self.listening.lock() {
+                    l.insert(s.device, (s.session, false));
                 }
             }
-            DeviceEvent::SubscribedToCommands { device } => {
-                if let Ok(mut s) = self.subscribed.lock() {
-                    s.insert(device.clone());
+            DeviceEvent::Offline {
+                device, session, ..
+            } => {
+                if let Ok(mut l) = self.listening.lock() {
+                    // Only the device's current connection: a newer one may have opened.
+                    if l.get(&device)
+                        .is_some_and(|(current, _)| *current == session)
+                    {
+                        l.remove(&device);
+                    }
+                }
+            }
+            DeviceEvent::SubscribedToCommands { device, session } => {
+                let current = self
+                    .listening
+                    .lock()
+                    .is_ok_and(|mut l| match l.get_mut(&device) {
+                        Some((s, subscribed)) if *s == session => {
+                            *subscribed = true;
+                            true
+                        }
+                        _ => false,
+                    });
+                if !current {
+                    return;
                 }
                 let waiting = {
                     let device = device.clone();
@@ -284,10 +356,9 @@ impl Commands {
         }
         let _ = self.changes.send(command.clone());
         let listening = self
-            .subscribed
+            .listening
             .lock()
-            .map(|s| s.contains(device))
-            .unwrap_or(false);
+            .is_ok_and(|l| l.get(device).is_some_and(|(_, subscribed)| *subscribed));
         if listening {
             self.send(command.clone()).await;
         }
@@ -366,6 +437,22 @@ impl Commands {
                 return self.get(device, id).await;
             }
         }
+    }
+
+    /// A device's connections, newest first.
+    pub async fn sessions(
+        &self,
+        device: &DeviceId,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Session>, CommandError> {
+        let device = device.clone();
+        self.blocking(move |r| r.sessions(&device, before, limit))
+            .await
+    }
+
+    pub async fn presence_counts(&self) -> Result<PresenceCounts, CommandError> {
+        self.blocking(|r| r.presence_counts()).await
     }
 
     async fn blocking<T: Send + 'static>(

@@ -22,7 +22,8 @@ pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
 pub use registry::{
     AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceQuery, DeviceRecord,
-    DeviceStatus, NewDevice, Registry, RegistryError, FLEET_ISSUER,
+    DeviceStatus, NewDevice, PresenceCounts, Registry, RegistryError, Session, SessionEvent,
+    FLEET_ISSUER,
 };
 pub use telemetry::{DecodeError, Sample, Value};
 

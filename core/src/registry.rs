@@ -152,6 +152,48 @@ impl AuditDecision {
     }
 }
 
+/// One connection of a device, from the gate's admission to its end.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Session {
+    /// Assigned by the registry; 0 before it is recorded.
+    pub id: i64,
+    pub device: DeviceId,
+    /// The gate's number for the connection, unique within one run of Tellus.
+    pub session: u64,
+    pub connected_at_ms: TimestampMs,
+    /// The device's address, `ip:port`.
+    pub peer: String,
+    /// `3.1.1` or `5`.
+    pub protocol: String,
+    /// `None` while the connection lasts.
+    pub disconnected_at_ms: Option<TimestampMs>,
+    /// Why it ended (the gate's words), when it has.
+    pub reason: Option<String>,
+}
+
+/// What the gate reports of connections, recorded in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A connection was admitted (`id` and the end are unset).
+    Opened(Session),
+    /// The connection `session` of `device` ended.
+    Closed {
+        device: DeviceId,
+        session: u64,
+        at_ms: TimestampMs,
+        reason: String,
+    },
+}
+
+/// How many devices are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PresenceCounts {
+    /// Registered devices.
+    pub devices: u64,
+    /// Registered devices with a connection now.
+    pub online: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("device {0} already exists")]
@@ -262,6 +304,21 @@ pub trait Registry: Send + Sync + 'static {
         now: TimestampMs,
         limit: usize,
     ) -> Result<Vec<Command>, RegistryError>;
+    /// Records connections opening and ending, in order, in one transaction. A `Closed`
+    /// without its open connection on record is ignored.
+    fn record_sessions(&self, events: &[SessionEvent]) -> Result<(), RegistryError>;
+    /// Ends every connection still open on record (at a start, those of the run before),
+    /// at `at` with `reason`; returns how many.
+    fn close_open_sessions(&self, at: TimestampMs, reason: &str) -> Result<usize, RegistryError>;
+    /// A device's connections, newest first, with an id below `before`, at most `limit`.
+    fn sessions(
+        &self,
+        device: &DeviceId,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Session>, RegistryError>;
+    /// How many registered devices there are, and how many of them are connected.
+    fn presence_counts(&self) -> Result<PresenceCounts, RegistryError>;
     /// Audit entries, newest first, for one device or all, with an id below `before`.
     fn audit(
         &self,

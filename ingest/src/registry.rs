@@ -12,14 +12,17 @@
 //!   [`tellus_core::CommandStatus`]), in the order they were created (`seq`). Deleting a device
 //!   keeps its commands as history and cancels those not ended, so a device registered again
 //!   under the same id is sent none of them.
+//! - `sessions`: each connection of a device, from the gate's admission to its end (open while
+//!   `disconnected_at` is null), the newest [`SESSIONS_KEEP`] kept besides those still open.
+//!   Deleting a device keeps its sessions; presence counts only registered devices.
 
 use std::{path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
     AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, Command, CommandStatus,
-    DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, NewDevice, Registry, RegistryError,
-    TimestampMs, FLEET_ISSUER,
+    DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, NewDevice, PresenceCounts, Registry,
+    RegistryError, Session, SessionEvent, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -90,19 +93,37 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX commands_by_device ON commands (device, seq);
     CREATE INDEX commands_due ON commands (expires_at)
         WHERE status IN ('queued', 'sent', 'delivered');",
+    // `id` (the rowid) orders sessions as they were recorded. The partial index holds only
+    // the sessions still open, which closing and presence counting look up; as above, its
+    // condition must appear word for word in those queries.
+    "CREATE TABLE sessions (
+        id               INTEGER PRIMARY KEY,
+        device           TEXT NOT NULL,
+        session          INTEGER NOT NULL,
+        connected_at     INTEGER NOT NULL,
+        peer             TEXT NOT NULL,
+        protocol         TEXT NOT NULL,
+        disconnected_at  INTEGER,
+        reason           TEXT
+    );
+    CREATE INDEX sessions_by_device ON sessions (device, id);
+    CREATE INDEX sessions_open ON sessions (device, session) WHERE disconnected_at IS NULL;",
 ];
 
 /// Audit entries kept; older ones are deleted as new ones arrive.
 pub const AUDIT_KEEP: i64 = 1_000_000;
+/// Sessions kept besides those still open; older ones are deleted as new ones arrive.
+pub const SESSIONS_KEEP: i64 = 1_000_000;
 /// Changes kept; the gate reads them within a second, so this is only a safety margin.
 const CHANGES_KEEP: i64 = 100_000;
 
 /// The registry in a SQLite file. One connection behind a mutex for devices, certificates,
-/// CAs and changes (short indexed lookups; writes are operator actions), and one for the
-/// audit trail, whose batched writes must never queue the gate's lookups behind them.
+/// CAs, changes and commands (short indexed lookups; writes are operator actions), and one
+/// for what the gate records as it goes (the audit trail and the sessions), whose batched
+/// writes must never queue the gate's lookups behind them.
 pub struct SqliteRegistry {
     conn: Mutex<Connection>,
-    audit: Mutex<Connection>,
+    history: Mutex<Connection>,
 }
 
 fn backend(e: impl std::fmt::Display) -> RegistryError {
@@ -113,9 +134,10 @@ impl SqliteRegistry {
     pub fn open(path: &Path) -> Result<Self, rusqlite::Error> {
         Ok(SqliteRegistry {
             conn: Mutex::new(sqlite::open(path, "FULL", MIGRATIONS)?),
-            // Losing the last audit entries in a power cut is acceptable; an fsync per batch
-            // is not worth it.
-            audit: Mutex::new(sqlite::open(path, "NORMAL", MIGRATIONS)?),
+            // Losing the last audit entries or session events in a power cut is acceptable
+            // (sessions left open are closed at the next start); an fsync per batch is not
+            // worth it.
+            history: Mutex::new(sqlite::open(path, "NORMAL", MIGRATIONS)?),
         })
     }
 
@@ -295,6 +317,32 @@ fn revoke_in(
         record_change(c, at, Some(id), "revoked", Some(s))?;
     }
     Ok(serials)
+}
+
+const SESSION_COLUMNS: &str =
+    "id, device, session, connected_at, peer, protocol, disconnected_at, reason";
+
+fn session_record(row: &Row<'_>) -> Result<Session, rusqlite::Error> {
+    Ok(Session {
+        id: row.get(0)?,
+        device: device_id(row, 1)?,
+        session: row.get(2)?,
+        connected_at_ms: row.get(3)?,
+        peer: row.get(4)?,
+        protocol: row.get(5)?,
+        disconnected_at_ms: row.get(6)?,
+        reason: row.get(7)?,
+    })
+}
+
+/// Deletes the ended sessions older than the newest `keep`; sessions still open stay
+/// however old they are, so that presence never loses a connection. Returns how many went.
+fn trim_sessions(c: &Connection, keep: i64) -> Result<usize, rusqlite::Error> {
+    c.prepare_cached(
+        "DELETE FROM sessions
+         WHERE id <= (SELECT max(id) FROM sessions) - ?1 AND disconnected_at IS NOT NULL",
+    )?
+    .execute([keep])
 }
 
 impl Registry for SqliteRegistry {
@@ -522,6 +570,8 @@ impl Registry for SqliteRegistry {
                  WHERE device = ?1 AND status IN ('queued', 'sent', 'delivered')",
                 params![id.as_str(), at],
             )?;
+            // Its sessions stay as history, also one still open: the gate closes that
+            // connection on the change below and records its end.
             tx.execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
             record_change(&tx, at, Some(id), "deleted", None)?;
             tx.commit()?;
@@ -588,7 +638,7 @@ impl Registry for SqliteRegistry {
     }
 
     fn record_audit(&self, entries: &[AuditEntry]) -> Result<(), RegistryError> {
-        Self::on(&self.audit, |c| {
+        Self::on(&self.history, |c| {
             let tx = sqlite::write_transaction(c)?;
             {
                 let mut insert = tx.prepare_cached(
@@ -867,13 +917,110 @@ impl Registry for SqliteRegistry {
         Ok(expired.into_iter().map(|(_, c)| c).collect())
     }
 
+    fn record_sessions(&self, events: &[SessionEvent]) -> Result<(), RegistryError> {
+        Self::on(&self.history, |c| {
+            let tx = sqlite::write_transaction(c)?;
+            let mut opened = false;
+            {
+                let mut open = tx.prepare_cached(
+                    "INSERT INTO sessions (device, session, connected_at, peer, protocol)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                // The condition of the partial index, word for word; a `Closed` whose
+                // session is not open on record matches no row.
+                let mut close = tx.prepare_cached(
+                    "UPDATE sessions SET disconnected_at = ?3, reason = ?4
+                     WHERE device = ?1 AND session = ?2 AND disconnected_at IS NULL",
+                )?;
+                for event in events {
+                    match event {
+                        SessionEvent::Opened(s) => {
+                            open.execute(params![
+                                s.device.as_str(),
+                                s.session,
+                                s.connected_at_ms,
+                                s.peer,
+                                s.protocol
+                            ])?;
+                            opened = true;
+                        }
+                        SessionEvent::Closed {
+                            device,
+                            session,
+                            at_ms,
+                            reason,
+                        } => {
+                            close.execute(params![device.as_str(), session, at_ms, reason])?;
+                        }
+                    }
+                }
+            }
+            if opened {
+                trim_sessions(&tx, SESSIONS_KEEP)?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn close_open_sessions(&self, at: TimestampMs, reason: &str) -> Result<usize, RegistryError> {
+        Self::on(&self.history, |c| {
+            let tx = sqlite::write_transaction(c)?;
+            let closed = tx.execute(
+                "UPDATE sessions SET disconnected_at = ?1, reason = ?2
+                 WHERE disconnected_at IS NULL",
+                params![at, reason],
+            )?;
+            tx.commit()?;
+            Ok(closed)
+        })
+    }
+
+    fn sessions(
+        &self,
+        device: &DeviceId,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Session>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Self::on(&self.history, |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions
+                 WHERE device = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![device.as_str(), before.unwrap_or(i64::MAX), limit],
+                session_record,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn presence_counts(&self) -> Result<PresenceCounts, RegistryError> {
+        Self::on(&self.history, |c| {
+            // Online counts from the open sessions (few: one per live connection, through
+            // the partial index) those of devices still registered, each device once.
+            c.prepare_cached(
+                "SELECT (SELECT count(*) FROM devices),
+                        (SELECT count(DISTINCT s.device) FROM sessions s
+                         JOIN devices d ON d.id = s.device
+                         WHERE s.disconnected_at IS NULL)",
+            )?
+            .query_row([], |r| {
+                Ok(PresenceCounts {
+                    devices: r.get(0)?,
+                    online: r.get(1)?,
+                })
+            })
+        })
+    }
+
     fn audit(
         &self,
         device: Option<&DeviceId>,
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, RegistryError> {
-        Self::on(&self.audit, |c| {
+        Self::on(&self.history, |c| {
             // Two statements, so that each can use its index.
             let by_device = "SELECT id, at, peer, device, serial, decision, reason FROM audit
                  WHERE device = ?2 AND id < ?1 ORDER BY id DESC LIMIT ?3";
@@ -1638,5 +1785,276 @@ mod tests {
             reg.commands_to_send(&id("a"), 10),
             Err(RegistryError::Backend(_))
         ));
+    }
+
+    /// Connection `n` of `device`, admitted at `at`.
+    fn session(device: &str, n: u64, at: i64) -> Session {
+        Session {
+            id: 0,
+            device: id(device),
+            session: n,
+            connected_at_ms: at,
+            peer: format!("127.0.0.1:{}", 40_000 + n),
+            protocol: "5".into(),
+            disconnected_at_ms: None,
+            reason: None,
+        }
+    }
+
+    fn opened(device: &str, n: u64, at: i64) -> SessionEvent {
+        SessionEvent::Opened(session(device, n, at))
+    }
+
+    fn closed(device: &str, n: u64, at: i64, reason: &str) -> SessionEvent {
+        SessionEvent::Closed {
+            device: id(device),
+            session: n,
+            at_ms: at,
+            reason: reason.into(),
+        }
+    }
+
+    /// A device's sessions, newest first, as (session, end, reason).
+    fn ends(reg: &SqliteRegistry, device: &str) -> Vec<(u64, Option<i64>, Option<String>)> {
+        reg.sessions(&id(device), None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.session, s.disconnected_at_ms, s.reason))
+            .collect()
+    }
+
+    #[test]
+    fn sessions_open_and_close_in_order() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.record_sessions(&[opened("a", 1, 10)]).unwrap();
+        let open = reg.sessions(&id("a"), None, 10).unwrap();
+        assert_eq!(open.len(), 1);
+        assert!(open[0].id > 0);
+        assert_eq!(
+            open[0],
+            Session {
+                id: open[0].id,
+                ..session("a", 1, 10)
+            }
+        );
+        reg.record_sessions(&[closed("a", 1, 20, "client disconnected")])
+            .unwrap();
+        let ended = reg.sessions(&id("a"), None, 10).unwrap();
+        assert_eq!(
+            ended,
+            vec![Session {
+                id: open[0].id,
+                disconnected_at_ms: Some(20),
+                reason: Some("client disconnected".into()),
+                ..session("a", 1, 10)
+            }]
+        );
+        // Opened and closed in one batch: the events apply in order.
+        reg.record_sessions(&[opened("a", 2, 30), closed("a", 2, 31, "keep-alive timeout")])
+            .unwrap();
+        assert_eq!(
+            ends(&reg, "a"),
+            [
+                (2, Some(31), Some("keep-alive timeout".into())),
+                (1, Some(20), Some("client disconnected".into()))
+            ]
+        );
+        // No events is nothing to do.
+        reg.record_sessions(&[]).unwrap();
+        assert_eq!(reg.sessions(&id("a"), None, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_closed_without_its_open_session_is_ignored() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        reg.record_sessions(&[opened("a", 1, 10), opened("b", 2, 10)])
+            .unwrap();
+        reg.record_sessions(&[
+            // Unknown session, a session of another device, a device with none at all.
+            closed("a", 9, 20, "nope"),
+            closed("a", 2, 20, "nope"),
+            closed("zz", 1, 20, "nope"),
+            closed("a", 1, 30, "client disconnected"),
+            // Ended already: the first end stays.
+            closed("a", 1, 40, "again"),
+        ])
+        .unwrap();
+        assert_eq!(
+            ends(&reg, "a"),
+            [(1, Some(30), Some("client disconnected".into()))]
+        );
+        assert_eq!(ends(&reg, "b"), [(2, None, None)]);
+        assert!(reg.sessions(&id("zz"), None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_takeover_records_both_sessions_and_closes_each_alone() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.record_sessions(&[opened("a", 1, 10)]).unwrap();
+        // The device connects again before the gate has ended its first connection.
+        reg.record_sessions(&[opened("a", 2, 20)]).unwrap();
+        assert_eq!(ends(&reg, "a"), [(2, None, None), (1, None, None)]);
+        assert_eq!(reg.presence_counts().unwrap().online, 1);
+        reg.record_sessions(&[closed("a", 1, 21, "taken over")])
+            .unwrap();
+        assert_eq!(
+            ends(&reg, "a"),
+            [(2, None, None), (1, Some(21), Some("taken over".into()))]
+        );
+        assert_eq!(reg.presence_counts().unwrap().online, 1);
+        reg.record_sessions(&[closed("a", 2, 30, "client disconnected")])
+            .unwrap();
+        assert_eq!(
+            ends(&reg, "a"),
+            [
+                (2, Some(30), Some("client disconnected".into())),
+                (1, Some(21), Some("taken over".into()))
+            ]
+        );
+        assert_eq!(reg.presence_counts().unwrap().online, 0);
+    }
+
+    #[test]
+    fn session_history_pages_newest_first() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        for n in 1..=5 {
+            reg.record_sessions(&[opened("a", n, n as i64), opened("b", 100 + n, n as i64)])
+                .unwrap();
+        }
+        let page = |before, limit| {
+            reg.sessions(&id("a"), before, limit)
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.id, s.session))
+                .collect::<Vec<_>>()
+        };
+        let all = page(None, 10);
+        assert_eq!(
+            all.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+            [5, 4, 3, 2, 1]
+        );
+        let first = page(None, 2);
+        assert_eq!(first, all[..2]);
+        let second = page(Some(first[1].0), 2);
+        assert_eq!(second, all[2..4]);
+        assert_eq!(page(Some(second[1].0), 2), all[4..]);
+        assert!(page(Some(all[4].0), 10).is_empty());
+        assert!(page(None, 0).is_empty());
+        // Another device's sessions are not in the way.
+        assert!(reg
+            .sessions(&id("b"), None, 10)
+            .unwrap()
+            .iter()
+            .all(|s| s.device == id("b") && s.session > 100));
+    }
+
+    #[test]
+    fn closing_open_sessions_ends_only_those_open() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        reg.record_sessions(&[
+            opened("a", 1, 10),
+            closed("a", 1, 11, "client disconnected"),
+            opened("a", 2, 12),
+            opened("b", 3, 13),
+        ])
+        .unwrap();
+        assert_eq!(reg.close_open_sessions(50, "tellus restarted").unwrap(), 2);
+        assert_eq!(
+            ends(&reg, "a"),
+            [
+                (2, Some(50), Some("tellus restarted".into())),
+                (1, Some(11), Some("client disconnected".into()))
+            ]
+        );
+        assert_eq!(
+            ends(&reg, "b"),
+            [(3, Some(50), Some("tellus restarted".into()))]
+        );
+        assert_eq!(reg.presence_counts().unwrap().online, 0);
+        assert_eq!(reg.close_open_sessions(60, "again").unwrap(), 0);
+        // A session number of the run before may come again; only the new one is open.
+        reg.record_sessions(&[opened("a", 2, 70)]).unwrap();
+        reg.record_sessions(&[closed("a", 2, 80, "client disconnected")])
+            .unwrap();
+        assert_eq!(
+            ends(&reg, "a")[..2],
+            [
+                (2, Some(80), Some("client disconnected".into())),
+                (2, Some(50), Some("tellus restarted".into()))
+            ]
+        );
+    }
+
+    #[test]
+    fn presence_counts_registered_devices_once_each() {
+        let (_dir, reg) = open();
+        let counts = |devices, online| PresenceCounts { devices, online };
+        assert_eq!(reg.presence_counts().unwrap(), counts(0, 0));
+        for (d, s) in [("a", "01"), ("b", "02"), ("c", "03"), ("d", "04")] {
+            reg.insert_device(&new(d, s, 100)).unwrap();
+        }
+        reg.record_sessions(&[
+            // Two open sessions of one device count once.
+            opened("a", 1, 10),
+            opened("a", 2, 11),
+            opened("b", 3, 12),
+            opened("c", 4, 13),
+            closed("c", 4, 14, "client disconnected"),
+            // A session of a device not registered does not count.
+            opened("zz", 5, 15),
+        ])
+        .unwrap();
+        assert_eq!(reg.presence_counts().unwrap(), counts(4, 2));
+        // A deleted device's open session stays on record until the gate ends it, but the
+        // device no longer counts.
+        assert!(reg.delete_device(&id("b"), 20).unwrap());
+        assert_eq!(ends(&reg, "b"), [(3, None, None)]);
+        assert_eq!(reg.presence_counts().unwrap(), counts(3, 1));
+        reg.record_sessions(&[closed("b", 3, 21, "deleted")])
+            .unwrap();
+        assert_eq!(ends(&reg, "b"), [(3, Some(21), Some("deleted".into()))]);
+        assert_eq!(reg.presence_counts().unwrap(), counts(3, 1));
+    }
+
+    #[test]
+    fn trimming_sessions_keeps_those_still_open() {
+        let (dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        let events: Vec<SessionEvent> = (1..=6).map(|n| opened("a", n, n as i64)).collect();
+        reg.record_sessions(&events).unwrap();
+        let ended: Vec<SessionEvent> = [2, 3, 5, 6]
+            .into_iter()
+            .map(|n| closed("a", n, 10, "client disconnected"))
+            .collect();
+        reg.record_sessions(&ended).unwrap();
+        let kept = |reg: &SqliteRegistry| {
+            reg.sessions(&id("a"), None, 100)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.session)
+                .collect::<Vec<_>>()
+        };
+        // Far below the limit, recording deletes nothing.
+        assert_eq!(kept(&reg), [6, 5, 4, 3, 2, 1]);
+        let trim = |keep| SqliteRegistry::on(&reg.history, |c| trim_sessions(c, keep)).unwrap();
+        // Beyond the newest two, the ended sessions go; open ones stay however old.
+        assert_eq!(trim(2), 2);
+        assert_eq!(kept(&reg), [6, 5, 4, 1]);
+        assert_eq!(trim(0), 2);
+        assert_eq!(kept(&reg), [4, 1]);
+        assert_eq!(trim(0), 0);
+        assert_eq!(reg.presence_counts().unwrap().online, 1);
+        // What is kept survives reopening.
+        drop(reg);
+        let reg = SqliteRegistry::open(&dir.path().join("registry.db")).unwrap();
+        assert_eq!(kept(&reg), [4, 1]);
     }
 }

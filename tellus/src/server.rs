@@ -167,6 +167,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (audit, audit_writer) =
         AuditLog::spawn(fleet.registry.clone(), AUDIT_QUEUE, gate_stats.clone())
             .context("starting the audit writer")?;
+    // Connections on record as open are those of the run before, which ended with it.
+    let closed = fleet
+        .registry
+        .close_open_sessions(tellus_core::now_ms(), "Tellus stopped")
+        .context("closing the previous run's connections")?;
+    if closed > 0 {
+        info!(
+            connections = closed,
+            "connections of the previous run recorded as ended"
+        );
+    }
     let (commands, device_events, device_events_rx) =
         Commands::new(fleet.registry.clone(), publisher.clone());
     // The command service stops with the publisher, after every session.

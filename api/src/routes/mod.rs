@@ -6,6 +6,7 @@
 //! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/commands` (`?wait=10s`), `GET /devices/{id}/commands`, `GET`/`DELETE /devices/{id}/commands/{command}` | [`commands`] | yes |
+//! | `GET /devices/{id}/presence`, `GET /devices/{id}/connections`, `GET /presence` | [`presence`] | yes |
 //! | `GET /devices/{id}/telemetry` (`metric=` or `metrics=a,b`; `step=`, `agg=`, `max_points=`, `format=csv`) | [`telemetry`] | yes |
 //! | `GET /devices/{id}/latest` | [`telemetry`] | yes |
 //! | `GET /telemetry/latest?metric=&tag=key:value` (the fleet view) | [`telemetry::fleet`] | yes |
@@ -33,6 +34,7 @@ pub mod commands;
 pub mod deadletters;
 pub mod devices;
 pub mod pki;
+pub mod presence;
 pub mod stats;
 pub mod telemetry;
 
@@ -62,6 +64,9 @@ pub fn v1() -> Router<AppState> {
             "/devices/{id}/commands/{command}",
             get(commands::get_one).delete(commands::cancel),
         )
+        .route("/devices/{id}/presence", get(presence::get_one))
+        .route("/devices/{id}/connections", get(presence::connections))
+        .route("/presence", get(presence::counts))
         .route("/devices/{id}/telemetry", get(telemetry::range))
         .route("/devices/{id}/latest", get(telemetry::latest))
         .route("/telemetry/latest", get(telemetry::fleet::fleet_latest))

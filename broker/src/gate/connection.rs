@@ -139,6 +139,8 @@ type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<AckCode>>>>;
 #[derive(Clone)]
 struct CommandWatch {
     device: DeviceId,
+    /// This connection's number (the membership's).
+    session: u64,
     events: mpsc::Sender<DeviceEvent>,
     subscribes: Arc<Mutex<HashSet<u16>>>,
     delivering: Arc<Mutex<HashMap<u16, String>>>,
@@ -414,10 +416,27 @@ impl<'g> Session<'g> {
         let refused_filters = RefusedFilters::default();
         let commands = CommandWatch {
             device: peer.device.clone(),
+            session: membership.id(),
             events: gate.device_events.clone(),
             subscribes: Arc::default(),
             delivering: Arc::default(),
         };
+        commands
+            .tell(DeviceEvent::Online(tellus_core::Session {
+                id: 0,
+                device: peer.device.clone(),
+                session: membership.id(),
+                connected_at_ms: now_ms(),
+                peer: peer.addr.to_string(),
+                protocol: match version {
+                    Version::V4 => "3.1.1",
+                    Version::V5 => "5",
+                }
+                .to_owned(),
+                disconnected_at_ms: None,
+                reason: None,
+            }))
+            .await;
         let mut relay = tokio::spawn(
             relay_from_upstream(
                 upstream_reader,
@@ -469,12 +488,14 @@ impl<'g> Session<'g> {
             commands,
             ..
         } = session;
-        // Only while this session is the device's: a takeover's new session has said it
-        // is subscribed, and must not be undone.
-        if !matches!(&end, End::ClosedByGate(why) if why == TAKEN_OVER) {
-            let device = peer.device.clone();
-            commands.tell(DeviceEvent::Offline { device }).await;
-        }
+        commands
+            .tell(DeviceEvent::Offline {
+                device: peer.device.clone(),
+                session: commands.session,
+                at_ms: now_ms(),
+                reason: end.to_string(),
+            })
+            .await;
         let _ = upstream.shutdown().await;
         relay.abort();
         let _ = relay.await;
@@ -1218,9 +1239,9 @@ async fn relay_from_upstream(
                 let commands = pkid
                     .is_some_and(|pkid| watch.subscribes.lock().is_ok_and(|mut s| s.remove(&pkid)));
                 if commands {
-                    let device = watch.device.clone();
+                    let (device, session) = (watch.device.clone(), watch.session);
                     watch
-                        .tell(DeviceEvent::SubscribedToCommands { device })
+                        .tell(DeviceEvent::SubscribedToCommands { device, session })
                         .await;
                 }
                 let refused = pkid.and_then(|pkid| {

@@ -138,6 +138,11 @@ impl Sessions {
 }
 
 impl Membership<'_> {
+    /// The session's number, unique within this run of Tellus.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Resolves with the reason once the gate wants this session closed.
     pub async fn closed(&mut self) -> String {
         let reason = match self.closed.wait_for(Option::is_some).await {

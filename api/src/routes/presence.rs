@@ -1,0 +1,103 @@
+//! Presence, from what the gate reports of connections: `GET /api/v1/devices/{id}/presence`
+//! (online or not, since when, last seen, the last disconnect and why),
+//! `GET /api/v1/devices/{id}/connections` (the history, newest first) and
+//! `GET /api/v1/presence` (fleet counts).
+
+use axum::{extract::State, Json};
+use serde::{Deserialize, Serialize};
+use tellus_core::{now_ms, DeviceId, PresenceCounts, Session, TimestampMs};
+
+use super::{blocking, page_limit, split_page};
+use crate::{extract, ApiError, AppState};
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1_000;
+
+#[derive(Debug, Serialize)]
+pub struct Presence {
+    pub device: DeviceId,
+    pub online: bool,
+    /// When the current connection was admitted (online only).
+    pub connected_since_ms: Option<TimestampMs>,
+    /// Now while online (the gate closes a connection silent for 1.5 keep-alives), else
+    /// when the last connection ended; `null` if the device never connected.
+    pub last_seen_ms: Option<TimestampMs>,
+    pub last_disconnect_ms: Option<TimestampMs>,
+    pub last_disconnect_reason: Option<String>,
+    /// The address and MQTT version of the newest connection.
+    pub peer: Option<String>,
+    pub protocol: Option<String>,
+}
+
+/// The device must exist: presence of an unknown id is a 404, not "offline".
+async fn known(state: &AppState, id: &str) -> Result<DeviceId, ApiError> {
+    let device = DeviceId::parse(id)?;
+    let registry = state.registry.clone();
+    let d = device.clone();
+    blocking(move || match registry.device(&d)? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::DeviceNotFound(d)),
+    })
+    .await?;
+    Ok(device)
+}
+
+/// `GET /api/v1/devices/{id}/presence`.
+pub async fn get_one(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+) -> Result<Json<Presence>, ApiError> {
+    let device = known(&state, &id).await?;
+    // The newest two: the current connection and, when it is open, the one that ended last.
+    let newest = state.commands.sessions(&device, None, 2).await?;
+    let current = newest.first().filter(|s| s.disconnected_at_ms.is_none());
+    let ended = newest.iter().find(|s| s.disconnected_at_ms.is_some());
+    Ok(Json(Presence {
+        online: current.is_some(),
+        connected_since_ms: current.map(|s| s.connected_at_ms),
+        last_seen_ms: match current {
+            Some(_) => Some(now_ms()),
+            None => ended.and_then(|s| s.disconnected_at_ms),
+        },
+        last_disconnect_ms: ended.and_then(|s| s.disconnected_at_ms),
+        last_disconnect_reason: ended.and_then(|s| s.reason.clone()),
+        peer: newest.first().map(|s| s.peer.clone()),
+        protocol: newest.first().map(|s| s.protocol.clone()),
+        device,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+    pub before: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    pub connections: Vec<Session>,
+    pub next: Option<i64>,
+}
+
+/// `GET /api/v1/devices/{id}/connections?limit=&before=`: newest first.
+pub async fn connections(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<Connections>, ApiError> {
+    let device = known(&state, &id).await?;
+    let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let rows = state
+        .commands
+        .sessions(&device, q.before, limit + 1)
+        .await?;
+    let (connections, more) = split_page(rows, limit);
+    let next = more.then(|| connections.last().map(|s| s.id)).flatten();
+    Ok(Json(Connections { connections, next }))
+}
+
+/// `GET /api/v1/presence`: `{"devices": n, "online": n}`.
+pub async fn counts(State(state): State<AppState>) -> Result<Json<PresenceCounts>, ApiError> {
+    Ok(Json(state.commands.presence_counts().await?))
+}
