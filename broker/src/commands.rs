@@ -48,8 +48,14 @@ pub enum DeviceEvent {
         at_ms: TimestampMs,
         reason: String,
     },
-    /// The routing core granted a subscription whose filter covers the device's commands.
-    SubscribedToCommands { device: DeviceId, session: u64 },
+    /// The routing core granted a subscription whose filter covers the device's commands
+    /// (or kept one from the device's earlier session); `acked`: at QoS 1 or 2, so the device
+    /// will acknowledge each command.
+    SubscribedToCommands {
+        device: DeviceId,
+        session: u64,
+        acked: bool,
+    },
     /// The device acknowledged the publish of this command.
     Delivered { device: DeviceId, command: String },
     /// The device published a result for this command; `recorded` is answered once the
@@ -73,6 +79,8 @@ const EVENT_BATCH: usize = 256;
 const WATCH_QUEUE: usize = 4_096;
 /// How often commands are checked for expiry.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// Commands read and sent at a time when a device subscribes.
+const SEND_PAGE: usize = 100;
 /// Most commands expired in one check.
 const EXPIRE_BATCH: usize = 1_000;
 /// Longest a command may wait for its device.
@@ -95,16 +103,20 @@ pub struct Commands {
     registry: Arc<dyn Registry>,
     publisher: Publisher,
     changes: broadcast::Sender<Command>,
-    /// The current connection of each connected device, and whether it has subscribed to
-    /// its command topic. Bounded by the devices connected.
-    listening: Mutex<HashMap<DeviceId, (u64, bool)>>,
+    /// The current connection of each connected device, and, once it has subscribed to its
+    /// command topic, whether at QoS 1 or more. Bounded by the devices connected.
+    listening: Mutex<HashMap<DeviceId, (u64, Option<bool>)>>,
+    /// Most bytes of a command message; a larger one could not pass the routing core.
+    max_message: usize,
 }
 
 impl Commands {
     /// The service, and the sender the gate reports to; [`Commands::run`] takes the events.
+    /// `max_packet_size`: the largest packet the routing core and devices take.
     pub fn new(
         registry: Arc<dyn Registry>,
         publisher: Publisher,
+        max_packet_size: usize,
     ) -> (
         Arc<Commands>,
         mpsc::Sender<DeviceEvent>,
@@ -116,6 +128,8 @@ impl Commands {
             publisher,
             changes: broadcast::channel(WATCH_QUEUE).0,
             listening: Mutex::default(),
+            // Room for the fixed header, the topic and the packet id.
+            max_message: max_packet_size.saturating_sub(256),
         });
         (commands, tx, rx)
     }
@@ -134,10 +148,17 @@ impl Commands {
         let mut batch = Vec::with_capacity(EVENT_BATCH);
         let mut expire = tokio::time::interval(EXPIRE_EVERY);
         expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut links = self.publisher.links();
+        links.borrow_and_update();
+        let mut links_open = true;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = expire.tick() => self.expire().await,
+                changed = links.changed(), if links_open => match changed {
+                    Ok(()) => self.resend_all().await,
+                    Err(_) => links_open = false,
+                },
                 n = events.recv_many(&mut batch, EVENT_BATCH) => {
                     if n == 0 {
                         return;
@@ -184,7 +205,7 @@ impl Commands {
         match event {
             DeviceEvent::Online(s) => {
                 if let Ok(mut l) = self.listening.lock() {
-                    l.insert(s.device, (s.session, false));
+                    l.insert(s.device, (s.session, None));
                 }
             }
             DeviceEvent::Offline {
@@ -199,38 +220,28 @@ impl Commands {
                     }
                 }
             }
-            DeviceEvent::SubscribedToCommands { device, session } => {
+            DeviceEvent::SubscribedToCommands {
+                device,
+                session,
+                acked,
+            } => {
                 let current = self
                     .listening
                     .lock()
                     .is_ok_and(|mut l| match l.get_mut(&device) {
                         Some((s, subscribed)) if *s == session => {
-                            *subscribed = true;
+                            *subscribed = Some(acked);
                             true
                         }
                         _ => false,
                     });
-                if !current {
-                    return;
-                }
-                let waiting = {
-                    let device = device.clone();
-                    self.blocking(move |r| r.commands_to_send(&device, now_ms()))
-                        .await
-                };
-                match waiting {
-                    Ok(waiting) => {
-                        for command in waiting {
-                            self.send(command).await;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(device_id = %device, error = %e, "could not read the device's commands")
-                    }
+                if current {
+                    self.send_waiting(&device, acked).await;
                 }
             }
             DeviceEvent::Delivered { device, command } => {
-                self.advance(&device, &command, CommandStatus::Delivered, None)
+                let _ = self
+                    .advance(&device, &command, CommandStatus::Delivered, None)
                     .await;
             }
             DeviceEvent::Result {
@@ -244,8 +255,15 @@ impl Commands {
                     Ok(r) => (CommandStatus::Failed, r.output),
                     Err(why) => (CommandStatus::Failed, serde_json::json!({ "error": why })),
                 };
-                self.advance(&device, &command, to, Some(output)).await;
-                let _ = recorded.send(());
+                // Acknowledged only once recorded: else the device's publish fails and it
+                // sends the result again.
+                if self
+                    .advance(&device, &command, to, Some(output))
+                    .await
+                    .is_ok()
+                {
+                    let _ = recorded.send(());
+                }
             }
         }
     }
@@ -257,7 +275,7 @@ impl Commands {
         id: &str,
         to: CommandStatus,
         output: Option<serde_json::Value>,
-    ) -> Option<(Command, bool)> {
+    ) -> Result<Option<(Command, bool)>, ()> {
         let moved = {
             let (device, id) = (device.clone(), id.to_owned());
             self.blocking(move |r| r.move_command(&device, &id, to, now_ms(), output.as_ref()))
@@ -269,29 +287,88 @@ impl Commands {
                     debug!(device_id = %device, command = %id, status = to.as_str(), "command moved");
                     let _ = self.changes.send(command.clone());
                 }
-                Some((command, changed))
+                Ok(Some((command, changed)))
             }
             Ok(None) => {
-                info!(device_id = %device, command = %id, "no such command");
-                None
+                debug!(device_id = %device, command = %id, "no such command");
+                Ok(None)
             }
             Err(e) => {
                 warn!(device_id = %device, command = %id, error = %e, "could not record a command's status");
-                None
+                Err(())
             }
         }
     }
 
-    /// Publishes the command to its device and marks it sent.
-    async fn send(&self, command: Command) {
-        let topic = DeviceTopic::Command(command.id.clone()).topic(&command.device);
-        let message = command.message().to_string().into_bytes();
-        if self.publisher.publish(topic, message).await.is_err() {
-            // Shutting down: it stays queued (or sent) and goes out after the restart.
+    /// Sends the device's waiting commands, oldest first, a page at a time.
+    async fn send_waiting(&self, device: &DeviceId, acked: bool) {
+        let mut after: Option<String> = None;
+        loop {
+            let page = {
+                let (device, after) = (device.clone(), after.clone());
+                self.blocking(move |r| {
+                    r.commands_to_send(&device, now_ms(), after.as_deref(), SEND_PAGE)
+                })
+                .await
+            };
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(device_id = %device, error = %e, "could not read the device's commands");
+                    return;
+                }
+            };
+            let full = page.len() == SEND_PAGE;
+            after = page.last().map(|c| c.id.clone());
+            for command in page {
+                self.send(command, acked).await;
+            }
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// Marks the command sent, then publishes it to its device: a PUBACK or result racing
+    /// the publish finds it sent. Over a QoS 0 subscription (`acked` false) no PUBACK will
+    /// come, so it counts as delivered once published.
+    async fn send(&self, command: Command, acked: bool) {
+        let (device, id) = (&command.device, &command.id);
+        if !matches!(
+            self.advance(device, id, CommandStatus::Sent, None).await,
+            Ok(Some((_, true)))
+        ) {
             return;
         }
-        self.advance(&command.device, &command.id, CommandStatus::Sent, None)
-            .await;
+        let topic = DeviceTopic::Command(id.clone()).topic(device);
+        let message = command.message().to_string().into_bytes();
+        if self.publisher.publish(topic, message).await.is_err() {
+            // Shutting down: it stays sent, and goes out again when the device next
+            // subscribes, after the restart.
+            return;
+        }
+        if !acked {
+            let _ = self
+                .advance(device, id, CommandStatus::Delivered, None)
+                .await;
+        }
+    }
+
+    /// Sends again what every listening device has waiting: after the publisher's link to
+    /// the routing core came back, publishes queued on the lost one may be gone.
+    async fn resend_all(&self) {
+        let listening: Vec<(DeviceId, bool)> = self
+            .listening
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|(d, (_, subscribed))| subscribed.map(|acked| (d.clone(), acked)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (device, acked) in listening {
+            self.send_waiting(&device, acked).await;
+        }
     }
 
     async fn expire(&self) {
@@ -321,6 +398,13 @@ impl Commands {
             return Err(CommandError::Invalid(
                 "a command's name is 1 to 128 bytes".into(),
             ));
+        }
+        let size = serde_json::to_vec(&params).map_or(usize::MAX, |p| p.len()) + name.len();
+        if size > self.max_message {
+            return Err(CommandError::Invalid(format!(
+                "the command is {size} bytes; at most {} fit in a message to a device",
+                self.max_message
+            )));
         }
         if timeout.is_zero() || timeout > MAX_TIMEOUT {
             return Err(CommandError::Invalid(format!(
@@ -358,9 +442,10 @@ impl Commands {
         let listening = self
             .listening
             .lock()
-            .is_ok_and(|l| l.get(device).is_some_and(|(_, subscribed)| *subscribed));
-        if listening {
-            self.send(command.clone()).await;
+            .ok()
+            .and_then(|l| l.get(device).and_then(|(_, subscribed)| *subscribed));
+        if let Some(acked) = listening {
+            self.send(command.clone(), acked).await;
         }
         Ok(self.get(device, &command.id).await?.unwrap_or(command))
     }

@@ -234,6 +234,8 @@ const PUBLISHER_QUEUE: usize = 1_024;
 #[derive(Clone)]
 pub struct Publisher {
     client: rumqttc::AsyncClient,
+    /// How many times the link has connected (CONNACKs from the routing core).
+    links: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -261,11 +263,15 @@ impl Publisher {
             .set_max_packet_size(max_packet_size, max_packet_size)
             .set_request_channel_capacity(PUBLISHER_QUEUE);
         let (client, mut events) = rumqttc::AsyncClient::new(options, PUBLISHER_QUEUE);
+        let (linked, links) = tokio::sync::watch::channel(0);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     event = events.poll() => {
+                        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) = &event {
+                            linked.send_modify(|n| *n += 1);
+                        }
                         if let Err(e) = event {
                             tracing::warn!(error = %e, "publisher link to the routing core lost; reconnecting");
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -274,7 +280,13 @@ impl Publisher {
                 }
             }
         });
-        Publisher { client }
+        Publisher { client, links }
+    }
+
+    /// Changes each time the link to the routing core is made (again): publishes queued
+    /// while it was down may have been lost.
+    pub fn links(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.links.clone()
     }
 
     /// A publisher with no link: every publish fails with [`PublishError`], as after a
@@ -283,7 +295,8 @@ impl Publisher {
         let options = rumqttc::MqttOptions::new(PUBLISHER_ID, "127.0.0.1", 1);
         // The event loop is dropped at once, which closes the client's queue.
         let (client, _events) = rumqttc::AsyncClient::new(options, 1);
-        Publisher { client }
+        let (_, links) = tokio::sync::watch::channel(0);
+        Publisher { client, links }
     }
 
     /// Publishes `payload` on `topic` at QoS 1, waiting while the link's queue is full.

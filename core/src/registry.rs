@@ -291,11 +291,14 @@ pub trait Registry: Send + Sync + 'static {
         output: Option<&serde_json::Value>,
     ) -> Result<Option<(Command, bool)>, RegistryError>;
     /// Commands of `device` waiting to be sent (`queued`, or `sent` and not delivered) that
-    /// have not expired by `now`, oldest first.
+    /// have not expired by `now`, oldest first: those created after the command `after`
+    /// (when given), at most `limit`.
     fn commands_to_send(
         &self,
         device: &DeviceId,
         now: TimestampMs,
+        after: Option<&str>,
+        limit: usize,
     ) -> Result<Vec<Command>, RegistryError>;
     /// Moves every command not ended whose `expires_at_ms` is at or before `now` to
     /// `expired`, at most `limit`; returns them as they are now.

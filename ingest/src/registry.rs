@@ -10,8 +10,8 @@
 //! - `audit`: the edge's decisions about connections, the newest [`AUDIT_KEEP`] kept;
 //! - `commands`: commands to devices and the states they moved through (see
 //!   [`tellus_core::CommandStatus`]), in the order they were created (`seq`). Deleting a device
-//!   keeps its commands as history and cancels those not ended, so a device registered again
-//!   under the same id is sent none of them.
+//!   keeps its commands as history and cancels those not sent or delivered yet, so a device
+//!   registered again under the same id is sent none of them (a delivered one expires).
 //! - `sessions`: each connection of a device, from the gate's admission to its end (open while
 //!   `disconnected_at` is null), the newest [`SESSIONS_KEEP`] kept besides those still open.
 //!   Deleting a device keeps its sessions; presence counts only registered devices.
@@ -567,7 +567,7 @@ impl Registry for SqliteRegistry {
             tx.execute(
                 "UPDATE commands SET status = 'cancelled', updated_at = ?2, finished_at = ?2,
                      output = coalesce(output, '{\"error\":\"the device was deleted\"}')
-                 WHERE device = ?1 AND status IN ('queued', 'sent', 'delivered')",
+                 WHERE device = ?1 AND status IN ('queued', 'sent')",
                 params![id.as_str(), at],
             )?;
             // Its sessions stay as history, also one still open: the gate closes that
@@ -873,14 +873,19 @@ impl Registry for SqliteRegistry {
         &self,
         device: &DeviceId,
         now: TimestampMs,
+        after: Option<&str>,
+        limit: usize,
     ) -> Result<Vec<Command>, RegistryError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands
                  WHERE device = ?1 AND status IN ('queued', 'sent') AND expires_at > ?2
-                 ORDER BY seq"
+                   AND seq > coalesce((SELECT seq FROM commands WHERE id = ?3 AND device = ?1), 0)
+                 ORDER BY seq LIMIT ?4"
             ))?;
-            let rows = stmt.query_map(params![device.as_str(), now], command_record)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows =
+                stmt.query_map(params![device.as_str(), now, after, limit], command_record)?;
             rows.collect()
         })
     }
@@ -1661,11 +1666,21 @@ mod tests {
         made("due", 50, &[]);
         made("sent due", 50, &[Sent]);
         reg.insert_command(&cmd("b", "b's", 1_000)).unwrap();
-        let to_send = |now| names(reg.commands_to_send(&id("a"), now).unwrap());
+        let to_send = |now| names(reg.commands_to_send(&id("a"), now, None, 100).unwrap());
         assert_eq!(to_send(10), ["sent", "queued", "due", "sent due"]);
         assert_eq!(to_send(50), ["sent", "queued"]);
         assert!(to_send(1_000).is_empty());
-        assert_eq!(names(reg.commands_to_send(&id("b"), 10).unwrap()), ["b's"]);
+        assert_eq!(
+            names(reg.commands_to_send(&id("b"), 10, None, 100).unwrap()),
+            ["b's"]
+        );
+        // Paged: after a command, at most `limit`.
+        let first = reg.commands_to_send(&id("a"), 10, None, 2).unwrap();
+        assert_eq!(names(first.clone()), ["sent", "queued"]);
+        let rest = reg
+            .commands_to_send(&id("a"), 10, Some(&first[1].id), 2)
+            .unwrap();
+        assert_eq!(names(rest), ["due", "sent due"]);
     }
 
     #[test]
@@ -1782,7 +1797,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            reg.commands_to_send(&id("a"), 10),
+            reg.commands_to_send(&id("a"), 10, None, 100),
             Err(RegistryError::Backend(_))
         ));
     }

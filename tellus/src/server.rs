@@ -178,8 +178,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             "connections of the previous run recorded as ended"
         );
     }
-    let (commands, device_events, device_events_rx) =
-        Commands::new(fleet.registry.clone(), publisher.clone());
+    let (commands, device_events, device_events_rx) = Commands::new(
+        fleet.registry.clone(),
+        publisher.clone(),
+        config.mqtt.max_packet_size,
+    );
     // The command service stops with the publisher, after every session.
     let commands_task = tokio::spawn(
         commands
@@ -230,7 +233,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .await;
     api_stop.cancel();
     publisher_stop.cancel();
-    let _ = commands_task.await;
+    if tokio::time::timeout_at(deadline, commands_task)
+        .await
+        .is_err()
+    {
+        warn!("the command service did not stop in time");
+    }
     if drained.is_err() {
         warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");
         anyhow::bail!("shutdown timed out after {:?}", config.shutdown_timeout);

@@ -126,7 +126,8 @@ async fn a_command_to_an_online_device_goes_through_every_status() {
                "expires_at_ms": command["expires_at_ms"]})
     );
     let delivered = until_status(&t, "cmd-1", &id, "delivered").await;
-    assert!(delivered["sent_at_ms"].as_i64() <= delivered["delivered_at_ms"].as_i64());
+    let at = |step: &str| delivered[step].as_i64().unwrap_or_else(|| panic!("{step}"));
+    assert!(at("created_at_ms") <= at("sent_at_ms") && at("sent_at_ms") <= at("delivered_at_ms"));
     // A delivered command can no longer be cancelled.
     let (status, body) = t
         .delete(&format!("/api/v1/devices/cmd-1/commands/{id}"))
@@ -234,14 +235,26 @@ async fn an_unanswered_command_expires() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tellus::start_in(dir.path(), None);
     let creds = t.create_device("cmd-5").await;
-    let (_client, mut rx) = device(&t, &creds, Answer::Silent).await;
+    let (client, mut rx) = device(&t, &creds, Answer::Silent).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let command = post_command(&t, "cmd-5", json!({"name": "slow", "timeout": "2s"})).await;
     received(&mut rx).await;
     let id = command["id"].as_str().unwrap();
     let expired = until_status(&t, "cmd-5", id, "expired").await;
     assert!(expired["output"]["error"].as_str().is_some(), "{expired}");
-    // Nothing moves an ended command: a late result is acknowledged and ignored.
+    // Nothing moves an ended command: a late result is taken and ignored.
+    client
+        .publish(
+            format!("devices/cmd-5/commands/{id}/result"),
+            QoS::AtLeastOnce,
+            false,
+            json!({"ok": true}).to_string(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, still) = t.get(&format!("/api/v1/devices/cmd-5/commands/{id}")).await;
+    assert_eq!(still["status"], "expired", "{still}");
     let (status, body) = t
         .post(
             "/api/v1/devices/cmd-5/commands",
@@ -313,4 +326,111 @@ async fn mosquitto_clients_receive_and_answer_a_command() {
     assert!(out.status.success(), "mosquitto_pub failed: {out:?}");
     let failed = until_status(&t, "cmd-6", &id, "failed").await;
     assert_eq!(failed["output"], "no LED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_persistent_sessions_mqtt5_aliases_and_qos0_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+
+    // A persistent session: subscribed once, then reconnected without subscribing again.
+    let creds = t.create_device("cmd-7").await;
+    let mut options = t.mqtt_options(&creds);
+    options.set_clean_session(false);
+    {
+        let (client, mut events) = connect(options.clone()).await;
+        client
+            .subscribe("devices/cmd-7/commands/+", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = events.poll().await {
+                break;
+            }
+        }
+        client.disconnect().await.unwrap();
+        let _ = events.poll().await;
+    }
+    let (client, events) = connect(options).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(follow(client.clone(), events, Answer::Succeed, tx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, command) = t
+        .post(
+            "/api/v1/devices/cmd-7/commands?wait=10s",
+            json!({"name": "kept"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &command["status"]),
+        (200, &json!("succeeded")),
+        "{command}"
+    );
+    received(&mut rx).await;
+
+    // MQTT 5 with topic aliases allowed: every command still names its topic, so each is
+    // followed to delivered.
+    let creds = t.create_device("cmd-8").await;
+    let mut options = t.mqtt5_options(&creds);
+    options.set_topic_alias_max(Some(10));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 100);
+    client
+        .subscribe(
+            "devices/cmd-8/commands/+",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let (tx, mut topics) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)) =
+                event
+            {
+                let _ = tx.send(String::from_utf8_lossy(&p.topic).into_owned());
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let c = post_command(&t, "cmd-8", json!({"name": name})).await;
+        ids.push(c["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        let topic = tokio::time::timeout(WAIT, topics.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(topic, format!("devices/cmd-8/commands/{id}"));
+        until_status(&t, "cmd-8", id, "delivered").await;
+    }
+
+    // A QoS 0 subscription acknowledges nothing: a command counts as delivered once sent.
+    let creds = t.create_device("cmd-9").await;
+    let (client, events) = connect(t.mqtt_options(&creds)).await;
+    client
+        .subscribe("devices/cmd-9/commands/+", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(follow(client.clone(), events, Answer::Silent, tx));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = post_command(&t, "cmd-9", json!({"name": "q0"})).await;
+    received(&mut rx).await;
+    until_status(&t, "cmd-9", c["id"].as_str().unwrap(), "delivered").await;
+
+    // A command too large for a message to a device is refused, not sent.
+    let big = "x".repeat(300 * 1024);
+    let (status, body) = t
+        .post(
+            "/api/v1/devices/cmd-9/commands",
+            json!({"name": "big", "params": {"blob": big}}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_body")),
+        "{body}"
+    );
 }

@@ -39,6 +39,7 @@ impl Server {
         let (commands, _, _) = tellus_broker::commands::Commands::new(
             registry.clone(),
             tellus_broker::routing::Publisher::detached(),
+            256 * 1024,
         );
         let state = AppState {
             commands,

@@ -396,6 +396,11 @@ impl Connect {
             }
             Connect::V5(mut c, will) => {
                 c.keep_alive = keep_alive;
+                // The routing core would alias topics per subscription, not per topic, and a
+                // publish the gate relays must name its topic (commands are followed by it).
+                if let Some(props) = c.properties.as_mut() {
+                    props.topic_alias_max = None;
+                }
                 let login = v5::Login::new(username, password);
                 encode_v5(&v5::Packet::Connect(c, will, Some(login)))
             }
@@ -991,6 +996,28 @@ pub fn suback_pkid(frame: &[u8]) -> Option<u16> {
     match body(frame)? {
         [hi, lo, ..] => Some(u16::from_be_bytes([*hi, *lo])),
         _ => None,
+    }
+}
+
+/// The return codes of a SUBACK frame from the routing core, one per filter, in order:
+/// the granted QoS (0 to 2), or a failure (0x80 and above).
+pub fn suback_codes(frame: &[u8], version: Version) -> Option<&[u8]> {
+    let rest = body(frame)?.get(2..)?;
+    match version {
+        Version::V4 => Some(rest),
+        Version::V5 => {
+            // The properties' length, a variable byte integer, then the properties.
+            let (mut len, mut at) = (0usize, 0usize);
+            loop {
+                let b = *rest.get(at)?;
+                len |= usize::from(b & 0x7f) << (7 * at);
+                at += 1;
+                if b & 0x80 == 0 || at == 4 {
+                    break;
+                }
+            }
+            rest.get(at + len..)
+        }
     }
 }
 

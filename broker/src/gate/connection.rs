@@ -21,7 +21,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -141,8 +141,11 @@ struct CommandWatch {
     device: DeviceId,
     /// This connection's number (the membership's).
     session: u64,
+    version: Version,
     events: mpsc::Sender<DeviceEvent>,
-    subscribes: Arc<Mutex<HashSet<u16>>>,
+    /// By packet id: the places, in the SUBSCRIBE the gate forwarded, of the filters that
+    /// cover the device's command topic.
+    subscribes: Arc<Mutex<HashMap<u16, Vec<usize>>>>,
     delivering: Arc<Mutex<HashMap<u16, String>>>,
 }
 
@@ -391,7 +394,7 @@ impl<'g> Session<'g> {
             _ = shutdown.cancelled() => return,
             link = link_upstream(gate, &peer, connect, &limits, &mut wr) => link,
         };
-        let Some((upstream, upstream_reader)) = link else {
+        let Some((upstream, upstream_reader, session_present)) = link else {
             return;
         };
         bump(&gate.stats.connected);
@@ -417,6 +420,7 @@ impl<'g> Session<'g> {
         let commands = CommandWatch {
             device: peer.device.clone(),
             session: membership.id(),
+            version,
             events: gate.device_events.clone(),
             subscribes: Arc::default(),
             delivering: Arc::default(),
@@ -437,6 +441,17 @@ impl<'g> Session<'g> {
                 reason: None,
             }))
             .await;
+        if session_present {
+            // The routing core kept the device's subscriptions: it will send no SUBSCRIBE.
+            let (device, session) = (peer.device.clone(), commands.session);
+            commands
+                .tell(DeviceEvent::SubscribedToCommands {
+                    device,
+                    session,
+                    acked: true,
+                })
+                .await;
+        }
         let mut relay = tokio::spawn(
             relay_from_upstream(
                 upstream_reader,
@@ -653,12 +668,18 @@ impl<'g> Session<'g> {
             }
         }
         let count = filters.len();
-        let covers_commands = filters.iter().enumerate().any(|(at, f)| {
-            !refused.iter().any(|(r, _)| *r == at) && self.commands.covers_commands(f)
-        });
-        if covers_commands {
+        // Places in the forwarded SUBSCRIBE, which leaves the refused filters out.
+        let covering: Vec<usize> = filters
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
+            .enumerate()
+            .filter(|(_, (_, f))| self.commands.covers_commands(f))
+            .map(|(forwarded, _)| forwarded)
+            .collect();
+        if !covering.is_empty() {
             if let Ok(mut subs) = self.commands.subscribes.lock() {
-                subs.insert(s.pkid());
+                subs.insert(s.pkid(), covering);
             }
         }
         if refused.is_empty() {
@@ -926,7 +947,7 @@ impl<'g> Session<'g> {
     /// The device acknowledged a publish from the routing core: if it was a command, the
     /// command service hears it was delivered.
     async fn delivered(&self, puback: &[u8]) {
-        let Some((pkid, _)) = codec::read_puback(puback) else {
+        let Some((pkid, code)) = codec::read_puback(puback) else {
             return;
         };
         let command = self
@@ -935,7 +956,9 @@ impl<'g> Session<'g> {
             .lock()
             .ok()
             .and_then(|mut d| d.remove(&pkid));
-        if let Some(command) = command {
+        // An MQTT 5 device may refuse the message in its PUBACK: then it stays `sent`, and
+        // is sent again on the device's next subscription.
+        if let Some(command) = command.filter(|_| !code.is_failure()) {
             let device = self.device.clone();
             self.commands
                 .tell(DeviceEvent::Delivered { device, command })
@@ -1125,7 +1148,7 @@ async fn link_upstream(
     connect: Connect,
     limits: &Limits,
     wr: &mut DeviceWriter,
-) -> Option<(OwnedWriteHalf, FrameReader<OwnedReadHalf>)> {
+) -> Option<(OwnedWriteHalf, FrameReader<OwnedReadHalf>, bool)> {
     let version = connect.version();
     let to = (version, connect.reasons());
     let (up, up_reader, session_present) = match open_link(gate, connect).await {
@@ -1143,7 +1166,7 @@ async fn link_upstream(
     if !matches!(sent, Ok(Ok(()))) {
         return None;
     }
-    Some((up, up_reader))
+    Some((up, up_reader, session_present))
 }
 
 /// Connects to the routing core as the device, in the device's version and with the gate's
@@ -1236,12 +1259,25 @@ async fn relay_from_upstream(
             }
             SUBACK => {
                 let pkid = codec::suback_pkid(&frame);
-                let commands = pkid
-                    .is_some_and(|pkid| watch.subscribes.lock().is_ok_and(|mut s| s.remove(&pkid)));
-                if commands {
+                let covering = pkid
+                    .and_then(|pkid| watch.subscribes.lock().ok()?.remove(&pkid))
+                    .unwrap_or_default();
+                // The best the routing core granted the covering filters: QoS 1 or 2 means
+                // the device will acknowledge each command; none granted, nothing to tell.
+                let codes = codec::suback_codes(&frame, watch.version).unwrap_or_default();
+                let granted = covering
+                    .iter()
+                    .filter_map(|at| codes.get(*at).copied())
+                    .filter(|code| *code < 0x80)
+                    .max();
+                if let Some(qos) = granted {
                     let (device, session) = (watch.device.clone(), watch.session);
                     watch
-                        .tell(DeviceEvent::SubscribedToCommands { device, session })
+                        .tell(DeviceEvent::SubscribedToCommands {
+                            device,
+                            session,
+                            acked: qos > 0,
+                        })
                         .await;
                 }
                 let refused = pkid.and_then(|pkid| {
