@@ -847,6 +847,10 @@ fn upstream_connect(version: Version, connect: Connect) {
         }
         Connect::V5(mut c, will) => {
             c.keep_alive = UPSTREAM_KEEP_ALIVE;
+            // The routing core would alias topics per subscription: no aliases upstream.
+            if let Some(props) = c.properties.as_mut() {
+                props.topic_alias_max = None;
+            }
             Connect::V5(c, will)
         }
     };
