@@ -223,17 +223,25 @@ fn probe(
     }
 }
 
-/// The client id of Tellus's own link; `:` is not allowed in device ids, so no device can
-/// take it over.
+/// The client id of Tellus's own link, before the number of the attempt; `:` is not allowed
+/// in device ids, so no device can take it over.
 const PUBLISHER_ID: &str = "tellus:publisher";
 
 /// Requests that may wait for the publisher's link; past this `publish` waits.
 const PUBLISHER_QUEUE: usize = 1_024;
 
+/// A message for a device.
+#[derive(Debug)]
+struct Outgoing {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+}
+
 /// Tellus's own link into the routing core, for messages to devices. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    client: rumqttc::AsyncClient,
+    requests: tokio::sync::mpsc::Sender<Outgoing>,
     /// How many times the link has connected (CONNACKs from the routing core).
     links: tokio::sync::watch::Receiver<u64>,
 }
@@ -245,42 +253,79 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// Connects to the routing core as Tellus and keeps the link up (rumqttc reconnects)
-    /// until `shutdown` is cancelled. Must run inside a tokio runtime.
+    /// Connects to the routing core as Tellus and keeps the link up until `shutdown` is
+    /// cancelled. Must run inside a tokio runtime.
+    ///
+    /// Every attempt connects under a client id of its own (`tellus:publisher:<n>`): rumqttd
+    /// 0.20 keeps a will handler per client id that leaks when a link fails before its
+    /// CONNACK, and then panics on the next CONNECT with that id, which would take the
+    /// routing core down for every device.
     pub fn start(
         core: &RoutingCore,
         max_packet_size: usize,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Publisher {
-        let mut options =
-            rumqttc::MqttOptions::new(PUBLISHER_ID, core.addr.ip().to_string(), core.addr.port());
-        options
-            .set_credentials(
-                core.credential.username.clone(),
-                core.credential.password.clone(),
-            )
-            .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(max_packet_size, max_packet_size)
-            .set_request_channel_capacity(PUBLISHER_QUEUE);
-        let (client, mut events) = rumqttc::AsyncClient::new(options, PUBLISHER_QUEUE);
+        let core = core.clone();
+        let (requests, mut incoming) = tokio::sync::mpsc::channel::<Outgoing>(PUBLISHER_QUEUE);
         let (linked, links) = tokio::sync::watch::channel(0);
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    event = events.poll() => {
-                        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) = &event {
-                            linked.send_modify(|n| *n += 1);
+            for attempt in 1u64.. {
+                let mut options = rumqttc::MqttOptions::new(
+                    format!("{PUBLISHER_ID}:{attempt}"),
+                    core.addr.ip().to_string(),
+                    core.addr.port(),
+                );
+                options
+                    .set_credentials(
+                        core.credential.username.clone(),
+                        core.credential.password.clone(),
+                    )
+                    .set_keep_alive(Duration::from_secs(30))
+                    .set_max_packet_size(max_packet_size, max_packet_size)
+                    .set_request_channel_capacity(PUBLISHER_QUEUE);
+                let (client, mut events) = rumqttc::AsyncClient::new(options, PUBLISHER_QUEUE);
+                let linked = linked.clone();
+                // The link's own task, so that a publish waiting for room in rumqttc's queue
+                // never keeps the link from being driven.
+                let mut link = tokio::spawn(async move {
+                    loop {
+                        match events.poll().await {
+                            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                                linked.send_modify(|n| *n += 1);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return e,
                         }
-                        if let Err(e) = event {
-                            tracing::warn!(error = %e, "publisher link to the routing core lost; reconnecting");
+                    }
+                });
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            link.abort();
+                            return;
+                        }
+                        ended = &mut link => {
+                            if let Ok(e) = ended {
+                                tracing::warn!(error = %e, "publisher link to the routing core lost; reconnecting");
+                            }
                             tokio::time::sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                        request = incoming.recv() => {
+                            let Some(o) = request else {
+                                link.abort();
+                                return;
+                            };
+                            // A failure means the link ended; the loop notices it next.
+                            let _ = client
+                                .publish(o.topic, rumqttc::QoS::AtLeastOnce, o.retain, o.payload)
+                                .await;
                         }
                     }
                 }
             }
         });
-        Publisher { client, links }
+        Publisher { requests, links }
     }
 
     /// Changes each time the link to the routing core is made (again): publishes queued
@@ -292,19 +337,38 @@ impl Publisher {
     /// A publisher with no link: every publish fails with [`PublishError`], as after a
     /// shutdown. For parts of Tellus run without a routing core (the API's own tests).
     pub fn detached() -> Publisher {
-        let options = rumqttc::MqttOptions::new(PUBLISHER_ID, "127.0.0.1", 1);
-        // The event loop is dropped at once, which closes the client's queue.
-        let (client, _events) = rumqttc::AsyncClient::new(options, 1);
+        let (requests, _) = tokio::sync::mpsc::channel(1);
         let (_, links) = tokio::sync::watch::channel(0);
-        Publisher { client, links }
+        Publisher { requests, links }
     }
 
     /// Publishes `payload` on `topic` at QoS 1, waiting while the link's queue is full.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), PublishError> {
-        self.client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(|_| PublishError)
+        self.send(topic, payload, false).await
+    }
+
+    /// Like [`Publisher::publish`], retained: the routing core keeps the last one of the topic
+    /// (until it stops) for whoever subscribes.
+    pub async fn publish_retained(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        self.send(topic, payload, true).await
+    }
+
+    async fn send(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        let outgoing = Outgoing {
+            topic,
+            payload,
+            retain,
+        };
+        self.requests.send(outgoing).await.map_err(|_| PublishError)
     }
 }
 
