@@ -66,7 +66,7 @@ pub struct AppState {
     pub pki: Arc<tellus_broker::pki::Pki>,
     pub ingest_stats: Arc<tellus_ingest::IngestStats>,
     pub gate_stats: Arc<tellus_broker::gate::GateStats>,
-    pub commands: Arc<tellus_broker::commands::Commands>,
+    pub devices: Arc<tellus_broker::devices::Devices>,
     /// The bearer token every `/api/v1` request must present. An empty token admits no one.
     pub admin_token: Arc<str>,
 }

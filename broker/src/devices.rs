@@ -1,7 +1,7 @@
-//! Commands to devices: kept in the registry, sent through the routing core, followed by
-//! what the gate sees of each device ([`DeviceEvent`]).
+//! The device service: what Tellus keeps of devices beyond their identity, from what the
+//! gate sees of each one ([`DeviceEvent`]): commands, desired and reported state, presence.
 //!
-//! A command is created `queued`. It is sent (published at QoS 1 on
+//! **Commands.** A command is created `queued`. It is sent (published at QoS 1 on
 //! `devices/{id}/commands/{command_id}`) as soon as its device is connected and subscribed
 //! to its command topic, at once if it is then, else when the gate reports the device's
 //! subscription (after a reconnect, or a restart of Tellus: the registry keeps it). The
@@ -10,13 +10,18 @@
 //! publish is acknowledged. A command sent but not delivered when the device goes away is
 //! sent again on its next subscription; one whose timeout passes first ends `expired`. A
 //! device may so receive a command more than once, and should act once per command id.
-//!
-//! Every change of a command is broadcast ([`Commands::watch`]): the synchronous API call
+//! Every change of a command is broadcast ([`Devices::watch`]): the synchronous API call
 //! waits on it, and so will the live stream.
 //!
-//! The service also records presence: every connection the gate admits and how it ended
-//! (the registry's sessions, written in one transaction per batch of events), from which
-//! the API answers whether a device is online, since when, and its connection history.
+//! **State.** The desired state (a JSON object, changed by merge patches with a version) is
+//! published retained on `devices/{id}/state/desired` when it changes, and again when the
+//! device subscribes (the routing core forgets retained messages when Tellus stops); the
+//! device's merge patches on `devices/{id}/state/reported` are recorded before they are
+//! acknowledged, and one that is not a JSON object is refused with the reason.
+//!
+//! **Presence.** Every connection the gate admits and how it ended (the registry's
+//! sessions, written in one transaction per batch of events), from which the API answers
+//! whether a device is online, since when, and its connection history.
 
 use std::{
     collections::HashMap,
@@ -26,8 +31,12 @@ use std::{
 
 use bytes::Bytes;
 use tellus_core::{
-    command::new_command_id, now_ms, topic::DeviceTopic, Command, CommandResult, CommandStatus,
-    DeviceId, PresenceCounts, Registry, RegistryError, Session, SessionEvent, TimestampMs,
+    command::new_command_id,
+    now_ms,
+    state::{self, DeviceState},
+    topic::DeviceTopic,
+    Command, CommandResult, CommandStatus, DeviceId, PresenceCounts, Registry, RegistryError,
+    Session, SessionEvent, TimestampMs,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::routing::Publisher;
 
-/// What the gate tells the command service about devices. Connections are told apart by
+/// What the gate tells the device service about devices. Connections are told apart by
 /// their session number: a device's new connection may open before its old one has ended.
 #[derive(Debug)]
 pub enum DeviceEvent {
@@ -56,6 +65,17 @@ pub enum DeviceEvent {
         session: u64,
         acked: bool,
     },
+    /// The routing core granted a subscription whose filter covers the device's desired
+    /// state (or kept one from the device's earlier session).
+    SubscribedToDesired { device: DeviceId, session: u64 },
+    /// The device reported state: a JSON merge patch of its reported state. `recorded` is
+    /// answered once the registry has it (or with why it is not a valid report), and only
+    /// then is the device's publish acknowledged.
+    Reported {
+        device: DeviceId,
+        payload: Bytes,
+        recorded: oneshot::Sender<Result<(), String>>,
+    },
     /// The device acknowledged the publish of this command.
     Delivered { device: DeviceId, command: String },
     /// The device published a result for this command; `recorded` is answered once the
@@ -69,7 +89,7 @@ pub enum DeviceEvent {
     },
 }
 
-/// Events that may wait for the command service; past this, the gate's connection that
+/// Events that may wait for the device service; past this, the gate's connection that
 /// sends one waits (backpressure on that device only).
 pub const EVENT_QUEUE: usize = 4_096;
 /// Most events handled together (their connections recorded in one transaction).
@@ -87,7 +107,7 @@ const EXPIRE_BATCH: usize = 1_000;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
-pub enum CommandError {
+pub enum DeviceError {
     #[error("device {0} not found")]
     UnknownDevice(DeviceId),
     #[error("{0}")]
@@ -98,8 +118,8 @@ pub enum CommandError {
     Blocking,
 }
 
-/// The command service. Cheap to share (`Arc`).
-pub struct Commands {
+/// The device service. Cheap to share (`Arc`).
+pub struct Devices {
     registry: Arc<dyn Registry>,
     publisher: Publisher,
     changes: broadcast::Sender<Command>,
@@ -110,20 +130,20 @@ pub struct Commands {
     max_message: usize,
 }
 
-impl Commands {
-    /// The service, and the sender the gate reports to; [`Commands::run`] takes the events.
+impl Devices {
+    /// The service, and the sender the gate reports to; [`Devices::run`] takes the events.
     /// `max_packet_size`: the largest packet the routing core and devices take.
     pub fn new(
         registry: Arc<dyn Registry>,
         publisher: Publisher,
         max_packet_size: usize,
     ) -> (
-        Arc<Commands>,
+        Arc<Devices>,
         mpsc::Sender<DeviceEvent>,
         mpsc::Receiver<DeviceEvent>,
     ) {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let commands = Arc::new(Commands {
+        let devices = Arc::new(Devices {
             registry,
             publisher,
             changes: broadcast::channel(WATCH_QUEUE).0,
@@ -131,7 +151,7 @@ impl Commands {
             // Room for the fixed header, the topic and the packet id.
             max_message: max_packet_size.saturating_sub(256),
         });
-        (commands, tx, rx)
+        (devices, tx, rx)
     }
 
     /// Every change of a command from now on.
@@ -237,6 +257,45 @@ impl Commands {
                     });
                 if current {
                     self.send_waiting(&device, acked).await;
+                }
+            }
+            DeviceEvent::SubscribedToDesired { device, session } => {
+                let current = self
+                    .listening
+                    .lock()
+                    .is_ok_and(|l| l.get(&device).is_some_and(|(s, _)| *s == session));
+                if current {
+                    self.send_desired(&device).await;
+                }
+            }
+            DeviceEvent::Reported {
+                device,
+                payload,
+                recorded,
+            } => {
+                let patch = match serde_json::from_slice::<serde_json::Value>(&payload) {
+                    Ok(patch) => patch,
+                    Err(e) => {
+                        let _ = recorded.send(Err(format!("reported state is not JSON: {e}")));
+                        return;
+                    }
+                };
+                if let Err(why) = state::check_patch(&patch) {
+                    let _ = recorded.send(Err(why));
+                    return;
+                }
+                let d = device.clone();
+                match self
+                    .blocking(move |r| r.patch_reported(&d, &patch, now_ms()))
+                    .await
+                {
+                    Ok(_) => {
+                        let _ = recorded.send(Ok(()));
+                    }
+                    // Not acknowledged: the device sends it again.
+                    Err(e) => {
+                        warn!(device_id = %device, error = %e, "could not record reported state")
+                    }
                 }
             }
             DeviceEvent::Delivered { device, command } => {
@@ -393,21 +452,21 @@ impl Commands {
         name: &str,
         params: serde_json::Value,
         timeout: Duration,
-    ) -> Result<Command, CommandError> {
+    ) -> Result<Command, DeviceError> {
         if name.is_empty() || name.len() > 128 {
-            return Err(CommandError::Invalid(
+            return Err(DeviceError::Invalid(
                 "a command's name is 1 to 128 bytes".into(),
             ));
         }
         let size = serde_json::to_vec(&params).map_or(usize::MAX, |p| p.len()) + name.len();
         if size > self.max_message {
-            return Err(CommandError::Invalid(format!(
+            return Err(DeviceError::Invalid(format!(
                 "the command is {size} bytes; at most {} fit in a message to a device",
                 self.max_message
             )));
         }
         if timeout.is_zero() || timeout > MAX_TIMEOUT {
-            return Err(CommandError::Invalid(format!(
+            return Err(DeviceError::Invalid(format!(
                 "timeout must be more than 0 and at most {} days",
                 MAX_TIMEOUT.as_secs() / 86_400
             )));
@@ -432,7 +491,7 @@ impl Commands {
             let (device, command) = (device.clone(), command.clone());
             self.blocking(move |r| {
                 if r.device(&device)?.is_none() {
-                    return Ok(Err(CommandError::UnknownDevice(device)));
+                    return Ok(Err(DeviceError::UnknownDevice(device)));
                 }
                 r.insert_command(&command).map(Ok)
             })
@@ -450,7 +509,7 @@ impl Commands {
         Ok(self.get(device, &command.id).await?.unwrap_or(command))
     }
 
-    pub async fn get(&self, device: &DeviceId, id: &str) -> Result<Option<Command>, CommandError> {
+    pub async fn get(&self, device: &DeviceId, id: &str) -> Result<Option<Command>, DeviceError> {
         let (device, id) = (device.clone(), id.to_owned());
         self.blocking(move |r| r.command(&device, &id)).await
     }
@@ -460,7 +519,7 @@ impl Commands {
         device: &DeviceId,
         before: Option<String>,
         limit: usize,
-    ) -> Result<Vec<Command>, CommandError> {
+    ) -> Result<Vec<Command>, DeviceError> {
         let device = device.clone();
         self.blocking(move |r| r.commands(&device, before.as_deref(), limit))
             .await
@@ -472,7 +531,7 @@ impl Commands {
         &self,
         device: &DeviceId,
         id: &str,
-    ) -> Result<Option<(Command, bool)>, CommandError> {
+    ) -> Result<Option<(Command, bool)>, DeviceError> {
         let output = serde_json::json!({ "error": "cancelled by an operator" });
         let (d, i) = (device.clone(), id.to_owned());
         let moved = self
@@ -487,7 +546,7 @@ impl Commands {
     }
 
     /// Waits until command `id` of `device` has ended or `wait` has passed, and returns it
-    /// as it is then. `changes` must have been taken (with [`Commands::watch`]) before the
+    /// as it is then. `changes` must have been taken (with [`Devices::watch`]) before the
     /// command was created, so that no change is missed.
     pub async fn wait(
         &self,
@@ -495,7 +554,7 @@ impl Commands {
         id: &str,
         mut changes: broadcast::Receiver<Command>,
         wait: Duration,
-    ) -> Result<Option<Command>, CommandError> {
+    ) -> Result<Option<Command>, DeviceError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match self.get(device, id).await? {
@@ -524,30 +583,79 @@ impl Commands {
         }
     }
 
+    /// Publishes the device's desired state, retained, on `devices/{id}/state/desired`:
+    /// `{"version", "state", "at_ms"}`; nothing while it has none.
+    async fn send_desired(&self, device: &DeviceId) {
+        let d = device.clone();
+        let current = match self.blocking(move |r| r.device_state(&d)).await {
+            Ok(Some(state)) if state.desired_version > 0 => state,
+            Ok(_) => return,
+            Err(e) => {
+                warn!(device_id = %device, error = %e, "could not read the desired state");
+                return;
+            }
+        };
+        let message = serde_json::json!({
+            "version": current.desired_version,
+            "state": current.desired,
+            "at_ms": current.desired_at_ms,
+        });
+        let topic = DeviceTopic::StateDesired.topic(device);
+        // Shutting down if it fails: the device gets it when it next subscribes.
+        let _ = self
+            .publisher
+            .publish_retained(topic, message.to_string().into_bytes())
+            .await;
+    }
+
+    /// The device's desired and reported state; `None` if there is no such device.
+    pub async fn state(&self, device: &DeviceId) -> Result<Option<DeviceState>, DeviceError> {
+        let device = device.clone();
+        self.blocking(move |r| r.device_state(&device)).await
+    }
+
+    /// Merges `patch` into the device's desired state (if its version is still
+    /// `expected_version`, when given) and publishes the result to the device.
+    pub async fn patch_desired(
+        &self,
+        device: &DeviceId,
+        patch: serde_json::Value,
+        expected_version: Option<u64>,
+    ) -> Result<DeviceState, DeviceError> {
+        state::check_patch(&patch).map_err(DeviceError::Invalid)?;
+        let d = device.clone();
+        let patched = self
+            .blocking(move |r| r.patch_desired(&d, &patch, expected_version, now_ms()))
+            .await?
+            .ok_or_else(|| DeviceError::UnknownDevice(device.clone()))?;
+        self.send_desired(device).await;
+        Ok(patched)
+    }
+
     /// A device's connections, newest first.
     pub async fn sessions(
         &self,
         device: &DeviceId,
         before: Option<i64>,
         limit: usize,
-    ) -> Result<Vec<Session>, CommandError> {
+    ) -> Result<Vec<Session>, DeviceError> {
         let device = device.clone();
         self.blocking(move |r| r.sessions(&device, before, limit))
             .await
     }
 
-    pub async fn presence_counts(&self) -> Result<PresenceCounts, CommandError> {
+    pub async fn presence_counts(&self) -> Result<PresenceCounts, DeviceError> {
         self.blocking(|r| r.presence_counts()).await
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Registry) -> Result<T, RegistryError> + Send + 'static,
-    ) -> Result<T, CommandError> {
+    ) -> Result<T, DeviceError> {
         let registry = self.registry.clone();
         tokio::task::spawn_blocking(move || f(registry.as_ref()))
             .await
-            .map_err(|_| CommandError::Blocking)?
-            .map_err(CommandError::from)
+            .map_err(|_| DeviceError::Blocking)?
+            .map_err(DeviceError::from)
     }
 }

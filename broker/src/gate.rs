@@ -210,8 +210,8 @@ pub struct Gate {
     pub pki: Arc<Pki>,
     /// Tellus's own link into the routing core, for the certificates it issues.
     pub publisher: Publisher,
-    /// What the command service hears of devices: subscriptions, deliveries, results.
-    pub device_events: tokio::sync::mpsc::Sender<crate::commands::DeviceEvent>,
+    /// What the device service hears of devices: subscriptions, deliveries, results.
+    pub device_events: tokio::sync::mpsc::Sender<crate::devices::DeviceEvent>,
 }
 
 /// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every

@@ -6,8 +6,9 @@
 //! - [`routing`]: the embedded rumqttd, on loopback, reachable only with the gate's secret;
 //! - [`gate`]: the mTLS front door: handshake, CONNECT checks, per-device ACL, durable
 //!   telemetry acknowledgements, and relaying everything else to the routing core;
-//! - [`commands`]: commands to devices, kept in the registry and followed through the gate.
-pub mod commands;
+//! - [`devices`]: what Tellus keeps of devices beyond their identity, from what the gate
+//!   reports: commands, desired and reported state, presence.
+pub mod devices;
 pub mod gate;
 pub mod pki;
 pub mod provision;

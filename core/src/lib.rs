@@ -7,13 +7,16 @@
 //! - [`handoff`]: the bounded channel through which the gate gives telemetry to ingest and
 //!   learns when it is durable (so `broker` never depends on `ingest`);
 //! - [`registry`]: the device registry as a trait, so that a shared database can replace the
-//!   embedded one.
+//!   embedded one;
+//! - [`state`]: a device's desired and reported state ([`DeviceState`]), JSON Merge Patch and
+//!   the delta a device has yet to act on.
 
 pub mod command;
 pub mod handoff;
 pub mod id;
 pub mod registry;
 pub mod serial;
+pub mod state;
 pub mod telemetry;
 pub mod topic;
 
@@ -25,6 +28,7 @@ pub use registry::{
     DeviceStatus, NewDevice, PresenceCounts, Registry, RegistryError, Session, SessionEvent,
     FLEET_ISSUER,
 };
+pub use state::DeviceState;
 pub use telemetry::{DecodeError, Sample, Value};
 
 /// Milliseconds since the Unix epoch, the one time unit of the data model.

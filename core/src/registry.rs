@@ -5,11 +5,12 @@
 //! a shared database can stand in when several Tellus nodes serve one fleet. That is why
 //! revocation travels through [`Registry::changes`]: whichever node (or CLI) writes it, every
 //! gate reads it and closes the affected connections. Calls are synchronous and short
-//! (indexed lookups); async callers run them on a blocking thread.
+//! (indexed lookups); async callers run them on a blocking thread. Each device also has a
+//! desired and a reported state ([`DeviceState`]), which patches change.
 
 use std::collections::BTreeMap;
 
-use crate::{Command, CommandStatus, DeviceId, TimestampMs};
+use crate::{Command, CommandStatus, DeviceId, DeviceState, TimestampMs};
 
 /// Whether a device may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -329,4 +330,29 @@ pub trait Registry: Send + Sync + 'static {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, RegistryError>;
+    /// The desired and reported state of a device: [`DeviceState::empty`] if it has none
+    /// yet, `None` if there is no such device. Deleting a device deletes its state.
+    fn device_state(&self, device: &DeviceId) -> Result<Option<DeviceState>, RegistryError>;
+    /// Applies `patch` to the device's desired state as a JSON Merge Patch
+    /// ([`crate::state::merge`]) in one write transaction, adds 1 to `desired_version`,
+    /// sets `desired_at_ms` to `at`, and returns the state as it is now; `None` if there is
+    /// no such device. [`RegistryError::Refused`], with nothing changed, if `patch` fails
+    /// [`crate::state::check_patch`], if `expected_version` is given and is not the current
+    /// desired version ("desired state is at version N, not M"), or if the patched state
+    /// would fail [`crate::state::check_state`].
+    fn patch_desired(
+        &self,
+        device: &DeviceId,
+        patch: &serde_json::Value,
+        expected_version: Option<u64>,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceState>, RegistryError>;
+    /// As [`Registry::patch_desired`] without a version to expect, on the reported state
+    /// (`reported`, `reported_version`, `reported_at_ms`).
+    fn patch_reported(
+        &self,
+        device: &DeviceId,
+        patch: &serde_json::Value,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceState>, RegistryError>;
 }

@@ -15,14 +15,17 @@
 //! - `sessions`: each connection of a device, from the gate's admission to its end (open while
 //!   `disconnected_at` is null), the newest [`SESSIONS_KEEP`] kept besides those still open.
 //!   Deleting a device keeps its sessions; presence counts only registered devices.
+//! - `device_state`: each device's desired and reported state (JSON objects, see
+//!   [`tellus_core::state`]) with their versions and times; a device without a row has both
+//!   empty at version 0, and deleting a device deletes its row.
 
 use std::{path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
-    AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, Command, CommandStatus,
-    DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, NewDevice, PresenceCounts, Registry,
-    RegistryError, Session, SessionEvent, TimestampMs, FLEET_ISSUER,
+    state, AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, Command, CommandStatus,
+    DeviceId, DeviceQuery, DeviceRecord, DeviceState, DeviceStatus, NewDevice, PresenceCounts,
+    Registry, RegistryError, Session, SessionEvent, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -108,6 +111,17 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX sessions_by_device ON sessions (device, id);
     CREATE INDEX sessions_open ON sessions (device, session) WHERE disconnected_at IS NULL;",
+    // A row is written at a device's first state patch; until then the device has the
+    // empty state, which reading fills in.
+    "CREATE TABLE device_state (
+        device            TEXT PRIMARY KEY,
+        desired           TEXT NOT NULL DEFAULT '{}',
+        desired_version   INTEGER NOT NULL DEFAULT 0,
+        desired_at        INTEGER,
+        reported          TEXT NOT NULL DEFAULT '{}',
+        reported_version  INTEGER NOT NULL DEFAULT 0,
+        reported_at       INTEGER
+    );",
 ];
 
 /// Audit entries kept; older ones are deleted as new ones arrive.
@@ -335,6 +349,49 @@ fn session_record(row: &Row<'_>) -> Result<Session, rusqlite::Error> {
     })
 }
 
+/// A device state column held JSON that is not an object.
+#[derive(Debug, thiserror::Error)]
+#[error("device state is not a JSON object")]
+struct StateNotAnObject;
+
+fn state_side(row: &Row<'_>, i: usize) -> Result<serde_json::Value, rusqlite::Error> {
+    let text: String = row.get(i)?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad_column(i, e))?;
+    if !value.is_object() {
+        return Err(bad_column(i, StateNotAnObject));
+    }
+    Ok(value)
+}
+
+/// The state of a registered device, `None` if there is no such device; a device without a
+/// `device_state` row has the empty state.
+fn load_state(c: &Connection, id: &DeviceId) -> Result<Option<DeviceState>, rusqlite::Error> {
+    c.prepare_cached(
+        "SELECT coalesce(s.desired, '{}'), coalesce(s.desired_version, 0), s.desired_at,
+                coalesce(s.reported, '{}'), coalesce(s.reported_version, 0), s.reported_at
+         FROM devices d LEFT JOIN device_state s ON s.device = d.id
+         WHERE d.id = ?1",
+    )?
+    .query_row([id.as_str()], |r| {
+        Ok(DeviceState {
+            desired: state_side(r, 0)?,
+            desired_version: r.get(1)?,
+            desired_at_ms: r.get(2)?,
+            reported: state_side(r, 3)?,
+            reported_version: r.get(4)?,
+            reported_at_ms: r.get(5)?,
+        })
+    })
+    .optional()
+}
+
+/// Which side of a device state a patch changes.
+#[derive(Clone, Copy)]
+enum StateSide {
+    Desired,
+    Reported,
+}
+
 /// Deletes the ended sessions older than the newest `keep`; sessions still open stay
 /// however old they are, so that presence never loses a connection. Returns how many went.
 fn trim_sessions(c: &Connection, keep: i64) -> Result<usize, rusqlite::Error> {
@@ -343,6 +400,80 @@ fn trim_sessions(c: &Connection, keep: i64) -> Result<usize, rusqlite::Error> {
          WHERE id <= (SELECT max(id) FROM sessions) - ?1 AND disconnected_at IS NOT NULL",
     )?
     .execute([keep])
+}
+
+impl SqliteRegistry {
+    /// Applies `patch` to one side of a device's state in one write transaction (see
+    /// [`Registry::patch_desired`]).
+    fn patch_state(
+        &self,
+        device: &DeviceId,
+        side: StateSide,
+        patch: &serde_json::Value,
+        expected_version: Option<u64>,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceState>, RegistryError> {
+        state::check_patch(patch).map_err(RegistryError::Refused)?;
+        let outcome = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let Some(mut now) = load_state(&tx, device)? else {
+                return Ok(None);
+            };
+            let (doc, version, changed_at) = match side {
+                StateSide::Desired => (
+                    &mut now.desired,
+                    &mut now.desired_version,
+                    &mut now.desired_at_ms,
+                ),
+                StateSide::Reported => (
+                    &mut now.reported,
+                    &mut now.reported_version,
+                    &mut now.reported_at_ms,
+                ),
+            };
+            if let Some(expected) = expected_version.filter(|e| e != version) {
+                return Ok(Some(Err(format!(
+                    "desired state is at version {version}, not {expected}"
+                ))));
+            }
+            state::merge(doc, patch);
+            if let Err(why) = state::check_state(doc) {
+                return Ok(Some(Err(why)));
+            }
+            *version += 1;
+            *changed_at = Some(at);
+            let json = |v: &serde_json::Value| {
+                serde_json::to_string(v)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+            };
+            tx.prepare_cached(
+                "INSERT INTO device_state (device, desired, desired_version, desired_at,
+                     reported, reported_version, reported_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (device) DO UPDATE SET
+                     desired = excluded.desired, desired_version = excluded.desired_version,
+                     desired_at = excluded.desired_at, reported = excluded.reported,
+                     reported_version = excluded.reported_version,
+                     reported_at = excluded.reported_at",
+            )?
+            .execute(params![
+                device.as_str(),
+                json(&now.desired)?,
+                now.desired_version,
+                now.desired_at_ms,
+                json(&now.reported)?,
+                now.reported_version,
+                now.reported_at_ms
+            ])?;
+            tx.commit()?;
+            Ok(Some(Ok(now)))
+        })?;
+        match outcome {
+            None => Ok(None),
+            Some(Ok(now)) => Ok(Some(now)),
+            Some(Err(why)) => Err(RegistryError::Refused(why)),
+        }
+    }
 }
 
 impl Registry for SqliteRegistry {
@@ -573,6 +704,8 @@ impl Registry for SqliteRegistry {
             // Its sessions stay as history, also one still open: the gate closes that
             // connection on the change below and records its end.
             tx.execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
+            // Its state goes: a device registered again under the id starts empty.
+            tx.execute("DELETE FROM device_state WHERE device = ?1", [id.as_str()])?;
             record_change(&tx, at, Some(id), "deleted", None)?;
             tx.commit()?;
             Ok(true)
@@ -1060,6 +1193,29 @@ impl Registry for SqliteRegistry {
             )?;
             rows.collect()
         })
+    }
+
+    fn device_state(&self, device: &DeviceId) -> Result<Option<DeviceState>, RegistryError> {
+        self.with(|c| load_state(c, device))
+    }
+
+    fn patch_desired(
+        &self,
+        device: &DeviceId,
+        patch: &serde_json::Value,
+        expected_version: Option<u64>,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceState>, RegistryError> {
+        self.patch_state(device, StateSide::Desired, patch, expected_version, at)
+    }
+
+    fn patch_reported(
+        &self,
+        device: &DeviceId,
+        patch: &serde_json::Value,
+        at: TimestampMs,
+    ) -> Result<Option<DeviceState>, RegistryError> {
+        self.patch_state(device, StateSide::Reported, patch, None, at)
     }
 }
 
@@ -2071,5 +2227,258 @@ mod tests {
         drop(reg);
         let reg = SqliteRegistry::open(&dir.path().join("registry.db")).unwrap();
         assert_eq!(kept(&reg), [4, 1]);
+    }
+
+    fn refused<T: std::fmt::Debug>(r: Result<T, RegistryError>) -> String {
+        match r {
+            Err(RegistryError::Refused(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_device_without_state_has_the_empty_state_and_an_unknown_device_none() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        assert_eq!(
+            reg.device_state(&id("a")).unwrap(),
+            Some(DeviceState::empty())
+        );
+        assert_eq!(reg.device_state(&id("zz")).unwrap(), None);
+        // Patching an unknown device is `None` too, and writes nothing.
+        let patch = serde_json::json!({"led": "on"});
+        assert_eq!(reg.patch_desired(&id("zz"), &patch, None, 5).unwrap(), None);
+        assert_eq!(
+            reg.patch_desired(&id("zz"), &patch, Some(0), 5).unwrap(),
+            None
+        );
+        assert_eq!(reg.patch_reported(&id("zz"), &patch, 5).unwrap(), None);
+        let rows: i64 = reg
+            .with(|c| c.query_row("SELECT count(*) FROM device_state", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn desired_patches_merge_and_bump_the_version() {
+        use serde_json::json;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        let first = reg
+            .patch_desired(
+                &id("a"),
+                &json!({"led": "on", "net": {"mode": "lte"}}),
+                None,
+                5,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            first,
+            DeviceState {
+                desired: json!({"led": "on", "net": {"mode": "lte"}}),
+                desired_version: 1,
+                desired_at_ms: Some(5),
+                ..DeviceState::empty()
+            }
+        );
+        // Expecting the version it is at; `null` removes a member, objects merge.
+        let second = reg
+            .patch_desired(
+                &id("a"),
+                &json!({"led": null, "net": {"interval_s": 10}}),
+                Some(1),
+                6,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            second.desired,
+            json!({"net": {"mode": "lte", "interval_s": 10}})
+        );
+        assert_eq!((second.desired_version, second.desired_at_ms), (2, Some(6)));
+        // An empty patch still counts as a change.
+        let third = reg
+            .patch_desired(&id("a"), &json!({}), None, 7)
+            .unwrap()
+            .unwrap();
+        assert_eq!(third.desired, second.desired);
+        assert_eq!((third.desired_version, third.desired_at_ms), (3, Some(7)));
+        assert_eq!(third.reported, json!({}));
+        assert_eq!(reg.device_state(&id("a")).unwrap(), Some(third));
+        // Another device's state is its own.
+        assert_eq!(
+            reg.device_state(&id("b")).unwrap(),
+            Some(DeviceState::empty())
+        );
+    }
+
+    #[test]
+    fn a_desired_patch_at_another_version_is_refused_and_changes_nothing() {
+        use serde_json::json;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        // A device with no state is at version 0.
+        assert!(
+            refused(reg.patch_desired(&id("a"), &json!({"led": "on"}), Some(1), 5))
+                .contains("desired state is at version 0, not 1")
+        );
+        assert_eq!(
+            reg.device_state(&id("a")).unwrap(),
+            Some(DeviceState::empty())
+        );
+        let now = reg
+            .patch_desired(&id("a"), &json!({"led": "on"}), Some(0), 5)
+            .unwrap()
+            .unwrap();
+        reg.patch_reported(&id("a"), &json!({"led": "off"}), 6)
+            .unwrap();
+        let before = reg.device_state(&id("a")).unwrap();
+        assert_eq!(
+            refused(reg.patch_desired(&id("a"), &json!({"led": "blink"}), Some(0), 7)),
+            "desired state is at version 1, not 0"
+        );
+        assert_eq!(
+            refused(reg.patch_desired(&id("a"), &json!({"led": "blink"}), Some(2), 7)),
+            "desired state is at version 1, not 2"
+        );
+        assert_eq!(reg.device_state(&id("a")).unwrap(), before);
+        assert_eq!(before.unwrap().desired, now.desired);
+    }
+
+    #[test]
+    fn reported_patches_merge_apart_from_desired() {
+        use serde_json::json;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.patch_desired(&id("a"), &json!({"led": "on"}), None, 5)
+            .unwrap();
+        let reported = reg
+            .patch_reported(&id("a"), &json!({"led": "off", "fw": {"v": "1.0"}}), 6)
+            .unwrap()
+            .unwrap();
+        assert_eq!(reported.reported_version, 1);
+        assert_eq!(reported.desired, json!({"led": "on"}));
+        let reported = reg
+            .patch_reported(&id("a"), &json!({"led": "on", "fw": {"slot": 2}}), 7)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reported,
+            DeviceState {
+                desired: json!({"led": "on"}),
+                desired_version: 1,
+                desired_at_ms: Some(5),
+                reported: json!({"led": "on", "fw": {"v": "1.0", "slot": 2}}),
+                reported_version: 2,
+                reported_at_ms: Some(7),
+            }
+        );
+        assert_eq!(
+            tellus_core::state::delta(&reported.desired, &reported.reported),
+            json!({})
+        );
+        assert_eq!(reg.device_state(&id("a")).unwrap(), Some(reported));
+    }
+
+    #[test]
+    fn patches_that_fail_the_checks_are_refused_and_change_nothing() {
+        use serde_json::json;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.patch_desired(&id("a"), &json!({"led": "on"}), None, 5)
+            .unwrap();
+        let before = reg.device_state(&id("a")).unwrap();
+        // Not an object (it would replace the state with something not an object).
+        assert!(refused(reg.patch_desired(&id("a"), &json!(["x"]), None, 6))
+            .contains("must be a JSON object"));
+        assert!(refused(reg.patch_reported(&id("a"), &json!(null), 6))
+            .contains("must be a JSON object"));
+        // Too large at once, or grown too large by patches each small enough.
+        let half = "x".repeat(state::MAX_BYTES / 2);
+        assert!(
+            refused(reg.patch_reported(&id("a"), &json!({"a": half, "b": half}), 6))
+                .contains("larger than 64 KiB")
+        );
+        reg.patch_reported(&id("a"), &json!({ "a": half }), 6)
+            .unwrap();
+        assert!(
+            refused(reg.patch_reported(&id("a"), &json!({ "b": half }), 7))
+                .starts_with("the patched state is larger")
+        );
+        let after = reg.device_state(&id("a")).unwrap().unwrap();
+        assert_eq!(after.desired, before.unwrap().desired);
+        assert_eq!((after.reported_version, after.reported_at_ms), (1, Some(6)));
+        // The same goes for an unknown device: the patch is checked first.
+        assert!(refused(reg.patch_desired(&id("zz"), &json!(1), None, 6))
+            .contains("must be a JSON object"));
+    }
+
+    #[test]
+    fn deleting_a_device_deletes_its_state() {
+        use serde_json::json;
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        for d in ["a", "b"] {
+            reg.patch_desired(&id(d), &json!({"led": "on"}), None, 5)
+                .unwrap();
+            reg.patch_reported(&id(d), &json!({"led": "off"}), 6)
+                .unwrap();
+        }
+        assert!(reg.delete_device(&id("a"), 7).unwrap());
+        assert_eq!(reg.device_state(&id("a")).unwrap(), None);
+        // Registered again under the same id, it starts with the empty state.
+        reg.insert_device(&new("a", "03", 100)).unwrap();
+        assert_eq!(
+            reg.device_state(&id("a")).unwrap(),
+            Some(DeviceState::empty())
+        );
+        assert_eq!(
+            reg.device_state(&id("b")).unwrap().unwrap().desired_version,
+            1
+        );
+    }
+
+    #[test]
+    fn device_state_survives_reopening_and_bad_rows_are_errors() {
+        use serde_json::json;
+        let (dir, reg) = open();
+        let path = dir.path().join("registry.db");
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.patch_desired(&id("a"), &json!({"led": "on", "n": [1, 2.5]}), None, 5)
+            .unwrap();
+        let state = reg
+            .patch_reported(&id("a"), &json!({"led": "off"}), 6)
+            .unwrap()
+            .unwrap();
+        drop(reg);
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(reg.device_state(&id("a")).unwrap(), Some(state.clone()));
+        let next = reg
+            .patch_desired(&id("a"), &json!({"led": "blink"}), Some(1), 7)
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.desired_version, 2);
+        assert_eq!(next.reported, state.reported);
+
+        // JSON this version cannot read, or that is not an object, is an error, not a panic.
+        let raw = Connection::open(&path).unwrap();
+        for bad in ["{not json", "[1]"] {
+            raw.execute(
+                "UPDATE device_state SET reported = ?1 WHERE device = 'a'",
+                [bad],
+            )
+            .unwrap();
+            assert!(matches!(
+                reg.device_state(&id("a")),
+                Err(RegistryError::Backend(_))
+            ));
+            assert!(matches!(
+                reg.patch_reported(&id("a"), &json!({}), 8),
+                Err(RegistryError::Backend(_))
+            ));
+        }
     }
 }

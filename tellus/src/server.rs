@@ -19,7 +19,7 @@ use anyhow::Context;
 use rand::RngCore;
 use tellus_api::AppState;
 use tellus_broker::{
-    commands::Commands,
+    devices::Devices,
     gate::{
         self,
         audit::AuditLog,
@@ -178,14 +178,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             "connections of the previous run recorded as ended"
         );
     }
-    let (commands, device_events, device_events_rx) = Commands::new(
+    let (devices, device_events, device_events_rx) = Devices::new(
         fleet.registry.clone(),
         publisher.clone(),
         config.mqtt.max_packet_size,
     );
-    // The command service stops with the publisher, after every session.
-    let commands_task = tokio::spawn(
-        commands
+    // The device service stops with the publisher, after every session.
+    let devices_task = tokio::spawn(
+        devices
             .clone()
             .run(device_events_rx, publisher_stop.clone()),
     );
@@ -210,7 +210,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pki: fleet.pki.clone(),
         ingest_stats: ingest.stats(),
         gate_stats,
-        commands,
+        devices,
         admin_token: Arc::from(token),
     };
     // The API outlives the gate and ingest, so operators can query until the end.
@@ -233,11 +233,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .await;
     api_stop.cancel();
     publisher_stop.cancel();
-    if tokio::time::timeout_at(deadline, commands_task)
+    if tokio::time::timeout_at(deadline, devices_task)
         .await
         .is_err()
     {
-        warn!("the command service did not stop in time");
+        warn!("the device service did not stop in time");
     }
     if drained.is_err() {
         warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");

@@ -14,7 +14,7 @@ use axum::{
     Json,
 };
 use serde::Deserialize;
-use tellus_broker::commands::CommandError;
+use tellus_broker::devices::DeviceError;
 use tellus_core::{Command, DeviceId};
 
 use super::{page_limit, split_page};
@@ -27,12 +27,15 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// The longest `?wait=`.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-impl From<CommandError> for ApiError {
-    fn from(e: CommandError) -> Self {
+impl From<DeviceError> for ApiError {
+    fn from(e: DeviceError) -> Self {
         match e {
-            CommandError::UnknownDevice(id) => ApiError::DeviceNotFound(id),
-            CommandError::Invalid(why) => ApiError::InvalidBody(why),
-            e @ (CommandError::Registry(_) | CommandError::Blocking) => ApiError::internal(e),
+            DeviceError::UnknownDevice(id) => ApiError::DeviceNotFound(id),
+            DeviceError::Invalid(why) => ApiError::InvalidBody(why),
+            DeviceError::Registry(tellus_core::RegistryError::Refused(why)) => {
+                ApiError::Refused(why)
+            }
+            e @ (DeviceError::Registry(_) | DeviceError::Blocking) => ApiError::internal(e),
         }
     }
 }
@@ -80,15 +83,15 @@ pub async fn create(
         w => w,
     };
     // Watching before creating: no change between the two is missed.
-    let changes = state.commands.watch();
+    let changes = state.devices.watch();
     let timeout = body.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let command = state
-        .commands
+        .devices
         .create(&device, &body.name, body.params, timeout)
         .await?;
     let command = match wait {
         Some(wait) => state
-            .commands
+            .devices
             .wait(&device, &command.id, changes, wait)
             .await?
             .unwrap_or(command),
@@ -124,7 +127,7 @@ pub async fn list(
 ) -> Result<Json<CommandList>, ApiError> {
     let device = one_of(&id)?;
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let rows = state.commands.list(&device, q.before, limit + 1).await?;
+    let rows = state.devices.list(&device, q.before, limit + 1).await?;
     let (commands, more) = split_page(rows, limit);
     let next = more
         .then(|| commands.last().map(|c| c.id.clone()))
@@ -142,7 +145,7 @@ pub async fn get_one(
     extract::Path((id, command)): extract::Path<(String, String)>,
 ) -> Result<Json<Command>, ApiError> {
     let device = one_of(&id)?;
-    match state.commands.get(&device, &command).await? {
+    match state.devices.get(&device, &command).await? {
         Some(c) => Ok(Json(c)),
         None => Err(not_found(&device, &command)),
     }
@@ -155,7 +158,7 @@ pub async fn cancel(
     extract::Path((id, command)): extract::Path<(String, String)>,
 ) -> Result<Json<Command>, ApiError> {
     let device = one_of(&id)?;
-    match state.commands.cancel(&device, &command).await? {
+    match state.devices.cancel(&device, &command).await? {
         Some((c, true)) => Ok(Json(c)),
         Some((c, false)) => Err(ApiError::Refused(format!(
             "command {command} is {}: only a queued or sent command can be cancelled",

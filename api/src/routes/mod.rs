@@ -7,6 +7,7 @@
 //! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/commands` (`?wait=10s`), `GET /devices/{id}/commands`, `GET`/`DELETE /devices/{id}/commands/{command}` | [`commands`] | yes |
 //! | `GET /devices/{id}/presence`, `GET /devices/{id}/connections`, `GET /presence` | [`presence`] | yes |
+//! | `GET /devices/{id}/state`, `PATCH /devices/{id}/state` | [`state`] | yes |
 //! | `GET /devices/{id}/telemetry` (`metric=` or `metrics=a,b`; `step=`, `agg=`, `max_points=`, `format=csv`) | [`telemetry`] | yes |
 //! | `GET /devices/{id}/latest` | [`telemetry`] | yes |
 //! | `GET /telemetry/latest?metric=&tag=key:value` (the fleet view) | [`telemetry::fleet`] | yes |
@@ -35,6 +36,7 @@ pub mod deadletters;
 pub mod devices;
 pub mod pki;
 pub mod presence;
+pub mod state;
 pub mod stats;
 pub mod telemetry;
 
@@ -64,6 +66,7 @@ pub fn v1() -> Router<AppState> {
             "/devices/{id}/commands/{command}",
             get(commands::get_one).delete(commands::cancel),
         )
+        .route("/devices/{id}/state", get(state::get).patch(state::patch))
         .route("/devices/{id}/presence", get(presence::get_one))
         .route("/devices/{id}/connections", get(presence::connections))
         .route("/presence", get(presence::counts))

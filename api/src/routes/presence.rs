@@ -49,7 +49,7 @@ pub async fn get_one(
 ) -> Result<Json<Presence>, ApiError> {
     let device = known(&state, &id).await?;
     // The newest two: the current connection and, when it is open, the one that ended last.
-    let newest = state.commands.sessions(&device, None, 2).await?;
+    let newest = state.devices.sessions(&device, None, 2).await?;
     let current = newest.first().filter(|s| s.disconnected_at_ms.is_none());
     let ended = newest.iter().find(|s| s.disconnected_at_ms.is_some());
     Ok(Json(Presence {
@@ -88,10 +88,7 @@ pub async fn connections(
 ) -> Result<Json<Connections>, ApiError> {
     let device = known(&state, &id).await?;
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let rows = state
-        .commands
-        .sessions(&device, q.before, limit + 1)
-        .await?;
+    let rows = state.devices.sessions(&device, q.before, limit + 1).await?;
     let (connections, more) = split_page(rows, limit);
     let next = more.then(|| connections.last().map(|s| s.id)).flatten();
     Ok(Json(Connections { connections, next }))
@@ -99,5 +96,5 @@ pub async fn connections(
 
 /// `GET /api/v1/presence`: `{"devices": n, "online": n}`.
 pub async fn counts(State(state): State<AppState>) -> Result<Json<PresenceCounts>, ApiError> {
-    Ok(Json(state.commands.presence_counts().await?))
+    Ok(Json(state.devices.presence_counts().await?))
 }

@@ -36,13 +36,13 @@ impl Server {
         let pki = Arc::new(
             Pki::load_or_create(&dir.path().join("pki"), Duration::from_secs(365 * 86400)).unwrap(),
         );
-        let (commands, _, _) = tellus_broker::commands::Commands::new(
+        let (devices, _, _) = tellus_broker::devices::Devices::new(
             registry.clone(),
             tellus_broker::routing::Publisher::detached(),
             256 * 1024,
         );
         let state = AppState {
-            commands,
+            devices,
             registry: registry.clone(),
             store: store.clone(),
             pki: pki.clone(),

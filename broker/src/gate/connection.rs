@@ -70,7 +70,7 @@ use super::{
     Gate,
 };
 use crate::{
-    commands::DeviceEvent,
+    devices::DeviceEvent,
     pki::peer_identity,
     provision::{lookup_connecting, rotate_certificate, ProvisionError},
 };
@@ -132,25 +132,29 @@ struct PendingAck {
 /// unacknowledged publishes.
 type UpstreamAcks = Arc<Mutex<HashMap<u16, oneshot::Sender<AckCode>>>>;
 
-/// What the session and the relay share to tell the command service about the device
+/// Places of filters in a forwarded SUBSCRIBE: those covering the device's command topic,
+/// and those covering its desired state.
+type Covering = (Vec<usize>, Vec<usize>);
+
+/// What the session and the relay share to tell the device service about the device
 /// ([`DeviceEvent`]): the packet ids of SUBSCRIBEs covering its command topic, until their
 /// SUBACK, and of command publishes sent to it, until its PUBACK. Each bounded by the packet
 /// id space.
 #[derive(Clone)]
-struct CommandWatch {
+struct DeviceWatch {
     device: DeviceId,
     /// This connection's number (the membership's).
     session: u64,
     version: Version,
     events: mpsc::Sender<DeviceEvent>,
     /// By packet id: the places, in the SUBSCRIBE the gate forwarded, of the filters that
-    /// cover the device's command topic.
-    subscribes: Arc<Mutex<HashMap<u16, Vec<usize>>>>,
+    /// cover the device's command topic, and of those that cover its desired state.
+    subscribes: Arc<Mutex<HashMap<u16, Covering>>>,
     delivering: Arc<Mutex<HashMap<u16, String>>>,
 }
 
-impl CommandWatch {
-    /// Tells the command service; waits while its queue is full (this device only).
+impl DeviceWatch {
+    /// Tells the device service; waits while its queue is full (this device only).
     async fn tell(&self, event: DeviceEvent) {
         let _ = self.events.send(event).await;
     }
@@ -159,6 +163,28 @@ impl CommandWatch {
     fn covers_commands(&self, filter: &str) -> bool {
         let some_command = DeviceTopic::Command("c-0".into()).topic(&self.device);
         topic::filter_matches(filter, &some_command)
+    }
+
+    /// Whether `filter` covers the device's desired-state topic.
+    fn covers_desired(&self, filter: &str) -> bool {
+        topic::filter_matches(filter, &DeviceTopic::StateDesired.topic(&self.device))
+    }
+
+    /// The routing core serves a subscription (or kept one) covering these topics.
+    async fn subscribed(&self, commands: Option<bool>, desired: bool) {
+        let (device, session) = (self.device.clone(), self.session);
+        if let Some(acked) = commands {
+            self.tell(DeviceEvent::SubscribedToCommands {
+                device: device.clone(),
+                session,
+                acked,
+            })
+            .await;
+        }
+        if desired {
+            self.tell(DeviceEvent::SubscribedToDesired { device, session })
+                .await;
+        }
     }
 }
 
@@ -289,7 +315,7 @@ struct Session<'g> {
     upstream: OwnedWriteHalf,
     upstream_acks: UpstreamAcks,
     refused_filters: RefusedFilters,
-    commands: CommandWatch,
+    commands: DeviceWatch,
     acks: mpsc::Sender<PendingAck>,
     /// QoS 2 publishes answered (or to be answered) with PUBREC and awaiting the device's
     /// PUBREL. At most one entry per packet id, so at most 65,535.
@@ -417,7 +443,7 @@ impl<'g> Session<'g> {
             tokio::spawn(write_to_device(wr, frames_rx, acks_rx, close_rx, out).in_current_span());
         let upstream_acks = UpstreamAcks::default();
         let refused_filters = RefusedFilters::default();
-        let commands = CommandWatch {
+        let commands = DeviceWatch {
             device: peer.device.clone(),
             session: membership.id(),
             version,
@@ -443,14 +469,7 @@ impl<'g> Session<'g> {
             .await;
         if session_present {
             // The routing core kept the device's subscriptions: it will send no SUBSCRIBE.
-            let (device, session) = (peer.device.clone(), commands.session);
-            commands
-                .tell(DeviceEvent::SubscribedToCommands {
-                    device,
-                    session,
-                    acked: true,
-                })
-                .await;
+            commands.subscribed(Some(true), true).await;
         }
         let mut relay = tokio::spawn(
             relay_from_upstream(
@@ -669,17 +688,22 @@ impl<'g> Session<'g> {
         }
         let count = filters.len();
         // Places in the forwarded SUBSCRIBE, which leaves the refused filters out.
-        let covering: Vec<usize> = filters
+        let forwarded: Vec<&str> = filters
             .iter()
             .enumerate()
             .filter(|(at, _)| !refused.iter().any(|(r, _)| r == at))
-            .enumerate()
-            .filter(|(_, (_, f))| self.commands.covers_commands(f))
-            .map(|(forwarded, _)| forwarded)
+            .map(|(_, f)| *f)
             .collect();
-        if !covering.is_empty() {
+        let places = |covers: &dyn Fn(&str) -> bool| -> Vec<usize> {
+            (0..forwarded.len())
+                .filter(|i| covers(forwarded[*i]))
+                .collect()
+        };
+        let commands = places(&|f| self.commands.covers_commands(f));
+        let desired = places(&|f| self.commands.covers_desired(f));
+        if !commands.is_empty() || !desired.is_empty() {
             if let Ok(mut subs) = self.commands.subscribes.lock() {
-                subs.insert(s.pkid(), covering);
+                subs.insert(s.pkid(), (commands, desired));
             }
         }
         if refused.is_empty() {
@@ -771,8 +795,30 @@ impl<'g> Session<'g> {
         }
         let safe = if kind == DeviceTopic::CertsCsr {
             Some(self.rotate(p.payload).await?)
+        } else if kind == DeviceTopic::StateReported {
+            // Recorded (merged into the reported state) before it is acknowledged.
+            let (recorded, done) = oneshot::channel();
+            let device = self.device.clone();
+            let payload = p.payload;
+            self.commands
+                .tell(DeviceEvent::Reported {
+                    device,
+                    payload,
+                    recorded,
+                })
+                .await;
+            Some(
+                async move {
+                    match done.await.map_err(|_| AckFailure::UpstreamLost)? {
+                        Ok(()) => Ok(Verdict::default()),
+                        Err(why) => Ok(Verdict::new(AckCode::PayloadFormatInvalid, why)),
+                    }
+                }
+                .boxed()
+                .shared(),
+            )
         } else if let DeviceTopic::CommandResult(command) = kind {
-            // Recorded by the command service before it is acknowledged; not routed on.
+            // Recorded by the device service before it is acknowledged; not routed on.
             let (recorded, done) = oneshot::channel();
             let device = self.device.clone();
             let payload = p.payload;
@@ -945,7 +991,7 @@ impl<'g> Session<'g> {
     /// Waits while the device's window of pending acknowledgements is full, and so stops
     /// reading its socket.
     /// The device acknowledged a publish from the routing core: if it was a command, the
-    /// command service hears it was delivered.
+    /// device service hears it was delivered.
     async fn delivered(&self, puback: &[u8]) {
         let Some((pkid, code)) = codec::read_puback(puback) else {
             return;
@@ -1236,7 +1282,7 @@ async fn relay_from_upstream(
     acks: UpstreamAcks,
     refused_filters: RefusedFilters,
     reasons: Reasons,
-    watch: CommandWatch,
+    watch: DeviceWatch,
 ) {
     loop {
         let mut frame = match upstream.frame().await {
@@ -1259,27 +1305,22 @@ async fn relay_from_upstream(
             }
             SUBACK => {
                 let pkid = codec::suback_pkid(&frame);
-                let covering = pkid
+                let (commands, desired) = pkid
                     .and_then(|pkid| watch.subscribes.lock().ok()?.remove(&pkid))
                     .unwrap_or_default();
-                // The best the routing core granted the covering filters: QoS 1 or 2 means
-                // the device will acknowledge each command; none granted, nothing to tell.
+                // The best QoS the routing core granted the covering filters (QoS 1 or 2:
+                // the device will acknowledge each command); none granted, nothing to tell.
                 let codes = codec::suback_codes(&frame, watch.version).unwrap_or_default();
-                let granted = covering
-                    .iter()
-                    .filter_map(|at| codes.get(*at).copied())
-                    .filter(|code| *code < 0x80)
-                    .max();
-                if let Some(qos) = granted {
-                    let (device, session) = (watch.device.clone(), watch.session);
-                    watch
-                        .tell(DeviceEvent::SubscribedToCommands {
-                            device,
-                            session,
-                            acked: qos > 0,
-                        })
-                        .await;
-                }
+                let granted = |places: &[usize]| {
+                    places
+                        .iter()
+                        .filter_map(|at| codes.get(*at).copied())
+                        .filter(|code| *code < 0x80)
+                        .max()
+                };
+                let commands = granted(&commands).map(|qos| qos > 0);
+                let desired = granted(&desired).is_some();
+                watch.subscribed(commands, desired).await;
                 let refused = pkid.and_then(|pkid| {
                     refused_filters
                         .lock()
