@@ -433,18 +433,25 @@ async fn a_raw_mqtt5_device_is_told_why_it_is_refused_or_closed() {
         d.send_bytes(short).await;
         assert_eq!(d.recv5().await, None);
     }
-    let (_, audit) = t.get("/api/v1/audit?device=short").await;
-    let reasons: Vec<&str> = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["reason"].as_str())
-        .collect();
-    let quiet = reasons
-        .iter()
-        .filter(|r| **r == "device sent DISCONNECT")
-        .count();
-    assert_eq!(quiet, 2, "{audit}");
+    // The audit trail is written behind the connections: wait for both ends.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, audit) = t.get("/api/v1/audit?device=short").await;
+        let quiet = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "device sent DISCONNECT")
+            .count();
+        if quiet == 2 {
+            break;
+        }
+        assert!(
+            quiet < 2 && tokio::time::Instant::now() < deadline,
+            "{audit}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 trait WithAlias {
