@@ -67,6 +67,8 @@ pub struct AppState {
     pub ingest_stats: Arc<tellus_ingest::IngestStats>,
     pub gate_stats: Arc<tellus_broker::gate::GateStats>,
     pub devices: Arc<tellus_broker::devices::Devices>,
+    /// What happens to devices as it happens: `GET /api/v1/stream`.
+    pub live: tellus_core::Live,
     /// The bearer token every `/api/v1` request must present. An empty token admits no one.
     pub admin_token: Arc<str>,
 }

@@ -35,8 +35,8 @@ use tellus_core::{
     now_ms,
     state::{self, DeviceState},
     topic::DeviceTopic,
-    Command, CommandResult, CommandStatus, DeviceId, PresenceCounts, Registry, RegistryError,
-    Session, SessionEvent, TimestampMs,
+    Command, CommandResult, CommandStatus, DeviceId, Live, LiveEvent, PresenceCounts, Registry,
+    RegistryError, Session, SessionEvent, TimestampMs,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -128,6 +128,8 @@ pub struct Devices {
     listening: Mutex<HashMap<DeviceId, (u64, Option<bool>)>>,
     /// Most bytes of a command message; a larger one could not pass the routing core.
     max_message: usize,
+    /// Where connections, commands and state changes are told as they happen.
+    live: Live,
 }
 
 impl Devices {
@@ -137,6 +139,7 @@ impl Devices {
         registry: Arc<dyn Registry>,
         publisher: Publisher,
         max_packet_size: usize,
+        live: Live,
     ) -> (
         Arc<Devices>,
         mpsc::Sender<DeviceEvent>,
@@ -150,8 +153,26 @@ impl Devices {
             listening: Mutex::default(),
             // Room for the fixed header, the topic and the packet id.
             max_message: max_packet_size.saturating_sub(256),
+            live,
         });
         (devices, tx, rx)
+    }
+
+    /// Tells the command's watchers and the live feed that it changed.
+    fn changed(&self, command: Command) {
+        self.live.send(LiveEvent::Command {
+            device: command.device.clone(),
+            command: Box::new(command.clone()),
+        });
+        let _ = self.changes.send(command);
+    }
+
+    fn state_changed(&self, device: &DeviceId, state: &DeviceState) {
+        self.live.send(LiveEvent::State {
+            device: device.clone(),
+            desired_version: state.desired_version,
+            reported_version: state.reported_version,
+        });
     }
 
     /// Every change of a command from now on.
@@ -225,19 +246,36 @@ impl Devices {
         match event {
             DeviceEvent::Online(s) => {
                 if let Ok(mut l) = self.listening.lock() {
-                    l.insert(s.device, (s.session, None));
+                    l.insert(s.device.clone(), (s.session, None));
                 }
+                self.live.send(LiveEvent::Presence {
+                    device: s.device,
+                    online: true,
+                    at_ms: s.connected_at_ms,
+                    reason: None,
+                });
             }
             DeviceEvent::Offline {
-                device, session, ..
+                device,
+                session,
+                at_ms,
+                reason,
             } => {
-                if let Ok(mut l) = self.listening.lock() {
-                    // Only the device's current connection: a newer one may have opened.
-                    if l.get(&device)
-                        .is_some_and(|(current, _)| *current == session)
-                    {
+                // Only the device's current connection: a newer one may have opened.
+                let current = self.listening.lock().is_ok_and(|mut l| {
+                    let current = l.get(&device).is_some_and(|(s, _)| *s == session);
+                    if current {
                         l.remove(&device);
                     }
+                    current
+                });
+                if current {
+                    self.live.send(LiveEvent::Presence {
+                        device,
+                        online: false,
+                        at_ms,
+                        reason: Some(reason),
+                    });
                 }
             }
             DeviceEvent::SubscribedToCommands {
@@ -289,8 +327,11 @@ impl Devices {
                     .blocking(move |r| r.patch_reported(&d, &patch, now_ms()))
                     .await
                 {
-                    Ok(_) => {
+                    Ok(state) => {
                         let _ = recorded.send(Ok(()));
+                        if let Some(state) = state {
+                            self.state_changed(&device, &state);
+                        }
                     }
                     // Not acknowledged: the device sends it again.
                     Err(e) => {
@@ -344,7 +385,7 @@ impl Devices {
             Ok(Some((command, changed))) => {
                 if changed {
                     debug!(device_id = %device, command = %id, status = to.as_str(), "command moved");
-                    let _ = self.changes.send(command.clone());
+                    self.changed(command.clone());
                 }
                 Ok(Some((command, changed)))
             }
@@ -438,7 +479,7 @@ impl Devices {
             Ok(expired) => {
                 for command in expired {
                     info!(device_id = %command.device, command = %command.id, "command expired");
-                    let _ = self.changes.send(command);
+                    self.changed(command);
                 }
             }
             Err(e) => warn!(error = %e, "could not expire commands"),
@@ -497,7 +538,7 @@ impl Devices {
             })
             .await??;
         }
-        let _ = self.changes.send(command.clone());
+        self.changed(command.clone());
         let listening = self
             .listening
             .lock()
@@ -540,7 +581,7 @@ impl Devices {
             })
             .await?;
         if let Some((command, true)) = &moved {
-            let _ = self.changes.send(command.clone());
+            self.changed(command.clone());
         }
         Ok(moved)
     }
@@ -628,6 +669,7 @@ impl Devices {
             .blocking(move |r| r.patch_desired(&d, &patch, expected_version, now_ms()))
             .await?
             .ok_or_else(|| DeviceError::UnknownDevice(device.clone()))?;
+        self.state_changed(device, &patched);
         self.send_desired(device).await;
         Ok(patched)
     }

@@ -14,6 +14,7 @@
 pub mod command;
 pub mod handoff;
 pub mod id;
+pub mod live;
 pub mod registry;
 pub mod serial;
 pub mod state;
@@ -23,6 +24,7 @@ pub mod topic;
 pub use command::{Command, CommandResult, CommandStatus};
 pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
+pub use live::{Live, LiveEvent};
 pub use registry::{
     AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceQuery, DeviceRecord,
     DeviceStatus, NewDevice, PresenceCounts, Registry, RegistryError, Session, SessionEvent,

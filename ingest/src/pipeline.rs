@@ -21,8 +21,11 @@ use std::{
 };
 
 use tellus_core::{
-    handoff::IngestReceiver, telemetry, topic::DeviceTopic, DeviceId, Durable, IngestError,
-    IngestRequest, TimestampMs,
+    handoff::IngestReceiver,
+    live::{LiveEvent, LivePoint},
+    telemetry,
+    topic::DeviceTopic,
+    DeviceId, Durable, IngestError, IngestRequest, Live, TimestampMs,
 };
 use tracing::{debug, error};
 
@@ -166,10 +169,12 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// Runs the pipeline; every committed batch's points also go to `live`.
     pub fn spawn(
         rx: IngestReceiver,
         store: Arc<dyn TelemetryStore>,
         config: IngestConfig,
+        live: Live,
     ) -> std::io::Result<Ingest> {
         let stats = Arc::new(IngestStats::default());
         let worker = Worker {
@@ -178,6 +183,7 @@ impl Ingest {
             max_batch: config.max_batch.max(1),
             last_server_ts: HashMap::new(),
             rejected: Vec::new(),
+            live,
         };
         let thread = thread::Builder::new()
             .name("ingest".into())
@@ -216,6 +222,7 @@ struct Worker {
     last_server_ts: HashMap<DeviceId, TimestampMs>,
     /// The kinds of the dead letters of the batch being committed, counted once it is.
     rejected: Vec<&'static str>,
+    live: Live,
 }
 
 impl Worker {
@@ -299,6 +306,7 @@ impl Worker {
                 }
                 let dead = batch.deadletters.len() as u64;
                 self.stats.deadlettered.fetch_add(dead, Ordering::Relaxed);
+                self.tell_live(&batch);
                 self.stats.stored.fetch_add(n - dead, Ordering::Relaxed);
                 for (done, outcome) in outcomes {
                     if let Some(done) = done {
@@ -318,6 +326,29 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the committed points to the live feed, one event per device in the batch.
+    fn tell_live(&self, batch: &Batch) {
+        if !self.live.listened() {
+            return;
+        }
+        // In the order devices first appear in the batch.
+        let mut at: HashMap<&DeviceId, usize> = HashMap::new();
+        let mut by_device: Vec<(&DeviceId, Vec<LivePoint>)> = Vec::new();
+        for (device, sample) in &batch.samples {
+            let i = *at.entry(device).or_insert_with(|| {
+                by_device.push((device, Vec::new()));
+                by_device.len() - 1
+            });
+            by_device[i].1.push(sample.into());
+        }
+        for (device, points) in by_device {
+            self.live.send(LiveEvent::Telemetry {
+                device: device.clone(),
+                points,
+            });
         }
     }
 
@@ -392,7 +423,9 @@ mod tests {
         let store: Arc<dyn TelemetryStore> =
             Arc::new(SqliteStore::open(&dir.path().join("t.db"), Durability::Fsync).unwrap());
         let (tx, rx) = IngestSender::channel(8, 1 << 20);
-        let ingest = Ingest::spawn(rx, store.clone(), IngestConfig::default()).unwrap();
+        let live = tellus_core::Live::default();
+        let mut feed = live.listen();
+        let ingest = Ingest::spawn(rx, store.clone(), IngestConfig::default(), live).unwrap();
         let d = DeviceId::parse("d1").unwrap();
         let submit = |topic: DeviceTopic, payload: Vec<u8>| {
             tx.submit(d.clone(), topic, Bytes::from(payload), 1_000, true)
@@ -442,6 +475,20 @@ mod tests {
         );
         let dead = store.deadletters(None, 10).unwrap();
         assert_eq!(dead[1].payload, b"\xff");
+        // Each committed message reached the live feed, in commit order.
+        let mut live = Vec::new();
+        while let Ok(LiveEvent::Telemetry { device, points }) = feed.try_recv() {
+            assert_eq!(device, d);
+            live.extend(points.into_iter().map(|p| (p.ts, p.value)));
+        }
+        assert_eq!(
+            live,
+            [
+                (1_000, Value::Int(1)),
+                (1_001, Value::Int(2)),
+                (1_002, Value::Float(2.5))
+            ]
+        );
         assert_eq!(dead[2].payload, b"not json");
         drop(tx);
         let stats = ingest.stats();

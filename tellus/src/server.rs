@@ -149,8 +149,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .context("starting the routing core")?;
     let (ingest_tx, ingest_rx) =
         IngestSender::channel(config.ingest.queue_capacity, config.ingest.queue_bytes);
-    let ingest =
-        Ingest::spawn(ingest_rx, store.clone(), config.ingest()).context("starting ingest")?;
+    // What happens to devices as it happens, for the API's event stream.
+    let live = tellus_core::Live::default();
+    let ingest = Ingest::spawn(ingest_rx, store.clone(), config.ingest(), live.clone())
+        .context("starting ingest")?;
 
     let mqtt = bind(config.mqtt.listen, "mqtt").await?;
     let http = bind(config.http.listen, "http").await?;
@@ -182,6 +184,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         fleet.registry.clone(),
         publisher.clone(),
         config.mqtt.max_packet_size,
+        live.clone(),
     );
     // The device service stops with the publisher, after every session.
     let devices_task = tokio::spawn(
@@ -211,6 +214,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ingest_stats: ingest.stats(),
         gate_stats,
         devices,
+        live,
         admin_token: Arc::from(token),
     };
     // The API outlives the gate and ingest, so operators can query until the end.

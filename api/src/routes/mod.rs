@@ -16,6 +16,7 @@
 //! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] | yes |
 //! | `GET /audit` | [`audit`] | yes |
 //! | `GET /stats` | [`stats`] | yes |
+//! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state`) | [`stream`] | yes |
 //!
 //! Store, registry and PKI calls block (SQLite, key generation, CRL signing), so handlers run
 //! them through [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for
@@ -38,6 +39,7 @@ pub mod pki;
 pub mod presence;
 pub mod state;
 pub mod stats;
+pub mod stream;
 pub mod telemetry;
 
 /// The `/api/v1` routes served without the bearer token: only the fleet CA's CRL, which is
@@ -79,6 +81,7 @@ pub fn v1() -> Router<AppState> {
         .route("/pki/cas/{id}", get(pki::get_ca).delete(pki::delete_ca))
         .route("/audit", get(audit::list))
         .route("/stats", get(stats::get))
+        .route("/stream", get(stream::stream))
 }
 
 /// Runs a blocking call on tokio's blocking pool. A panic in it becomes a 500.

@@ -40,9 +40,11 @@ impl Server {
             registry.clone(),
             tellus_broker::routing::Publisher::detached(),
             256 * 1024,
+            tellus_core::Live::default(),
         );
         let state = AppState {
             devices,
+            live: tellus_core::Live::default(),
             registry: registry.clone(),
             store: store.clone(),
             pki: pki.clone(),

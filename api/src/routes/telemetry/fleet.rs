@@ -94,6 +94,16 @@ struct FleetQuery {
     after: Option<DeviceId>,
 }
 
+/// A `tag=key:value` filter: the key ends at the first `:`.
+pub(crate) fn parse_tag(value: &str) -> Result<(String, String), ApiError> {
+    match value.split_once(':').filter(|(k, _)| !k.is_empty()) {
+        Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+        None => Err(ApiError::InvalidQuery(format!(
+            "tag: expected key:value such as site:berlin, found {value:?}"
+        ))),
+    }
+}
+
 fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
     let (mut metric, mut limit, mut after) = (None, None, None);
     let mut tags = Vec::new();
@@ -108,14 +118,7 @@ fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
             "metric" => once(&mut metric, "metric", value)?,
             "limit" => once(&mut limit, "limit", value)?,
             "after" => once(&mut after, "after", value)?,
-            "tag" => {
-                let Some((k, v)) = value.split_once(':').filter(|(k, _)| !k.is_empty()) else {
-                    return Err(ApiError::InvalidQuery(format!(
-                        "tag: expected key:value such as site:berlin, found {value:?}"
-                    )));
-                };
-                tags.push((k.to_owned(), v.to_owned()));
-            }
+            "tag" => tags.push(parse_tag(&value)?),
             other => {
                 return Err(ApiError::InvalidQuery(format!(
                     "unknown parameter {other:?}; expected metric, tag, limit or after"
