@@ -76,6 +76,8 @@ pub enum DeviceEvent {
         payload: Bytes,
         recorded: oneshot::Sender<Result<(), String>>,
     },
+    /// The device was deleted from the registry.
+    Deleted { device: DeviceId },
     /// The device acknowledged the publish of this command.
     Delivered { device: DeviceId, command: String },
     /// The device published a result for this command; `recorded` is answered once the
@@ -99,6 +101,24 @@ const EVENT_BATCH: usize = 256;
 const WATCH_QUEUE: usize = 4_096;
 /// How often commands are checked for expiry.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// The message that carries a desired state to its device.
+fn desired_message(s: &DeviceState) -> Vec<u8> {
+    serde_json::json!({
+        "version": s.desired_version,
+        "state": s.desired,
+        "at_ms": s.desired_at_ms,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Answers a reported state that is not taken, and says so in the log: an MQTT 3.1.1 device
+/// cannot be told in its PUBACK.
+fn refuse_report(device: &DeviceId, recorded: oneshot::Sender<Result<(), String>>, why: String) {
+    info!(device_id = %device, reason = %why, "reported state refused");
+    let _ = recorded.send(Err(why));
+}
+
 /// Commands read and sent at a time when a device subscribes.
 const SEND_PAGE: usize = 100;
 /// Most commands expired in one check.
@@ -118,6 +138,16 @@ pub enum DeviceError {
     Blocking,
 }
 
+/// A connected device's current connection and what it listens to.
+#[derive(Debug, Clone, Copy)]
+struct Listener {
+    session: u64,
+    /// Subscribed to its commands: at QoS 1 or more (`Some(true)`), or 0.
+    commands: Option<bool>,
+    /// Subscribed to its desired state.
+    desired: bool,
+}
+
 /// The device service. Cheap to share (`Arc`).
 pub struct Devices {
     registry: Arc<dyn Registry>,
@@ -125,7 +155,7 @@ pub struct Devices {
     changes: broadcast::Sender<Command>,
     /// The current connection of each connected device, and, once it has subscribed to its
     /// command topic, whether at QoS 1 or more. Bounded by the devices connected.
-    listening: Mutex<HashMap<DeviceId, (u64, Option<bool>)>>,
+    listening: Mutex<HashMap<DeviceId, Listener>>,
     /// Most bytes of a command message; a larger one could not pass the routing core.
     max_message: usize,
     /// Where connections, commands and state changes are told as they happen.
@@ -194,7 +224,18 @@ impl Devices {
         let mut links_open = true;
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    // What the gate reported before it stopped (connections ending) is
+                    // still recorded; the queue is bounded, so this ends.
+                    while let Ok(event) = events.try_recv() {
+                        batch.push(event);
+                    }
+                    self.record_presence(&batch).await;
+                    for event in batch.drain(..) {
+                        self.handle(event).await;
+                    }
+                    return;
+                }
                 _ = expire.tick() => self.expire().await,
                 changed = links.changed(), if links_open => match changed {
                     Ok(()) => self.resend_all().await,
@@ -246,7 +287,12 @@ impl Devices {
         match event {
             DeviceEvent::Online(s) => {
                 if let Ok(mut l) = self.listening.lock() {
-                    l.insert(s.device.clone(), (s.session, None));
+                    let listener = Listener {
+                        session: s.session,
+                        commands: None,
+                        desired: false,
+                    };
+                    l.insert(s.device.clone(), listener);
                 }
                 self.live.send(LiveEvent::Presence {
                     device: s.device,
@@ -263,7 +309,7 @@ impl Devices {
             } => {
                 // Only the device's current connection: a newer one may have opened.
                 let current = self.listening.lock().is_ok_and(|mut l| {
-                    let current = l.get(&device).is_some_and(|(s, _)| *s == session);
+                    let current = l.get(&device).is_some_and(|l| l.session == session);
                     if current {
                         l.remove(&device);
                     }
@@ -287,8 +333,8 @@ impl Devices {
                     .listening
                     .lock()
                     .is_ok_and(|mut l| match l.get_mut(&device) {
-                        Some((s, subscribed)) if *s == session => {
-                            *subscribed = Some(acked);
+                        Some(l) if l.session == session => {
+                            l.commands = Some(acked);
                             true
                         }
                         _ => false,
@@ -301,7 +347,13 @@ impl Devices {
                 let current = self
                     .listening
                     .lock()
-                    .is_ok_and(|l| l.get(&device).is_some_and(|(s, _)| *s == session));
+                    .is_ok_and(|mut l| match l.get_mut(&device) {
+                        Some(l) if l.session == session => {
+                            l.desired = true;
+                            true
+                        }
+                        _ => false,
+                    });
                 if current {
                     self.send_desired(&device).await;
                 }
@@ -311,17 +363,13 @@ impl Devices {
                 payload,
                 recorded,
             } => {
-                let patch = match serde_json::from_slice::<serde_json::Value>(&payload) {
+                let patch = serde_json::from_slice::<serde_json::Value>(&payload)
+                    .map_err(|e| format!("reported state is not JSON: {e}"))
+                    .and_then(|patch| state::check_patch(&patch).map(|()| patch));
+                let patch = match patch {
                     Ok(patch) => patch,
-                    Err(e) => {
-                        let _ = recorded.send(Err(format!("reported state is not JSON: {e}")));
-                        return;
-                    }
+                    Err(why) => return refuse_report(&device, recorded, why),
                 };
-                if let Err(why) = state::check_patch(&patch) {
-                    let _ = recorded.send(Err(why));
-                    return;
-                }
                 let d = device.clone();
                 match self
                     .blocking(move |r| r.patch_reported(&d, &patch, now_ms()))
@@ -333,12 +381,18 @@ impl Devices {
                             self.state_changed(&device, &state);
                         }
                     }
+                    // Sending it again would not change that (the state would grow too
+                    // large): refused, not left unacknowledged.
+                    Err(DeviceError::Registry(RegistryError::Refused(why))) => {
+                        refuse_report(&device, recorded, why)
+                    }
                     // Not acknowledged: the device sends it again.
                     Err(e) => {
                         warn!(device_id = %device, error = %e, "could not record reported state")
                     }
                 }
             }
+            DeviceEvent::Deleted { device } => self.forget(&device).await,
             DeviceEvent::Delivered { device, command } => {
                 let _ = self
                     .advance(&device, &command, CommandStatus::Delivered, None)
@@ -457,17 +511,18 @@ impl Devices {
     /// Sends again what every listening device has waiting: after the publisher's link to
     /// the routing core came back, publishes queued on the lost one may be gone.
     async fn resend_all(&self) {
-        let listening: Vec<(DeviceId, bool)> = self
+        let listening: Vec<(DeviceId, Listener)> = self
             .listening
             .lock()
-            .map(|l| {
-                l.iter()
-                    .filter_map(|(d, (_, subscribed))| subscribed.map(|acked| (d.clone(), acked)))
-                    .collect()
-            })
+            .map(|l| l.iter().map(|(d, l)| (d.clone(), *l)).collect())
             .unwrap_or_default();
-        for (device, acked) in listening {
-            self.send_waiting(&device, acked).await;
+        for (device, listener) in listening {
+            if let Some(acked) = listener.commands {
+                self.send_waiting(&device, acked).await;
+            }
+            if listener.desired {
+                self.send_desired(&device).await;
+            }
         }
     }
 
@@ -543,7 +598,7 @@ impl Devices {
             .listening
             .lock()
             .ok()
-            .and_then(|l| l.get(device).and_then(|(_, subscribed)| *subscribed));
+            .and_then(|l| l.get(device).and_then(|l| l.commands));
         if let Some(acked) = listening {
             self.send(command.clone(), acked).await;
         }
@@ -628,25 +683,30 @@ impl Devices {
     /// `{"version", "state", "at_ms"}`; nothing while it has none.
     async fn send_desired(&self, device: &DeviceId) {
         let d = device.clone();
-        let current = match self.blocking(move |r| r.device_state(&d)).await {
-            Ok(Some(state)) if state.desired_version > 0 => state,
+        let message = match self.blocking(move |r| r.device_state(&d)).await {
+            Ok(Some(s)) if s.desired_version > 0 => desired_message(&s),
             Ok(_) => return,
             Err(e) => {
                 warn!(device_id = %device, error = %e, "could not read the desired state");
                 return;
             }
         };
-        let message = serde_json::json!({
-            "version": current.desired_version,
-            "state": current.desired,
-            "at_ms": current.desired_at_ms,
-        });
+        if message.len() > self.max_message {
+            warn!(device_id = %device, bytes = message.len(), "the desired state is too large to send");
+            return;
+        }
         let topic = DeviceTopic::StateDesired.topic(device);
         // Shutting down if it fails: the device gets it when it next subscribes.
-        let _ = self
-            .publisher
-            .publish_retained(topic, message.to_string().into_bytes())
-            .await;
+        let _ = self.publisher.publish_retained(topic, message).await;
+    }
+
+    /// Clears what the routing core keeps for a device that was deleted (an empty retained
+    /// message removes the retained one). The gate calls it for every deletion it sees in
+    /// the registry; the API also at once, so that a device registered again right away
+    /// under the id finds nothing.
+    pub async fn forget(&self, device: &DeviceId) {
+        let topic = DeviceTopic::StateDesired.topic(device);
+        let _ = self.publisher.publish_retained(topic, Vec::new()).await;
     }
 
     /// The device's desired and reported state; `None` if there is no such device.
@@ -664,6 +724,21 @@ impl Devices {
         expected_version: Option<u64>,
     ) -> Result<DeviceState, DeviceError> {
         state::check_patch(&patch).map_err(DeviceError::Invalid)?;
+        // What the state would become, checked here so that too large is a bad request,
+        // not a conflict (the registry checks again, in its transaction).
+        let mut merged = match self.state(device).await? {
+            Some(s) => s,
+            None => return Err(DeviceError::UnknownDevice(device.clone())),
+        };
+        state::merge(&mut merged.desired, &patch);
+        merged.desired_version += 1;
+        state::check_state(&merged.desired).map_err(DeviceError::Invalid)?;
+        if desired_message(&merged).len() > self.max_message {
+            return Err(DeviceError::Invalid(format!(
+                "the desired state would not fit in a message to the device ({} bytes)",
+                self.max_message
+            )));
+        }
         let d = device.clone();
         let patched = self
             .blocking(move |r| r.patch_desired(&d, &patch, expected_version, now_ms()))

@@ -47,6 +47,7 @@ use self::{
     trust::{ServerIdentity, Trust},
 };
 use crate::{
+    devices::DeviceEvent,
     pki::Pki,
     routing::{Publisher, RoutingCore},
 };
@@ -211,7 +212,7 @@ pub struct Gate {
     /// Tellus's own link into the routing core, for the certificates it issues.
     pub publisher: Publisher,
     /// What the device service hears of devices: subscriptions, deliveries, results.
-    pub device_events: tokio::sync::mpsc::Sender<crate::devices::DeviceEvent>,
+    pub device_events: tokio::sync::mpsc::Sender<DeviceEvent>,
 }
 
 /// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every
@@ -324,7 +325,15 @@ async fn watch_registry(gate: Arc<Gate>, mut last: i64, shutdown: CancellationTo
                         .close_serial(device, serial, "certificate revoked")
                 }
                 Change::Disabled { device } => gate.sessions.close(device, "device disabled"),
-                Change::Deleted { device } => gate.sessions.close(device, "device deleted"),
+                Change::Deleted { device } => {
+                    // What the routing core keeps for it (its desired state) goes too,
+                    // whether the API or the command line deleted it.
+                    let deleted = DeviceEvent::Deleted {
+                        device: device.clone(),
+                    };
+                    let _ = gate.device_events.send(deleted).await;
+                    gate.sessions.close(device, "device deleted")
+                }
             };
             if closed {
                 bump(&gate.stats.closed_by_registry);

@@ -231,11 +231,28 @@ const PUBLISHER_ID: &str = "tellus:publisher";
 const PUBLISHER_QUEUE: usize = 1_024;
 
 /// A message for a device.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Outgoing {
     topic: String,
     payload: Vec<u8>,
     retain: bool,
+}
+
+impl Outgoing {
+    /// Hands the message to `client`; gives it back if the link has ended.
+    async fn offer(self, client: &rumqttc::AsyncClient) -> Option<Outgoing> {
+        let kept = self.clone();
+        client
+            .publish(
+                self.topic,
+                rumqttc::QoS::AtLeastOnce,
+                self.retain,
+                self.payload,
+            )
+            .await
+            .err()
+            .map(|_| kept)
+    }
 }
 
 /// Tellus's own link into the routing core, for messages to devices. Cheap to clone.
@@ -269,6 +286,8 @@ impl Publisher {
         let (requests, mut incoming) = tokio::sync::mpsc::channel::<Outgoing>(PUBLISHER_QUEUE);
         let (linked, links) = tokio::sync::watch::channel(0);
         tokio::spawn(async move {
+            // A request the last link failed to take, sent first on the next one.
+            let mut unsent: Option<Outgoing> = None;
             for attempt in 1u64.. {
                 let mut options = rumqttc::MqttOptions::new(
                     format!("{PUBLISHER_ID}:{attempt}"),
@@ -298,8 +317,13 @@ impl Publisher {
                         }
                     }
                 });
+                if let Some(o) = unsent.take() {
+                    unsent = o.offer(&client).await;
+                }
                 loop {
                     tokio::select! {
+                        // A link that ended is noticed before another request is taken.
+                        biased;
                         _ = shutdown.cancelled() => {
                             link.abort();
                             return;
@@ -316,10 +340,9 @@ impl Publisher {
                                 link.abort();
                                 return;
                             };
-                            // A failure means the link ended; the loop notices it next.
-                            let _ = client
-                                .publish(o.topic, rumqttc::QoS::AtLeastOnce, o.retain, o.payload)
-                                .await;
+                            // A failure means the link ended (the loop notices it next): the
+                            // request goes out on the next link.
+                            unsent = o.offer(&client).await;
                         }
                     }
                 }

@@ -26,7 +26,10 @@ async fn patch(t: &Tellus, device: &str, body: Value) -> (u16, Value) {
 /// A device subscribed to its desired state; what it receives goes to the channel, and
 /// every QoS 1 publish it makes is acknowledged before the next.
 async fn device(t: &Tellus, creds: &Credentials) -> (AsyncClient, mpsc::UnboundedReceiver<Value>) {
-    let (client, mut events) = connect(t.mqtt_options(creds)).await;
+    let mut options = t.mqtt_options(creds);
+    // Room for the large states some tests send.
+    options.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut events) = connect(options).await;
     client
         .subscribe(
             format!("devices/{}/state/desired", creds.id),
@@ -160,4 +163,72 @@ async fn desired_state_reaches_a_late_device_and_the_delta_empties_when_it_repor
     );
     let (status, _) = t.get("/api/v1/devices/nobody/state").await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_state_is_refused_and_a_deleted_devices_state_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let creds = t.create_device("st-2").await;
+
+    // A desired state that would pass 64 KiB is a bad request, not a conflict.
+    let (status, _) = patch(&t, "st-2", json!({"desired": {"a": "x".repeat(40_000)}})).await;
+    assert_eq!(status, 200);
+    let (status, body) = patch(&t, "st-2", json!({"desired": {"b": "y".repeat(40_000)}})).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_body")),
+        "{body}"
+    );
+
+    // A report that would make the reported state too large is refused, and the
+    // connection goes on: the next report is taken.
+    let (client, mut rx) = device(&t, &creds).await;
+    desired(&mut rx, 1).await;
+    for body in [
+        json!({"a": "x".repeat(40_000)}),
+        json!({"b": "y".repeat(40_000)}),
+    ] {
+        client
+            .publish(
+                "devices/st-2/state/reported",
+                QoS::AtLeastOnce,
+                false,
+                body.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .publish(
+            "devices/st-2/state/reported",
+            QoS::AtLeastOnce,
+            false,
+            json!({"ok": true}).to_string(),
+        )
+        .await
+        .unwrap();
+    let s = state_until(&t, "st-2", |s| s["reported"]["ok"] == true).await;
+    assert_eq!(
+        s["reported_version"], 2,
+        "the oversized report was not taken"
+    );
+    let (_, connections) = t.get("/api/v1/devices/st-2/connections").await;
+    assert_eq!(connections["connections"].as_array().unwrap().len(), 1);
+    drop((client, rx));
+
+    // Deleted and registered again: the old desired state is not sent to the new device.
+    let r = reqwest::Client::new()
+        .delete(t.url("/api/v1/devices/st-2"))
+        .bearer_auth(&t.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let creds = t.create_device("st-2").await;
+    let (_client, mut rx) = device(&t, &creds).await;
+    let (status, s) = patch(&t, "st-2", json!({"desired": {"fresh": 1}})).await;
+    assert_eq!((status, &s["desired_version"]), (200, &json!(1)));
+    let got = desired(&mut rx, 1).await;
+    assert_eq!(got["state"], json!({"fresh": 1}), "the old state came back");
 }

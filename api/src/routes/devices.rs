@@ -314,14 +314,18 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let id = DeviceId::parse(&id)?;
     let registry = state.registry.clone();
-    blocking(move || {
+    let device = id.clone();
+    let deleted = blocking(move || {
         if registry.delete_device(&id, now_ms())? {
             Ok(StatusCode::NO_CONTENT)
         } else {
             Err(ApiError::DeviceNotFound(id))
         }
     })
-    .await
+    .await?;
+    // What the routing core keeps for it goes too.
+    state.devices.forget(&device).await;
+    Ok(deleted)
 }
 
 #[cfg(test)]
