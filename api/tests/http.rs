@@ -1038,3 +1038,46 @@ async fn external_cas_register_list_get_and_delete() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn tags_are_set_and_removed_by_patch() {
+    let s = Server::start().await;
+    let (status, _) = s.post("/api/v1/devices", json!({"id": "tagged"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let patch = |body: Json| send(s.req(Method::PATCH, "/api/v1/devices/tagged").json(&body));
+
+    let (status, body) = patch(json!({"tags": {"site": "berlin", "floor": "2"}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tags"], json!({"site": "berlin", "floor": "2"}));
+    let (status, body) = patch(json!({"tags": {"floor": null, "site": "paris"}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tags"], json!({"site": "paris"}));
+    let (_, body) = s.get("/api/v1/devices/tagged").await;
+    assert_eq!(body["tags"], json!({"site": "paris"}));
+
+    for bad in [
+        json!({"tags": {"a:b": "c"}}),
+        json!({"tags": {"": "c"}}),
+        json!({"tags": {"k": "v".repeat(257)}}),
+        json!({"name": "x"}),
+    ] {
+        let (status, body) = patch(bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");
+    }
+    let many: serde_json::Map<String, Json> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let (status, body) = patch(json!({ "tags": many })).await;
+    assert_eq!(
+        (status, error_code(&body).0),
+        (StatusCode::BAD_REQUEST, "invalid_body")
+    );
+    let (status, body) = send(
+        s.req(Method::PATCH, "/api/v1/devices/nobody")
+            .json(&json!({"tags": {"a": "b"}})),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body).0),
+        (StatusCode::NOT_FOUND, "device_not_found")
+    );
+}

@@ -252,6 +252,13 @@ pub trait Registry: Send + Sync + 'static {
         serial: Option<&str>,
         at: TimestampMs,
     ) -> Result<Option<Vec<String>>, RegistryError>;
+    /// Changes a device's tags: each key to its value, or removed where the value is `None`;
+    /// the others stay. `None` if there is no such device.
+    fn set_tags(
+        &self,
+        id: &DeviceId,
+        changes: &BTreeMap<String, Option<String>>,
+    ) -> Result<Option<DeviceRecord>, RegistryError>;
     /// Removes a device; its certificates stay on record, revoked. `false` if there was none.
     fn delete_device(&self, id: &DeviceId, at: TimestampMs) -> Result<bool, RegistryError>;
     /// Revoked certificates of the fleet CA that have not expired by `now`: what its CRL

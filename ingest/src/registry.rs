@@ -652,6 +652,33 @@ impl Registry for SqliteRegistry {
         })
     }
 
+    fn set_tags(
+        &self,
+        id: &DeviceId,
+        changes: &std::collections::BTreeMap<String, Option<String>>,
+    ) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let Some(mut device) = load_device(&tx, id)? else {
+                return Ok(None);
+            };
+            for (key, value) in changes {
+                match value {
+                    Some(v) => device.tags.insert(key.clone(), v.clone()),
+                    None => device.tags.remove(key),
+                };
+            }
+            let tags = serde_json::to_string(&device.tags)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+            tx.execute(
+                "UPDATE devices SET tags = ?2 WHERE id = ?1",
+                params![id.as_str(), tags],
+            )?;
+            tx.commit()?;
+            Ok(Some(device))
+        })
+    }
+
     fn revoke(
         &self,
         id: &DeviceId,

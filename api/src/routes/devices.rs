@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tellus_broker::provision::{self, Provisioned};
 use tellus_core::{
-    now_ms, CertificateRecord, DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, TimestampMs,
+    now_ms, CertificateRecord, DeviceId, DeviceQuery, DeviceRecord, DeviceStatus, Registry,
+    RegistryError, TimestampMs,
 };
 
 use super::{blocking, page_limit, split_page};
@@ -206,9 +207,76 @@ pub async fn get_one(
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<DeviceDetail>, ApiError> {
     let id = DeviceId::parse(&id)?;
+    detail(&state, id, |registry, id| registry.device(id)).await
+}
+
+/// Most tags a device carries, and the longest key and value.
+const MAX_TAGS: usize = 64;
+const MAX_TAG_KEY: usize = 64;
+const MAX_TAG_VALUE: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchDevice {
+    /// Tags to set, or (`null`) to remove; the others stay.
+    pub tags: BTreeMap<String, Option<String>>,
+}
+
+/// `PATCH /api/v1/devices/{id}`: `{"tags": {"site": "berlin", "old": null}}` sets and removes
+/// tags (fleet commands and streams select devices by them); 200 with the device.
+pub async fn patch(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+    extract::Json(body): extract::Json<PatchDevice>,
+) -> Result<Json<DeviceDetail>, ApiError> {
+    let id = DeviceId::parse(&id)?;
+    for (key, value) in &body.tags {
+        if key.is_empty() || key.len() > MAX_TAG_KEY || key.contains(':') {
+            return Err(ApiError::InvalidBody(format!(
+                "tag key {key:?}: 1 to {MAX_TAG_KEY} bytes, without ':'"
+            )));
+        }
+        if value.as_ref().is_some_and(|v| v.len() > MAX_TAG_VALUE) {
+            return Err(ApiError::InvalidBody(format!(
+                "tag {key:?}: a value is at most {MAX_TAG_VALUE} bytes"
+            )));
+        }
+    }
+    let changes = body.tags;
+    let updated = detail(&state, id, move |registry, id| {
+        let Some(device) = registry.device(id)? else {
+            return Ok(None);
+        };
+        let after = changes
+            .iter()
+            .filter(|(k, v)| v.is_some() && !device.tags.contains_key(*k))
+            .count()
+            + device.tags.len();
+        if after > MAX_TAGS {
+            return Err(RegistryError::Refused(format!(
+                "a device carries at most {MAX_TAGS} tags"
+            )));
+        }
+        registry.set_tags(id, &changes)
+    })
+    .await;
+    match updated {
+        Err(ApiError::Refused(why)) => Err(ApiError::InvalidBody(why)),
+        other => other,
+    }
+}
+
+/// One device with its certificates, as `lookup` (run on a blocking thread) leaves it.
+async fn detail(
+    state: &AppState,
+    id: DeviceId,
+    lookup: impl FnOnce(&dyn Registry, &DeviceId) -> Result<Option<DeviceRecord>, RegistryError>
+        + Send
+        + 'static,
+) -> Result<Json<DeviceDetail>, ApiError> {
     let registry = state.registry.clone();
     let (record, certificates) = blocking(move || {
-        let Some(record) = registry.device(&id)? else {
+        let Some(record) = lookup(registry.as_ref(), &id)? else {
             return Err(ApiError::DeviceNotFound(id));
         };
         let certificates = registry.certificates(&id)?;

@@ -4,7 +4,7 @@
 //! | route | module | token |
 //! |---|---|---|
 //! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] | yes |
-//! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `DELETE /devices/{id}` | [`devices`] | yes |
+//! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `PATCH /devices/{id}` (tags); `DELETE /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/commands` (`?wait=10s`), `GET /devices/{id}/commands`, `GET`/`DELETE /devices/{id}/commands/{command}` | [`commands`] | yes |
 //! | `GET /devices/{id}/presence`, `GET /devices/{id}/connections`, `GET /presence` | [`presence`] | yes |
 //! | `GET /devices/{id}/state`, `PATCH /devices/{id}/state` | [`state`] | yes |
@@ -55,7 +55,9 @@ pub fn v1() -> Router<AppState> {
         .route("/devices", post(devices::create).get(devices::list))
         .route(
             "/devices/{id}",
-            get(devices::get_one).delete(devices::delete),
+            get(devices::get_one)
+                .patch(devices::patch)
+                .delete(devices::delete),
         )
         .route("/devices/{id}/revoke", post(devices::revoke))
         .route("/devices/{id}/disable", post(devices::disable))
