@@ -81,13 +81,13 @@ pub enum DeviceEvent {
     /// The device acknowledged the publish of this command.
     Delivered { device: DeviceId, command: String },
     /// The device published a result for this command; `recorded` is answered once the
-    /// registry has it (or could not take it), and only then is the device's publish
-    /// acknowledged.
+    /// registry has it, and only then is the device's publish acknowledged (if the registry
+    /// fails, it is dropped, and the device sends the result again).
     Result {
         device: DeviceId,
         command: String,
         payload: Bytes,
-        recorded: oneshot::Sender<()>,
+        recorded: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -416,7 +416,7 @@ impl Devices {
                     .await
                     .is_ok()
                 {
-                    let _ = recorded.send(());
+                    let _ = recorded.send(Ok(()));
                 }
             }
         }

@@ -23,6 +23,9 @@ pub mod victoria;
 use serde_json::{json, Value};
 use tellus_device::Credentials;
 
+/// How long [`Tellus::get_until`] waits for what it waits for.
+pub const EVENTUALLY: Duration = Duration::from_secs(20);
+
 /// How long a test waits for Tellus to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -188,6 +191,38 @@ impl Tellus {
             .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// PATCH JSON with the admin token; returns the status and the JSON body.
+    pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .patch(self.url(path))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GETs `path` (expecting 200) until `done` holds for the JSON body, for at most
+    /// [`EVENTUALLY`]; returns that body, or panics with the last one.
+    pub async fn get_until(&self, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + EVENTUALLY;
+        loop {
+            let (status, body) = self.get(path).await;
+            assert_eq!(status, 200, "GET {path}: {body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "GET {path} never got there: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// DELETE with the admin token; returns the status and the JSON body.

@@ -79,21 +79,8 @@ async fn post_command(t: &Tellus, device: &str, body: Value) -> Value {
 
 /// Polls the command until its status is `status`; returns it then.
 async fn until_status(t: &Tellus, device: &str, id: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (code, command) = t
-            .get(&format!("/api/v1/devices/{device}/commands/{id}"))
-            .await;
-        assert_eq!(code, 200, "{command}");
-        if command["status"] == status {
-            return command;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "command never became {status}: {command}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/api/v1/devices/{device}/commands/{id}");
+    t.get_until(&path, |c| c["status"] == status).await
 }
 
 async fn received(rx: &mut mpsc::UnboundedReceiver<Value>) -> Value {

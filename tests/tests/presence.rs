@@ -10,19 +10,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Polls the device's presence until `done` holds; returns it then.
 async fn presence_until(t: &Tellus, device: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = t.get(&format!("/api/v1/devices/{device}/presence")).await;
-        assert_eq!(status, 200, "{body}");
-        if done(&body) {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "presence never got there: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    t.get_until(&format!("/api/v1/devices/{device}/presence"), done)
+        .await
 }
 
 async fn connections(t: &Tellus, device: &str) -> Vec<Value> {
@@ -88,15 +77,8 @@ async fn presence_follows_connections_and_a_takeover() {
         .await;
     assert_eq!(status, 202, "{command}");
     let id = command["id"].as_str().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, c) = t.get(&format!("/api/v1/devices/pr-1/commands/{id}")).await;
-        if c["status"] == "delivered" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{c}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = format!("/api/v1/devices/pr-1/commands/{id}");
+    t.get_until(&path, |c| c["status"] == "delivered").await;
 
     client2.disconnect().await.unwrap();
     let offline = presence_until(&t, "pr-1", |p| p["online"] == false).await;

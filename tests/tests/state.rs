@@ -12,15 +12,8 @@ use tokio::sync::mpsc;
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn patch(t: &Tellus, device: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .patch(t.url(&format!("/api/v1/devices/{device}/state")))
-        .bearer_auth(&t.token)
-        .json(&body)
-        .send()
+    t.patch(&format!("/api/v1/devices/{device}/state"), body)
         .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// A device subscribed to its desired state; what it receives goes to the channel, and
@@ -64,16 +57,8 @@ async fn desired(rx: &mut mpsc::UnboundedReceiver<Value>, version: u64) -> Value
 }
 
 async fn state_until(t: &Tellus, device: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = t.get(&format!("/api/v1/devices/{device}/state")).await;
-        assert_eq!(status, 200, "{body}");
-        if done(&body) {
-            return body;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    t.get_until(&format!("/api/v1/devices/{device}/state"), done)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,13 +203,8 @@ async fn oversized_state_is_refused_and_a_deleted_devices_state_is_forgotten() {
     drop((client, rx));
 
     // Deleted and registered again: the old desired state is not sent to the new device.
-    let r = reqwest::Client::new()
-        .delete(t.url("/api/v1/devices/st-2"))
-        .bearer_auth(&t.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    let (status, _) = t.delete("/api/v1/devices/st-2").await;
+    assert_eq!(status, 204);
     let creds = t.create_device("st-2").await;
     let (_client, mut rx) = device(&t, &creds).await;
     let (status, s) = patch(&t, "st-2", json!({"desired": {"fresh": 1}})).await;

@@ -70,14 +70,10 @@ async fn the_stream_delivers_presence_and_telemetry_of_the_devices_asked_for() {
     let watched = t.create_device("sse-1").await;
     let other = t.create_device("sse-2").await;
     // Tags select devices too.
-    let r = reqwest::Client::new()
-        .patch(t.url("/api/v1/devices/sse-1"))
-        .bearer_auth(&t.token)
-        .json(&json!({"tags": {"site": "berlin"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (status, _) = t
+        .patch("/api/v1/devices/sse-1", json!({"tags": {"site": "berlin"}}))
+        .await;
+    assert_eq!(status, 200);
     let mut all = Sse::open(&t, "type=presence,telemetry").await;
     let mut one = Sse::open(&t, "tag=site:berlin&type=telemetry").await;
 

@@ -796,47 +796,25 @@ impl<'g> Session<'g> {
         let safe = if kind == DeviceTopic::CertsCsr {
             Some(self.rotate(p.payload).await?)
         } else if kind == DeviceTopic::StateReported {
-            // Recorded (merged into the reported state) before it is acknowledged.
-            let (recorded, done) = oneshot::channel();
-            let device = self.device.clone();
-            let payload = p.payload;
-            self.commands
-                .tell(DeviceEvent::Reported {
+            let (device, payload) = (self.device.clone(), p.payload);
+            Some(
+                self.hand_over(|recorded| DeviceEvent::Reported {
                     device,
                     payload,
                     recorded,
                 })
-                .await;
-            Some(
-                async move {
-                    match done.await.map_err(|_| AckFailure::UpstreamLost)? {
-                        Ok(()) => Ok(Verdict::default()),
-                        Err(why) => Ok(Verdict::new(AckCode::PayloadFormatInvalid, why)),
-                    }
-                }
-                .boxed()
-                .shared(),
+                .await,
             )
         } else if let DeviceTopic::CommandResult(command) = kind {
-            // Recorded by the device service before it is acknowledged; not routed on.
-            let (recorded, done) = oneshot::channel();
-            let device = self.device.clone();
-            let payload = p.payload;
-            self.commands
-                .tell(DeviceEvent::Result {
+            let (device, payload) = (self.device.clone(), p.payload);
+            Some(
+                self.hand_over(|recorded| DeviceEvent::Result {
                     device,
                     command,
                     payload,
                     recorded,
                 })
-                .await;
-            Some(
-                async move {
-                    done.await.map_err(|_| AckFailure::UpstreamLost)?;
-                    Ok(Verdict::default())
-                }
-                .boxed()
-                .shared(),
+                .await,
             )
         } else if kind.is_telemetry() {
             bump(&self.gate.stats.telemetry_received);
@@ -990,6 +968,24 @@ impl<'g> Session<'g> {
     /// Queues `reply` behind every earlier acknowledgement, to be sent once `safe` resolves.
     /// Waits while the device's window of pending acknowledgements is full, and so stops
     /// reading its socket.
+    /// Hands a publish to the device service, which records it (not routed on): safe once
+    /// the service answers, with its reason ("payload format invalid") if it refused it.
+    async fn hand_over(
+        &self,
+        event: impl FnOnce(oneshot::Sender<Result<(), String>>) -> DeviceEvent,
+    ) -> Safe {
+        let (recorded, done) = oneshot::channel();
+        self.commands.tell(event(recorded)).await;
+        async move {
+            match done.await.map_err(|_| AckFailure::UpstreamLost)? {
+                Ok(()) => Ok(Verdict::default()),
+                Err(why) => Ok(Verdict::new(AckCode::PayloadFormatInvalid, why)),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
     /// The device acknowledged a publish from the routing core: if it was a command, the
     /// device service hears it was delivered.
     async fn delivered(&self, puback: &[u8]) {
