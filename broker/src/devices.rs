@@ -119,6 +119,8 @@ fn refuse_report(device: &DeviceId, recorded: oneshot::Sender<Result<(), String>
     let _ = recorded.send(Err(why));
 }
 
+/// Connection events kept for another try when recording them fails.
+const UNRECORDED_MAX: usize = 100_000;
 /// Commands read and sent at a time when a device subscribes.
 const SEND_PAGE: usize = 100;
 /// Most commands expired in one check.
@@ -160,6 +162,9 @@ pub struct Devices {
     max_message: usize,
     /// Where connections, commands and state changes are told as they happen.
     live: Live,
+    /// Connections opened and ended that a failed write left unrecorded, oldest first; at
+    /// most [`UNRECORDED_MAX`].
+    unrecorded: Mutex<Vec<SessionEvent>>,
 }
 
 impl Devices {
@@ -184,6 +189,7 @@ impl Devices {
             // Room for the fixed header, the topic and the packet id.
             max_message: max_packet_size.saturating_sub(256),
             live,
+            unrecorded: Mutex::default(),
         });
         (devices, tx, rx)
     }
@@ -256,30 +262,39 @@ impl Devices {
 
     /// Records the connections that opened and ended, in one transaction for the batch.
     async fn record_presence(&self, events: &[DeviceEvent]) {
-        let sessions: Vec<SessionEvent> = events
-            .iter()
-            .filter_map(|e| match e {
-                DeviceEvent::Online(s) => Some(SessionEvent::Opened(s.clone())),
-                DeviceEvent::Offline {
-                    device,
-                    session,
-                    at_ms,
-                    reason,
-                } => Some(SessionEvent::Closed {
-                    device: device.clone(),
-                    session: *session,
-                    at_ms: *at_ms,
-                    reason: reason.clone(),
-                }),
-                _ => None,
-            })
-            .collect();
+        // Those a failed write left, first, so that opens and ends stay in order.
+        let mut sessions = self
+            .unrecorded
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or_default();
+        sessions.extend(events.iter().filter_map(|e| match e {
+            DeviceEvent::Online(s) => Some(SessionEvent::Opened(s.clone())),
+            DeviceEvent::Offline {
+                device,
+                session,
+                at_ms,
+                reason,
+            } => Some(SessionEvent::Closed {
+                device: device.clone(),
+                session: *session,
+                at_ms: *at_ms,
+                reason: reason.clone(),
+            }),
+            _ => None,
+        }));
         if sessions.is_empty() {
             return;
         }
+        let kept = sessions.clone();
         if let Err(e) = self.blocking(move |r| r.record_sessions(&sessions)).await {
-            // Presence history has a gap; commands are unaffected.
-            warn!(error = %e, "could not record connections");
+            // Tried again with the next batch; past the bound, the oldest are dropped and
+            // the history has a gap (commands are unaffected).
+            warn!(error = %e, waiting = kept.len(), "could not record connections; retrying with the next");
+            if let Ok(mut u) = self.unrecorded.lock() {
+                let over = kept.len().saturating_sub(UNRECORDED_MAX);
+                u.extend(kept.into_iter().skip(over));
+            }
         }
     }
 
