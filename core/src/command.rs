@@ -12,12 +12,18 @@
 //! is what the device publishes on `…/commands/{command_id}/result`. A command that was sent
 //! but not delivered is sent again when the device subscribes again (after a reconnect, or
 //! a restart of Tellus), until it expires.
+//!
+//! A [`Job`] sends one command (the same name, params and timeout) to many devices, at a
+//! rate and with at most so many of its commands not ended at once; each device's command
+//! is an ordinary [`Command`] whose `job` names it.
 
 use serde::{Deserialize, Serialize};
 
 use crate::{DeviceId, TimestampMs};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Ordered as the states are listed, so that counts by status (a `BTreeMap`) read in the
+/// order commands move through them; serialized as the lower-case name, also as a map key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CommandStatus {
     Queued,
@@ -125,6 +131,67 @@ pub fn new_command_id() -> String {
     format!("c-{}", hex::encode(bytes))
 }
 
+/// Where a fleet job is: sending (`running`), done, or stopped by an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Commands are still to be created, or some of them have not ended.
+    Running,
+    /// Every selected device was sent its command (or was deleted meanwhile) and every
+    /// command ended.
+    Completed,
+    /// Stopped before that: no more commands are created.
+    Aborted,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 3] = [JobStatus::Running, JobStatus::Completed, JobStatus::Aborted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|j| j.as_str() == s)
+    }
+
+    /// Whether the job has ended: it creates no more commands.
+    pub fn is_final(self) -> bool {
+        self != JobStatus::Running
+    }
+}
+
+/// A fleet job: one command sent to many devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// `j-` and 20 hex digits ([`new_job_id`]).
+    pub id: String,
+    /// The name, params and timeout of each device's command.
+    pub name: String,
+    pub params: serde_json::Value,
+    pub timeout_ms: u64,
+    /// Commands created per second, at most.
+    pub rate: f64,
+    /// The most commands of the job not ended at once.
+    pub concurrency: u32,
+    pub status: JobStatus,
+    pub created_at_ms: TimestampMs,
+    /// When it completed or was aborted.
+    pub finished_at_ms: Option<TimestampMs>,
+    /// How many devices were selected.
+    pub total: u64,
+}
+
+/// A new job id: `j-` and 20 random hex digits.
+pub fn new_job_id() -> String {
+    let bytes: [u8; 10] = rand::random();
+    format!("j-{}", hex::encode(bytes))
+}
+
 /// What a device's result says: `{"ok": true|false, "output": …}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct CommandResult {
@@ -166,6 +233,40 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 22);
         assert!(a[2..].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn job_statuses_round_trip_and_job_ids_are_distinct() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+            assert_eq!(s.is_final(), s != JobStatus::Running);
+        }
+        assert_eq!(JobStatus::parse("paused"), None);
+        let a = new_job_id();
+        assert_ne!(a, new_job_id());
+        assert_eq!(a.len(), 22);
+        assert!(a.starts_with("j-"));
+        assert!(a[2..].bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn counts_by_status_serialize_as_an_object_in_state_order() {
+        let counts = std::collections::BTreeMap::from([
+            (CommandStatus::Succeeded, 2u64),
+            (CommandStatus::Queued, 3),
+            (CommandStatus::Sent, 1),
+        ]);
+        assert_eq!(
+            serde_json::to_string(&counts).unwrap(),
+            r#"{"queued":3,"sent":1,"succeeded":2}"#
+        );
+        let back: std::collections::BTreeMap<CommandStatus, u64> =
+            serde_json::from_str(r#"{"queued":3,"sent":1,"succeeded":2}"#).unwrap();
+        assert_eq!(back, counts);
     }
 
     #[test]

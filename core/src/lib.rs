@@ -21,7 +21,7 @@ pub mod state;
 pub mod telemetry;
 pub mod topic;
 
-pub use command::{Command, CommandResult, CommandStatus};
+pub use command::{Command, CommandResult, CommandStatus, Job, JobStatus};
 pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
 pub use live::{Live, LiveEvent};

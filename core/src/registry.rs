@@ -6,11 +6,12 @@
 //! revocation travels through [`Registry::changes`]: whichever node (or CLI) writes it, every
 //! gate reads it and closes the affected connections. Calls are synchronous and short
 //! (indexed lookups); async callers run them on a blocking thread. Each device also has a
-//! desired and a reported state ([`DeviceState`]), which patches change.
+//! desired and a reported state ([`DeviceState`]), which patches change. Commands to devices
+//! and the fleet jobs ([`crate::Job`]) that create them in bulk are kept here too.
 
 use std::collections::BTreeMap;
 
-use crate::{Command, CommandStatus, DeviceId, DeviceState, TimestampMs};
+use crate::{Command, CommandStatus, DeviceId, DeviceState, Job, JobStatus, TimestampMs};
 
 /// Whether a device may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -315,6 +316,54 @@ pub trait Registry: Send + Sync + 'static {
         now: TimestampMs,
         limit: usize,
     ) -> Result<Vec<Command>, RegistryError>;
+    /// Records a new fleet job and the devices it selected, in the order given (the order
+    /// its commands are created in), in one transaction: all of it or nothing.
+    /// [`RegistryError::Refused`] if a job with its id exists already. The devices need not
+    /// exist; those that do not when their turn comes are skipped.
+    fn insert_job(&self, job: &Job, devices: &[DeviceId]) -> Result<(), RegistryError>;
+    /// One job; `None` if there is no such job.
+    fn job(&self, id: &str) -> Result<Option<Job>, RegistryError>;
+    /// Jobs, newest first (the order they were recorded in), with status `status` when
+    /// given, recorded before the job with id `before` (when given; none if there is no such
+    /// job), at most `limit`.
+    fn jobs(
+        &self,
+        status: Option<JobStatus>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, RegistryError>;
+    /// The job's devices that have no command of this job yet, in the order the job
+    /// recorded them, at most `limit`; devices deleted since are left out. Empty if there is
+    /// no such job.
+    fn job_devices_without_command(
+        &self,
+        job: &str,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>, RegistryError>;
+    /// How many of the job's commands are in each status; statuses no command is in are
+    /// absent.
+    fn job_counts(&self, job: &str) -> Result<BTreeMap<CommandStatus, u64>, RegistryError>;
+    /// How many of the job's commands have not ended (`queued`, `sent` or `delivered`).
+    fn job_open_commands(&self, job: &str) -> Result<u64, RegistryError>;
+    /// The job's commands, oldest first (the order they were created in), with status
+    /// `status` when given, created after the command with id `after` (when given; none if
+    /// it is not one of the job's commands), at most `limit`.
+    fn job_commands(
+        &self,
+        job: &str,
+        status: Option<CommandStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Command>, RegistryError>;
+    /// Moves a `running` job to `status` (`completed` or `aborted`) and sets its
+    /// `finished_at_ms` to `at`. A job not running, or a `status` of `running`, leaves it
+    /// unchanged. Returns the job as it is now; `None` if there is no such job.
+    fn finish_job(
+        &self,
+        job: &str,
+        status: JobStatus,
+        at: TimestampMs,
+    ) -> Result<Option<Job>, RegistryError>;
     /// Records connections opening and ending, in order, in one transaction. A `Closed`
     /// without its open connection on record is ignored.
     fn record_sessions(&self, events: &[SessionEvent]) -> Result<(), RegistryError>;

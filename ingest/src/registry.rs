@@ -18,14 +18,18 @@
 //! - `device_state`: each device's desired and reported state (JSON objects, see
 //!   [`tellus_core::state`]) with their versions and times; a device without a row has both
 //!   empty at version 0, and deleting a device deletes its row.
+//! - `jobs`: fleet jobs (see [`tellus_core::Job`]), in the order they were recorded (`seq`);
+//! - `job_devices`: the devices each job selected, in the order its commands are created
+//!   (`seq`); kept after a device is deleted, which then is skipped. Each device's command is
+//!   a row of `commands` with `job` set: a job device without one is yet to be sent it.
 
-use std::{path::Path, sync::Mutex};
+use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
     state, AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, Command, CommandStatus,
-    DeviceId, DeviceQuery, DeviceRecord, DeviceState, DeviceStatus, NewDevice, PresenceCounts,
-    Registry, RegistryError, Session, SessionEvent, TimestampMs, FLEET_ISSUER,
+    DeviceId, DeviceQuery, DeviceRecord, DeviceState, DeviceStatus, Job, JobStatus, NewDevice,
+    PresenceCounts, Registry, RegistryError, Session, SessionEvent, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -122,6 +126,31 @@ const MIGRATIONS: &[&str] = &[
         reported_version  INTEGER NOT NULL DEFAULT 0,
         reported_at       INTEGER
     );",
+    // Fleet jobs. `seq` (the rowid) orders jobs as they were recorded. A job's commands are
+    // found by `job`: `commands_by_job` answers whether a device has its command yet,
+    // `commands_by_job_seq` lists them in the order they were created. `job IS NOT NULL`
+    // is implied by `job = ?`, so queries by job use these partial indexes.
+    "CREATE TABLE jobs (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
+        name         TEXT NOT NULL,
+        params       TEXT NOT NULL,
+        timeout_ms   INTEGER NOT NULL,
+        rate         REAL NOT NULL,
+        concurrency  INTEGER NOT NULL,
+        status       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        finished_at  INTEGER,
+        total        INTEGER NOT NULL
+    );
+    CREATE TABLE job_devices (
+        job     TEXT NOT NULL,
+        seq     INTEGER NOT NULL,
+        device  TEXT NOT NULL,
+        PRIMARY KEY (job, seq)
+    );
+    CREATE INDEX commands_by_job ON commands (job, device) WHERE job IS NOT NULL;
+    CREATE INDEX commands_by_job_seq ON commands (job, seq) WHERE job IS NOT NULL;",
 ];
 
 /// Audit entries kept; older ones are deleted as new ones arrive.
@@ -225,6 +254,46 @@ fn load_command(
     ))?
     .query_row([id, device.as_str()], command_record)
     .optional()
+}
+
+/// A job's status column held something this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown job status {0:?}")]
+struct UnknownJobStatus(String);
+
+/// A job's column held a number out of its type's range.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} out of range")]
+struct OutOfRange(i64);
+
+const JOB_COLUMNS: &str =
+    "id, name, params, timeout_ms, rate, concurrency, status, created_at, finished_at, total";
+
+fn job_record(row: &Row<'_>) -> Result<Job, rusqlite::Error> {
+    fn number<T: TryFrom<i64>>(row: &Row<'_>, i: usize) -> Result<T, rusqlite::Error> {
+        let n: i64 = row.get(i)?;
+        T::try_from(n).map_err(|_| bad_column(i, OutOfRange(n)))
+    }
+    let params: String = row.get(2)?;
+    let status: String = row.get(6)?;
+    Ok(Job {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        params: serde_json::from_str(&params).map_err(|e| bad_column(2, e))?,
+        timeout_ms: number(row, 3)?,
+        rate: row.get(4)?,
+        concurrency: number(row, 5)?,
+        status: JobStatus::parse(&status).ok_or_else(|| bad_column(6, UnknownJobStatus(status)))?,
+        created_at_ms: row.get(7)?,
+        finished_at_ms: row.get(8)?,
+        total: number(row, 9)?,
+    })
+}
+
+fn load_job(c: &Connection, id: &str) -> Result<Option<Job>, rusqlite::Error> {
+    c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([id], job_record)
+        .optional()
 }
 
 /// Devices with their current certificate (of those not revoked, the one valid longest).
@@ -1080,6 +1149,225 @@ impl Registry for SqliteRegistry {
         // RETURNING yields rows in no promised order.
         expired.sort_by_key(|(seq, _)| *seq);
         Ok(expired.into_iter().map(|(_, c)| c).collect())
+    }
+
+    fn insert_job(&self, job: &Job, devices: &[DeviceId]) -> Result<(), RegistryError> {
+        if job.status != JobStatus::Running {
+            return Err(RegistryError::Refused(format!(
+                "a new job must be running, not {}",
+                job.status.as_str()
+            )));
+        }
+        if usize::try_from(job.total).ok() != Some(devices.len()) {
+            return Err(RegistryError::Refused(format!(
+                "job {} counts {} devices but {} were given",
+                job.id,
+                job.total,
+                devices.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(devices.len());
+        if let Some(twice) = devices.iter().find(|d| !seen.insert(*d)) {
+            return Err(RegistryError::Refused(format!(
+                "device {twice} is named twice in job {}",
+                job.id
+            )));
+        }
+        let out_of_range = |what: &str, n: u64| {
+            i64::try_from(n)
+                .map_err(|_| RegistryError::Refused(format!("{what} {n} is out of range")))
+        };
+        let timeout_ms = out_of_range("timeout", job.timeout_ms)?;
+        let total = out_of_range("total", job.total)?;
+        let params_json = serde_json::to_string(&job.params).map_err(backend)?;
+        let inserted = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let inserted = tx.execute(
+                &format!(
+                    "INSERT INTO jobs ({JOB_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (id) DO NOTHING"
+                ),
+                params![
+                    job.id,
+                    job.name,
+                    params_json,
+                    timeout_ms,
+                    job.rate,
+                    job.concurrency,
+                    job.status.as_str(),
+                    job.created_at_ms,
+                    job.finished_at_ms,
+                    total
+                ],
+            )?;
+            if inserted == 0 {
+                return Ok(false);
+            }
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO job_devices (job, seq, device) VALUES (?1, ?2, ?3)",
+                )?;
+                for (seq, device) in (0i64..).zip(devices) {
+                    stmt.execute(params![job.id, seq, device.as_str()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(true)
+        })?;
+        if inserted {
+            Ok(())
+        } else {
+            Err(RegistryError::Refused(format!(
+                "job {} exists already",
+                job.id
+            )))
+        }
+    }
+
+    fn job(&self, id: &str) -> Result<Option<Job>, RegistryError> {
+        self.with(|c| load_job(c, id))
+    }
+
+    fn jobs(
+        &self,
+        status: Option<JobStatus>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let before = match before {
+                None => i64::MAX,
+                Some(id) => {
+                    let seq: Option<i64> = c
+                        .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")?
+                        .query_row([id], |r| r.get(0))
+                        .optional()?;
+                    match seq {
+                        Some(seq) => seq,
+                        // No such job: nothing comes before it.
+                        None => return Ok(Vec::new()),
+                    }
+                }
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs
+                 WHERE (?1 IS NULL OR status = ?1) AND seq < ?2
+                 ORDER BY seq DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![status.map(JobStatus::as_str), before, limit],
+                job_record,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn job_devices_without_command(
+        &self,
+        job: &str,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT jd.device FROM job_devices jd
+                 JOIN devices d ON d.id = jd.device
+                 WHERE jd.job = ?1
+                   AND NOT EXISTS (
+                       SELECT 1 FROM commands c WHERE c.job = ?1 AND c.device = jd.device)
+                 ORDER BY jd.seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![job, limit], |r| device_id(r, 0))?;
+            rows.collect()
+        })
+    }
+
+    fn job_counts(&self, job: &str) -> Result<BTreeMap<CommandStatus, u64>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT status, count(*) FROM commands WHERE job = ?1 GROUP BY status",
+            )?;
+            let rows = stmt.query_map([job], |r| {
+                let status: String = r.get(0)?;
+                let status = CommandStatus::parse(&status)
+                    .ok_or_else(|| bad_column(0, UnknownCommandStatus(status)))?;
+                let n: i64 = r.get(1)?;
+                let n = u64::try_from(n).map_err(|_| bad_column(1, OutOfRange(n)))?;
+                Ok((status, n))
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn job_open_commands(&self, job: &str) -> Result<u64, RegistryError> {
+        self.with(|c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT count(*) FROM commands
+                     WHERE job = ?1 AND status IN ('queued', 'sent', 'delivered')",
+                )?
+                .query_row([job], |r| r.get(0))?;
+            u64::try_from(n).map_err(|_| bad_column(0, OutOfRange(n)))
+        })
+    }
+
+    fn job_commands(
+        &self,
+        job: &str,
+        status: Option<CommandStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Command>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let after = match after {
+                None => 0,
+                Some(id) => {
+                    let seq: Option<i64> = c
+                        .prepare_cached("SELECT seq FROM commands WHERE id = ?1 AND job = ?2")?
+                        .query_row([id, job], |r| r.get(0))
+                        .optional()?;
+                    match seq {
+                        Some(seq) => seq,
+                        // Not one of this job's commands: nothing comes after it.
+                        None => return Ok(Vec::new()),
+                    }
+                }
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands
+                 WHERE job = ?1 AND (?2 IS NULL OR status = ?2) AND seq > ?3
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![job, status.map(CommandStatus::as_str), after, limit],
+                command_record,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn finish_job(
+        &self,
+        job: &str,
+        status: JobStatus,
+        at: TimestampMs,
+    ) -> Result<Option<Job>, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            if status != JobStatus::Running {
+                tx.prepare_cached(
+                    "UPDATE jobs SET status = ?2, finished_at = ?3
+                     WHERE id = ?1 AND status = 'running'",
+                )?
+                .execute(params![job, status.as_str(), at])?;
+            }
+            let now = load_job(&tx, job)?;
+            tx.commit()?;
+            Ok(now)
+        })
     }
 
     fn record_sessions(&self, events: &[SessionEvent]) -> Result<(), RegistryError> {
@@ -2507,5 +2795,367 @@ mod tests {
                 Err(RegistryError::Backend(_))
             ));
         }
+    }
+
+    /// A running job of `devices`, sending `reboot`, recorded at `at`.
+    fn job_of(devices: &[DeviceId], at: i64) -> Job {
+        Job {
+            id: tellus_core::command::new_job_id(),
+            name: "reboot".into(),
+            params: serde_json::json!({"delay_s": 5}),
+            timeout_ms: 60_000,
+            rate: 2.5,
+            concurrency: 10,
+            status: JobStatus::Running,
+            created_at_ms: at,
+            finished_at_ms: None,
+            total: devices.len() as u64,
+        }
+    }
+
+    /// The job's command for `device`, as the job runner creates it.
+    fn job_cmd(job: &Job, device: &str) -> Command {
+        Command {
+            job: Some(job.id.clone()),
+            ..cmd(device, device, 1_000)
+        }
+    }
+
+    fn devs(v: Vec<DeviceId>) -> Vec<String> {
+        v.into_iter().map(|d| d.to_string()).collect()
+    }
+
+    fn job_ids(v: Vec<Job>) -> Vec<String> {
+        v.into_iter().map(|j| j.id).collect()
+    }
+
+    #[test]
+    fn jobs_are_recorded_got_and_listed_newest_first() {
+        let (_dir, reg) = open();
+        let devices = [id("c"), id("a"), id("b")];
+        let first = job_of(&devices, 10);
+        let second = job_of(&devices[..1], 20);
+        let third = job_of(&[], 30);
+        for j in [&first, &second, &third] {
+            let selected = &devices[..j.total as usize];
+            reg.insert_job(j, selected).unwrap();
+        }
+        assert_eq!(reg.job(&first.id).unwrap(), Some(first.clone()));
+        assert_eq!(reg.job("j-none").unwrap(), None);
+        assert_eq!(
+            job_ids(reg.jobs(None, None, 10).unwrap()),
+            [third.id.as_str(), second.id.as_str(), first.id.as_str()]
+        );
+        assert_eq!(
+            job_ids(reg.jobs(None, Some(&third.id), 1).unwrap()),
+            [second.id.as_str()]
+        );
+        assert!(reg.jobs(None, Some("j-none"), 10).unwrap().is_empty());
+
+        reg.finish_job(&second.id, JobStatus::Completed, 40)
+            .unwrap();
+        assert_eq!(
+            job_ids(reg.jobs(Some(JobStatus::Running), None, 10).unwrap()),
+            [third.id.as_str(), first.id.as_str()]
+        );
+        assert_eq!(
+            job_ids(reg.jobs(Some(JobStatus::Completed), None, 10).unwrap()),
+            [second.id.as_str()]
+        );
+        assert!(reg
+            .jobs(Some(JobStatus::Aborted), None, 10)
+            .unwrap()
+            .is_empty());
+
+        // A duplicate id, a job not running, a wrong total or a device named twice is
+        // refused, and nothing of it is recorded.
+        assert!(refused(reg.insert_job(&first, &devices)).contains("exists already"));
+        let aborted = Job {
+            status: JobStatus::Aborted,
+            ..job_of(&devices, 50)
+        };
+        assert!(refused(reg.insert_job(&aborted, &devices)).contains("must be running"));
+        let short = job_of(&devices, 50);
+        assert!(refused(reg.insert_job(&short, &devices[..2])).contains("counts 3 devices"));
+        let twice = [id("a"), id("a")];
+        assert!(refused(reg.insert_job(&job_of(&twice, 50), &twice)).contains("named twice"));
+        assert_eq!(reg.jobs(None, None, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn job_devices_without_command_shrink_as_commands_are_created() {
+        let (_dir, reg) = open();
+        for (d, s) in [("a", "01"), ("b", "02"), ("c", "03"), ("d", "04")] {
+            reg.insert_device(&new(d, s, 100)).unwrap();
+        }
+        let selected = [id("c"), id("a"), id("d"), id("b")];
+        let job = job_of(&selected, 10);
+        reg.insert_job(&job, &selected).unwrap();
+        let other = job_of(&selected, 10);
+        reg.insert_job(&other, &selected).unwrap();
+        let without = |limit| devs(reg.job_devices_without_command(&job.id, limit).unwrap());
+        assert_eq!(without(10), ["c", "a", "d", "b"]);
+        assert_eq!(without(2), ["c", "a"]);
+
+        reg.insert_command(&job_cmd(&job, "c")).unwrap();
+        // A command of no job, or of another job, does not count.
+        reg.insert_command(&cmd("a", "manual", 1_000)).unwrap();
+        reg.insert_command(&job_cmd(&other, "a")).unwrap();
+        assert_eq!(without(2), ["a", "d"]);
+        // An ended command still counts: the device was sent its command.
+        let a = job_cmd(&job, "a");
+        reg.insert_command(&a).unwrap();
+        assert!(move_to(&reg, &a, CommandStatus::Cancelled, 5));
+        assert_eq!(without(10), ["d", "b"]);
+
+        // A device deleted since is skipped, also after it was sent its command.
+        assert!(reg.delete_device(&id("d"), 6).unwrap());
+        assert!(reg.delete_device(&id("c"), 6).unwrap());
+        assert_eq!(without(10), ["b"]);
+        reg.insert_command(&job_cmd(&job, "b")).unwrap();
+        assert!(without(10).is_empty());
+        assert!(reg
+            .job_devices_without_command("j-none", 10)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            devs(reg.job_devices_without_command(&other.id, 10).unwrap()),
+            ["b"]
+        );
+    }
+
+    #[test]
+    fn job_counts_and_open_commands_follow_the_moves() {
+        let (_dir, reg) = open();
+        for (d, s) in [("a", "01"), ("b", "02"), ("c", "03"), ("d", "04")] {
+            reg.insert_device(&new(d, s, 100)).unwrap();
+        }
+        let selected = [id("a"), id("b"), id("c"), id("d")];
+        let job = job_of(&selected, 10);
+        reg.insert_job(&job, &selected).unwrap();
+        assert!(reg.job_counts(&job.id).unwrap().is_empty());
+        assert_eq!(reg.job_open_commands(&job.id).unwrap(), 0);
+
+        let cmds: Vec<Command> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|d| job_cmd(&job, d))
+            .collect();
+        for c in &cmds {
+            reg.insert_command(c).unwrap();
+        }
+        // Not the job's: counted nowhere.
+        reg.insert_command(&cmd("a", "manual", 1_000)).unwrap();
+        assert_eq!(
+            reg.job_counts(&job.id).unwrap(),
+            BTreeMap::from([(CommandStatus::Queued, 4)])
+        );
+        assert_eq!(reg.job_open_commands(&job.id).unwrap(), 4);
+
+        assert!(move_to(&reg, &cmds[0], CommandStatus::Sent, 2));
+        assert!(move_to(&reg, &cmds[1], CommandStatus::Sent, 2));
+        assert!(move_to(&reg, &cmds[1], CommandStatus::Delivered, 3));
+        assert!(move_to(&reg, &cmds[2], CommandStatus::Sent, 2));
+        assert!(move_to(&reg, &cmds[2], CommandStatus::Succeeded, 3));
+        assert!(move_to(&reg, &cmds[3], CommandStatus::Cancelled, 3));
+        assert_eq!(
+            reg.job_counts(&job.id).unwrap(),
+            BTreeMap::from([
+                (CommandStatus::Sent, 1),
+                (CommandStatus::Delivered, 1),
+                (CommandStatus::Succeeded, 1),
+                (CommandStatus::Cancelled, 1),
+            ])
+        );
+        assert_eq!(reg.job_open_commands(&job.id).unwrap(), 2);
+
+        assert!(move_to(&reg, &cmds[0], CommandStatus::Failed, 4));
+        assert_eq!(reg.expire_commands(1_000, 10).unwrap().len(), 2);
+        assert_eq!(
+            reg.job_counts(&job.id).unwrap(),
+            BTreeMap::from([
+                (CommandStatus::Succeeded, 1),
+                (CommandStatus::Failed, 1),
+                (CommandStatus::Expired, 1),
+                (CommandStatus::Cancelled, 1),
+            ])
+        );
+        assert_eq!(reg.job_open_commands(&job.id).unwrap(), 0);
+        assert!(reg.job_counts("j-none").unwrap().is_empty());
+    }
+
+    #[test]
+    fn job_commands_page_oldest_first_and_filter_by_status() {
+        let (_dir, reg) = open();
+        for (d, s) in [("a", "01"), ("b", "02"), ("c", "03"), ("d", "04")] {
+            reg.insert_device(&new(d, s, 100)).unwrap();
+        }
+        let selected = [id("a"), id("b"), id("c"), id("d")];
+        let job = job_of(&selected, 10);
+        reg.insert_job(&job, &selected).unwrap();
+        let other = job_of(&selected[..1], 10);
+        reg.insert_job(&other, &selected[..1]).unwrap();
+        // Created in the order d, b, a, c: that order, not the devices', decides.
+        let cmds: Vec<Command> = ["d", "b", "a", "c"]
+            .into_iter()
+            .map(|d| job_cmd(&job, d))
+            .collect();
+        for c in &cmds {
+            reg.insert_command(c).unwrap();
+        }
+        let not_ours = job_cmd(&other, "a");
+        reg.insert_command(&not_ours).unwrap();
+        assert!(move_to(&reg, &cmds[1], CommandStatus::Sent, 2));
+        assert!(move_to(&reg, &cmds[3], CommandStatus::Sent, 2));
+
+        let page = |status, after: Option<&str>, limit| {
+            names(reg.job_commands(&job.id, status, after, limit).unwrap())
+        };
+        assert_eq!(page(None, None, 10), ["d", "b", "a", "c"]);
+        assert_eq!(page(None, None, 2), ["d", "b"]);
+        assert_eq!(page(None, Some(&cmds[1].id), 2), ["a", "c"]);
+        assert!(page(None, Some(&cmds[3].id), 2).is_empty());
+        assert_eq!(page(Some(CommandStatus::Sent), None, 10), ["b", "c"]);
+        assert_eq!(page(Some(CommandStatus::Queued), None, 10), ["d", "a"]);
+        assert_eq!(
+            page(Some(CommandStatus::Queued), Some(&cmds[0].id), 10),
+            ["a"]
+        );
+        assert!(page(Some(CommandStatus::Failed), None, 10).is_empty());
+        // `after` must name one of this job's commands.
+        assert!(page(None, Some(&not_ours.id), 10).is_empty());
+        assert!(page(None, Some("c-none"), 10).is_empty());
+        // The rows are whole commands.
+        assert_eq!(
+            reg.job_commands(&job.id, None, None, 1).unwrap(),
+            [cmds[0].clone()]
+        );
+    }
+
+    #[test]
+    fn a_job_finishes_only_from_running() {
+        let (_dir, reg) = open();
+        let done = job_of(&[], 10);
+        let stopped = job_of(&[], 10);
+        reg.insert_job(&done, &[]).unwrap();
+        reg.insert_job(&stopped, &[]).unwrap();
+
+        // To `running`: nothing changes.
+        assert_eq!(
+            reg.finish_job(&done.id, JobStatus::Running, 20).unwrap(),
+            Some(done.clone())
+        );
+        let completed = reg
+            .finish_job(&done.id, JobStatus::Completed, 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(completed.status, JobStatus::Completed);
+        assert_eq!(completed.finished_at_ms, Some(20));
+        // An ended job stays as it ended.
+        assert_eq!(
+            reg.finish_job(&done.id, JobStatus::Aborted, 30).unwrap(),
+            Some(completed.clone())
+        );
+        assert_eq!(
+            reg.finish_job(&done.id, JobStatus::Completed, 30).unwrap(),
+            Some(completed)
+        );
+
+        let aborted = reg
+            .finish_job(&stopped.id, JobStatus::Aborted, 25)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (aborted.status, aborted.finished_at_ms),
+            (JobStatus::Aborted, Some(25))
+        );
+        assert_eq!(reg.job(&stopped.id).unwrap(), Some(aborted));
+        assert_eq!(
+            reg.finish_job("j-none", JobStatus::Aborted, 25).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn jobs_survive_reopening_and_bad_rows_are_errors() {
+        let (dir, reg) = open();
+        let path = dir.path().join("registry.db");
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        let selected = [id("b"), id("a")];
+        let job = job_of(&selected, 10);
+        reg.insert_job(&job, &selected).unwrap();
+        let b = job_cmd(&job, "b");
+        reg.insert_command(&b).unwrap();
+        drop(reg);
+
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(reg.job(&job.id).unwrap(), Some(job.clone()));
+        assert_eq!(
+            devs(reg.job_devices_without_command(&job.id, 10).unwrap()),
+            ["a"]
+        );
+        assert_eq!(
+            reg.job_commands(&job.id, None, None, 10).unwrap(),
+            std::slice::from_ref(&b)
+        );
+        assert_eq!(
+            reg.job_counts(&job.id).unwrap(),
+            BTreeMap::from([(CommandStatus::Queued, 1)])
+        );
+
+        // A status, JSON or number this version cannot read is an error, not a panic.
+        let raw = Connection::open(&path).unwrap();
+        for bad in [
+            "UPDATE jobs SET status = 'paused' WHERE id = ?1",
+            "UPDATE jobs SET params = '{not json' WHERE id = ?1",
+            "UPDATE jobs SET concurrency = -1 WHERE id = ?1",
+            "UPDATE jobs SET total = -1 WHERE id = ?1",
+        ] {
+            raw.execute(
+                "UPDATE jobs SET status = 'running', params = '{}', concurrency = 1, total = 2
+                 WHERE id = ?1",
+                [&job.id],
+            )
+            .unwrap();
+            assert!(reg.job(&job.id).unwrap().is_some());
+            raw.execute(bad, [&job.id]).unwrap();
+            assert!(
+                matches!(reg.job(&job.id), Err(RegistryError::Backend(_))),
+                "{bad}"
+            );
+            assert!(
+                matches!(reg.jobs(None, None, 10), Err(RegistryError::Backend(_))),
+                "{bad}"
+            );
+        }
+        raw.execute(
+            "UPDATE commands SET status = 'paused' WHERE id = ?1",
+            [&b.id],
+        )
+        .unwrap();
+        assert!(matches!(
+            reg.job_counts(&job.id),
+            Err(RegistryError::Backend(_))
+        ));
+    }
+
+    #[test]
+    fn queries_by_job_use_the_job_indexes() {
+        let (dir, _reg) = open();
+        let raw = Connection::open(dir.path().join("registry.db")).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = raw.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            rows.join("; ")
+        };
+        let exists = plan("SELECT 1 FROM commands c WHERE c.job = 'j' AND c.device = 'd'");
+        assert!(exists.contains("commands_by_job "), "{exists}");
+        let listing = plan("SELECT id FROM commands WHERE job = 'j' AND seq > 0 ORDER BY seq");
+        assert!(listing.contains("commands_by_job_seq"), "{listing}");
+        assert!(!listing.contains("TEMP B-TREE"), "{listing}");
     }
 }
