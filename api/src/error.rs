@@ -40,6 +40,8 @@ pub enum ApiError {
     DeadLetterNotFound(i64),
     #[error("device {0} has no command {1}")]
     CommandNotFound(DeviceId, String),
+    #[error("job {0} not found")]
+    JobNotFound(String),
     #[error("invalid certificate signing request: {0}")]
     InvalidCsr(String),
     #[error("invalid CA certificate: {0}")]
@@ -98,6 +100,7 @@ impl ApiError {
             | ApiError::CertificateNotFound(_)
             | ApiError::DeadLetterNotFound(_)
             | ApiError::CommandNotFound(..)
+            | ApiError::JobNotFound(_)
             | ApiError::CaNotFound(_)
             | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -119,6 +122,7 @@ impl ApiError {
             ApiError::CertificateNotFound(_) => "certificate_not_found",
             ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
             ApiError::CommandNotFound(..) => "command_not_found",
+            ApiError::JobNotFound(_) => "job_not_found",
             ApiError::InvalidCsr(_) => "invalid_csr",
             ApiError::InvalidCa(_) => "invalid_ca",
             ApiError::CaExists(_) => "ca_exists",

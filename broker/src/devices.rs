@@ -44,6 +44,8 @@ use tracing::{debug, info, warn};
 
 use crate::routing::Publisher;
 
+pub mod jobs;
+
 /// What the gate tells the device service about devices. Connections are told apart by
 /// their session number: a device's new connection may open before its old one has ended.
 #[derive(Debug)]
@@ -165,6 +167,9 @@ pub struct Devices {
     /// Connections opened and ended that a failed write left unrecorded, oldest first; at
     /// most [`UNRECORDED_MAX`].
     unrecorded: Mutex<Vec<SessionEvent>>,
+    /// Held by a job's runner while it looks at its job and creates commands, and by an
+    /// abort: no command is created after a job is aborted.
+    jobs_lock: tokio::sync::Mutex<()>,
 }
 
 impl Devices {
@@ -190,6 +195,7 @@ impl Devices {
             max_message: max_packet_size.saturating_sub(256),
             live,
             unrecorded: Mutex::default(),
+            jobs_lock: tokio::sync::Mutex::default(),
         });
         (devices, tx, rx)
     }
@@ -228,6 +234,7 @@ impl Devices {
         let mut links = self.publisher.links();
         links.borrow_and_update();
         let mut links_open = true;
+        self.resume_jobs().await;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
@@ -564,12 +571,23 @@ impl Devices {
         params: serde_json::Value,
         timeout: Duration,
     ) -> Result<Command, DeviceError> {
+        self.check_command(name, &params, timeout)?;
+        self.create_with(device, name, params, timeout, None).await
+    }
+
+    /// Refuses a command that could not be sent as asked.
+    fn check_command(
+        &self,
+        name: &str,
+        params: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<(), DeviceError> {
         if name.is_empty() || name.len() > 128 {
             return Err(DeviceError::Invalid(
                 "a command's name is 1 to 128 bytes".into(),
             ));
         }
-        let size = serde_json::to_vec(&params).map_or(usize::MAX, |p| p.len()) + name.len();
+        let size = serde_json::to_vec(params).map_or(usize::MAX, |p| p.len()) + name.len();
         if size > self.max_message {
             return Err(DeviceError::Invalid(format!(
                 "the command is {size} bytes; at most {} fit in a message to a device",
@@ -582,6 +600,18 @@ impl Devices {
                 MAX_TIMEOUT.as_secs() / 86_400
             )));
         }
+        Ok(())
+    }
+
+    /// Creates a command (of `job`, if given) and sends it at once if the device listens.
+    async fn create_with(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+        job: Option<String>,
+    ) -> Result<Command, DeviceError> {
         let now = now_ms();
         let command = Command {
             id: new_command_id(),
@@ -596,7 +626,7 @@ impl Devices {
             delivered_at_ms: None,
             finished_at_ms: None,
             output: None,
-            job: None,
+            job,
         };
         {
             let (device, command) = (device.clone(), command.clone());

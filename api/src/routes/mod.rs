@@ -15,6 +15,7 @@
 //! | `GET /pki/crl.pem` | [`pki`] | **no**: signed public data, for other brokers |
 //! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] | yes |
 //! | `GET /audit` | [`audit`] | yes |
+//! | `POST /commands`, `GET /commands`, `GET /commands/{job}`, `GET /commands/{job}/devices`, `POST /commands/{job}/abort` | [`jobs`] | yes |
 //! | `GET /stats` | [`stats`] | yes |
 //! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state`) | [`stream`] | yes |
 //!
@@ -35,6 +36,7 @@ pub mod audit;
 pub mod commands;
 pub mod deadletters;
 pub mod devices;
+pub mod jobs;
 pub mod pki;
 pub mod presence;
 pub mod state;
@@ -82,6 +84,10 @@ pub fn v1() -> Router<AppState> {
         .route("/pki/cas", post(pki::create_ca).get(pki::list_cas))
         .route("/pki/cas/{id}", get(pki::get_ca).delete(pki::delete_ca))
         .route("/audit", get(audit::list))
+        .route("/commands", post(jobs::create).get(jobs::list))
+        .route("/commands/{job}", get(jobs::get_one))
+        .route("/commands/{job}/devices", get(jobs::devices))
+        .route("/commands/{job}/abort", post(jobs::abort))
         .route("/stats", get(stats::get))
         .route("/stream", get(stream::stream))
 }
