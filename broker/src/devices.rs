@@ -167,9 +167,11 @@ pub struct Devices {
     /// Connections opened and ended that a failed write left unrecorded, oldest first; at
     /// most [`UNRECORDED_MAX`].
     unrecorded: Mutex<Vec<SessionEvent>>,
-    /// Held by a job's runner while it looks at its job and creates commands, and by an
-    /// abort: no command is created after a job is aborted.
+    /// Held by a job's runner while it looks at its job and records commands, and by an
+    /// abort while it marks the job: no command is created after a job is aborted.
     jobs_lock: tokio::sync::Mutex<()>,
+    /// Jobs with a runner now: one runner a job.
+    job_runners: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Devices {
@@ -196,6 +198,7 @@ impl Devices {
             live,
             unrecorded: Mutex::default(),
             jobs_lock: tokio::sync::Mutex::default(),
+            job_runners: Mutex::default(),
         });
         (devices, tx, rx)
     }
@@ -612,6 +615,32 @@ impl Devices {
         timeout: Duration,
         job: Option<String>,
     ) -> Result<Command, DeviceError> {
+        let command = self.record(device, name, params, timeout, job).await?;
+        self.send_if_listening(&command).await;
+        Ok(self.get(device, &command.id).await?.unwrap_or(command))
+    }
+
+    /// Sends a new command at once if its device listens; else it waits, queued.
+    async fn send_if_listening(&self, command: &Command) {
+        let listening = self
+            .listening
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&command.device).and_then(|l| l.commands));
+        if let Some(acked) = listening {
+            self.send(command.clone(), acked).await;
+        }
+    }
+
+    /// Records a new command, queued, and tells its watchers.
+    async fn record(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+        job: Option<String>,
+    ) -> Result<Command, DeviceError> {
         let now = now_ms();
         let command = Command {
             id: new_command_id(),
@@ -639,15 +668,7 @@ impl Devices {
             .await??;
         }
         self.changed(command.clone());
-        let listening = self
-            .listening
-            .lock()
-            .ok()
-            .and_then(|l| l.get(device).and_then(|l| l.commands));
-        if let Some(acked) = listening {
-            self.send(command.clone(), acked).await;
-        }
-        Ok(self.get(device, &command.id).await?.unwrap_or(command))
+        Ok(command)
     }
 
     pub async fn get(&self, device: &DeviceId, id: &str) -> Result<Option<Command>, DeviceError> {

@@ -61,19 +61,34 @@ impl Devices {
                 "concurrency must be 1 to {MAX_CONCURRENCY}"
             )));
         }
+        match &new.selector {
+            Selector::Ids(ids) if ids.len() > MAX_DEVICES => {
+                return Err(DeviceError::Invalid(format!(
+                    "a job is for at most {MAX_DEVICES} devices"
+                )))
+            }
+            Selector::Tags(tags) if tags.is_empty() => {
+                return Err(DeviceError::Invalid(
+                    "selector: tags must name at least one tag".into(),
+                ))
+            }
+            _ => {}
+        }
         let selector = new.selector.clone();
         let devices = self
             .blocking(move |r| {
                 let mut devices = Vec::new();
                 match selector {
                     Selector::Ids(ids) => {
+                        let mut seen = std::collections::HashSet::new();
                         for id in ids {
+                            if !seen.insert(id.clone()) {
+                                continue;
+                            }
                             if r.device(&id)?.is_none() {
                                 return Ok(Err(DeviceError::UnknownDevice(id)));
                             }
-                            if !devices.contains(&id) {
-                                devices.push(id);
-                            }
+                            devices.push(id);
                         }
                     }
                     Selector::Tags(tags) => loop {
@@ -116,7 +131,7 @@ impl Devices {
             self.blocking(move |r| r.insert_job(&job, &devices)).await?;
         }
         info!(job = %job.id, devices = job.total, "job started");
-        tokio::spawn(self.clone().run_job(job.id.clone()));
+        self.spawn_runner(&job.id);
         Ok(job)
     }
 
@@ -129,10 +144,27 @@ impl Devices {
             Ok(jobs) => {
                 for job in jobs {
                     info!(job = %job.id, "job resumed");
-                    tokio::spawn(self.clone().run_job(job.id));
+                    self.spawn_runner(&job.id);
                 }
             }
             Err(e) => warn!(error = %e, "could not read the running jobs"),
+        }
+    }
+
+    /// Starts the job's runner, unless it has one.
+    fn spawn_runner(self: &Arc<Self>, id: &str) {
+        let new = self
+            .job_runners
+            .lock()
+            .is_ok_and(|mut r| r.insert(id.to_owned()));
+        if new {
+            let (devices, id) = (self.clone(), id.to_owned());
+            tokio::spawn(async move {
+                devices.clone().run_job(id.clone()).await;
+                if let Ok(mut r) = devices.job_runners.lock() {
+                    r.remove(&id);
+                }
+            });
         }
     }
 
@@ -143,8 +175,8 @@ impl Devices {
         loop {
             tokio::time::sleep(TICK).await;
             // Under the jobs lock: an abort cannot slip in between the look at the status
-            // and the commands created.
-            let _rolling = self.jobs_lock.lock().await;
+            // and the commands recorded. Sending them comes after.
+            let rolling = self.jobs_lock.lock().await;
             let job_id = id.clone();
             let look = self
                 .blocking(move |r| {
@@ -186,60 +218,62 @@ impl Devices {
             };
             if next.is_empty() {
                 if open == 0 {
-                    self.finish_job(&id, JobStatus::Completed).await;
+                    if let Err(e) = self.finish_job(&id, JobStatus::Completed).await {
+                        warn!(job = %id, error = %e, "could not record the job's end; retrying");
+                        continue;
+                    }
                     return;
                 }
                 continue;
             }
             let timeout = Duration::from_millis(job.timeout_ms);
+            let mut recorded = Vec::with_capacity(n);
             for device in next.into_iter().take(n) {
                 tokens -= 1.0;
-                let created = self
-                    .create_with(
-                        &device,
-                        &job.name,
-                        job.params.clone(),
-                        timeout,
-                        Some(id.clone()),
-                    )
-                    .await;
-                if let Err(e) = created {
+                let params = job.params.clone();
+                match self
+                    .record(&device, &job.name, params, timeout, Some(id.clone()))
+                    .await
+                {
+                    Ok(command) => recorded.push(command),
                     // A device deleted since: the registry skips it from now on.
-                    warn!(job = %id, device_id = %device, error = %e, "could not create a job's command");
+                    Err(e) => {
+                        warn!(job = %id, device_id = %device, error = %e, "could not create a job's command")
+                    }
                 }
+            }
+            drop(rolling);
+            for command in &recorded {
+                self.send_if_listening(command).await;
             }
         }
     }
 
-    async fn finish_job(&self, id: &str, status: JobStatus) -> Option<Job> {
+    async fn finish_job(&self, id: &str, status: JobStatus) -> Result<Option<Job>, DeviceError> {
         let job_id = id.to_owned();
-        match self
+        let job = self
             .blocking(move |r| r.finish_job(&job_id, status, now_ms()))
-            .await
-        {
-            Ok(job) => {
-                info!(job = %id, status = status.as_str(), "job ended");
-                job
-            }
-            Err(e) => {
-                warn!(job = %id, error = %e, "could not record the job's end");
-                None
-            }
-        }
+            .await?;
+        info!(job = %id, status = status.as_str(), "job ended");
+        Ok(job)
     }
 
     /// Aborts a running job: no command more is created, and those not yet delivered are
     /// cancelled. `None` if there is no such job.
     pub async fn abort_job(&self, id: &str) -> Result<Option<Job>, DeviceError> {
-        let _rolling = self.jobs_lock.lock().await;
-        let job_id = id.to_owned();
-        let Some(job) = self.blocking(move |r| r.job(&job_id)).await? else {
-            return Ok(None);
+        let job = {
+            let _rolling = self.jobs_lock.lock().await;
+            let job_id = id.to_owned();
+            let Some(job) = self.blocking(move |r| r.job(&job_id)).await? else {
+                return Ok(None);
+            };
+            match job.status {
+                JobStatus::Running => self.finish_job(id, JobStatus::Aborted).await?,
+                // Asked again (an earlier sweep may have failed halfway): sweep again.
+                JobStatus::Aborted => Some(job),
+                JobStatus::Completed => return Ok(Some(job)),
+            }
         };
-        if job.status != JobStatus::Running {
-            return Ok(Some(job));
-        }
-        let job = self.finish_job(id, JobStatus::Aborted).await;
         for status in [CommandStatus::Queued, CommandStatus::Sent] {
             let mut after: Option<String> = None;
             loop {
