@@ -333,6 +333,24 @@ fn certificate_record(row: &Row<'_>) -> Result<CertificateRecord, rusqlite::Erro
     })
 }
 
+/// Where a page starts: `unset` without a cursor, else the `seq` of the row the cursor (an
+/// id) names, which `sql` selects with `params` of the id; `None` if it names none.
+fn cursor<'a, P: rusqlite::Params>(
+    c: &Connection,
+    id: Option<&'a str>,
+    unset: i64,
+    sql: &str,
+    params: impl FnOnce(&'a str) -> P,
+) -> Result<Option<i64>, rusqlite::Error> {
+    match id {
+        None => Ok(Some(unset)),
+        Some(id) => c
+            .prepare_cached(sql)?
+            .query_row(params(id), |r| r.get(0))
+            .optional(),
+    }
+}
+
 fn load_device(c: &Connection, id: &DeviceId) -> Result<Option<DeviceRecord>, rusqlite::Error> {
     c.query_row(
         &format!("{DEVICE_SELECT} WHERE d.id = ?1"),
@@ -1019,19 +1037,10 @@ impl Registry for SqliteRegistry {
     ) -> Result<Vec<Command>, RegistryError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
-            let before = match before {
-                None => i64::MAX,
-                Some(id) => {
-                    let seq: Option<i64> = c
-                        .prepare_cached("SELECT seq FROM commands WHERE id = ?1 AND device = ?2")?
-                        .query_row([id, device.as_str()], |r| r.get(0))
-                        .optional()?;
-                    match seq {
-                        Some(seq) => seq,
-                        // Not one of this device's commands: nothing comes before it.
-                        None => return Ok(Vec::new()),
-                    }
-                }
+            let sql = "SELECT seq FROM commands WHERE id = ?1 AND device = ?2";
+            // Not one of this device's commands: nothing comes before it.
+            let Some(before) = cursor(c, before, i64::MAX, sql, |id| [id, device.as_str()])? else {
+                return Ok(Vec::new());
             };
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands
@@ -1237,19 +1246,10 @@ impl Registry for SqliteRegistry {
     ) -> Result<Vec<Job>, RegistryError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
-            let before = match before {
-                None => i64::MAX,
-                Some(id) => {
-                    let seq: Option<i64> = c
-                        .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")?
-                        .query_row([id], |r| r.get(0))
-                        .optional()?;
-                    match seq {
-                        Some(seq) => seq,
-                        // No such job: nothing comes before it.
-                        None => return Ok(Vec::new()),
-                    }
-                }
+            // No such job: nothing comes before it.
+            let sql = "SELECT seq FROM jobs WHERE id = ?1";
+            let Some(before) = cursor(c, before, i64::MAX, sql, |id| [id])? else {
+                return Ok(Vec::new());
             };
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs
@@ -1322,19 +1322,10 @@ impl Registry for SqliteRegistry {
     ) -> Result<Vec<Command>, RegistryError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
-            let after = match after {
-                None => 0,
-                Some(id) => {
-                    let seq: Option<i64> = c
-                        .prepare_cached("SELECT seq FROM commands WHERE id = ?1 AND job = ?2")?
-                        .query_row([id, job], |r| r.get(0))
-                        .optional()?;
-                    match seq {
-                        Some(seq) => seq,
-                        // Not one of this job's commands: nothing comes after it.
-                        None => return Ok(Vec::new()),
-                    }
-                }
+            let sql = "SELECT seq FROM commands WHERE id = ?1 AND job = ?2";
+            // Not one of this job's commands: nothing comes after it.
+            let Some(after) = cursor(c, after, 0, sql, |id| [id, job])? else {
+                return Ok(Vec::new());
             };
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands
