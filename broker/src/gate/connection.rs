@@ -499,7 +499,7 @@ impl<'g> Session<'g> {
             peer_serial: peer.serial.clone(),
             rotating: Arc::default(),
         };
-        let (end, writer_done) = session
+        let (end, writer_done, relay_done) = session
             .run(
                 keep_alive,
                 &shutdown,
@@ -531,8 +531,11 @@ impl<'g> Session<'g> {
             })
             .await;
         let _ = upstream.shutdown().await;
-        relay.abort();
-        let _ = relay.await;
+        // A relay that ended the session has been awaited already.
+        if !relay_done {
+            relay.abort();
+            let _ = relay.await;
+        }
         // The routing core will acknowledge nothing more: those publishes stay
         // unacknowledged, and the device sends them again when it reconnects.
         if let Ok(mut waiting) = upstream_acks.lock() {
@@ -550,8 +553,8 @@ impl<'g> Session<'g> {
         }
     }
 
-    /// Reads and handles the device's packets until the session ends. Returns why, and
-    /// whether the writer has already finished.
+    /// Reads and handles the device's packets until the session ends. Returns why, whether
+    /// the writer has already finished, and whether the relay has (both awaited here).
     async fn run(
         &mut self,
         keep_alive: u16,
@@ -559,7 +562,7 @@ impl<'g> Session<'g> {
         writer: &mut tokio::task::JoinHandle<()>,
         relay: &mut tokio::task::JoinHandle<()>,
         membership: &mut Membership<'_>,
-    ) -> (End, bool) {
+    ) -> (End, bool, bool) {
         // MQTT: the server closes a connection silent for one and a half keep-alives.
         let grace = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
         let far = Duration::from_secs(86_400 * 365);
@@ -574,8 +577,13 @@ impl<'g> Session<'g> {
                 _ = shutdown.cancelled() => Err(End::Shutdown),
                 reason = membership.closed() => Err(End::ClosedByGate(reason)),
                 _ = sleep_until(deadline) => Err(End::KeepAliveExpired),
-                _ = &mut *writer => return (End::WriterStopped, true),
-                _ = &mut *relay => Err(End::UpstreamClosed),
+                _ = &mut *writer => return (End::WriterStopped, true, false),
+                // The routing core drops a device's old link when its new one connects: the
+                // gate's own reason (taken over) is the one the device is told.
+                _ = &mut *relay => {
+                    let end = membership.closed_now().map_or(End::UpstreamClosed, End::ClosedByGate);
+                    return (end, false, true);
+                }
                 _ = ping.tick() => self.send_upstream(&codec::pingreq()).await,
                 _ = sleep_until(paused_until.unwrap_or(deadline)), if paused_until.is_some() => {
                     paused_until = None;
@@ -621,7 +629,7 @@ impl<'g> Session<'g> {
                     End::KeepAliveExpired => bump(&stats.keep_alive_expired),
                     _ => {}
                 }
-                return (end, false);
+                return (end, false, false);
             }
         }
     }

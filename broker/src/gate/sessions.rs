@@ -143,6 +143,11 @@ impl Membership<'_> {
         self.id
     }
 
+    /// The reason the gate wants this session closed, if it does already.
+    pub fn closed_now(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
     /// Resolves with the reason once the gate wants this session closed.
     pub async fn closed(&mut self) -> String {
         let reason = match self.closed.wait_for(Option::is_some).await {
