@@ -575,7 +575,9 @@ impl Devices {
         timeout: Duration,
     ) -> Result<Command, DeviceError> {
         self.check_command(name, &params, timeout)?;
-        self.create_with(device, name, params, timeout, None).await
+        let command = self.record(device, name, params, timeout, None).await?;
+        self.send_if_listening(&command).await;
+        Ok(self.get(device, &command.id).await?.unwrap_or(command))
     }
 
     /// Refuses a command that could not be sent as asked.
@@ -604,20 +606,6 @@ impl Devices {
             )));
         }
         Ok(())
-    }
-
-    /// Creates a command (of `job`, if given) and sends it at once if the device listens.
-    async fn create_with(
-        &self,
-        device: &DeviceId,
-        name: &str,
-        params: serde_json::Value,
-        timeout: Duration,
-        job: Option<String>,
-    ) -> Result<Command, DeviceError> {
-        let command = self.record(device, name, params, timeout, job).await?;
-        self.send_if_listening(&command).await;
-        Ok(self.get(device, &command.id).await?.unwrap_or(command))
     }
 
     /// Sends a new command at once if its device listens; else it waits, queued.
