@@ -168,43 +168,37 @@ impl Tellus {
 
     /// GET with the admin token; returns the status and the JSON body.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    /// A request with the admin token (and a JSON body, if given); the status and the JSON
+    /// body of the answer (`null` if it has none).
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
             .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
+            .request(method, self.url(path))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let r = request.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// POST JSON with the admin token; returns the status and the JSON body.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.request(reqwest::Method::POST, path, Some(body)).await
     }
 
     /// PATCH JSON with the admin token; returns the status and the JSON body.
     pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .patch(self.url(path))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.request(reqwest::Method::PATCH, path, Some(body)).await
     }
 
     /// GETs `path` (expecting 200) until `done` holds for the JSON body, for at most
@@ -227,15 +221,7 @@ impl Tellus {
 
     /// DELETE with the admin token; returns the status and the JSON body.
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .delete(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.request(reqwest::Method::DELETE, path, None).await
     }
 
     /// Registers a device through the API and returns its credentials.
