@@ -9,7 +9,7 @@ use axum::{extract::State, Json};
 use serde::{Deserialize, Serialize};
 use tellus_core::{AuditDecision, AuditEntry, DeviceId, TimestampMs};
 
-use super::{blocking, page_limit, split_page};
+use super::{blocking, page, page_limit};
 use crate::{extract, timestamps::rfc3339, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -68,12 +68,7 @@ pub async fn list(
     let device = q.device.as_deref().map(DeviceId::parse).transpose()?;
     let registry = state.registry.clone();
     let rows = blocking(move || registry.audit(device.as_ref(), q.before, limit + 1)).await?;
-    let (page, more) = split_page(rows, limit);
-    let next = if more {
-        page.last().map(|e| e.id)
-    } else {
-        None
-    };
+    let (page, next) = page(rows, limit, |e| e.id);
     let entries = page
         .into_iter()
         .map(AuditView::try_from)

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tellus_broker::devices::DeviceError;
 use tellus_core::{Command, DeviceId};
 
-use super::{page_limit, split_page};
+use super::{page, page_limit};
 use crate::{extract, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -128,10 +128,7 @@ pub async fn list(
     let device = one_of(&id)?;
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let rows = state.devices.list(&device, q.before, limit + 1).await?;
-    let (commands, more) = split_page(rows, limit);
-    let next = more
-        .then(|| commands.last().map(|c| c.id.clone()))
-        .flatten();
+    let (commands, next) = page(rows, limit, |c| c.id.clone());
     Ok(Json(CommandList { commands, next }))
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tellus_core::{DeviceId, TimestampMs};
 use tellus_ingest::{store::DEADLETTER_PREVIEW_BYTES, DeadLetter};
 
-use super::{blocking, page_limit, split_page};
+use super::{blocking, page, page_limit};
 use crate::{base64, extract, timestamps::rfc3339, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -106,12 +106,7 @@ pub async fn list(
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let store = state.store.clone();
     let rows = blocking(move || store.deadletters(q.before, limit + 1)).await?;
-    let (page, more) = split_page(rows, limit);
-    let next = if more {
-        page.last().map(|d| d.id)
-    } else {
-        None
-    };
+    let (page, next) = page(rows, limit, |d| d.id);
     let deadletters = page
         .into_iter()
         .map(|d| DeadLetterView::new(d, PREVIEW_BYTES))

@@ -25,7 +25,7 @@ use tellus_core::{
     RegistryError, TimestampMs,
 };
 
-use super::{blocking, page_limit, split_page};
+use super::{blocking, page, page_limit};
 use crate::{
     extract,
     timestamps::{self, rfc3339},
@@ -180,12 +180,7 @@ pub async fn list(
         })
     })
     .await?;
-    let (page, more) = split_page(rows, limit);
-    let next = if more {
-        page.last().map(|d| d.id.clone())
-    } else {
-        None
-    };
+    let (page, next) = page(rows, limit, |d| d.id.clone());
     let devices = page
         .into_iter()
         .map(DeviceView::try_from)

@@ -20,7 +20,7 @@ use tellus_core::{
     CommandStatus, DeviceId, TimestampMs,
 };
 
-use super::{page_limit, split_page};
+use super::{page, page_limit};
 use crate::{extract, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -150,8 +150,7 @@ pub async fn list(
 ) -> Result<Json<JobList>, ApiError> {
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let rows = state.devices.jobs(q.status, q.before, limit + 1).await?;
-    let (jobs, more) = split_page(rows, limit);
-    let next = more.then(|| jobs.last().map(|j| j.id.clone())).flatten();
+    let (jobs, next) = page(rows, limit, |j| j.id.clone());
     Ok(Json(JobList { jobs, next }))
 }
 
@@ -193,10 +192,7 @@ pub async fn devices(
         .devices
         .job_commands(&id, q.status, q.after, limit + 1)
         .await?;
-    let (commands, more) = split_page(rows, limit);
-    let next = more
-        .then(|| commands.last().map(|c| c.id.clone()))
-        .flatten();
+    let (commands, next) = page(rows, limit, |c| c.id.clone());
     let devices = commands
         .into_iter()
         .map(|c| JobDevice {

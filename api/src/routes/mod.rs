@@ -119,6 +119,14 @@ pub fn split_page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
     (rows, more)
 }
 
+/// A page of a result fetched with `limit + 1` rows, and the cursor of the next page (the
+/// `key` of the page's last row), `None` on the last page.
+pub fn page<T, K>(rows: Vec<T>, limit: usize, key: impl Fn(&T) -> K) -> (Vec<T>, Option<K>) {
+    let (page, more) = split_page(rows, limit);
+    let next = if more { page.last().map(key) } else { None };
+    (page, next)
+}
+
 /// Fallback for paths that name no endpoint.
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::NotFound(uri.path().to_owned())
@@ -140,5 +148,7 @@ mod tests {
         assert!(page_limit(Some(0), 100, 1000).is_err());
         assert_eq!(split_page(vec![1, 2, 3], 2), (vec![1, 2], true));
         assert_eq!(split_page(vec![1, 2], 2), (vec![1, 2], false));
+        assert_eq!(page(vec![1, 2, 3], 2, |n| n * 10), (vec![1, 2], Some(20)));
+        assert_eq!(page(vec![1, 2], 2, |n| n * 10), (vec![1, 2], None));
     }
 }

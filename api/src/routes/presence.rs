@@ -7,7 +7,7 @@ use axum::{extract::State, Json};
 use serde::{Deserialize, Serialize};
 use tellus_core::{now_ms, DeviceId, PresenceCounts, Session, TimestampMs};
 
-use super::{blocking, page_limit, split_page};
+use super::{blocking, page, page_limit};
 use crate::{extract, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -89,8 +89,7 @@ pub async fn connections(
     let device = known(&state, &id).await?;
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let rows = state.devices.sessions(&device, q.before, limit + 1).await?;
-    let (connections, more) = split_page(rows, limit);
-    let next = more.then(|| connections.last().map(|s| s.id)).flatten();
+    let (connections, next) = page(rows, limit, |s| s.id);
     Ok(Json(Connections { connections, next }))
 }
 
