@@ -42,6 +42,13 @@ pub enum ApiError {
     CommandNotFound(DeviceId, String),
     #[error("job {0} not found")]
     JobNotFound(String),
+    #[error("rule {0} not found")]
+    RuleNotFound(String),
+    #[error("alert {0} not found")]
+    AlertNotFound(String),
+    /// A rule that would not run: the text says why (which expression, which action).
+    #[error("{0}")]
+    InvalidRule(String),
     #[error("invalid certificate signing request: {0}")]
     InvalidCsr(String),
     #[error("invalid CA certificate: {0}")]
@@ -90,6 +97,7 @@ impl ApiError {
             | ApiError::InvalidCsr(_)
             | ApiError::InvalidCa(_)
             | ApiError::InvalidBody(_)
+            | ApiError::InvalidRule(_)
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ApiError::DeviceExists(_)
@@ -101,6 +109,8 @@ impl ApiError {
             | ApiError::DeadLetterNotFound(_)
             | ApiError::CommandNotFound(..)
             | ApiError::JobNotFound(_)
+            | ApiError::RuleNotFound(_)
+            | ApiError::AlertNotFound(_)
             | ApiError::CaNotFound(_)
             | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -123,6 +133,9 @@ impl ApiError {
             ApiError::DeadLetterNotFound(_) => "deadletter_not_found",
             ApiError::CommandNotFound(..) => "command_not_found",
             ApiError::JobNotFound(_) => "job_not_found",
+            ApiError::RuleNotFound(_) => "rule_not_found",
+            ApiError::AlertNotFound(_) => "alert_not_found",
+            ApiError::InvalidRule(_) => "invalid_rule",
             ApiError::InvalidCsr(_) => "invalid_csr",
             ApiError::InvalidCa(_) => "invalid_ca",
             ApiError::CaExists(_) => "ca_exists",
@@ -202,6 +215,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownCertificate(serial) => ApiError::CertificateNotFound(serial),
             RegistryError::CaExists(id) => ApiError::CaExists(id),
             RegistryError::Refused(why) => ApiError::Refused(why),
+            e @ RegistryError::VersionConflict { .. } => ApiError::Refused(e.to_string()),
             e @ RegistryError::Backend(_) => ApiError::internal(e),
         }
     }

@@ -8,6 +8,8 @@
 //!   learns when it is durable (so `broker` never depends on `ingest`);
 //! - [`registry`]: the device registry as a trait, so that a shared database can replace the
 //!   embedded one;
+//! - [`rule`]: rules and alerts as data (what a rule watches, tests and does); the `rules`
+//!   crate evaluates them;
 //! - [`state`]: a device's desired and reported state ([`DeviceState`]), JSON Merge Patch and
 //!   the delta a device has yet to act on.
 
@@ -16,6 +18,7 @@ pub mod handoff;
 pub mod id;
 pub mod live;
 pub mod registry;
+pub mod rule;
 pub mod serial;
 pub mod state;
 pub mod telemetry;
@@ -29,6 +32,10 @@ pub use registry::{
     AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceQuery, DeviceRecord,
     DeviceStatus, NewDevice, PresenceCounts, Registry, RegistryError, Session, SessionEvent,
     FLEET_ISSUER,
+};
+pub use rule::{
+    Action, Alert, AlertQuery, AlertStatus, DeviceSelector, InputKind, Rule, RuleFeed, RuleInput,
+    RuleSpec, Severity, Trigger,
 };
 pub use state::DeviceState;
 pub use telemetry::{DecodeError, Sample, Value};

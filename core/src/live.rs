@@ -1,5 +1,5 @@
 //! The live feed: what happens to devices as it happens (committed telemetry, connections,
-//! commands, state), for the API's server-sent event stream.
+//! commands, state, alerts), for the API's server-sent event stream.
 //!
 //! A broadcast channel of [`LIVE_QUEUE`] events: senders never wait, and a listener that
 //! falls further behind misses the oldest events and is told how many (so a dashboard knows
@@ -41,6 +41,11 @@ pub enum LiveEvent {
         desired_version: u64,
         reported_version: u64,
     },
+    /// An alert was raised, acknowledged or cleared; the alert as it is after.
+    Alert {
+        device: DeviceId,
+        alert: Box<crate::Alert>,
+    },
 }
 
 impl LiveEvent {
@@ -49,7 +54,8 @@ impl LiveEvent {
             LiveEvent::Telemetry { device, .. }
             | LiveEvent::Presence { device, .. }
             | LiveEvent::Command { device, .. }
-            | LiveEvent::State { device, .. } => device,
+            | LiveEvent::State { device, .. }
+            | LiveEvent::Alert { device, .. } => device,
         }
     }
 
@@ -60,6 +66,7 @@ impl LiveEvent {
             LiveEvent::Presence { .. } => "presence",
             LiveEvent::Command { .. } => "command",
             LiveEvent::State { .. } => "state",
+            LiveEvent::Alert { .. } => "alert",
         }
     }
 }

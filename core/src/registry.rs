@@ -7,11 +7,15 @@
 //! gate reads it and closes the affected connections. Calls are synchronous and short
 //! (indexed lookups); async callers run them on a blocking thread. Each device also has a
 //! desired and a reported state ([`DeviceState`]), which patches change. Commands to devices
-//! and the fleet jobs ([`crate::Job`]) that create them in bulk are kept here too.
+//! and the fleet jobs ([`crate::Job`]) that create them in bulk are kept here too, and so are
+//! the rules ([`Rule`]) and the alerts they raise ([`Alert`]).
 
 use std::collections::BTreeMap;
 
-use crate::{Command, CommandStatus, DeviceId, DeviceState, Job, JobStatus, TimestampMs};
+use crate::{
+    rule::{Alert, AlertQuery, Rule, RuleSpec, Severity},
+    Command, CommandStatus, DeviceId, DeviceState, Job, JobStatus, TimestampMs,
+};
 
 /// Whether a device may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -207,6 +211,10 @@ pub enum RegistryError {
     /// The registry's state does not allow what was asked; the text says why.
     #[error("{0}")]
     Refused(String),
+    /// A change expected another version of what it changes than the current one (which
+    /// another writer made in between); nothing changed.
+    #[error("the current version is {current}, not the one expected")]
+    VersionConflict { current: u64 },
     #[error("registry backend failed: {0}")]
     Backend(String),
 }
@@ -411,4 +419,79 @@ pub trait Registry: Send + Sync + 'static {
         patch: &serde_json::Value,
         at: TimestampMs,
     ) -> Result<Option<DeviceState>, RegistryError>;
+    /// Records a new rule, with the id, times and version (which must be 1) it comes with.
+    /// [`RegistryError::Refused`] if a rule with its id exists already.
+    fn insert_rule(&self, rule: &Rule) -> Result<(), RegistryError>;
+    /// One rule; `None` if there is no such rule.
+    fn rule(&self, id: &str) -> Result<Option<Rule>, RegistryError>;
+    /// Rules in id order, with an id after `after` (when given), at most `limit`.
+    fn rules(&self, after: Option<&str>, limit: usize) -> Result<Vec<Rule>, RegistryError>;
+    /// Every enabled rule, in id order: what the engine loads (there are at most a few
+    /// thousand).
+    fn enabled_rules(&self) -> Result<Vec<Rule>, RegistryError>;
+    /// Replaces the rule's spec and/or whether it is enabled (those given), adds 1 to its
+    /// version and sets `updated_at_ms` to `at`; with neither given it is left unchanged.
+    /// Returns the rule as it is now; `None` if there is no such rule.
+    /// [`RegistryError::VersionConflict`], with nothing changed, if `expected_version` is
+    /// given and is not the rule's version. Disabling a rule leaves its alerts open: the
+    /// caller clears them ([`Registry::clear_rule_alerts`], reason `rule_disabled`).
+    fn update_rule(
+        &self,
+        id: &str,
+        spec: Option<&RuleSpec>,
+        enabled: Option<bool>,
+        expected_version: Option<u64>,
+        at: TimestampMs,
+    ) -> Result<Option<Rule>, RegistryError>;
+    /// Deletes a rule and clears its open alerts at `at` (reason `rule_deleted`), in one
+    /// transaction; returns the alerts it cleared (newest first), or `None` if there is no
+    /// such rule.
+    fn delete_rule(&self, id: &str, at: TimestampMs) -> Result<Option<Vec<Alert>>, RegistryError>;
+    /// A number that grows with every rule inserted, updated or deleted (by any writer of
+    /// the registry): the engine reloads its rules when it moves.
+    fn rules_generation(&self) -> Result<i64, RegistryError>;
+    /// Raises the alert of `rule` for `device`. If one is open (active or acknowledged),
+    /// only its `message` and `values` are replaced, and it is returned with `false`;
+    /// otherwise a new active alert (a new id, raised at `at`) is recorded and returned with
+    /// `true`. [`RegistryError::Refused`] if there is no such rule, the rule is disabled, or
+    /// there is no such device: nothing would ever clear that alert.
+    fn raise_alert(
+        &self,
+        rule: &str,
+        device: &DeviceId,
+        severity: Severity,
+        message: &str,
+        values: &serde_json::Value,
+        at: TimestampMs,
+    ) -> Result<(Alert, bool), RegistryError>;
+    /// Clears the open alert of `rule` for `device` at `at` with `reason`, and returns it as
+    /// it is now; `None` if none is open.
+    fn clear_alert(
+        &self,
+        rule: &str,
+        device: &DeviceId,
+        reason: &str,
+        at: TimestampMs,
+    ) -> Result<Option<Alert>, RegistryError>;
+    /// Clears every open alert of a rule (when it is disabled, say) at `at` with `reason`;
+    /// returns them as they are now, newest first.
+    fn clear_rule_alerts(
+        &self,
+        rule: &str,
+        reason: &str,
+        at: TimestampMs,
+    ) -> Result<Vec<Alert>, RegistryError>;
+    /// Acknowledges an active alert at `at`; an acknowledged one stays as it is. Returns the
+    /// alert as it is now; `None` if there is no such alert. [`RegistryError::Refused`] if
+    /// it is cleared.
+    fn acknowledge_alert(&self, id: &str, at: TimestampMs) -> Result<Option<Alert>, RegistryError>;
+    /// One alert; `None` if there is no such alert.
+    fn alert(&self, id: &str) -> Result<Option<Alert>, RegistryError>;
+    /// Alerts, newest first (by `raised_at_ms`, then id, both descending), as `query` says:
+    /// those after the alert `query.after` in that order (when given; none if there is no
+    /// such alert), at most `query.limit`.
+    fn alerts(&self, query: &AlertQuery<'_>) -> Result<Vec<Alert>, RegistryError>;
+    /// Open alerts (active or acknowledged), by rule and then device, at most `limit`: which
+    /// rules fire for which devices, as the engine learns at its start.
+    fn open_alerts(&self, limit: usize) -> Result<Vec<Alert>, RegistryError>;
 }

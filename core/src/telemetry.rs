@@ -250,7 +250,8 @@ pub fn decode_protobuf(
     Ok(out)
 }
 
-fn key_is_bad(metric: &str) -> bool {
+/// Whether `metric` is not a metric name: empty, too long, or with an empty `.`-separated part.
+pub fn key_is_bad(metric: &str) -> bool {
     metric.is_empty() || metric.len() > MAX_METRIC_LEN || metric.split('.').any(str::is_empty)
 }
 

@@ -22,14 +22,21 @@
 //! - `job_devices`: the devices each job selected, in the order its commands are created
 //!   (`seq`); kept after a device is deleted, which then is skipped. Each device's command is
 //!   a row of `commands` with `job` set: a job device without one is yet to be sent it.
+//! - `rules`: rules (see [`tellus_core::Rule`]), each with its spec as JSON; every insert,
+//!   update and delete also adds one to the `rules_generation` row of `meta`, which the
+//!   engine watches to reload them.
+//! - `alerts`: the alerts rules raise, at most one open (not cleared) per rule and device,
+//!   which a unique partial index guarantees. Cleared alerts stay as history, also after
+//!   their rule or device is deleted; deleting either clears its open alerts.
 
 use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
-    state, AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, Command, CommandStatus,
-    DeviceId, DeviceQuery, DeviceRecord, DeviceState, DeviceStatus, Job, JobStatus, NewDevice,
-    PresenceCounts, Registry, RegistryError, Session, SessionEvent, TimestampMs, FLEET_ISSUER,
+    rule::new_alert_id, state, Alert, AlertQuery, AlertStatus, AuditDecision, AuditEntry, CaRecord,
+    CertificateRecord, Change, Command, CommandStatus, DeviceId, DeviceQuery, DeviceRecord,
+    DeviceState, DeviceStatus, Job, JobStatus, NewDevice, PresenceCounts, Registry, RegistryError,
+    Rule, RuleSpec, Session, SessionEvent, Severity, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -151,6 +158,41 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX commands_by_job ON commands (job, device) WHERE job IS NOT NULL;
     CREATE INDEX commands_by_job_seq ON commands (job, seq) WHERE job IS NOT NULL;",
+    // Rules and their alerts. `meta` holds counters by name, here `rules_generation`. The
+    // partial unique index `alerts_open` holds only the open alerts, one per rule and
+    // device; as above, its condition must appear word for word in the queries that are to
+    // use it. The other indexes serve the listings, newest first: all alerts, or those of
+    // a device or a rule.
+    "CREATE TABLE meta (
+        key    TEXT PRIMARY KEY,
+        value  INTEGER NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('rules_generation', 0);
+    CREATE TABLE rules (
+        id          TEXT PRIMARY KEY,
+        spec        TEXT NOT NULL,
+        enabled     INTEGER NOT NULL,
+        version     INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE TABLE alerts (
+        id               TEXT PRIMARY KEY,
+        rule             TEXT NOT NULL,
+        device           TEXT NOT NULL,
+        severity         TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        message          TEXT NOT NULL,
+        \"values\"         TEXT NOT NULL,
+        raised_at        INTEGER NOT NULL,
+        acknowledged_at  INTEGER,
+        cleared_at       INTEGER,
+        cleared_reason   TEXT
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts (rule, device) WHERE status != 'cleared';
+    CREATE INDEX alerts_newest ON alerts (raised_at, id);
+    CREATE INDEX alerts_by_device ON alerts (device, raised_at, id);
+    CREATE INDEX alerts_by_rule ON alerts (rule, raised_at, id);",
 ];
 
 /// Audit entries kept; older ones are deleted as new ones arrive.
@@ -294,6 +336,147 @@ fn load_job(c: &Connection, id: &str) -> Result<Option<Job>, rusqlite::Error> {
     c.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
         .query_row([id], job_record)
         .optional()
+}
+
+/// A stored value of a closed set (a status, a severity) this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {0} {1:?}")]
+struct UnknownValue(&'static str, String);
+
+const RULE_COLUMNS: &str = "id, spec, enabled, version, created_at, updated_at";
+
+fn rule_record(row: &Row<'_>) -> Result<Rule, rusqlite::Error> {
+    let spec: String = row.get(1)?;
+    let version: i64 = row.get(3)?;
+    Ok(Rule {
+        id: row.get(0)?,
+        spec: serde_json::from_str(&spec).map_err(|e| bad_column(1, e))?,
+        enabled: row.get(2)?,
+        version: u64::try_from(version).map_err(|_| bad_column(3, OutOfRange(version)))?,
+        created_at_ms: row.get(4)?,
+        updated_at_ms: row.get(5)?,
+    })
+}
+
+fn load_rule(c: &Connection, id: &str) -> Result<Option<Rule>, rusqlite::Error> {
+    c.prepare_cached(&format!("SELECT {RULE_COLUMNS} FROM rules WHERE id = ?1"))?
+        .query_row([id], rule_record)
+        .optional()
+}
+
+/// Adds one to the rules generation; in the transaction that changes a rule.
+fn bump_rules_generation(c: &Connection) -> Result<(), rusqlite::Error> {
+    c.prepare_cached("UPDATE meta SET value = value + 1 WHERE key = 'rules_generation'")?
+        .execute([])?;
+    Ok(())
+}
+
+const ALERT_COLUMNS: &str = "id, rule, device, severity, status, message, \"values\", raised_at,
+    acknowledged_at, cleared_at, cleared_reason";
+
+fn alert_record(row: &Row<'_>) -> Result<Alert, rusqlite::Error> {
+    let severity: String = row.get(3)?;
+    let status: String = row.get(4)?;
+    let values: String = row.get(6)?;
+    Ok(Alert {
+        id: row.get(0)?,
+        rule: row.get(1)?,
+        device: device_id(row, 2)?,
+        severity: Severity::parse(&severity)
+            .ok_or_else(|| bad_column(3, UnknownValue("alert severity", severity)))?,
+        status: AlertStatus::parse(&status)
+            .ok_or_else(|| bad_column(4, UnknownValue("alert status", status)))?,
+        message: row.get(5)?,
+        values: serde_json::from_str(&values).map_err(|e| bad_column(6, e))?,
+        raised_at_ms: row.get(7)?,
+        acknowledged_at_ms: row.get(8)?,
+        cleared_at_ms: row.get(9)?,
+        cleared_reason: row.get(10)?,
+    })
+}
+
+fn load_alert(c: &Connection, id: &str) -> Result<Option<Alert>, rusqlite::Error> {
+    c.prepare_cached(&format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"))?
+        .query_row([id], alert_record)
+        .optional()
+}
+
+/// Alerts newest first, the order of the listings (`RETURNING` yields rows in no promised
+/// order).
+fn newest_first(alerts: &mut [Alert]) {
+    alerts.sort_by(|a, b| (b.raised_at_ms, &b.id).cmp(&(a.raised_at_ms, &a.id)));
+}
+
+/// Whose open alerts to clear.
+#[derive(Clone, Copy)]
+enum AlertsOf<'a> {
+    Rule(&'a str),
+    Device(&'a DeviceId),
+}
+
+/// Clears the open alerts of a rule or of a device at `at` with `reason`; returns them as
+/// they are now, newest first.
+fn clear_alerts_of(
+    c: &Connection,
+    of: AlertsOf<'_>,
+    reason: &str,
+    at: TimestampMs,
+) -> Result<Vec<Alert>, rusqlite::Error> {
+    // One statement for each, so that each can use its index (`alerts_by_rule`,
+    // `alerts_by_device`).
+    let (column, key) = match of {
+        AlertsOf::Rule(rule) => ("rule", rule),
+        AlertsOf::Device(device) => ("device", device.as_str()),
+    };
+    let mut cleared = c
+        .prepare_cached(&format!(
+            "UPDATE alerts SET status = 'cleared', cleared_at = ?2, cleared_reason = ?3
+             WHERE {column} = ?1 AND status != 'cleared'
+             RETURNING {ALERT_COLUMNS}"
+        ))?
+        .query_map(params![key, at, reason], alert_record)?
+        .collect::<Result<Vec<_>, _>>()?;
+    newest_first(&mut cleared);
+    Ok(cleared)
+}
+
+/// The statement listing alerts as `q` says (see [`Registry::alerts`]), with the parameters
+/// status, device, rule, the cursor's `raised_at` and id, and the limit. Each filter is
+/// written out only when given, so that the planner can pick the index that serves it (by
+/// device, by rule, or all newest first); a filter not given still names its parameter,
+/// which is then null.
+fn alerts_sql(q: &AlertQuery<'_>) -> String {
+    let when = |given: bool, filter: &'static str, unset: &'static str| {
+        if given {
+            filter
+        } else {
+            unset
+        }
+    };
+    format!(
+        "SELECT {ALERT_COLUMNS} FROM alerts
+         WHERE {} AND {} AND {} AND {} AND {}
+         ORDER BY raised_at DESC, id DESC LIMIT ?6",
+        when(q.status.is_some(), "status = ?1", "?1 IS NULL"),
+        // `status` wins over `open`; `alerts_open`'s condition word for word.
+        when(q.open && q.status.is_none(), "status != 'cleared'", "1"),
+        when(q.device.is_some(), "device = ?2", "?2 IS NULL"),
+        when(q.rule.is_some(), "rule = ?3", "?3 IS NULL"),
+        when(
+            q.after.is_some(),
+            "(raised_at, id) < (?4, ?5)",
+            "raised_at <= ?4 AND ?5 IS NULL"
+        ),
+    )
+}
+
+/// The statement listing open alerts, with the limit: `alerts_open`'s condition word for
+/// word, and its order, so that nothing is sorted.
+fn open_alerts_sql() -> String {
+    format!(
+        "SELECT {ALERT_COLUMNS} FROM alerts WHERE status != 'cleared'
+         ORDER BY rule, device LIMIT ?1"
+    )
 }
 
 /// Devices with their current certificate (of those not revoked, the one valid longest).
@@ -820,6 +1003,9 @@ impl Registry for SqliteRegistry {
             tx.execute("DELETE FROM devices WHERE id = ?1", [id.as_str()])?;
             // Its state goes: a device registered again under the id starts empty.
             tx.execute("DELETE FROM device_state WHERE device = ?1", [id.as_str()])?;
+            // Its open alerts are cleared, and stay as history with the cleared ones: a
+            // device registered again under the id starts with none open.
+            clear_alerts_of(&tx, AlertsOf::Device(id), "device_deleted", at)?;
             record_change(&tx, at, Some(id), "deleted", None)?;
             tx.commit()?;
             Ok(true)
@@ -1523,11 +1709,335 @@ impl Registry for SqliteRegistry {
     ) -> Result<Option<DeviceState>, RegistryError> {
         self.patch_state(device, StateSide::Reported, patch, None, at)
     }
+
+    fn insert_rule(&self, rule: &Rule) -> Result<(), RegistryError> {
+        if rule.version != 1 {
+            return Err(RegistryError::Refused(format!(
+                "a new rule must be at version 1, not {}",
+                rule.version
+            )));
+        }
+        let spec = serde_json::to_string(&rule.spec).map_err(backend)?;
+        let inserted = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let inserted = tx.execute(
+                &format!(
+                    "INSERT INTO rules ({RULE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (id) DO NOTHING"
+                ),
+                params![
+                    rule.id,
+                    spec,
+                    rule.enabled,
+                    1i64,
+                    rule.created_at_ms,
+                    rule.updated_at_ms
+                ],
+            )?;
+            if inserted == 0 {
+                return Ok(false);
+            }
+            bump_rules_generation(&tx)?;
+            tx.commit()?;
+            Ok(true)
+        })?;
+        if inserted {
+            Ok(())
+        } else {
+            Err(RegistryError::Refused(format!(
+                "rule {} exists already",
+                rule.id
+            )))
+        }
+    }
+
+    fn rule(&self, id: &str) -> Result<Option<Rule>, RegistryError> {
+        self.with(|c| load_rule(c, id))
+    }
+
+    fn rules(&self, after: Option<&str>, limit: usize) -> Result<Vec<Rule>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {RULE_COLUMNS} FROM rules WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after.unwrap_or(""), limit], rule_record)?;
+            rows.collect()
+        })
+    }
+
+    fn enabled_rules(&self) -> Result<Vec<Rule>, RegistryError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {RULE_COLUMNS} FROM rules WHERE enabled ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], rule_record)?;
+            rows.collect()
+        })
+    }
+
+    fn update_rule(
+        &self,
+        id: &str,
+        spec: Option<&RuleSpec>,
+        enabled: Option<bool>,
+        expected_version: Option<u64>,
+        at: TimestampMs,
+    ) -> Result<Option<Rule>, RegistryError> {
+        let spec_json = spec
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(backend)?;
+        let outcome = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let Some(mut rule) = load_rule(&tx, id)? else {
+                return Ok(None);
+            };
+            if expected_version.is_some_and(|e| e != rule.version) {
+                return Ok(Some(Err(rule.version)));
+            }
+            if spec.is_none() && enabled.is_none() {
+                return Ok(Some(Ok(rule)));
+            }
+            if let Some(spec) = spec {
+                rule.spec = spec.clone();
+            }
+            if let Some(enabled) = enabled {
+                rule.enabled = enabled;
+            }
+            rule.version += 1;
+            rule.updated_at_ms = at;
+            let version = i64::try_from(rule.version)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            tx.prepare_cached(
+                "UPDATE rules SET spec = coalesce(?2, spec), enabled = ?3, version = ?4,
+                     updated_at = ?5
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, spec_json, rule.enabled, version, at])?;
+            bump_rules_generation(&tx)?;
+            tx.commit()?;
+            Ok(Some(Ok(rule)))
+        })?;
+        match outcome {
+            None => Ok(None),
+            Some(Ok(rule)) => Ok(Some(rule)),
+            Some(Err(current)) => Err(RegistryError::VersionConflict { current }),
+        }
+    }
+
+    fn delete_rule(&self, id: &str, at: TimestampMs) -> Result<Option<Vec<Alert>>, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            if tx.execute("DELETE FROM rules WHERE id = ?1", [id])? == 0 {
+                return Ok(None);
+            }
+            let cleared = clear_alerts_of(&tx, AlertsOf::Rule(id), "rule_deleted", at)?;
+            bump_rules_generation(&tx)?;
+            tx.commit()?;
+            Ok(Some(cleared))
+        })
+    }
+
+    fn rules_generation(&self) -> Result<i64, RegistryError> {
+        self.with(|c| {
+            c.prepare_cached("SELECT value FROM meta WHERE key = 'rules_generation'")?
+                .query_row([], |r| r.get(0))
+        })
+    }
+
+    fn raise_alert(
+        &self,
+        rule: &str,
+        device: &DeviceId,
+        severity: Severity,
+        message: &str,
+        values: &serde_json::Value,
+        at: TimestampMs,
+    ) -> Result<(Alert, bool), RegistryError> {
+        let values_json = serde_json::to_string(values).map_err(backend)?;
+        let outcome = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            // An open alert is updated in place; the condition is `alerts_open`'s.
+            let open = tx
+                .prepare_cached(&format!(
+                    "UPDATE alerts SET message = ?3, \"values\" = ?4
+                     WHERE rule = ?1 AND device = ?2 AND status != 'cleared'
+                     RETURNING {ALERT_COLUMNS}"
+                ))?
+                .query_row(
+                    params![rule, device.as_str(), message, values_json],
+                    alert_record,
+                )
+                .optional()?;
+            if let Some(open) = open {
+                tx.commit()?;
+                return Ok(Ok((open, false)));
+            }
+            // A new one only for a rule that is there and enabled, and a device that is
+            // registered: deleting or disabling either clears its alerts, and an alert
+            // raised after that would never be cleared.
+            let enabled: Option<bool> = tx
+                .prepare_cached("SELECT enabled FROM rules WHERE id = ?1")?
+                .query_row([rule], |r| r.get(0))
+                .optional()?;
+            let refusal = match enabled {
+                None => Some(format!("no rule {rule} to raise an alert for")),
+                Some(false) => Some(format!("rule {rule} is disabled")),
+                Some(true) if !exists(&tx, device)? => {
+                    Some(format!("no device {device} to raise an alert for"))
+                }
+                Some(true) => None,
+            };
+            if let Some(why) = refusal {
+                return Ok(Err(why));
+            }
+            let alert = Alert {
+                id: new_alert_id(),
+                rule: rule.to_owned(),
+                device: device.clone(),
+                severity,
+                status: AlertStatus::Active,
+                message: message.to_owned(),
+                values: values.clone(),
+                raised_at_ms: at,
+                acknowledged_at_ms: None,
+                cleared_at_ms: None,
+                cleared_reason: None,
+            };
+            tx.prepare_cached(&format!(
+                "INSERT INTO alerts ({ALERT_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL, NULL)"
+            ))?
+            .execute(params![
+                alert.id,
+                alert.rule,
+                alert.device.as_str(),
+                alert.severity.as_str(),
+                alert.status.as_str(),
+                alert.message,
+                values_json,
+                alert.raised_at_ms
+            ])?;
+            tx.commit()?;
+            Ok(Ok((alert, true)))
+        })?;
+        outcome.map_err(RegistryError::Refused)
+    }
+
+    fn clear_alert(
+        &self,
+        rule: &str,
+        device: &DeviceId,
+        reason: &str,
+        at: TimestampMs,
+    ) -> Result<Option<Alert>, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let cleared = tx
+                .prepare_cached(&format!(
+                    "UPDATE alerts SET status = 'cleared', cleared_at = ?3, cleared_reason = ?4
+                     WHERE rule = ?1 AND device = ?2 AND status != 'cleared'
+                     RETURNING {ALERT_COLUMNS}"
+                ))?
+                .query_row(params![rule, device.as_str(), at, reason], alert_record)
+                .optional()?;
+            tx.commit()?;
+            Ok(cleared)
+        })
+    }
+
+    fn clear_rule_alerts(
+        &self,
+        rule: &str,
+        reason: &str,
+        at: TimestampMs,
+    ) -> Result<Vec<Alert>, RegistryError> {
+        self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let cleared = clear_alerts_of(&tx, AlertsOf::Rule(rule), reason, at)?;
+            tx.commit()?;
+            Ok(cleared)
+        })
+    }
+
+    fn acknowledge_alert(&self, id: &str, at: TimestampMs) -> Result<Option<Alert>, RegistryError> {
+        let outcome = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            let Some(alert) = load_alert(&tx, id)? else {
+                return Ok(None);
+            };
+            let now = match alert.status {
+                AlertStatus::Cleared => return Ok(Some(Err(alert))),
+                AlertStatus::Acknowledged => alert,
+                AlertStatus::Active => tx
+                    .prepare_cached(&format!(
+                        "UPDATE alerts SET status = 'acknowledged', acknowledged_at = ?2
+                         WHERE id = ?1
+                         RETURNING {ALERT_COLUMNS}"
+                    ))?
+                    .query_row(params![id, at], alert_record)?,
+            };
+            tx.commit()?;
+            Ok(Some(Ok(now)))
+        })?;
+        match outcome {
+            None => Ok(None),
+            Some(Ok(alert)) => Ok(Some(alert)),
+            Some(Err(cleared)) => Err(RegistryError::Refused(format!(
+                "alert {} is cleared{}; only an open alert can be acknowledged",
+                cleared.id,
+                cleared
+                    .cleared_reason
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+
+    fn alert(&self, id: &str) -> Result<Option<Alert>, RegistryError> {
+        self.with(|c| load_alert(c, id))
+    }
+
+    fn alerts(&self, q: &AlertQuery<'_>) -> Result<Vec<Alert>, RegistryError> {
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            // No such alert: nothing comes after it.
+            let sql = "SELECT raised_at FROM alerts WHERE id = ?1";
+            let Some(raised_at) = cursor(c, q.after, i64::MAX, sql, |id| [id])? else {
+                return Ok(Vec::new());
+            };
+            let mut stmt = c.prepare_cached(&alerts_sql(q))?;
+            let rows = stmt.query_map(
+                params![
+                    q.status.map(AlertStatus::as_str),
+                    q.device.map(DeviceId::as_str),
+                    q.rule,
+                    raised_at,
+                    q.after,
+                    limit
+                ],
+                alert_record,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn open_alerts(&self, limit: usize) -> Result<Vec<Alert>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&open_alerts_sql())?;
+            let rows = stmt.query_map([limit], alert_record)?;
+            rows.collect()
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, time::Duration};
+
+    use tellus_core::{Action, DeviceSelector, Trigger};
 
     use super::*;
 
@@ -3148,5 +3658,889 @@ mod tests {
         let listing = plan("SELECT id FROM commands WHERE job = 'j' AND seq > 0 ORDER BY seq");
         assert!(listing.contains("commands_by_job_seq"), "{listing}");
         assert!(!listing.contains("TEMP B-TREE"), "{listing}");
+    }
+
+    fn spec_of(name: &str) -> RuleSpec {
+        RuleSpec {
+            name: name.to_owned(),
+            description: "too hot for too long".into(),
+            trigger: Trigger::Telemetry,
+            devices: DeviceSelector {
+                ids: vec![id("a"), id("b")],
+                tags: BTreeMap::from([("site".to_owned(), "berlin".to_owned())]),
+            },
+            condition: "metrics.temp > 80.0".into(),
+            hold: Some(Duration::from_secs(90)),
+            actions: vec![
+                Action::Alert {
+                    severity: Severity::Critical,
+                    message: Some("hot".into()),
+                },
+                Action::Command {
+                    name: "cool".into(),
+                    params: serde_json::json!({"to": 20}),
+                    devices: None,
+                    timeout: Some(Duration::from_millis(1_500)),
+                },
+            ],
+        }
+    }
+
+    /// A new rule with id `r-{name}`, created at 10.
+    fn rule_of(name: &str, enabled: bool) -> Rule {
+        Rule {
+            id: format!("r-{name}"),
+            spec: spec_of(name),
+            enabled,
+            version: 1,
+            created_at_ms: 10,
+            updated_at_ms: 10,
+        }
+    }
+
+    fn rule_ids(v: Vec<Rule>) -> Vec<String> {
+        v.into_iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn rules_are_recorded_got_and_listed_by_id() {
+        let (dir, reg) = open();
+        for (name, enabled) in [("b", true), ("a", false), ("c", true)] {
+            reg.insert_rule(&rule_of(name, enabled)).unwrap();
+        }
+        let why = refused(reg.insert_rule(&rule_of("a", true)));
+        assert!(why.contains("r-a exists already"), "{why}");
+        let why = refused(reg.insert_rule(&Rule {
+            version: 2,
+            ..rule_of("d", true)
+        }));
+        assert!(why.contains("version 1"), "{why}");
+        assert_eq!(reg.rule("r-d").unwrap(), None);
+
+        // The whole spec comes back, and the refused insert changed nothing.
+        assert_eq!(reg.rule("r-a").unwrap(), Some(rule_of("a", false)));
+        assert_eq!(reg.rule("r-none").unwrap(), None);
+        assert_eq!(
+            rule_ids(reg.rules(None, 10).unwrap()),
+            ["r-a", "r-b", "r-c"]
+        );
+        assert_eq!(rule_ids(reg.rules(None, 2).unwrap()), ["r-a", "r-b"]);
+        assert_eq!(rule_ids(reg.rules(Some("r-a"), 1).unwrap()), ["r-b"]);
+        assert_eq!(rule_ids(reg.rules(Some("r-b"), 10).unwrap()), ["r-c"]);
+        assert!(reg.rules(Some("r-c"), 10).unwrap().is_empty());
+        // A cursor need not name a rule: ids after it.
+        assert_eq!(rule_ids(reg.rules(Some("r-bb"), 10).unwrap()), ["r-c"]);
+        assert!(reg.rules(None, 0).unwrap().is_empty());
+        assert_eq!(rule_ids(reg.enabled_rules().unwrap()), ["r-b", "r-c"]);
+
+        // The spec is stored as the operator's JSON, without the rule's own fields; the rule
+        // as JSON has the spec's fields flattened into it and reads back the same.
+        let raw = Connection::open(dir.path().join("registry.db")).unwrap();
+        let stored: String = raw
+            .query_row("SELECT spec FROM rules WHERE id = 'r-a'", [], |r| r.get(0))
+            .unwrap();
+        let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(stored, serde_json::to_value(spec_of("a")).unwrap());
+        assert_eq!(stored["for"], "1m 30s");
+        assert!(stored.get("id").is_none() && stored.get("version").is_none());
+        let rule = reg.rule("r-a").unwrap().unwrap();
+        let json = serde_json::to_value(&rule).unwrap();
+        assert!(json.get("spec").is_none(), "{json}");
+        assert_eq!(json["id"], "r-a");
+        assert_eq!(json["name"], "a");
+        assert_eq!(json["trigger"], "telemetry");
+        assert_eq!(json["for"], "1m 30s");
+        assert_eq!(json["enabled"], false);
+        assert_eq!(json["version"], 1);
+        assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), rule);
+    }
+
+    #[test]
+    fn rule_updates_add_one_to_the_version_and_check_the_expected_one() {
+        let (_dir, reg) = open();
+        reg.insert_rule(&rule_of("a", true)).unwrap();
+        let disabled = reg
+            .update_rule("r-a", None, Some(false), None, 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (disabled.enabled, disabled.version, disabled.updated_at_ms),
+            (false, 2, 20)
+        );
+        assert_eq!(disabled.spec, spec_of("a"));
+        assert_eq!(disabled.created_at_ms, 10);
+        assert_eq!(reg.rule("r-a").unwrap().as_ref(), Some(&disabled));
+        assert!(reg.enabled_rules().unwrap().is_empty());
+
+        let other = RuleSpec {
+            condition: String::new(),
+            hold: None,
+            actions: vec![Action::Publish {
+                topic: "rules/hot".into(),
+                retain: true,
+            }],
+            ..spec_of("renamed")
+        };
+        let respecced = reg
+            .update_rule("r-a", Some(&other), None, Some(2), 30)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (&respecced.spec, respecced.enabled, respecced.version),
+            (&other, false, 3)
+        );
+        assert_eq!(reg.rule("r-a").unwrap().as_ref(), Some(&respecced));
+
+        // Another version than expected: nothing changes.
+        assert!(matches!(
+            reg.update_rule("r-a", Some(&spec_of("x")), Some(true), Some(2), 40),
+            Err(RegistryError::VersionConflict { current: 3 })
+        ));
+        assert_eq!(reg.rule("r-a").unwrap().as_ref(), Some(&respecced));
+
+        let both = reg
+            .update_rule("r-a", Some(&spec_of("a")), Some(true), Some(3), 50)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            both,
+            Rule {
+                version: 4,
+                updated_at_ms: 50,
+                ..rule_of("a", true)
+            }
+        );
+        // Nothing to change: the rule as it is, its version unmoved (but still checked).
+        assert_eq!(
+            reg.update_rule("r-a", None, None, None, 60).unwrap(),
+            Some(both.clone())
+        );
+        assert!(matches!(
+            reg.update_rule("r-a", None, None, Some(1), 60),
+            Err(RegistryError::VersionConflict { current: 4 })
+        ));
+        assert_eq!(
+            reg.update_rule("r-none", None, Some(true), None, 60)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            reg.update_rule("r-none", None, Some(true), Some(1), 60)
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_rules_generation_moves_on_each_rule_change_only() {
+        let (_dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        let generation = || reg.rules_generation().unwrap();
+        let mut last = generation();
+        let mut moved = |expected: bool, what: &str| {
+            let now = generation();
+            assert_eq!(now > last, expected, "{what}: {last} -> {now}");
+            assert!(now >= last, "{what}");
+            last = now;
+        };
+        reg.insert_rule(&rule_of("a", true)).unwrap();
+        moved(true, "insert");
+        reg.insert_rule(&rule_of("a", true)).unwrap_err();
+        moved(false, "refused insert");
+        reg.update_rule("r-a", None, Some(false), None, 20).unwrap();
+        moved(true, "disable");
+        reg.update_rule("r-a", Some(&spec_of("b")), None, None, 20)
+            .unwrap();
+        moved(true, "new spec");
+        reg.update_rule("r-a", None, Some(true), Some(1), 20)
+            .unwrap_err();
+        moved(false, "version conflict");
+        reg.update_rule("r-a", None, None, None, 20).unwrap();
+        moved(false, "nothing to change");
+        reg.update_rule("r-none", None, Some(true), None, 20)
+            .unwrap();
+        moved(false, "no such rule");
+        reg.update_rule("r-a", None, Some(true), None, 20).unwrap();
+        moved(true, "enable");
+        let (alert, _) = reg
+            .raise_alert(
+                "r-a",
+                &id("a"),
+                Severity::Info,
+                "",
+                &serde_json::json!({}),
+                30,
+            )
+            .unwrap();
+        reg.acknowledge_alert(&alert.id, 31).unwrap();
+        reg.clear_rule_alerts("r-a", "condition", 32).unwrap();
+        moved(false, "alerts");
+        reg.delete_rule("r-none", 40).unwrap();
+        moved(false, "delete of no rule");
+        reg.delete_rule("r-a", 40).unwrap();
+        moved(true, "delete");
+        // Reinserting a deleted rule moves it again: it never comes back to a value seen.
+        reg.insert_rule(&rule_of("a", true)).unwrap();
+        moved(true, "insert again");
+    }
+
+    /// Raises the alert of `rule` for `device` at `at`, with `{"n": at}` as its values.
+    fn raise(reg: &SqliteRegistry, rule: &str, device: &str, at: i64) -> (Alert, bool) {
+        reg.raise_alert(
+            rule,
+            &id(device),
+            Severity::Warning,
+            &format!("raised at {at}"),
+            &serde_json::json!({ "n": at }),
+            at,
+        )
+        .unwrap()
+    }
+
+    /// A registry with devices `a` and `b` and the enabled rules `r-1` and `r-2`.
+    fn alerting() -> (tempfile::TempDir, SqliteRegistry) {
+        let (dir, reg) = open();
+        reg.insert_device(&new("a", "01", 100)).unwrap();
+        reg.insert_device(&new("b", "02", 100)).unwrap();
+        reg.insert_rule(&rule_of("1", true)).unwrap();
+        reg.insert_rule(&rule_of("2", true)).unwrap();
+        (dir, reg)
+    }
+
+    #[test]
+    fn deleting_a_rule_clears_its_open_alerts_in_the_same_transaction() {
+        let (_dir, reg) = alerting();
+        let (old, _) = raise(&reg, "r-1", "a", 10);
+        reg.clear_alert("r-1", &id("a"), "condition", 11).unwrap();
+        let (active, _) = raise(&reg, "r-1", "a", 12);
+        let (acked, _) = raise(&reg, "r-1", "b", 13);
+        reg.acknowledge_alert(&acked.id, 14).unwrap();
+        let (other, _) = raise(&reg, "r-2", "a", 15);
+
+        let cleared = reg.delete_rule("r-1", 20).unwrap().unwrap();
+        let ids: Vec<&str> = cleared.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, [acked.id.as_str(), active.id.as_str()]);
+        for a in &cleared {
+            assert_eq!(a.status, AlertStatus::Cleared);
+            assert_eq!(a.cleared_at_ms, Some(20));
+            assert_eq!(a.cleared_reason.as_deref(), Some("rule_deleted"));
+            assert_eq!(reg.alert(&a.id).unwrap().as_ref(), Some(a));
+        }
+        assert_eq!(reg.rule("r-1").unwrap(), None);
+        // An alert cleared before keeps its reason; another rule's alert stays open.
+        let old = reg.alert(&old.id).unwrap().unwrap();
+        assert_eq!(old.cleared_reason.as_deref(), Some("condition"));
+        assert_eq!(reg.alert(&other.id).unwrap(), Some(other));
+        assert_eq!(reg.delete_rule("r-1", 30).unwrap(), None);
+        // The deleted rule's alerts stay as history.
+        let rule = AlertQuery {
+            rule: Some("r-1"),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(reg.alerts(&rule).unwrap().len(), 3);
+        // No alert can be raised for it any more.
+        let why = refused(reg.raise_alert(
+            "r-1",
+            &id("a"),
+            Severity::Info,
+            "",
+            &serde_json::json!({}),
+            40,
+        ));
+        assert!(why.contains("no rule r-1"), "{why}");
+        // A rule deleted with no alert open clears none.
+        assert_eq!(reg.delete_rule("r-2", 50).unwrap().unwrap().len(), 1);
+        reg.insert_rule(&rule_of("3", true)).unwrap();
+        assert_eq!(reg.delete_rule("r-3", 50).unwrap(), Some(vec![]));
+    }
+
+    #[test]
+    fn an_alert_is_raised_once_acknowledged_cleared_and_raised_anew() {
+        let (_dir, reg) = alerting();
+        let a = id("a");
+        let (first, created) = reg
+            .raise_alert(
+                "r-1",
+                &a,
+                Severity::Critical,
+                "temp 81.5",
+                &serde_json::json!({"metrics": {"temp": 81.5}}),
+                10,
+            )
+            .unwrap();
+        assert!(created);
+        assert!(first.id.starts_with("a-"), "{}", first.id);
+        assert_eq!(
+            first,
+            Alert {
+                id: first.id.clone(),
+                rule: "r-1".into(),
+                device: a.clone(),
+                severity: Severity::Critical,
+                status: AlertStatus::Active,
+                message: "temp 81.5".into(),
+                values: serde_json::json!({"metrics": {"temp": 81.5}}),
+                raised_at_ms: 10,
+                acknowledged_at_ms: None,
+                cleared_at_ms: None,
+                cleared_reason: None,
+            }
+        );
+        assert_eq!(reg.alert(&first.id).unwrap().as_ref(), Some(&first));
+
+        // Raised again while open: the same alert, with the new message and values only.
+        let (again, created) = reg
+            .raise_alert(
+                "r-1",
+                &a,
+                Severity::Info,
+                "temp 83",
+                &serde_json::json!({"metrics": {"temp": 83}}),
+                20,
+            )
+            .unwrap();
+        assert!(!created);
+        let updated = Alert {
+            message: "temp 83".into(),
+            values: serde_json::json!({"metrics": {"temp": 83}}),
+            ..first.clone()
+        };
+        assert_eq!(again, updated);
+        assert_eq!(reg.alert(&first.id).unwrap().as_ref(), Some(&updated));
+
+        let acked = reg.acknowledge_alert(&first.id, 30).unwrap().unwrap();
+        assert_eq!(
+            (acked.status, acked.acknowledged_at_ms),
+            (AlertStatus::Acknowledged, Some(30))
+        );
+        // Acknowledging again changes nothing.
+        assert_eq!(
+            reg.acknowledge_alert(&first.id, 35).unwrap().as_ref(),
+            Some(&acked)
+        );
+        // An acknowledged alert is still the open one.
+        let (still, created) = raise(&reg, "r-1", "a", 40);
+        assert!(!created);
+        assert_eq!(
+            (still.id.as_str(), still.status),
+            (first.id.as_str(), AlertStatus::Acknowledged)
+        );
+
+        let cleared = reg
+            .clear_alert("r-1", &a, "condition", 50)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cleared.id, first.id);
+        assert_eq!(
+            (
+                cleared.status,
+                cleared.acknowledged_at_ms,
+                cleared.cleared_at_ms,
+                cleared.cleared_reason.as_deref()
+            ),
+            (AlertStatus::Cleared, Some(30), Some(50), Some("condition"))
+        );
+        assert_eq!(reg.alert(&first.id).unwrap().as_ref(), Some(&cleared));
+        assert_eq!(reg.clear_alert("r-1", &a, "condition", 55).unwrap(), None);
+        let why = refused(reg.acknowledge_alert(&first.id, 60));
+        assert!(why.contains(&first.id) && why.contains("cleared"), "{why}");
+        assert_eq!(reg.alert(&first.id).unwrap().as_ref(), Some(&cleared));
+
+        // Raised after it was cleared: a new alert.
+        let (second, created) = raise(&reg, "r-1", "a", 70);
+        assert!(created);
+        assert_ne!(second.id, first.id);
+        assert_eq!(
+            (second.status, second.raised_at_ms),
+            (AlertStatus::Active, 70)
+        );
+        assert_eq!(reg.alert(&first.id).unwrap().as_ref(), Some(&cleared));
+
+        assert_eq!(reg.acknowledge_alert("a-none", 80).unwrap(), None);
+        assert_eq!(reg.alert("a-none").unwrap(), None);
+        assert_eq!(reg.clear_alert("r-2", &a, "condition", 80).unwrap(), None);
+    }
+
+    #[test]
+    fn an_alert_is_raised_only_for_an_enabled_rule_and_a_registered_device() {
+        let (_dir, reg) = alerting();
+        let raise_for = |rule: &str, device: &str| {
+            reg.raise_alert(
+                rule,
+                &id(device),
+                Severity::Info,
+                "",
+                &serde_json::json!({}),
+                10,
+            )
+        };
+        let why = refused(raise_for("r-none", "a"));
+        assert!(why.contains("no rule r-none"), "{why}");
+        let why = refused(raise_for("r-1", "zz"));
+        assert!(why.contains("no device zz"), "{why}");
+        reg.update_rule("r-2", None, Some(false), None, 5).unwrap();
+        let why = refused(raise_for("r-2", "a"));
+        assert!(why.contains("r-2 is disabled"), "{why}");
+        assert!(reg.open_alerts(10).unwrap().is_empty());
+        // Disabling leaves an open alert open (the caller clears it), and it can be raised
+        // again meanwhile.
+        let (open, _) = raise_for("r-1", "a").unwrap();
+        reg.update_rule("r-1", None, Some(false), None, 20).unwrap();
+        let (again, created) = raise_for("r-1", "a").unwrap();
+        assert_eq!((again.id, created), (open.id, false));
+        assert_eq!(
+            reg.clear_rule_alerts("r-1", "rule_disabled", 30)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    fn alert_ids(v: &[Alert]) -> Vec<&str> {
+        v.iter().map(|a| a.id.as_str()).collect()
+    }
+
+    #[test]
+    fn alerts_are_listed_newest_first_filtered_and_paged() {
+        let (_dir, reg) = alerting();
+        // Oldest to newest: r-1/a cleared, r-1/b acknowledged, r-2/a active, r-2/b active,
+        // r-1/a active; the last two raised in the same millisecond.
+        let (c1a_old, _) = raise(&reg, "r-1", "a", 10);
+        reg.clear_alert("r-1", &id("a"), "condition", 11).unwrap();
+        let (c1b, _) = raise(&reg, "r-1", "b", 20);
+        reg.acknowledge_alert(&c1b.id, 21).unwrap();
+        let (c2a, _) = raise(&reg, "r-2", "a", 30);
+        let (c2b, _) = raise(&reg, "r-2", "b", 40);
+        let (c1a, _) = raise(&reg, "r-1", "a", 40);
+        let (same_first, same_second) = if c2b.id > c1a.id {
+            (&c2b, &c1a)
+        } else {
+            (&c1a, &c2b)
+        };
+        let list = |q: AlertQuery<'_>| -> Vec<String> {
+            let limit = if q.limit == 0 { 100 } else { q.limit };
+            reg.alerts(&AlertQuery { limit, ..q })
+                .unwrap()
+                .into_iter()
+                .map(|a| a.id)
+                .collect()
+        };
+        let all = list(AlertQuery::default());
+        assert_eq!(
+            all,
+            [
+                same_first.id.as_str(),
+                same_second.id.as_str(),
+                &c2a.id,
+                &c1b.id,
+                &c1a_old.id
+            ]
+        );
+
+        // Filters.
+        let (a, b) = (id("a"), id("b"));
+        let with_status = |status| {
+            list(AlertQuery {
+                status: Some(status),
+                ..Default::default()
+            })
+        };
+        assert_eq!(with_status(AlertStatus::Cleared), [c1a_old.id.as_str()]);
+        assert_eq!(with_status(AlertStatus::Acknowledged), [c1b.id.as_str()]);
+        assert_eq!(
+            with_status(AlertStatus::Active),
+            [same_first.id.as_str(), &same_second.id, &c2a.id]
+        );
+        let open = list(AlertQuery {
+            open: true,
+            ..Default::default()
+        });
+        assert_eq!(open, all[..4]);
+        // `status` wins over `open`.
+        assert_eq!(
+            list(AlertQuery {
+                open: true,
+                status: Some(AlertStatus::Cleared),
+                ..Default::default()
+            }),
+            [c1a_old.id.as_str()]
+        );
+        assert_eq!(
+            list(AlertQuery {
+                device: Some(&a),
+                ..Default::default()
+            }),
+            [c1a.id.as_str(), &c2a.id, &c1a_old.id]
+        );
+        assert_eq!(
+            list(AlertQuery {
+                rule: Some("r-1"),
+                ..Default::default()
+            }),
+            [c1a.id.as_str(), &c1b.id, &c1a_old.id]
+        );
+        assert_eq!(
+            list(AlertQuery {
+                rule: Some("r-1"),
+                device: Some(&a),
+                open: true,
+                ..Default::default()
+            }),
+            [c1a.id.as_str()]
+        );
+        assert_eq!(
+            list(AlertQuery {
+                rule: Some("r-2"),
+                device: Some(&b),
+                status: Some(AlertStatus::Acknowledged),
+                ..Default::default()
+            }),
+            Vec::<String>::new()
+        );
+        assert!(list(AlertQuery {
+            rule: Some("r-none"),
+            ..Default::default()
+        })
+        .is_empty());
+
+        // Paging, also across the two raised in the same millisecond.
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = list(AlertQuery {
+                after: after.as_deref(),
+                limit: 2,
+                ..Default::default()
+            });
+            assert!(page.len() <= 2);
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().cloned();
+            paged.extend(page);
+        }
+        assert_eq!(paged, all);
+        for (i, cursor) in all.iter().enumerate() {
+            assert_eq!(
+                list(AlertQuery {
+                    after: Some(cursor),
+                    ..Default::default()
+                }),
+                all[i + 1..],
+                "after {cursor}"
+            );
+        }
+        // Paging applies after the filters; the cursor need not pass them (`c2b` is `b`'s,
+        // raised in the same millisecond as `c1a`: ties go by id, descending).
+        assert_eq!(
+            list(AlertQuery {
+                device: Some(&a),
+                after: Some(&c1a.id),
+                limit: 1,
+                ..Default::default()
+            }),
+            [c2a.id.as_str()]
+        );
+        assert_eq!(
+            list(AlertQuery {
+                device: Some(&a),
+                after: Some(&c2b.id),
+                ..Default::default()
+            }),
+            if c2b.id > c1a.id {
+                vec![c1a.id.as_str(), &c2a.id, &c1a_old.id]
+            } else {
+                vec![c2a.id.as_str(), &c1a_old.id]
+            }
+        );
+        // No such alert: nothing after it.
+        assert!(list(AlertQuery {
+            after: Some("a-none"),
+            ..Default::default()
+        })
+        .is_empty());
+        assert!(reg
+            .alerts(&AlertQuery {
+                limit: 0,
+                ..Default::default()
+            })
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn clearing_a_rules_alerts_clears_only_its_open_ones() {
+        let (_dir, reg) = alerting();
+        let (old, _) = raise(&reg, "r-1", "a", 10);
+        reg.clear_alert("r-1", &id("a"), "condition", 11).unwrap();
+        let (a1, _) = raise(&reg, "r-1", "a", 20);
+        let (b1, _) = raise(&reg, "r-1", "b", 30);
+        reg.acknowledge_alert(&b1.id, 31).unwrap();
+        let (a2, _) = raise(&reg, "r-2", "a", 40);
+        assert_eq!(
+            alert_ids(&reg.open_alerts(10).unwrap()),
+            [a1.id.as_str(), &b1.id, &a2.id]
+        );
+        assert_eq!(
+            alert_ids(&reg.open_alerts(2).unwrap()),
+            [a1.id.as_str(), &b1.id]
+        );
+
+        let cleared = reg.clear_rule_alerts("r-1", "rule_disabled", 50).unwrap();
+        assert_eq!(alert_ids(&cleared), [b1.id.as_str(), &a1.id]);
+        for a in &cleared {
+            assert_eq!(
+                (a.status, a.cleared_at_ms, a.cleared_reason.as_deref()),
+                (AlertStatus::Cleared, Some(50), Some("rule_disabled"))
+            );
+        }
+        assert_eq!(reg.alert(&old.id).unwrap().unwrap().cleared_at_ms, Some(11));
+        assert_eq!(alert_ids(&reg.open_alerts(10).unwrap()), [a2.id.as_str()]);
+        assert!(reg
+            .clear_rule_alerts("r-1", "rule_disabled", 60)
+            .unwrap()
+            .is_empty());
+        assert!(reg
+            .clear_rule_alerts("r-none", "rule_disabled", 60)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn deleting_a_device_clears_its_open_alerts_and_keeps_them() {
+        let (_dir, reg) = alerting();
+        let (old, _) = raise(&reg, "r-1", "a", 10);
+        reg.clear_alert("r-1", &id("a"), "condition", 11).unwrap();
+        let (a1, _) = raise(&reg, "r-1", "a", 20);
+        let (a2, _) = raise(&reg, "r-2", "a", 30);
+        reg.acknowledge_alert(&a2.id, 31).unwrap();
+        let (b1, _) = raise(&reg, "r-1", "b", 40);
+
+        assert!(reg.delete_device(&id("a"), 50).unwrap());
+        for alert in [&a1, &a2] {
+            let now = reg.alert(&alert.id).unwrap().unwrap();
+            assert_eq!(
+                (now.status, now.cleared_at_ms, now.cleared_reason.as_deref()),
+                (AlertStatus::Cleared, Some(50), Some("device_deleted"))
+            );
+        }
+        assert_eq!(
+            reg.alert(&old.id)
+                .unwrap()
+                .unwrap()
+                .cleared_reason
+                .as_deref(),
+            Some("condition")
+        );
+        assert_eq!(alert_ids(&reg.open_alerts(10).unwrap()), [b1.id.as_str()]);
+        let a = id("a");
+        let history = reg
+            .alerts(&AlertQuery {
+                device: Some(&a),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(alert_ids(&history), [a2.id.as_str(), &a1.id, &old.id]);
+
+        // None can be raised while it is gone; registered again, it starts with none open.
+        let why =
+            refused(reg.raise_alert("r-1", &a, Severity::Info, "", &serde_json::json!({}), 60));
+        assert!(why.contains("no device a"), "{why}");
+        reg.insert_device(&new("a", "05", 100)).unwrap();
+        let (again, created) = raise(&reg, "r-1", "a", 70);
+        assert!(created);
+        assert!(![&old.id, &a1.id, &a2.id].contains(&&again.id));
+    }
+
+    #[test]
+    fn one_alert_of_a_rule_and_device_is_open_at_most() {
+        let (dir, reg) = alerting();
+        let (open, _) = raise(&reg, "r-1", "a", 10);
+        let raw = Connection::open(dir.path().join("registry.db")).unwrap();
+        let insert = |id: &str, status: &str| {
+            raw.execute(
+                "INSERT INTO alerts (id, rule, device, severity, status, message, \"values\",
+                     raised_at)
+                 VALUES (?1, 'r-1', 'a', 'info', ?2, '', '{}', 20)",
+                [id, status],
+            )
+        };
+        insert("a-second", "active").unwrap_err();
+        insert("a-second", "acknowledged").unwrap_err();
+        insert("a-second", "cleared").unwrap();
+        insert("a-third", "cleared").unwrap();
+        assert_eq!(alert_ids(&reg.open_alerts(10).unwrap()), [open.id.as_str()]);
+    }
+
+    #[test]
+    fn rules_and_alerts_survive_reopening_and_bad_rows_are_errors() {
+        let (dir, reg) = alerting();
+        let path = dir.path().join("registry.db");
+        let r1 = reg
+            .update_rule("r-1", None, Some(true), None, 20)
+            .unwrap()
+            .unwrap();
+        let (acked, _) = raise(&reg, "r-1", "a", 30);
+        let acked = reg.acknowledge_alert(&acked.id, 31).unwrap().unwrap();
+        let (active, _) = raise(&reg, "r-2", "b", 40);
+        let cleared = reg
+            .clear_alert("r-2", &id("b"), "function", 41)
+            .unwrap()
+            .unwrap();
+        let (active2, _) = raise(&reg, "r-2", "b", 50);
+        let generation = reg.rules_generation().unwrap();
+        drop(reg);
+
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(reg.rule("r-1").unwrap().as_ref(), Some(&r1));
+        assert_eq!(
+            reg.rules(None, 10).unwrap(),
+            [r1.clone(), rule_of("2", true)]
+        );
+        assert_eq!(reg.rules_generation().unwrap(), generation);
+        assert_eq!(reg.alert(&acked.id).unwrap().as_ref(), Some(&acked));
+        assert_eq!(reg.alert(&active.id).unwrap().as_ref(), Some(&cleared));
+        assert_eq!(
+            reg.open_alerts(10).unwrap(),
+            [acked.clone(), active2.clone()]
+        );
+        assert_eq!(
+            reg.alerts(&AlertQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap(),
+            [active2.clone(), cleared, acked.clone()]
+        );
+        // The open alert is still the one raised again.
+        let (again, created) = raise(&reg, "r-1", "a", 60);
+        assert_eq!((again.id.as_str(), created), (acked.id.as_str(), false));
+
+        // A spec, number, status, severity or JSON this version cannot read is an error, not
+        // a panic.
+        let raw = Connection::open(&path).unwrap();
+        let good_spec = serde_json::to_string(&r1.spec).unwrap();
+        for bad in [
+            "UPDATE rules SET spec = '{not json' WHERE id = ?1",
+            "UPDATE rules SET spec = '{\"name\": \"x\"}' WHERE id = ?1",
+            "UPDATE rules SET spec = json_set(spec, '$.colour', 'red') WHERE id = ?1",
+            "UPDATE rules SET version = -1 WHERE id = ?1",
+        ] {
+            raw.execute(
+                "UPDATE rules SET spec = ?2, version = 2 WHERE id = ?1",
+                [&r1.id, &good_spec],
+            )
+            .unwrap();
+            assert!(reg.rule(&r1.id).unwrap().is_some());
+            raw.execute(bad, [&r1.id]).unwrap();
+            for result in [
+                reg.rule(&r1.id).map(|_| ()),
+                reg.rules(None, 10).map(|_| ()),
+                reg.enabled_rules().map(|_| ()),
+                reg.update_rule(&r1.id, None, Some(true), None, 70)
+                    .map(|_| ()),
+            ] {
+                assert!(matches!(result, Err(RegistryError::Backend(_))), "{bad}");
+            }
+        }
+        for bad in [
+            "UPDATE alerts SET status = 'snoozed' WHERE id = ?1",
+            "UPDATE alerts SET severity = 'fatal' WHERE id = ?1",
+            "UPDATE alerts SET \"values\" = '{not json' WHERE id = ?1",
+            "UPDATE alerts SET device = 'not a/device' WHERE id = ?1",
+        ] {
+            raw.execute(
+                "UPDATE alerts SET status = 'active', severity = 'info', \"values\" = '{}',
+                     device = 'b'
+                 WHERE id = ?1",
+                [&active2.id],
+            )
+            .unwrap();
+            assert!(reg.alert(&active2.id).unwrap().is_some());
+            raw.execute(bad, [&active2.id]).unwrap();
+            for result in [
+                reg.alert(&active2.id).map(|_| ()),
+                reg.alerts(&AlertQuery {
+                    limit: 10,
+                    ..Default::default()
+                })
+                .map(|_| ()),
+                reg.open_alerts(10).map(|_| ()),
+                reg.acknowledge_alert(&active2.id, 70).map(|_| ()),
+            ] {
+                assert!(matches!(result, Err(RegistryError::Backend(_))), "{bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn queries_of_alerts_use_their_indexes() {
+        let (dir, _reg) = open();
+        let raw = Connection::open(dir.path().join("registry.db")).unwrap();
+        let plan = |sql: &str, params: &[&dyn rusqlite::ToSql]| -> String {
+            let mut stmt = raw.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt
+                .query_map(params, |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            rows.join("; ")
+        };
+        let listing = |q: AlertQuery<'_>| {
+            plan(
+                &alerts_sql(&q),
+                rusqlite::params![
+                    q.status.map(AlertStatus::as_str),
+                    q.device.map(DeviceId::as_str),
+                    q.rule,
+                    5,
+                    q.after,
+                    10
+                ],
+            )
+        };
+        let d = id("d");
+        let cases = [
+            (AlertQuery::default(), "alerts_newest"),
+            (
+                AlertQuery {
+                    after: Some("a-x"),
+                    status: Some(AlertStatus::Active),
+                    ..Default::default()
+                },
+                "alerts_newest",
+            ),
+            (
+                AlertQuery {
+                    device: Some(&d),
+                    after: Some("a-x"),
+                    ..Default::default()
+                },
+                "alerts_by_device",
+            ),
+            (
+                AlertQuery {
+                    rule: Some("r"),
+                    open: true,
+                    ..Default::default()
+                },
+                "alerts_by_rule",
+            ),
+        ];
+        for (q, index) in cases {
+            let p = listing(q);
+            assert!(p.contains(index), "{p}");
+            assert!(!p.contains("TEMP B-TREE"), "{p}");
+        }
+        let open = plan(&open_alerts_sql(), rusqlite::params![10]);
+        assert!(open.contains("alerts_open"), "{open}");
+        assert!(!open.contains("TEMP B-TREE"), "{open}");
+        let one = plan(
+            "UPDATE alerts SET message = '' WHERE rule = ?1 AND device = ?2 AND status != 'cleared'",
+            rusqlite::params!["r", "d"],
+        );
+        assert!(one.contains("alerts_open"), "{one}");
     }
 }

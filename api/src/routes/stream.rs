@@ -3,9 +3,10 @@
 //!
 //! Each event is named by its type (`telemetry`: points just committed; `presence`: a
 //! connection opened or ended; `command`: a command's status changed; `state`: desired or
-//! reported state changed) and carries the JSON of `tellus_core::LiveEvent`. Filters:
-//! `device=a,b` (those devices only), `tag=key:value` (repeatable: devices with every tag
-//! given), `type=telemetry,presence` (those types only). A client that falls more than
+//! reported state changed; `alert`: an alert was raised, acknowledged or cleared) and
+//! carries the JSON of `tellus_core::LiveEvent`. Filters: `device=a,b` (those devices
+//! only), `tag=key:value` (repeatable: devices with every tag given),
+//! `type=telemetry,presence` (those types only). A client that falls more than
 //! `tellus_core::live::LIVE_QUEUE` events behind misses the oldest and gets a `lagged` event
 //! saying how many; a comment every 15 s keeps idle connections open.
 
@@ -29,7 +30,7 @@ use crate::{extract, ApiError, AppState};
 const TAG_CACHE: usize = 10_000;
 /// The most `tag` filters, and devices named, in one request.
 const MAX_FILTERS: usize = 1_000;
-const TYPES: [&str; 4] = ["telemetry", "presence", "command", "state"];
+const TYPES: [&str; 5] = ["telemetry", "presence", "command", "state", "alert"];
 
 #[derive(Debug, Default)]
 struct Filter {

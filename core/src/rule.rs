@@ -1,0 +1,417 @@
+//! Rules and alerts as data: what an operator writes (`RuleSpec`), what the registry keeps
+//! (`Rule`, `Alert`), with no evaluation here (that is the `rules` crate).
+//!
+//! A rule watches one kind of thing happening to devices ([`Trigger`]), for the devices its
+//! [`DeviceSelector`] picks, tests a CEL condition, optionally waits until the condition has
+//! held for a while (`for`), and then takes its [`Action`]s.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DeviceId, TimestampMs};
+
+/// What a rule reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Each committed telemetry message: `metrics` in scope.
+    Telemetry,
+    /// Each change of reported state: `state` (the whole reported document) and `patch`.
+    State,
+    /// A device going online or offline: `online` and `reason`.
+    Presence,
+    /// A message a device publishes on `devices/{id}/events/{name}`: `event` and `payload`.
+    Event,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Telemetry => "telemetry",
+            Trigger::State => "state",
+            Trigger::Presence => "presence",
+            Trigger::Event => "event",
+        }
+    }
+}
+
+/// Which devices a rule (or a command action) concerns. Empty: every device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceSelector {
+    /// These devices only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<DeviceId>,
+    /// Devices carrying every one of these tags.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl DeviceSelector {
+    /// Whether a device with this id and these tags is selected: it must be named (when ids
+    /// are given) and carry every tag (when tags are given).
+    pub fn matches(&self, id: &DeviceId, tags: &BTreeMap<String, String>) -> bool {
+        (self.ids.is_empty() || self.ids.contains(id))
+            && self.tags.iter().all(|(k, v)| tags.get(k) == Some(v))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.tags.is_empty()
+    }
+}
+
+/// How serious an alert is.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    #[default]
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s {
+            "info" => Some(Severity::Info),
+            "warning" => Some(Severity::Warning),
+            "critical" => Some(Severity::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// Something a rule does when it fires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Send a command: to the device that fired the rule, or to every device `devices`
+    /// selects.
+    Command {
+        name: String,
+        #[serde(default)]
+        params: serde_json::Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devices: Option<DeviceSelector>,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        timeout: Option<Duration>,
+    },
+    /// POST a JSON body (the rule, the device, the message) to a URL.
+    Webhook {
+        url: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+        /// Per attempt; default 5 s.
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        timeout: Option<Duration>,
+        /// Attempts after the first; default 3.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retries: Option<u32>,
+    },
+    /// Publish the rule's firing as JSON on an MQTT topic under `rules/`, for operator clients.
+    Publish {
+        topic: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retain: bool,
+    },
+    /// Write a derived metric of the device back to the store: `value` is a CEL expression.
+    Metric { name: String, value: String },
+    /// Raise this rule's alert for the device (one open alert per rule and device); it is
+    /// cleared when the condition stops holding.
+    Alert {
+        #[serde(default)]
+        severity: Severity,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    /// Clear the open alert another rule (by id) raised for the device.
+    ClearAlert { rule: String },
+    /// Run a JavaScript function `handle(message)`; what it returns says what to do.
+    Function {
+        source: String,
+        /// Per call; default 50 ms.
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        timeout: Option<Duration>,
+        /// The sandbox's heap; default 16 MiB.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_limit_bytes: Option<usize>,
+    },
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Command { .. } => "command",
+            Action::Webhook { .. } => "webhook",
+            Action::Publish { .. } => "publish",
+            Action::Metric { .. } => "metric",
+            Action::Alert { .. } => "alert",
+            Action::ClearAlert { .. } => "clear_alert",
+            Action::Function { .. } => "function",
+        }
+    }
+}
+
+/// A rule as an operator writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub trigger: Trigger,
+    #[serde(default, skip_serializing_if = "DeviceSelector::is_empty")]
+    pub devices: DeviceSelector,
+    /// CEL; empty: always true.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
+    /// How long the condition must hold before the rule fires.
+    #[serde(
+        default,
+        rename = "for",
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hold: Option<Duration>,
+    pub actions: Vec<Action>,
+}
+
+/// A stored rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    /// `r-` and 20 hex digits ([`new_rule_id`]).
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+    pub enabled: bool,
+    /// Starts at 1; each change adds one.
+    pub version: u64,
+    pub created_at_ms: TimestampMs,
+    pub updated_at_ms: TimestampMs,
+}
+
+/// A new rule id: `r-` and 20 random hex digits.
+pub fn new_rule_id() -> String {
+    let bytes: [u8; 10] = rand::random();
+    format!("r-{}", hex::encode(bytes))
+}
+
+/// Where an alert is in its life: active → acknowledged → cleared (or active → cleared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertStatus {
+    Active,
+    Acknowledged,
+    Cleared,
+}
+
+impl AlertStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Active => "active",
+            AlertStatus::Acknowledged => "acknowledged",
+            AlertStatus::Cleared => "cleared",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AlertStatus> {
+        match s {
+            "active" => Some(AlertStatus::Active),
+            "acknowledged" => Some(AlertStatus::Acknowledged),
+            "cleared" => Some(AlertStatus::Cleared),
+            _ => None,
+        }
+    }
+
+    /// Not cleared: the one alert of its rule and device that may be raised again.
+    pub fn is_open(self) -> bool {
+        self != AlertStatus::Cleared
+    }
+}
+
+/// An alert a rule raised for a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// `a-` and 20 hex digits.
+    pub id: String,
+    pub rule: String,
+    pub device: DeviceId,
+    pub severity: Severity,
+    pub status: AlertStatus,
+    pub message: String,
+    /// What raised it: the message's values (e.g. `{"metrics": {"temp": 81.5}}`).
+    pub values: serde_json::Value,
+    pub raised_at_ms: TimestampMs,
+    pub acknowledged_at_ms: Option<TimestampMs>,
+    pub cleared_at_ms: Option<TimestampMs>,
+    /// Why it was cleared: `condition` (stopped holding), `rule` (another rule cleared it),
+    /// `rule_deleted`, `rule_disabled` or `function`.
+    pub cleared_reason: Option<String>,
+}
+
+/// A new alert id: `a-` and 20 random hex digits.
+pub fn new_alert_id() -> String {
+    let bytes: [u8; 10] = rand::random();
+    format!("a-{}", hex::encode(bytes))
+}
+
+/// Which alerts to list.
+#[derive(Debug, Clone, Default)]
+pub struct AlertQuery<'a> {
+    pub status: Option<AlertStatus>,
+    /// Only open ones (active or acknowledged); `status` wins when both are given.
+    pub open: bool,
+    pub device: Option<&'a DeviceId>,
+    pub rule: Option<&'a str>,
+    /// Paging: alerts after this id in the list's order (newest first).
+    pub after: Option<&'a str>,
+    pub limit: usize,
+}
+
+/// Something that happened to a device, as rules see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleInput {
+    pub device: DeviceId,
+    /// When Tellus learnt of it (server clock): what `for` durations are measured in.
+    pub at_ms: TimestampMs,
+    pub kind: InputKind,
+}
+
+/// What happened, by [`Trigger`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputKind {
+    /// The metrics of one reading: what one device reported for one timestamp, committed.
+    Telemetry {
+        ts_ms: TimestampMs,
+        metrics: Vec<(String, crate::Value)>,
+    },
+    /// Reported state changed: the whole document after the change, and the change.
+    State {
+        reported: serde_json::Value,
+        patch: serde_json::Value,
+    },
+    /// The device's connection opened or ended.
+    Presence {
+        online: bool,
+        reason: Option<String>,
+    },
+    /// The device published on `events/{name}`; the payload as JSON, or as a JSON string
+    /// when it is not JSON.
+    Event {
+        name: String,
+        payload: serde_json::Value,
+    },
+}
+
+impl InputKind {
+    pub fn trigger(&self) -> Trigger {
+        match self {
+            InputKind::Telemetry { .. } => Trigger::Telemetry,
+            InputKind::State { .. } => Trigger::State,
+            InputKind::Presence { .. } => Trigger::Presence,
+            InputKind::Event { .. } => Trigger::Event,
+        }
+    }
+}
+
+/// Inputs waiting for the rules engine before whoever sends waits.
+pub const RULE_FEED_QUEUE: usize = 16_384;
+
+/// The way into the rules engine: a bounded channel whose senders wait when it is full
+/// (backpressure: ingest acknowledges telemetry only once its readings are handed over, so
+/// a reading is never dropped between the store and the rules), and a switch per trigger
+/// that the engine sets while some enabled rule wants that trigger, so that senders build
+/// nothing nobody evaluates.
+#[derive(Debug, Clone)]
+pub struct RuleFeed {
+    tx: Option<tokio::sync::mpsc::Sender<RuleInput>>,
+    wanted: std::sync::Arc<[std::sync::atomic::AtomicBool; 4]>,
+}
+
+impl RuleFeed {
+    /// A feed and the receiving end the engine reads.
+    pub fn channel(capacity: usize) -> (RuleFeed, tokio::sync::mpsc::Receiver<RuleInput>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (
+            RuleFeed {
+                tx: Some(tx),
+                wanted: Default::default(),
+            },
+            rx,
+        )
+    }
+
+    /// A feed that goes nowhere (no rules engine).
+    pub fn none() -> RuleFeed {
+        RuleFeed {
+            tx: None,
+            wanted: Default::default(),
+        }
+    }
+
+    /// The switches alone, without a sender: for the engine, which must not keep its own
+    /// feed open (the feed closes, and the engine stops, when the last sender is gone).
+    pub fn switches(&self) -> RuleFeed {
+        RuleFeed {
+            tx: None,
+            wanted: self.wanted.clone(),
+        }
+    }
+
+    fn slot(trigger: Trigger) -> usize {
+        match trigger {
+            Trigger::Telemetry => 0,
+            Trigger::State => 1,
+            Trigger::Presence => 2,
+            Trigger::Event => 3,
+        }
+    }
+
+    /// Whether some enabled rule wants inputs of this trigger.
+    pub fn wants(&self, trigger: Trigger) -> bool {
+        self.wanted[Self::slot(trigger)].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Set by the engine whenever its rules change.
+    pub fn set_wanted(&self, trigger: Trigger, wanted: bool) {
+        self.wanted[Self::slot(trigger)].store(wanted, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hands an input over, waiting while the queue is full; from async code.
+    pub async fn send(&self, input: RuleInput) {
+        if let Some(tx) = &self.tx {
+            // The engine gone means the server is stopping: nothing left to evaluate.
+            let _ = tx.send(input).await;
+        }
+    }
+
+    /// Hands an input over, waiting while the queue is full; from a thread outside tokio.
+    pub fn blocking_send(&self, input: RuleInput) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.blocking_send(input);
+        }
+    }
+}
