@@ -37,6 +37,9 @@
 //! | `GET /api/v1/pki/cas`, `…/{id}` | the external CAs; one, with its PEM |
 //! | `DELETE /api/v1/pki/cas/{id}` | stop trusting an external CA |
 //! | `GET /api/v1/audit` | the gate's connection decisions, newest first |
+//! | `POST`/`GET /api/v1/rules`, `GET`/`PUT`/`DELETE /api/v1/rules/{id}`, `…/enable`, `…/disable` | rules: CEL condition, `for`, actions |
+//! | `POST /api/v1/rules/test` | a dry run of a rule over messages or stored telemetry |
+//! | `GET /api/v1/alerts`, `…/{id}`, `POST …/{id}/acknowledge` | alerts rules raised |
 //! | `GET /api/v1/stats` | ingest and gate counters |
 //!
 //! Device registration itself lives in `tellus_broker::provision`, shared with the CLI. The
@@ -69,6 +72,8 @@ pub struct AppState {
     pub devices: Arc<tellus_broker::devices::Devices>,
     /// What happens to devices as it happens: `GET /api/v1/stream`.
     pub live: tellus_core::Live,
+    /// The rules engine: told to reload when rules change; its figures.
+    pub rules: tellus_rules::service::Rules,
     /// The bearer token every `/api/v1` request must present. An empty token admits no one.
     pub admin_token: Arc<str>,
 }

@@ -35,8 +35,8 @@ use tellus_core::{
     now_ms,
     state::{self, DeviceState},
     topic::DeviceTopic,
-    Command, CommandResult, CommandStatus, DeviceId, Live, LiveEvent, PresenceCounts, Registry,
-    RegistryError, Session, SessionEvent, TimestampMs,
+    Command, CommandResult, CommandStatus, DeviceId, InputKind, Live, LiveEvent, PresenceCounts,
+    Registry, RegistryError, RuleFeed, RuleInput, Session, SessionEvent, TimestampMs, Trigger,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -164,6 +164,8 @@ pub struct Devices {
     max_message: usize,
     /// Where connections, commands and state changes are told as they happen.
     live: Live,
+    /// Where connections and reported state go for rules (waiting when the rules are busy).
+    rules: RuleFeed,
     /// Connections opened and ended that a failed write left unrecorded, oldest first; at
     /// most [`UNRECORDED_MAX`].
     unrecorded: Mutex<Vec<SessionEvent>>,
@@ -182,6 +184,7 @@ impl Devices {
         publisher: Publisher,
         max_packet_size: usize,
         live: Live,
+        rules: RuleFeed,
     ) -> (
         Arc<Devices>,
         mpsc::Sender<DeviceEvent>,
@@ -196,6 +199,7 @@ impl Devices {
             // Room for the fixed header, the topic and the packet id.
             max_message: max_packet_size.saturating_sub(256),
             live,
+            rules,
             unrecorded: Mutex::default(),
             jobs_lock: tokio::sync::Mutex::default(),
             job_runners: Mutex::default(),
@@ -319,6 +323,18 @@ impl Devices {
                     };
                     l.insert(s.device.clone(), listener);
                 }
+                if self.rules.wants(Trigger::Presence) {
+                    self.rules
+                        .send(RuleInput {
+                            device: s.device.clone(),
+                            at_ms: now_ms(),
+                            kind: InputKind::Presence {
+                                online: true,
+                                reason: None,
+                            },
+                        })
+                        .await;
+                }
                 self.live.send(LiveEvent::Presence {
                     device: s.device,
                     online: true,
@@ -341,6 +357,18 @@ impl Devices {
                     current
                 });
                 if current {
+                    if self.rules.wants(Trigger::Presence) {
+                        self.rules
+                            .send(RuleInput {
+                                device: device.clone(),
+                                at_ms: now_ms(),
+                                kind: InputKind::Presence {
+                                    online: false,
+                                    reason: Some(reason.clone()),
+                                },
+                            })
+                            .await;
+                    }
                     self.live.send(LiveEvent::Presence {
                         device,
                         online: false,
@@ -396,6 +424,7 @@ impl Devices {
                     Err(why) => return refuse_report(&device, recorded, why),
                 };
                 let d = device.clone();
+                let change = self.rules.wants(Trigger::State).then(|| patch.clone());
                 match self
                     .blocking(move |r| r.patch_reported(&d, &patch, now_ms()))
                     .await
@@ -404,6 +433,18 @@ impl Devices {
                         let _ = recorded.send(Ok(()));
                         if let Some(state) = state {
                             self.state_changed(&device, &state);
+                            if let Some(patch) = change {
+                                self.rules
+                                    .send(RuleInput {
+                                        device: device.clone(),
+                                        at_ms: now_ms(),
+                                        kind: InputKind::State {
+                                            reported: state.reported.clone(),
+                                            patch,
+                                        },
+                                    })
+                                    .await;
+                            }
                         }
                     }
                     // Sending it again would not change that (the state would grow too

@@ -213,6 +213,8 @@ pub struct Gate {
     pub publisher: Publisher,
     /// What the device service hears of devices: subscriptions, deliveries, results.
     pub device_events: tokio::sync::mpsc::Sender<DeviceEvent>,
+    /// Where device events (`events/{name}`) go for rules, besides the routing core.
+    pub rules: tellus_core::RuleFeed,
 }
 
 /// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every

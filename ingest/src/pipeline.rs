@@ -25,7 +25,8 @@ use tellus_core::{
     live::{LiveEvent, LivePoint},
     telemetry,
     topic::DeviceTopic,
-    DeviceId, Durable, IngestError, IngestRequest, Live, TimestampMs,
+    DeviceId, Durable, IngestError, IngestRequest, InputKind, Live, RuleFeed, RuleInput,
+    TimestampMs, Trigger,
 };
 use tracing::{debug, error};
 
@@ -169,12 +170,14 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Runs the pipeline; every committed batch's points also go to `live`.
+    /// Runs the pipeline; every committed batch's points also go to `live`, and its
+    /// readings to `rules` (before they are acknowledged).
     pub fn spawn(
         rx: IngestReceiver,
         store: Arc<dyn TelemetryStore>,
         config: IngestConfig,
         live: Live,
+        rules: RuleFeed,
     ) -> std::io::Result<Ingest> {
         let stats = Arc::new(IngestStats::default());
         let worker = Worker {
@@ -184,6 +187,7 @@ impl Ingest {
             last_server_ts: HashMap::new(),
             rejected: Vec::new(),
             live,
+            rules,
         };
         let thread = thread::Builder::new()
             .name("ingest".into())
@@ -223,6 +227,9 @@ struct Worker {
     /// The kinds of the dead letters of the batch being committed, counted once it is.
     rejected: Vec<&'static str>,
     live: Live,
+    /// Where committed readings go for rules; it makes this thread wait when full, and the
+    /// readings' messages are acknowledged only after.
+    rules: RuleFeed,
 }
 
 impl Worker {
@@ -307,6 +314,7 @@ impl Worker {
                 let dead = batch.deadletters.len() as u64;
                 self.stats.deadlettered.fetch_add(dead, Ordering::Relaxed);
                 self.tell_live(&batch);
+                self.tell_rules(&batch);
                 self.stats.stored.fetch_add(n - dead, Ordering::Relaxed);
                 for (done, outcome) in outcomes {
                     if let Some(done) = done {
@@ -326,6 +334,43 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands the committed readings to the rules: one input per device and timestamp (the
+    /// metrics of one reading), in commit order.
+    fn tell_rules(&self, batch: &Batch) {
+        if !self.rules.wants(Trigger::Telemetry) {
+            return;
+        }
+        let now = tellus_core::now_ms();
+        let mut current: Option<RuleInput> = None;
+        for (device, sample) in &batch.samples {
+            if let Some(RuleInput {
+                device: d,
+                kind: InputKind::Telemetry { ts_ms, metrics },
+                ..
+            }) = &mut current
+            {
+                if d == device && *ts_ms == sample.ts_ms {
+                    metrics.push((sample.metric.clone(), sample.value.clone()));
+                    continue;
+                }
+            }
+            if let Some(done) = current.take() {
+                self.rules.blocking_send(done);
+            }
+            current = Some(RuleInput {
+                device: device.clone(),
+                at_ms: now,
+                kind: InputKind::Telemetry {
+                    ts_ms: sample.ts_ms,
+                    metrics: vec![(sample.metric.clone(), sample.value.clone())],
+                },
+            });
+        }
+        if let Some(done) = current {
+            self.rules.blocking_send(done);
         }
     }
 
@@ -425,7 +470,10 @@ mod tests {
         let (tx, rx) = IngestSender::channel(8, 1 << 20);
         let live = tellus_core::Live::default();
         let mut feed = live.listen();
-        let ingest = Ingest::spawn(rx, store.clone(), IngestConfig::default(), live).unwrap();
+        let (rules, mut readings) = RuleFeed::channel(1_024);
+        rules.set_wanted(Trigger::Telemetry, true);
+        let ingest =
+            Ingest::spawn(rx, store.clone(), IngestConfig::default(), live, rules).unwrap();
         let d = DeviceId::parse("d1").unwrap();
         let submit = |topic: DeviceTopic, payload: Vec<u8>| {
             tx.submit(d.clone(), topic, Bytes::from(payload), 1_000, true)
@@ -487,6 +535,22 @@ mod tests {
                 (1_000, Value::Int(1)),
                 (1_001, Value::Int(2)),
                 (1_002, Value::Float(2.5))
+            ]
+        );
+        // And to the rules, one reading each, before they were acknowledged.
+        let mut readings_seen = Vec::new();
+        while let Ok(input) = readings.try_recv() {
+            let InputKind::Telemetry { ts_ms, metrics } = input.kind else {
+                panic!("{input:?}")
+            };
+            readings_seen.push((ts_ms, metrics));
+        }
+        assert_eq!(
+            readings_seen,
+            [
+                (1_000, vec![("t".to_string(), Value::Int(1))]),
+                (1_001, vec![("t".to_string(), Value::Int(2))]),
+                (1_002, vec![("t".to_string(), Value::Float(2.5))])
             ]
         );
         assert_eq!(dead[2].payload, b"not json");

@@ -30,8 +30,9 @@ use tellus_broker::{
     pki::{write_atomic, Pki},
     routing::{self, Publisher, RoutingConfig},
 };
-use tellus_core::{IngestSender, Registry};
+use tellus_core::{IngestSender, Registry, RuleFeed};
 use tellus_ingest::{Ingest, QuestDbStore, SqliteRegistry, SqliteStore, TelemetryStore};
+use tellus_rules::service::{Outlets, RulesConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -151,8 +152,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         IngestSender::channel(config.ingest.queue_capacity, config.ingest.queue_bytes);
     // What happens to devices as it happens, for the API's event stream.
     let live = tellus_core::Live::default();
-    let ingest = Ingest::spawn(ingest_rx, store.clone(), config.ingest(), live.clone())
-        .context("starting ingest")?;
+    // What rules are given: committed readings, state, presence and events.
+    let (rule_feed, rule_inputs) = RuleFeed::channel(tellus_core::rule::RULE_FEED_QUEUE);
+    let ingest = Ingest::spawn(
+        ingest_rx,
+        store.clone(),
+        config.ingest(),
+        live.clone(),
+        rule_feed.clone(),
+    )
+    .context("starting ingest")?;
 
     let mqtt = bind(config.mqtt.listen, "mqtt").await?;
     let http = bind(config.http.listen, "http").await?;
@@ -185,6 +194,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         publisher.clone(),
         config.mqtt.max_packet_size,
         live.clone(),
+        rule_feed.clone(),
     );
     // The device service stops with the publisher, after every session.
     let devices_task = tokio::spawn(
@@ -203,9 +213,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         sessions: Arc::new(Sessions::default()),
         audit,
         pki: fleet.pki.clone(),
-        publisher,
+        publisher: publisher.clone(),
         device_events,
+        rules: rule_feed.clone(),
     };
+    // The rules engine stops after the gate, ingest and the device service, once it has
+    // evaluated what they handed it.
+    let rules_stop = CancellationToken::new();
+    let (rules, rules_running) = tellus_rules::service::start(
+        RulesConfig::default(),
+        Outlets {
+            registry: fleet.registry.clone(),
+            devices: devices.clone(),
+            publisher,
+            store: store.clone(),
+            live: live.clone(),
+        },
+        rule_feed,
+        rule_inputs,
+        rules_stop.clone(),
+    )
+    .context("starting the rules engine")?;
     let gate_task = tokio::spawn(gate::run(mqtt, gate, stop.clone()));
     let state = AppState {
         registry: fleet.registry.clone(),
@@ -215,6 +243,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         gate_stats,
         devices,
         live,
+        rules,
         admin_token: Arc::from(token),
     };
     // The API outlives the gate and ingest, so operators can query until the end.
@@ -242,6 +271,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .is_err()
     {
         warn!("the device service did not stop in time");
+    }
+    rules_stop.cancel();
+    if tokio::time::timeout_at(deadline, rules_running.finished())
+        .await
+        .is_err()
+    {
+        warn!("the rules engine did not stop in time");
     }
     if drained.is_err() {
         warn!(timeout = ?config.shutdown_timeout, "shutdown timed out; unacknowledged messages were not committed");

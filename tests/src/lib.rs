@@ -19,6 +19,7 @@ pub mod mqtt;
 pub mod questdb;
 pub mod raw;
 pub mod victoria;
+pub mod webhook;
 
 use serde_json::{json, Value};
 use tellus_device::Credentials;
@@ -194,6 +195,11 @@ impl Tellus {
     /// POST JSON with the admin token; returns the status and the JSON body.
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// PUT JSON with the admin token; returns the status and the JSON body.
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.request(reqwest::Method::PUT, path, Some(body)).await
     }
 
     /// PATCH JSON with the admin token; returns the status and the JSON body.

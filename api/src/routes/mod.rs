@@ -16,8 +16,11 @@
 //! | `POST /pki/cas`, `GET /pki/cas`, `GET /pki/cas/{id}`, `DELETE /pki/cas/{id}` | [`pki`] | yes |
 //! | `GET /audit` | [`audit`] | yes |
 //! | `POST /commands`, `GET /commands`, `GET /commands/{job}`, `GET /commands/{job}/devices`, `POST /commands/{job}/abort` | [`jobs`] | yes |
+//! | `POST /rules`, `GET /rules`, `GET`/`PUT`/`DELETE /rules/{id}`, `POST /rules/{id}/enable`, `/disable` | [`rules`] | yes |
+//! | `POST /rules/test` (a dry run over messages or stored telemetry) | [`rules`] | yes |
+//! | `GET /alerts` (`status=`, `open=true`, `device=`, `rule=`), `GET /alerts/{id}`, `POST /alerts/{id}/acknowledge` | [`alerts`] | yes |
 //! | `GET /stats` | [`stats`] | yes |
-//! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state`) | [`stream`] | yes |
+//! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state,alert`) | [`stream`] | yes |
 //!
 //! Store, registry and PKI calls block (SQLite, key generation, CRL signing), so handlers run
 //! them through [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for
@@ -32,6 +35,7 @@ use axum::{
 
 use crate::{ApiError, AppState};
 
+pub mod alerts;
 pub mod audit;
 pub mod commands;
 pub mod deadletters;
@@ -39,6 +43,7 @@ pub mod devices;
 pub mod jobs;
 pub mod pki;
 pub mod presence;
+pub mod rules;
 pub mod state;
 pub mod stats;
 pub mod stream;
@@ -88,6 +93,19 @@ pub fn v1() -> Router<AppState> {
         .route("/commands/{job}", get(jobs::get_one))
         .route("/commands/{job}/devices", get(jobs::devices))
         .route("/commands/{job}/abort", post(jobs::abort))
+        .route("/rules", post(rules::create).get(rules::list))
+        .route("/rules/test", post(rules::test))
+        .route(
+            "/rules/{id}",
+            get(rules::get_one)
+                .put(rules::replace)
+                .delete(rules::delete),
+        )
+        .route("/rules/{id}/enable", post(rules::enable))
+        .route("/rules/{id}/disable", post(rules::disable))
+        .route("/alerts", get(alerts::list))
+        .route("/alerts/{id}", get(alerts::get_one))
+        .route("/alerts/{id}/acknowledge", post(alerts::acknowledge))
         .route("/stats", get(stats::get))
         .route("/stream", get(stream::stream))
 }

@@ -1,7 +1,8 @@
 //! Counters: `GET /api/v1/stats` is `{"ingest": {received, stored, samples, deadlettered,
 //! failed, commits, rejected by kind, commit_latency}, "gate": {accepted, connected, active,
 //! refusals by reason, …}}`, and with the QuestDB store `"spool": {spooled, drained, pending,
-//! refused, send_errors, last_error, last_delivery_ms}`. Reading them is a few atomic loads
+//! refused, send_errors, last_error, last_delivery_ms}`; `"rules"` has the rules engine's
+//! inputs and the time rules add per input. Reading them is a few atomic loads
 //! (and one lock), so no blocking thread is needed.
 
 use axum::{extract::State, Json};
@@ -18,6 +19,8 @@ pub struct Stats {
     /// With the QuestDB store: points spooled, drained to QuestDB, pending and refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spool: Option<SpoolStats>,
+    /// The rules engine: inputs evaluated and the time rules add per input.
+    pub rules: tellus_rules::engine::EngineFigures,
 }
 
 pub async fn get(State(state): State<AppState>) -> Json<Stats> {
@@ -25,5 +28,6 @@ pub async fn get(State(state): State<AppState>) -> Json<Stats> {
         ingest: state.ingest_stats.snapshot(),
         gate: state.gate_stats.snapshot(),
         spool: state.store.spool(),
+        rules: state.rules.figures().engine(),
     })
 }

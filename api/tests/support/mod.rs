@@ -41,10 +41,12 @@ impl Server {
             tellus_broker::routing::Publisher::detached(),
             256 * 1024,
             tellus_core::Live::default(),
+            tellus_core::RuleFeed::none(),
         );
         let state = AppState {
             devices,
             live: tellus_core::Live::default(),
+            rules: tellus_rules::service::Rules::detached(),
             registry: registry.clone(),
             store: store.clone(),
             pki: pki.clone(),

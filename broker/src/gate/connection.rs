@@ -40,7 +40,8 @@ use rumqttc::mqttbytes::QoS;
 use tellus_core::{
     now_ms,
     topic::{self, DeviceTopic},
-    AuditDecision, AuditEntry, DeviceId, DeviceStatus, Durable, IngestError,
+    AuditDecision, AuditEntry, DeviceId, DeviceStatus, Durable, IngestError, InputKind, RuleInput,
+    Trigger,
 };
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
@@ -878,6 +879,25 @@ impl<'g> Session<'g> {
                 .boxed()
                 .shared()
             });
+            if let DeviceTopic::Event(name) = &kind {
+                if self.gate.rules.wants(Trigger::Event) {
+                    // JSON as JSON; anything else as text (lossy where it is not UTF-8).
+                    let payload = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(&p.payload).into_owned())
+                    });
+                    self.gate
+                        .rules
+                        .send(RuleInput {
+                            device: self.device.clone(),
+                            at_ms: now_ms(),
+                            kind: InputKind::Event {
+                                name: name.clone(),
+                                payload,
+                            },
+                        })
+                        .await;
+                }
+            }
             self.forward(&p.upstream()).await?;
             taken
         };

@@ -1,0 +1,454 @@
+//! Rules: `POST /api/v1/rules` creates one, `GET /api/v1/rules` lists them,
+//! `GET`/`PUT`/`DELETE /api/v1/rules/{id}` shows, replaces or deletes one,
+//! `POST /api/v1/rules/{id}/enable` and `…/disable` switch it, and `POST /api/v1/rules/test`
+//! runs one (saved or given) over given messages or a device's stored telemetry without
+//! doing anything. Every change takes effect at once, without a restart.
+//!
+//! A rule is checked (its CEL compiled, its function compiled) before it is stored: a rule
+//! that would not run is refused with `invalid_rule` and the reason. Each rule is shown with
+//! its figures since the process started (evaluations, matches, actions that succeeded and
+//! failed, the last errors, the time it takes per message).
+
+use std::collections::BTreeMap;
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use tellus_core::{
+    now_ms, rule::new_rule_id, rule::InputKind, DeviceId, Rule, RuleInput, RuleSpec, TimestampMs,
+    Trigger, Value,
+};
+use tellus_rules::{
+    dry::{dry_run, DryRun, MAX_INPUTS},
+    engine::{Compiled, RuleFiguresSnapshot},
+    expr::with_stack,
+};
+
+use super::{blocking, page, page_limit};
+use crate::{extract, timestamps, ApiError, AppState};
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1_000;
+
+/// A rule and how it has done.
+#[derive(Debug, Serialize)]
+pub struct RuleView {
+    #[serde(flatten)]
+    pub rule: Rule,
+    /// Since the process started; `null` for a rule the engine has not loaded (disabled).
+    pub figures: Option<RuleFiguresSnapshot>,
+}
+
+fn view(state: &AppState, rule: Rule) -> RuleView {
+    RuleView {
+        figures: state.rules.figures().get(&rule.id),
+        rule,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleBody {
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// For `PUT`: refuse the change unless the rule is at this version.
+    pub version: Option<u64>,
+}
+
+/// Compiles the rule as the engine would; the error is for whoever wrote it.
+async fn check(rule: Rule) -> Result<Rule, ApiError> {
+    let checked = tokio::task::spawn_blocking(move || {
+        with_stack(move || Compiled::new(&rule, Default::default()).map(|_| rule))
+    })
+    .await?;
+    checked.map_err(ApiError::InvalidRule)
+}
+
+/// `POST /api/v1/rules`: 201 with the rule.
+pub async fn create(
+    State(state): State<AppState>,
+    extract::Json(body): extract::Json<RuleBody>,
+) -> Result<Response, ApiError> {
+    let now = now_ms();
+    let rule = check(Rule {
+        id: new_rule_id(),
+        spec: body.spec,
+        enabled: body.enabled.unwrap_or(true),
+        version: 1,
+        created_at_ms: now,
+        updated_at_ms: now,
+    })
+    .await?;
+    let registry = state.registry.clone();
+    let stored = rule.clone();
+    blocking(move || registry.insert_rule(&stored)).await?;
+    tracing::info!(rule = %rule.id, name = %rule.spec.name, "rule created");
+    state.rules.reload();
+    Ok((StatusCode::CREATED, Json(view(&state, rule))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+    pub after: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RuleList {
+    pub rules: Vec<RuleView>,
+    pub next: Option<String>,
+}
+
+/// `GET /api/v1/rules?limit=&after=`: by id.
+pub async fn list(
+    State(state): State<AppState>,
+    extract::Query(q): extract::Query<ListQuery>,
+) -> Result<Json<RuleList>, ApiError> {
+    let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let registry = state.registry.clone();
+    let rows = blocking(move || registry.rules(q.after.as_deref(), limit + 1)).await?;
+    let (rules, next) = page(rows, limit, |r| r.id.clone());
+    Ok(Json(RuleList {
+        rules: rules.into_iter().map(|r| view(&state, r)).collect(),
+        next,
+    }))
+}
+
+async fn find(state: &AppState, id: String) -> Result<Rule, ApiError> {
+    let registry = state.registry.clone();
+    let key = id.clone();
+    blocking(move || registry.rule(&key))
+        .await?
+        .ok_or(ApiError::RuleNotFound(id))
+}
+
+/// `GET /api/v1/rules/{id}`.
+pub async fn get_one(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+) -> Result<Json<RuleView>, ApiError> {
+    let rule = find(&state, id).await?;
+    Ok(Json(view(&state, rule)))
+}
+
+/// `PUT /api/v1/rules/{id}`: replaces the rule (and `enabled`, when given); with `version`,
+/// only if the rule is still at that version (409 otherwise).
+pub async fn replace(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+    extract::Json(body): extract::Json<RuleBody>,
+) -> Result<Json<RuleView>, ApiError> {
+    let current = find(&state, id.clone()).await?;
+    let checked = check(Rule {
+        spec: body.spec,
+        ..current
+    })
+    .await?;
+    update(&state, id, Some(checked.spec), body.enabled, body.version).await
+}
+
+async fn update(
+    state: &AppState,
+    id: String,
+    spec: Option<RuleSpec>,
+    enabled: Option<bool>,
+    version: Option<u64>,
+) -> Result<Json<RuleView>, ApiError> {
+    let registry = state.registry.clone();
+    let key = id.clone();
+    let now = now_ms();
+    let (rule, cleared) = blocking(move || {
+        let Some(rule) = registry.update_rule(&key, spec.as_ref(), enabled, version, now)? else {
+            return Ok((None, Vec::new()));
+        };
+        // A disabled rule's alerts would never clear: they end with it.
+        let cleared = if rule.enabled {
+            Vec::new()
+        } else {
+            registry.clear_rule_alerts(&key, "rule_disabled", now)?
+        };
+        Ok::<_, tellus_core::RegistryError>((Some(rule), cleared))
+    })
+    .await?;
+    let rule = rule.ok_or(ApiError::RuleNotFound(id))?;
+    for alert in cleared {
+        tellus_rules::service::tell(&state.live, alert);
+    }
+    tracing::info!(rule = %rule.id, version = rule.version, enabled = rule.enabled, "rule changed");
+    state.rules.reload();
+    Ok(Json(view(state, rule)))
+}
+
+/// `POST /api/v1/rules/{id}/enable`.
+pub async fn enable(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+) -> Result<Json<RuleView>, ApiError> {
+    // A rule stored by an older version may no longer compile: it is not enabled then.
+    check(find(&state, id.clone()).await?).await?;
+    update(&state, id, None, Some(true), None).await
+}
+
+/// `POST /api/v1/rules/{id}/disable`: its open alerts are cleared (`rule_disabled`).
+pub async fn disable(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+) -> Result<Json<RuleView>, ApiError> {
+    update(&state, id, None, Some(false), None).await
+}
+
+/// `DELETE /api/v1/rules/{id}`: 204; its open alerts are cleared (`rule_deleted`).
+pub async fn delete(
+    State(state): State<AppState>,
+    extract::Path(id): extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let registry = state.registry.clone();
+    let key = id.clone();
+    let cleared = blocking(move || registry.delete_rule(&key, now_ms()))
+        .await?
+        .ok_or(ApiError::RuleNotFound(id.clone()))?;
+    for alert in cleared {
+        tellus_rules::service::tell(&state.live, alert);
+    }
+    tracing::info!(rule = %id, "rule deleted");
+    state.rules.reload();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One message of a dry run; which fields it needs depends on the rule's trigger:
+/// `metrics` (telemetry), `state` and `patch` (state), `online` and `reason` (presence),
+/// `event` and `payload` (event).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestMessage {
+    pub device: String,
+    /// When it happens (RFC 3339 or epoch ms); default: now, one millisecond apart.
+    pub at: Option<serde_json::Value>,
+    /// The device's tags; default: its registered ones.
+    pub tags: Option<BTreeMap<String, String>>,
+    pub metrics: Option<BTreeMap<String, Value>>,
+    pub state: Option<serde_json::Value>,
+    pub patch: Option<serde_json::Value>,
+    pub online: Option<bool>,
+    pub reason: Option<String>,
+    pub event: Option<String>,
+    pub payload: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestBody {
+    /// A saved rule, by id …
+    pub rule_id: Option<String>,
+    /// … or one given here.
+    pub rule: Option<RuleSpec>,
+    /// Messages to run it over …
+    pub messages: Option<Vec<TestMessage>>,
+    /// … or a device's stored telemetry from `from` to `to` (telemetry rules).
+    pub device: Option<String>,
+    pub from: Option<serde_json::Value>,
+    pub to: Option<serde_json::Value>,
+}
+
+/// `POST /api/v1/rules/test`: what the rule would have done, and nothing done.
+pub async fn test(
+    State(state): State<AppState>,
+    extract::Json(body): extract::Json<TestBody>,
+) -> Result<Json<DryRun>, ApiError> {
+    let rule = match (body.rule_id, body.rule) {
+        (Some(id), None) => find(&state, id).await?,
+        (None, Some(spec)) => Rule {
+            id: "dry-run".into(),
+            spec,
+            enabled: true,
+            version: 1,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        },
+        _ => {
+            return Err(ApiError::InvalidBody(
+                "give either \"rule_id\" or \"rule\"".into(),
+            ))
+        }
+    };
+    let trigger = rule.spec.trigger;
+    let (inputs, mut tags, end) = match (body.messages, body.device) {
+        (Some(messages), None) => {
+            if body.from.is_some() || body.to.is_some() {
+                return Err(ApiError::InvalidBody(
+                    "\"from\" and \"to\" go with \"device\", not with \"messages\"".into(),
+                ));
+            }
+            let (inputs, tags) = messages_to_inputs(trigger, messages)?;
+            (inputs, tags, None)
+        }
+        (None, Some(device)) => {
+            let device = DeviceId::parse(&device)?;
+            if trigger != Trigger::Telemetry {
+                return Err(ApiError::InvalidBody(
+                    "a run over stored data needs a telemetry rule".into(),
+                ));
+            }
+            let (from, to) = match (&body.from, &body.to) {
+                (Some(f), Some(t)) => (time("from", f)?, time("to", t)?),
+                _ => {
+                    return Err(ApiError::InvalidBody(
+                        "a run over stored data needs \"from\" and \"to\"".into(),
+                    ))
+                }
+            };
+            if from > to {
+                return Err(ApiError::InvalidBody("\"from\" is after \"to\"".into()));
+            }
+            let inputs = stored_inputs(&state, device, from, to).await?;
+            (inputs, BTreeMap::new(), Some(to))
+        }
+        _ => {
+            return Err(ApiError::InvalidBody(
+                "give either \"messages\" or \"device\" with \"from\" and \"to\"".into(),
+            ))
+        }
+    };
+    // Registered tags for the devices whose message gave none.
+    let wanted: Vec<DeviceId> = inputs
+        .iter()
+        .map(|i| i.device.clone())
+        .filter(|d| !tags.contains_key(d))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let registry = state.registry.clone();
+    let registered = blocking(move || {
+        let mut found = BTreeMap::new();
+        for device in wanted {
+            if let Some(record) = registry.device(&device)? {
+                found.insert(device, record.tags);
+            }
+        }
+        Ok::<_, tellus_core::RegistryError>(found)
+    })
+    .await?;
+    tags.extend(registered);
+    let run = tokio::task::spawn_blocking(move || dry_run(&rule, inputs, tags, end)).await?;
+    run.map(Json).map_err(ApiError::InvalidRule)
+}
+
+fn time(name: &str, v: &serde_json::Value) -> Result<TimestampMs, ApiError> {
+    match v {
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| ApiError::InvalidBody(format!("{name}: epoch milliseconds"))),
+        serde_json::Value::String(s) => timestamps::parse(name, s),
+        _ => Err(ApiError::InvalidBody(format!(
+            "{name}: RFC 3339 or epoch milliseconds"
+        ))),
+    }
+}
+
+type Tags = BTreeMap<DeviceId, BTreeMap<String, String>>;
+
+fn messages_to_inputs(
+    trigger: Trigger,
+    messages: Vec<TestMessage>,
+) -> Result<(Vec<RuleInput>, Tags), ApiError> {
+    if messages.len() > MAX_INPUTS {
+        return Err(ApiError::InvalidBody(format!(
+            "at most {MAX_INPUTS} messages"
+        )));
+    }
+    let now = now_ms();
+    let mut tags = BTreeMap::new();
+    let mut inputs = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        let bad = |what: &str| ApiError::InvalidBody(format!("messages[{i}]: {what}"));
+        let device = DeviceId::parse(&m.device)?;
+        let at_ms = match &m.at {
+            Some(at) => time(&format!("messages[{i}].at"), at)?,
+            None => now + i as i64,
+        };
+        let kind = match trigger {
+            Trigger::Telemetry => InputKind::Telemetry {
+                ts_ms: at_ms,
+                metrics: m
+                    .metrics
+                    .ok_or_else(|| bad("a telemetry rule needs \"metrics\""))?
+                    .into_iter()
+                    .collect(),
+            },
+            Trigger::State => {
+                let reported = m.state.ok_or_else(|| bad("a state rule needs \"state\""))?;
+                InputKind::State {
+                    patch: m.patch.unwrap_or_else(|| reported.clone()),
+                    reported,
+                }
+            }
+            Trigger::Presence => InputKind::Presence {
+                online: m
+                    .online
+                    .ok_or_else(|| bad("a presence rule needs \"online\""))?,
+                reason: m.reason,
+            },
+            Trigger::Event => InputKind::Event {
+                name: m
+                    .event
+                    .ok_or_else(|| bad("an event rule needs \"event\""))?,
+                payload: m.payload.unwrap_or(serde_json::Value::Null),
+            },
+        };
+        if let Some(t) = m.tags {
+            tags.insert(device.clone(), t);
+        }
+        inputs.push(RuleInput {
+            device,
+            at_ms,
+            kind,
+        });
+    }
+    Ok((inputs, tags))
+}
+
+/// The device's stored readings from `from` to `to`: its points grouped by timestamp, at
+/// most [`MAX_INPUTS`] points in all.
+async fn stored_inputs(
+    state: &AppState,
+    device: DeviceId,
+    from: TimestampMs,
+    to: TimestampMs,
+) -> Result<Vec<RuleInput>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let mut readings: BTreeMap<TimestampMs, Vec<(String, Value)>> = BTreeMap::new();
+        let mut room = MAX_INPUTS;
+        for (metric, _, _) in store.latest(&device)? {
+            if room == 0 {
+                break;
+            }
+            let points = store.range(&device, &metric, from, to, room)?;
+            room -= points.len();
+            for (ts, value) in points {
+                readings
+                    .entry(ts)
+                    .or_default()
+                    .push((metric.clone(), value));
+            }
+        }
+        Ok::<_, tellus_ingest::StoreError>(
+            readings
+                .into_iter()
+                .map(|(ts, metrics)| RuleInput {
+                    device: device.clone(),
+                    at_ms: ts,
+                    kind: InputKind::Telemetry { ts_ms: ts, metrics },
+                })
+                .collect(),
+        )
+    })
+    .await
+}
