@@ -35,7 +35,7 @@ pub use registry::{
 };
 pub use rule::{
     Action, Alert, AlertQuery, AlertStatus, DeviceSelector, InputKind, Rule, RuleFeed, RuleInput,
-    RuleSpec, Severity, Trigger,
+    RuleInputs, RuleSpec, Severity, Trigger,
 };
 pub use state::DeviceState;
 pub use telemetry::{DecodeError, Sample, Value};

@@ -337,30 +337,105 @@ impl InputKind {
     }
 }
 
+impl RuleInput {
+    /// About how many bytes the input holds: what it costs in the feed's byte budget.
+    pub fn size(&self) -> usize {
+        64 + match &self.kind {
+            InputKind::Telemetry { metrics, .. } => metrics
+                .iter()
+                .map(|(k, v)| {
+                    32 + k.len()
+                        + match v {
+                            crate::Value::Text(s) => s.len(),
+                            _ => 8,
+                        }
+                })
+                .sum(),
+            InputKind::State { reported, patch } => json_size(reported) + json_size(patch),
+            InputKind::Presence { reason, .. } => reason.as_ref().map_or(0, String::len),
+            InputKind::Event { name, payload } => name.len() + json_size(payload),
+        }
+    }
+}
+
+/// About how many bytes a JSON value holds in memory.
+fn json_size(v: &serde_json::Value) -> usize {
+    32 + match v {
+        serde_json::Value::String(s) => s.len(),
+        serde_json::Value::Array(items) => items.iter().map(json_size).sum(),
+        serde_json::Value::Object(o) => o.iter().map(|(k, v)| k.len() + json_size(v)).sum(),
+        _ => 0,
+    }
+}
+
 /// Inputs waiting for the rules engine before whoever sends waits.
 pub const RULE_FEED_QUEUE: usize = 16_384;
+/// Bytes of inputs waiting for the rules engine before whoever sends waits (event payloads
+/// and state documents can be large).
+pub const RULE_FEED_BYTES: usize = 64 << 20;
 
-/// The way into the rules engine: a bounded channel whose senders wait when it is full
-/// (backpressure: ingest acknowledges telemetry only once its readings are handed over, so
-/// a reading is never dropped between the store and the rules), and a switch per trigger
-/// that the engine sets while some enabled rule wants that trigger, so that senders build
-/// nothing nobody evaluates.
+/// The way into the rules engine: a bounded channel, in inputs and in bytes, whose senders
+/// wait when it is full (backpressure: ingest acknowledges telemetry only once its readings
+/// are handed over, so a reading is never dropped between the store and the rules), and a
+/// switch per trigger that the engine sets while some enabled rule wants that trigger, so
+/// that senders build nothing nobody evaluates.
 #[derive(Debug, Clone)]
 pub struct RuleFeed {
-    tx: Option<tokio::sync::mpsc::Sender<RuleInput>>,
+    tx: Option<tokio::sync::mpsc::Sender<(Vec<RuleInput>, u32)>>,
+    bytes: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The most bytes one hand-over is charged: the whole budget (a larger input waits for an
+    /// empty queue, and then goes).
+    max_charge: u32,
     wanted: std::sync::Arc<[std::sync::atomic::AtomicBool; 4]>,
 }
 
+/// The engine's end of a [`RuleFeed`].
+#[derive(Debug)]
+pub struct RuleInputs {
+    rx: tokio::sync::mpsc::Receiver<(Vec<RuleInput>, u32)>,
+    bytes: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl RuleInputs {
+    /// The next inputs handed over together (a commit's readings, say); `None` once every
+    /// sender is gone (or the feed was closed) and the queue is empty.
+    pub async fn recv(&mut self) -> Option<Vec<RuleInput>> {
+        let (inputs, charge) = self.rx.recv().await?;
+        self.bytes.add_permits(charge as usize);
+        Some(inputs)
+    }
+
+    /// The next inputs if some wait.
+    pub fn try_recv(&mut self) -> Option<Vec<RuleInput>> {
+        let (inputs, charge) = self.rx.try_recv().ok()?;
+        self.bytes.add_permits(charge as usize);
+        Some(inputs)
+    }
+
+    /// Refuses new inputs; those queued can still be received.
+    pub fn close(&mut self) {
+        self.rx.close();
+        // Senders waiting for bytes give up too.
+        self.bytes.close();
+    }
+}
+
 impl RuleFeed {
-    /// A feed and the receiving end the engine reads.
-    pub fn channel(capacity: usize) -> (RuleFeed, tokio::sync::mpsc::Receiver<RuleInput>) {
+    /// A feed of at most `capacity` hand-overs and about `bytes` bytes, and the receiving
+    /// end the engine reads.
+    pub fn channel(capacity: usize, bytes: usize) -> (RuleFeed, RuleInputs) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        let max_charge =
+            u32::try_from(bytes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let bytes = std::sync::Arc::new(tokio::sync::Semaphore::new(max_charge as usize));
         (
             RuleFeed {
                 tx: Some(tx),
+                bytes: bytes.clone(),
+                max_charge,
                 wanted: Default::default(),
             },
-            rx,
+            RuleInputs { rx, bytes },
         )
     }
 
@@ -368,6 +443,8 @@ impl RuleFeed {
     pub fn none() -> RuleFeed {
         RuleFeed {
             tx: None,
+            bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+            max_charge: 0,
             wanted: Default::default(),
         }
     }
@@ -377,6 +454,8 @@ impl RuleFeed {
     pub fn switches(&self) -> RuleFeed {
         RuleFeed {
             tx: None,
+            bytes: self.bytes.clone(),
+            max_charge: 0,
             wanted: self.wanted.clone(),
         }
     }
@@ -400,18 +479,41 @@ impl RuleFeed {
         self.wanted[Self::slot(trigger)].store(wanted, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn charge(&self, inputs: &[RuleInput]) -> u32 {
+        u32::try_from(inputs.iter().map(RuleInput::size).sum::<usize>())
+            .unwrap_or(u32::MAX)
+            .min(self.max_charge)
+    }
+
     /// Hands an input over, waiting while the queue is full; from async code.
     pub async fn send(&self, input: RuleInput) {
-        if let Some(tx) = &self.tx {
-            // The engine gone means the server is stopping: nothing left to evaluate.
-            let _ = tx.send(input).await;
+        let Some(tx) = &self.tx else { return };
+        let inputs = vec![input];
+        let charge = self.charge(&inputs);
+        // Closed (the engine is stopping): nothing left to evaluate.
+        let Ok(permit) = self.bytes.acquire_many(charge).await else {
+            return;
+        };
+        permit.forget();
+        if tx.send((inputs, charge)).await.is_err() {
+            self.bytes.add_permits(charge as usize);
         }
     }
 
-    /// Hands an input over, waiting while the queue is full; from a thread outside tokio.
-    pub fn blocking_send(&self, input: RuleInput) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.blocking_send(input);
+    /// Hands inputs over together (one wake-up of the engine for all), waiting while the
+    /// queue is full; from a thread outside tokio.
+    pub fn blocking_send(&self, inputs: Vec<RuleInput>) {
+        let Some(tx) = &self.tx else { return };
+        if inputs.is_empty() {
+            return;
+        }
+        let charge = self.charge(&inputs);
+        let Ok(permit) = futures::executor::block_on(self.bytes.acquire_many(charge)) else {
+            return;
+        };
+        permit.forget();
+        if tx.blocking_send((inputs, charge)).is_err() {
+            self.bytes.add_permits(charge as usize);
         }
     }
 }

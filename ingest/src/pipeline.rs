@@ -337,30 +337,27 @@ impl Worker {
         }
     }
 
-    /// Hands the committed readings to the rules: one input per device and timestamp (the
-    /// metrics of one reading), in commit order.
+    /// Hands the committed readings to the rules, all in one hand-over: one input per device
+    /// and timestamp (the metrics of one reading), in commit order.
     fn tell_rules(&self, batch: &Batch) {
         if !self.rules.wants(Trigger::Telemetry) {
             return;
         }
         let now = tellus_core::now_ms();
-        let mut current: Option<RuleInput> = None;
+        let mut inputs: Vec<RuleInput> = Vec::new();
         for (device, sample) in &batch.samples {
             if let Some(RuleInput {
                 device: d,
                 kind: InputKind::Telemetry { ts_ms, metrics },
                 ..
-            }) = &mut current
+            }) = inputs.last_mut()
             {
                 if d == device && *ts_ms == sample.ts_ms {
                     metrics.push((sample.metric.clone(), sample.value.clone()));
                     continue;
                 }
             }
-            if let Some(done) = current.take() {
-                self.rules.blocking_send(done);
-            }
-            current = Some(RuleInput {
+            inputs.push(RuleInput {
                 device: device.clone(),
                 at_ms: now,
                 kind: InputKind::Telemetry {
@@ -369,9 +366,7 @@ impl Worker {
                 },
             });
         }
-        if let Some(done) = current {
-            self.rules.blocking_send(done);
-        }
+        self.rules.blocking_send(inputs);
     }
 
     /// Sends the committed points to the live feed, one event per device in the batch.
@@ -470,7 +465,7 @@ mod tests {
         let (tx, rx) = IngestSender::channel(8, 1 << 20);
         let live = tellus_core::Live::default();
         let mut feed = live.listen();
-        let (rules, mut readings) = RuleFeed::channel(1_024);
+        let (rules, mut readings) = RuleFeed::channel(1_024, 1 << 20);
         rules.set_wanted(Trigger::Telemetry, true);
         let ingest =
             Ingest::spawn(rx, store.clone(), IngestConfig::default(), live, rules).unwrap();
@@ -539,11 +534,13 @@ mod tests {
         );
         // And to the rules, one reading each, before they were acknowledged.
         let mut readings_seen = Vec::new();
-        while let Ok(input) = readings.try_recv() {
-            let InputKind::Telemetry { ts_ms, metrics } = input.kind else {
-                panic!("{input:?}")
-            };
-            readings_seen.push((ts_ms, metrics));
+        while let Some(inputs) = readings.try_recv() {
+            for input in inputs {
+                let InputKind::Telemetry { ts_ms, metrics } = input.kind else {
+                    panic!("{input:?}")
+                };
+                readings_seen.push((ts_ms, metrics));
+            }
         }
         assert_eq!(
             readings_seen,

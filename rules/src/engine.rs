@@ -35,7 +35,7 @@ use tellus_core::{
 };
 
 use crate::{
-    expr::{cut, Expr, Outcome, Scope},
+    expr::{cut, Expr, Outcome, Subject},
     function::{Function, FunctionError, Limits},
 };
 
@@ -118,7 +118,8 @@ pub struct Firing {
     pub device: DeviceId,
     /// The engine's now when it fired.
     pub at_ms: TimestampMs,
-    /// The message as the rule's actions saw it.
+    /// The message as the rule's actions saw it; `null` when none of them uses it (outside
+    /// dry runs).
     pub message: serde_json::Value,
     pub effects: Vec<Effect>,
     /// Actions that failed while producing effects (a function's error, a metric's
@@ -141,8 +142,6 @@ pub struct RuleFigures {
     pub function_errors: AtomicU64,
     pub function_timeouts: AtomicU64,
     pub function_out_of_memory: AtomicU64,
-    /// Time spent evaluating this rule (condition, functions, effects), in nanoseconds.
-    pub busy_ns: AtomicU64,
     /// The last [`RECENT_ERRORS`] failures, oldest first.
     recent_errors: Mutex<std::collections::VecDeque<LastError>>,
 }
@@ -176,9 +175,8 @@ impl RuleFigures {
 
     pub fn snapshot(&self) -> RuleFiguresSnapshot {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let evaluations = n(&self.evaluations);
         RuleFiguresSnapshot {
-            evaluations,
+            evaluations: n(&self.evaluations),
             matches: n(&self.matches),
             not_applicable: n(&self.not_applicable),
             condition_errors: n(&self.condition_errors),
@@ -189,7 +187,6 @@ impl RuleFigures {
             function_errors: n(&self.function_errors),
             function_timeouts: n(&self.function_timeouts),
             function_out_of_memory: n(&self.function_out_of_memory),
-            mean_eval_us: (n(&self.busy_ns) as f64 / evaluations.max(1) as f64) / 1_000.0,
             recent_errors: self
                 .recent_errors
                 .lock()
@@ -213,8 +210,6 @@ pub struct RuleFiguresSnapshot {
     pub function_errors: u64,
     pub function_timeouts: u64,
     pub function_out_of_memory: u64,
-    /// Mean time one evaluation of this rule took, in microseconds.
-    pub mean_eval_us: f64,
     /// The last failures of any kind (condition, function, webhook, command, …), newest
     /// first.
     pub recent_errors: Vec<LastError>,
@@ -373,6 +368,12 @@ pub const MAX_FUNCTION_DEADLINE: Duration = Duration::from_secs(1);
 pub const MAX_FUNCTION_MEMORY: usize = 256 << 20;
 /// The most actions of one rule.
 pub const MAX_ACTIONS: usize = 16;
+/// The longest `for`.
+pub const MAX_HOLD: Duration = Duration::from_secs(30 * 86_400);
+/// The longest a command action's command may wait for its device.
+pub const MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
+/// The largest command action's params, as JSON.
+pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
 
 /// A rule ready to evaluate.
 pub struct Compiled {
@@ -385,6 +386,9 @@ pub struct Compiled {
     /// Whether it raises alerts (an alert or function action): then an input for which its
     /// condition stops holding clears them.
     alerts: bool,
+    /// Whether its actions use the message (webhooks, publishes, alerts, functions): it is
+    /// built only then (or for a dry run, which shows it).
+    needs_message: bool,
     figures: Arc<RuleFigures>,
     /// Id and version, to tell whether a reload changed it.
     version: u64,
@@ -403,6 +407,9 @@ impl Compiled {
         if spec.actions.len() > MAX_ACTIONS {
             return Err(format!("actions: at most {MAX_ACTIONS}"));
         }
+        if spec.hold.is_some_and(|h| h > MAX_HOLD) {
+            return Err("for: at most 30 days".into());
+        }
         let condition = match spec.condition.trim() {
             "" => None,
             source => {
@@ -417,6 +424,15 @@ impl Compiled {
         let alerts = steps
             .iter()
             .any(|s| matches!(s, Step::Alert { .. } | Step::Function(_)));
+        let needs_message = steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::Alert { .. }
+                    | Step::Function(_)
+                    | Step::Webhook { .. }
+                    | Step::Publish { .. }
+            )
+        });
         Ok(Compiled {
             rule: RuleRef {
                 id: rule.id.clone(),
@@ -428,6 +444,7 @@ impl Compiled {
             hold: spec.hold.filter(|d| !d.is_zero()),
             steps,
             alerts,
+            needs_message,
             figures,
             version: rule.version,
         })
@@ -443,6 +460,23 @@ impl Compiled {
             } => {
                 if name.is_empty() || name.len() > 128 {
                     return Err("name: 1 to 128 bytes".into());
+                }
+                if serde_json::to_vec(params).map_or(usize::MAX, |p| p.len()) > MAX_PARAMS_BYTES {
+                    return Err(format!("params: at most {MAX_PARAMS_BYTES} bytes of JSON"));
+                }
+                if timeout.is_some_and(|t| t.is_zero() || t > MAX_COMMAND_TIMEOUT) {
+                    return Err("timeout: more than 0 and at most 30 days".into());
+                }
+                if devices.as_ref().is_some_and(|d| d.is_empty()) {
+                    return Err(
+                        "devices: name ids or tags (leave it out for the device that fired)".into(),
+                    );
+                }
+                if devices
+                    .as_ref()
+                    .is_some_and(|d| !d.ids.is_empty() && !d.tags.is_empty())
+                {
+                    return Err("devices: either ids or tags, not both".into());
                 }
                 Step::Command {
                     name: name.clone(),
@@ -464,6 +498,13 @@ impl Compiled {
                 let timeout = timeout.unwrap_or(Duration::from_secs(5));
                 if timeout.is_zero() || timeout > MAX_WEBHOOK_TIMEOUT {
                     return Err("timeout: more than 0 and at most 60s".into());
+                }
+                for (k, v) in headers {
+                    if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                        || reqwest::header::HeaderValue::from_str(v).is_err()
+                    {
+                        return Err(format!("headers: {k:?} is not a valid header"));
+                    }
                 }
                 let retries = retries.unwrap_or(3);
                 if retries > MAX_WEBHOOK_RETRIES {
@@ -558,7 +599,11 @@ struct Waiting {
 pub struct Engine {
     rules: Vec<Compiled>,
     by_trigger: HashMap<Trigger, Vec<usize>>,
-    holds: HashMap<(usize, DeviceId), Hold>,
+    /// Rule ids to their place in `rules`.
+    index: HashMap<String, usize>,
+    /// Per device, the rules whose condition holds for it (by place in `rules`). Keyed by
+    /// device first, so that the common case (nothing holds) costs one lookup per input.
+    holds: HashMap<DeviceId, HashMap<usize, Hold>>,
     /// The last message each waiting rule and device saw: what it fires with.
     waiting_messages: HashMap<(usize, DeviceId), Waiting>,
     /// When waits end: (deadline, rule, device).
@@ -580,11 +625,59 @@ pub struct Match {
     pub error: Option<String>,
 }
 
+/// Adds one to a counter only the engine's thread writes: a load and a store, cheaper than
+/// an atomic read-modify-write, and enough for readers that want a recent figure.
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+fn hold_of(
+    holds: &HashMap<DeviceId, HashMap<usize, Hold>>,
+    device: &DeviceId,
+    i: usize,
+) -> Option<Hold> {
+    holds.get(device).and_then(|h| h.get(&i)).copied()
+}
+
+fn set_hold(
+    holds: &mut HashMap<DeviceId, HashMap<usize, Hold>>,
+    device: &DeviceId,
+    i: usize,
+    hold: Hold,
+) {
+    match holds.get_mut(device) {
+        Some(h) => {
+            h.insert(i, hold);
+        }
+        None => {
+            holds.insert(device.clone(), HashMap::from([(i, hold)]));
+        }
+    }
+}
+
+fn take_hold(
+    holds: &mut HashMap<DeviceId, HashMap<usize, Hold>>,
+    device: &DeviceId,
+    i: usize,
+) -> Option<Hold> {
+    let h = holds.get_mut(device)?;
+    let taken = h.remove(&i);
+    if h.is_empty() {
+        holds.remove(device);
+    }
+    taken
+}
+
+fn deadline(since: TimestampMs, hold: Duration) -> TimestampMs {
+    since.saturating_add(i64::try_from(hold.as_millis()).unwrap_or(i64::MAX))
+}
+
 impl Engine {
     pub fn new(figures: Arc<Figures>) -> Engine {
         Engine {
             rules: Vec::new(),
             by_trigger: HashMap::new(),
+            index: HashMap::new(),
             holds: HashMap::new(),
             waiting_messages: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -607,27 +700,33 @@ impl Engine {
     }
 
     /// Replaces the rules. A rule whose id and version are unchanged keeps where it stood;
-    /// `firing` names the (rule, device) pairs with an open alert (at start, from the
+    /// `firing` names (rule, device) pairs with an open alert (given at start, from the
     /// registry), which count as firing so that the condition's end clears them.
     pub fn load(&mut self, rules: Vec<Compiled>, firing: &[(String, DeviceId)]) {
-        let old: HashMap<(String, u64), usize> = self
+        let old: HashMap<(&str, u64), usize> = self
             .rules
             .iter()
             .enumerate()
-            .map(|(i, r)| ((r.rule.id.clone(), r.version), i))
+            .map(|(i, r)| ((r.rule.id.as_str(), r.version), i))
             .collect();
         let moved: HashMap<usize, usize> = rules
             .iter()
             .enumerate()
             .filter_map(|(new, r)| {
-                old.get(&(r.rule.id.clone(), r.version))
+                old.get(&(r.rule.id.as_str(), r.version))
                     .map(|&old| (old, new))
             })
             .collect();
         let holds = std::mem::take(&mut self.holds);
         self.holds = holds
             .into_iter()
-            .filter_map(|((i, d), h)| moved.get(&i).map(|&n| ((n, d), h)))
+            .filter_map(|(d, h)| {
+                let h: HashMap<usize, Hold> = h
+                    .into_iter()
+                    .filter_map(|(i, hold)| moved.get(&i).map(|&n| (n, hold)))
+                    .collect();
+                (!h.is_empty()).then_some((d, h))
+            })
             .collect();
         let waiting = std::mem::take(&mut self.waiting_messages);
         self.waiting_messages = waiting
@@ -643,20 +742,18 @@ impl Engine {
         for (i, r) in rules.iter().enumerate() {
             self.by_trigger.entry(r.trigger).or_default().push(i);
         }
-        let index: HashMap<&str, usize> = rules
+        self.index = rules
             .iter()
             .enumerate()
-            .map(|(i, r)| (r.rule.id.as_str(), i))
+            .map(|(i, r)| (r.rule.id.clone(), i))
             .collect();
         for (rule, device) in firing {
-            if let Some(&i) = index.get(rule.as_str()) {
-                self.holds
-                    .entry((i, device.clone()))
-                    .or_insert(Hold::Firing);
+            if let Some(&i) = self.index.get(rule.as_str()) {
+                if hold_of(&self.holds, device, i).is_none() {
+                    set_hold(&mut self.holds, device, i, Hold::Firing);
+                }
             }
         }
-        self.figures
-            .retain(&rules.iter().map(|r| r.rule.id.as_str()).collect());
         self.rules = rules;
     }
 
@@ -674,7 +771,8 @@ impl Engine {
         self.deadlines.first().map(|(t, _, _)| *t)
     }
 
-    /// Evaluates every rule of the input's trigger that selects its device.
+    /// Evaluates every rule of the input's trigger that selects its device, with `now` as
+    /// the time (the input's own `at_ms`, in the service and in dry runs).
     pub fn handle(
         &mut self,
         input: &RuleInput,
@@ -682,65 +780,70 @@ impl Engine {
         directory: &mut dyn Directory,
     ) -> Vec<Firing> {
         let trigger = input.kind.trigger();
-        let Some(indices) = self.by_trigger.get(&trigger).cloned() else {
+        let Some(indices) = self.by_trigger.get(&trigger).filter(|r| !r.is_empty()) else {
             return Vec::new();
         };
-        if indices.is_empty() {
-            return Vec::new();
-        }
         let Some(tags) = directory.tags(&input.device) else {
             return Vec::new();
         };
         let started = Instant::now();
-        let mut scope: Option<Scope> = None;
+        let subject = Subject::new(input, &tags);
+        let device = &input.device;
         let mut message: Option<serde_json::Value> = None;
+        let mut message = || {
+            message
+                .get_or_insert_with(|| message_json(input, &tags))
+                .clone()
+        };
         let mut out = Vec::new();
-        for i in indices {
-            if !self.rules[i].devices.matches(&input.device, &tags) {
+        let mut cleared_elsewhere = Vec::new();
+        let tracing = self.trace.is_some();
+        for &i in indices {
+            let rule = &self.rules[i];
+            if !rule.devices.matches(device, &tags) {
                 continue;
             }
-            let rule_started = Instant::now();
-            let scope = scope.get_or_insert_with(|| Scope::new(input, &tags));
-            let figures = self.rules[i].figures.clone();
-            figures.evaluations.fetch_add(1, Ordering::Relaxed);
-            let outcome = match &self.rules[i].condition {
-                Some(c) => c.test(scope),
+            let mut message = || {
+                if rule.needs_message || tracing {
+                    message()
+                } else {
+                    serde_json::Value::Null
+                }
+            };
+            let figures = &rule.figures;
+            bump(&figures.evaluations);
+            let outcome = match &rule.condition {
+                Some(c) => c.test(&subject),
                 None => Outcome::True,
             };
-            let key = (i, input.device.clone());
             match outcome {
                 Outcome::True => {
-                    figures.matches.fetch_add(1, Ordering::Relaxed);
+                    bump(&figures.matches);
                     if let Some(trace) = &mut self.trace {
                         trace.push(Match {
-                            rule: self.rules[i].rule.id.clone(),
-                            device: input.device.clone(),
+                            rule: rule.rule.id.clone(),
+                            device: device.clone(),
                             at_ms: now,
                             outcome: "match",
                             error: None,
                         });
                     }
-                    let message = message
-                        .get_or_insert_with(|| message_json(input, &tags))
-                        .clone();
-                    match (self.rules[i].hold, self.holds.get(&key).copied()) {
+                    match (rule.hold, hold_of(&self.holds, device, i)) {
                         (None, before) => {
-                            self.holds.insert(key, Hold::Firing);
+                            set_hold(&mut self.holds, device, i, Hold::Firing);
                             let first = before != Some(Hold::Firing);
-                            out.push(self.fire(i, input, scope, message, now, first));
+                            let firing = fire(rule, input, &subject, message(), now, first);
+                            cleared_elsewhere.extend(cleared_by(&firing, i, &self.index));
+                            out.push(firing);
                         }
                         (Some(hold), None) => {
-                            let since = now;
-                            self.holds.insert(key.clone(), Hold::Waiting { since });
-                            self.deadlines.insert((
-                                since.saturating_add(hold.as_millis() as i64),
-                                i,
-                                input.device.clone(),
-                            ));
+                            set_hold(&mut self.holds, device, i, Hold::Waiting { since: now });
+                            self.deadlines
+                                .insert((deadline(now, hold), i, device.clone()));
                             self.waiting_messages.insert(
-                                key,
+                                (i, device.clone()),
                                 Waiting {
-                                    message,
+                                    message: message(),
                                     input: input.clone(),
                                     tags: tags.clone(),
                                 },
@@ -749,9 +852,9 @@ impl Engine {
                         (Some(_), Some(Hold::Waiting { .. })) => {
                             // Still holding: it fires with the newest values.
                             self.waiting_messages.insert(
-                                key,
+                                (i, device.clone()),
                                 Waiting {
-                                    message,
+                                    message: message(),
                                     input: input.clone(),
                                     tags: tags.clone(),
                                 },
@@ -761,27 +864,21 @@ impl Engine {
                     }
                 }
                 Outcome::False => {
-                    if let Some(hold) = self.holds.remove(&key) {
-                        self.waiting_messages.remove(&key);
-                        if let (Hold::Waiting { since }, Some(h)) = (hold, self.rules[i].hold) {
-                            self.deadlines.remove(&(
-                                since.saturating_add(h.as_millis() as i64),
-                                i,
-                                input.device.clone(),
-                            ));
+                    if let Some(hold) = take_hold(&mut self.holds, device, i) {
+                        self.waiting_messages.remove(&(i, device.clone()));
+                        if let (Hold::Waiting { since }, Some(h)) = (hold, rule.hold) {
+                            self.deadlines
+                                .remove(&(deadline(since, h), i, device.clone()));
                         }
-                        if hold == Hold::Firing && self.rules[i].alerts {
-                            let rule = &self.rules[i];
+                        if hold == Hold::Firing && rule.alerts {
                             out.push(Firing {
                                 rule: rule.rule.clone(),
-                                device: input.device.clone(),
+                                device: device.clone(),
                                 at_ms: now,
-                                message: message
-                                    .get_or_insert_with(|| message_json(input, &tags))
-                                    .clone(),
+                                message: message(),
                                 effects: vec![Effect::ClearAlert {
                                     rule: rule.rule.id.clone(),
-                                    device: input.device.clone(),
+                                    device: device.clone(),
                                     reason: "condition".into(),
                                 }],
                                 errors: Vec::new(),
@@ -789,15 +886,13 @@ impl Engine {
                         }
                     }
                 }
-                Outcome::NotApplicable => {
-                    figures.not_applicable.fetch_add(1, Ordering::Relaxed);
-                }
+                Outcome::NotApplicable => bump(&figures.not_applicable),
                 Outcome::Error(e) => {
-                    figures.condition_errors.fetch_add(1, Ordering::Relaxed);
+                    bump(&figures.condition_errors);
                     if let Some(trace) = &mut self.trace {
                         trace.push(Match {
-                            rule: self.rules[i].rule.id.clone(),
-                            device: input.device.clone(),
+                            rule: rule.rule.id.clone(),
+                            device: device.clone(),
                             at_ms: now,
                             outcome: "error",
                             error: Some(e.clone()),
@@ -806,13 +901,20 @@ impl Engine {
                     figures.fail(now, "condition", e);
                 }
             }
-            figures.busy_ns.fetch_add(
-                rule_started.elapsed().as_nanos().min(u64::MAX as u128) as u64,
-                Ordering::Relaxed,
-            );
         }
+        self.forget_cleared(device, cleared_elsewhere);
         self.figures.record_input(started.elapsed());
         out
+    }
+
+    /// Another rule cleared these rules' alerts for the device: they are no longer firing
+    /// there, so they raise their alert again the next time their condition holds.
+    fn forget_cleared(&mut self, device: &DeviceId, rules: Vec<usize>) {
+        for i in rules {
+            if hold_of(&self.holds, device, i) == Some(Hold::Firing) {
+                take_hold(&mut self.holds, device, i);
+            }
+        }
     }
 
     /// Fires the waits that have lasted their `for` by `now`.
@@ -823,159 +925,178 @@ impl Engine {
                 break;
             }
             self.deadlines.pop_first();
-            let key = (i, device);
-            let Some(waiting) = self.waiting_messages.remove(&key) else {
+            let Some(waiting) = self.waiting_messages.remove(&(i, device.clone())) else {
                 continue;
             };
-            if !matches!(self.holds.get(&key), Some(Hold::Waiting { .. })) {
+            if !matches!(hold_of(&self.holds, &device, i), Some(Hold::Waiting { .. })) {
                 continue;
             }
-            self.holds.insert(key.clone(), Hold::Firing);
+            set_hold(&mut self.holds, &device, i, Hold::Firing);
             // The scope of the newest input for which the condition held.
-            let scope = Scope::new(&waiting.input, &waiting.tags);
-            let started = Instant::now();
-            out.push(self.fire(i, &waiting.input, &scope, waiting.message, deadline, true));
-            self.rules[i].figures.busy_ns.fetch_add(
-                started.elapsed().as_nanos().min(u64::MAX as u128) as u64,
-                Ordering::Relaxed,
+            let subject = Subject::new(&waiting.input, &waiting.tags);
+            let firing = fire(
+                &self.rules[i],
+                &waiting.input,
+                &subject,
+                waiting.message,
+                deadline,
+                true,
             );
+            let cleared = cleared_by(&firing, i, &self.index);
+            self.forget_cleared(&device, cleared);
+            out.push(firing);
         }
         out
     }
+}
 
-    /// Takes a rule's actions for one input; `first` when the rule was not firing for the
-    /// device before (only then is its alert raised: it stays up while the rule fires).
-    fn fire(
-        &self,
-        i: usize,
-        input: &RuleInput,
-        scope: &Scope,
-        message: serde_json::Value,
-        now: TimestampMs,
-        first: bool,
-    ) -> Firing {
-        let rule = &self.rules[i];
-        rule.figures.fired.fetch_add(1, Ordering::Relaxed);
-        let device = &input.device;
-        let ts = match &input.kind {
-            InputKind::Telemetry { ts_ms, .. } => *ts_ms,
-            _ => input.at_ms,
-        };
-        let mut effects = Vec::new();
-        let mut errors = Vec::new();
-        let mut fail = |kind: &str, e: String| {
-            rule.figures.actions_failed.fetch_add(1, Ordering::Relaxed);
-            rule.figures.fail(now, kind, e.clone());
-            errors.push(format!("{kind}: {e}"));
-        };
-        for step in &rule.steps {
-            match step {
-                Step::Command {
-                    name,
-                    params,
-                    devices,
-                    timeout,
-                } => effects.push(Effect::Command {
-                    target: match devices {
-                        Some(selector) => Target::Devices(selector.clone()),
-                        None => Target::Device(device.clone()),
-                    },
+/// The other rules whose alerts a firing clears.
+fn cleared_by(firing: &Firing, own: usize, index: &HashMap<String, usize>) -> Vec<usize> {
+    firing
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::ClearAlert { rule, .. } => index.get(rule).copied(),
+            _ => None,
+        })
+        .filter(|&i| i != own)
+        .collect()
+}
+
+/// Takes a rule's actions for one input; `first` when the rule was not firing for the
+/// device before: only then are its alert raised (it stays up while the rule fires) and a
+/// fleet command started (one job per firing, not one per reading).
+fn fire(
+    rule: &Compiled,
+    input: &RuleInput,
+    subject: &Subject<'_>,
+    message: serde_json::Value,
+    now: TimestampMs,
+    first: bool,
+) -> Firing {
+    bump(&rule.figures.fired);
+    let device = &input.device;
+    let ts = match &input.kind {
+        InputKind::Telemetry { ts_ms, .. } => *ts_ms,
+        _ => input.at_ms,
+    };
+    let mut effects = Vec::new();
+    let mut errors = Vec::new();
+    let mut fail = |kind: &str, e: String| {
+        rule.figures.actions_failed.fetch_add(1, Ordering::Relaxed);
+        rule.figures.fail(now, kind, e.clone());
+        errors.push(format!("{kind}: {e}"));
+    };
+    for step in &rule.steps {
+        match step {
+            Step::Command {
+                name,
+                params,
+                devices,
+                timeout,
+            } => {
+                let target = match devices {
+                    Some(selector) if first => Target::Devices(selector.clone()),
+                    Some(_) => continue,
+                    None => Target::Device(device.clone()),
+                };
+                effects.push(Effect::Command {
+                    target,
                     name: name.clone(),
                     params: params.clone(),
                     timeout: *timeout,
+                })
+            }
+            Step::Webhook {
+                url,
+                headers,
+                timeout,
+                retries,
+            } => effects.push(Effect::Webhook {
+                url: url.clone(),
+                headers: headers.clone(),
+                timeout: *timeout,
+                retries: *retries,
+                body: serde_json::json!({
+                    "rule": rule.rule,
+                    "device": device,
+                    "at_ms": now,
+                    "message": message,
                 }),
-                Step::Webhook {
-                    url,
-                    headers,
-                    timeout,
-                    retries,
-                } => effects.push(Effect::Webhook {
-                    url: url.clone(),
-                    headers: headers.clone(),
-                    timeout: *timeout,
-                    retries: *retries,
-                    body: serde_json::json!({
-                        "rule": rule.rule,
-                        "device": device,
-                        "at_ms": now,
-                        "message": message,
-                    }),
+            }),
+            Step::Publish { topic, retain } => effects.push(Effect::Publish {
+                topic: topic.replace("{device}", device.as_str()),
+                retain: *retain,
+                payload: serde_json::json!({
+                    "rule": rule.rule,
+                    "device": device,
+                    "at_ms": now,
+                    "message": message,
                 }),
-                Step::Publish { topic, retain } => effects.push(Effect::Publish {
-                    topic: topic.replace("{device}", device.as_str()),
-                    retain: *retain,
-                    payload: serde_json::json!({
-                        "rule": rule.rule,
-                        "device": device,
-                        "at_ms": now,
-                        "message": message,
-                    }),
-                }),
-                Step::Metric { name, value } => match value.value(scope) {
-                    Ok(Some(value)) => effects.push(Effect::Metric {
-                        device: device.clone(),
-                        name: name.clone(),
-                        ts_ms: ts,
-                        value,
-                    }),
-                    Ok(None) => {}
-                    Err(e) => fail("metric", e),
-                },
-                Step::Alert {
-                    severity,
-                    message: text,
-                } => {
-                    if first {
-                        effects.push(Effect::RaiseAlert {
-                            device: device.clone(),
-                            severity: *severity,
-                            message: text.clone().unwrap_or_else(|| rule.rule.name.clone()),
-                            values: message.clone(),
-                        })
-                    }
-                }
-                Step::ClearAlert { rule: other } => effects.push(Effect::ClearAlert {
-                    rule: other.clone(),
+            }),
+            Step::Metric { name, value } => match value.value(subject) {
+                Ok(Some(value)) => effects.push(Effect::Metric {
                     device: device.clone(),
-                    reason: "rule".into(),
+                    name: name.clone(),
+                    ts_ms: ts,
+                    value,
                 }),
-                Step::Function(function) => {
-                    rule.figures.function_calls.fetch_add(1, Ordering::Relaxed);
-                    let called = match function.try_borrow_mut() {
-                        Ok(mut f) => f.call(&message),
-                        Err(_) => Err(FunctionError::Exception("function is busy".into())),
-                    };
-                    match called.map_err(|e| {
-                        match e {
+                Ok(None) => {}
+                Err(e) => fail("metric", e),
+            },
+            Step::Alert {
+                severity,
+                message: text,
+            } => {
+                if first {
+                    effects.push(Effect::RaiseAlert {
+                        device: device.clone(),
+                        severity: *severity,
+                        message: text.clone().unwrap_or_else(|| rule.rule.name.clone()),
+                        values: message.clone(),
+                    })
+                }
+            }
+            Step::ClearAlert { rule: other } => effects.push(Effect::ClearAlert {
+                rule: other.clone(),
+                device: device.clone(),
+                reason: "rule".into(),
+            }),
+            Step::Function(function) => {
+                bump(&rule.figures.function_calls);
+                let called = match function.try_borrow_mut() {
+                    Ok(mut f) => f.call(&message),
+                    Err(_) => Err(FunctionError::Exception("function is busy".into())),
+                };
+                match called {
+                    Ok(output) => {
+                        match function_effects(&rule.rule, device, ts, &message, output) {
+                            Ok(mut more) => effects.append(&mut more),
+                            Err(e) => {
+                                bump(&rule.figures.function_errors);
+                                fail("function", e)
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        bump(match e {
                             FunctionError::Timeout(_) => &rule.figures.function_timeouts,
                             FunctionError::OutOfMemory(_) => &rule.figures.function_out_of_memory,
                             _ => &rule.figures.function_errors,
-                        }
-                        .fetch_add(1, Ordering::Relaxed);
-                        e.to_string()
-                    }) {
-                        Ok(output) => {
-                            match function_effects(&rule.rule, device, ts, &message, output) {
-                                Ok(mut more) => effects.append(&mut more),
-                                Err(e) => {
-                                    rule.figures.function_errors.fetch_add(1, Ordering::Relaxed);
-                                    fail("function", e)
-                                }
-                            }
-                        }
-                        Err(e) => fail("function", e),
+                        });
+                        fail("function", e.to_string())
                     }
                 }
             }
         }
-        Firing {
-            rule: rule.rule.clone(),
-            device: device.clone(),
-            at_ms: now,
-            message,
-            effects,
-            errors,
-        }
+    }
+    Firing {
+        rule: rule.rule.clone(),
+        device: device.clone(),
+        at_ms: now,
+        message,
+        effects,
+        errors,
     }
 }
 
@@ -1303,6 +1424,61 @@ mod tests {
         assert_eq!(kinds(&e.handle(&temp("d1", 1, 20.0), 1, &mut f)), ["clear"]);
         assert!(!e.wants(Trigger::State));
         assert!(e.wants(Trigger::Telemetry));
+    }
+
+    #[test]
+    fn a_fleet_command_starts_once_per_firing_and_another_rules_clear_resets_its_alert() {
+        let fleet_rule = rule(
+            "r-fleet",
+            serde_json::json!({"name": "f", "trigger": "telemetry", "condition": "metrics.temp > 30.0",
+                "actions": [{"type": "command", "name": "shed", "devices": {"tags": {"site": "b"}}},
+                            {"type": "command", "name": "fan"}]}),
+        );
+        let clearer = rule(
+            "r-clear",
+            serde_json::json!({"name": "c", "trigger": "telemetry", "condition": "has(metrics.reset)",
+                "actions": [{"type": "clear_alert", "rule": "r-hot"}]}),
+        );
+        let mut e = engine(&[fleet_rule, hot(), clearer]);
+        let mut f = fleet();
+        let fired = e.handle(&temp("d1", 1, 35.0), 1, &mut f);
+        let commands = |fired: &[Firing]| -> Vec<String> {
+            fired
+                .iter()
+                .flat_map(|f| &f.effects)
+                .filter_map(|e| match e {
+                    Effect::Command { name, target, .. } => Some(format!(
+                        "{name}@{}",
+                        match target {
+                            Target::Device(d) => d.to_string(),
+                            Target::Devices(_) => "fleet".into(),
+                        }
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(commands(&fired), ["shed@fleet", "fan@d1", "fan@d1"]);
+        // Still hot: the device's own command again, not another fleet job.
+        let fired = e.handle(&temp("d1", 2, 36.0), 2, &mut f);
+        assert_eq!(commands(&fired), ["fan@d1", "fan@d1"]);
+        assert!(!kinds(&fired).contains(&"raise"));
+        // Another rule clears r-hot's alert (on a reading r-hot does not apply to): r-hot
+        // raises it again the next time it holds.
+        let reset = RuleInput {
+            device: id("d1"),
+            at_ms: 3,
+            kind: InputKind::Telemetry {
+                ts_ms: 3,
+                metrics: vec![("reset".into(), Value::Bool(true))],
+            },
+        };
+        let fired = e.handle(&reset, 3, &mut f);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].rule.id, "r-clear");
+        assert_eq!(kinds(&fired), ["clear"]);
+        let fired = e.handle(&temp("d1", 4, 35.0), 4, &mut f);
+        assert_eq!(kinds(&fired).iter().filter(|k| **k == "raise").count(), 1);
     }
 
     #[test]

@@ -17,10 +17,15 @@
 //! `temp`) is neither true nor false but *not applicable*: a humidity-only reading neither
 //! raises nor clears a temperature rule's alert. `has(metrics.temp)` tests for it.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+};
 
 use cel::{objects::Key, Context, Env, ExecutionError, Program};
 use tellus_core::{rule::InputKind, RuleInput, Trigger, Value};
+
+use crate::fast::{Fast, Reading};
 
 /// The longest expression accepted, in bytes.
 pub const MAX_EXPR_BYTES: usize = 4_096;
@@ -119,10 +124,54 @@ fn env() -> Arc<Env> {
     ENV.get_or_init(|| Arc::new(Env::stdlib())).clone()
 }
 
+/// How deeply loops (the comprehensions macros expand to) nest in their bodies. Each level
+/// multiplies the work by the length of its list, so rules allow one level: the work is then
+/// linear in the input's size and the expression's.
+fn loop_depth(e: &cel::common::ast::IdedExpr) -> usize {
+    use cel::common::ast::{EntryExpr, Expr as Ast};
+    match &e.expr {
+        Ast::Comprehension(c) => loop_depth(&c.iter_range).max(loop_depth(&c.accu_init)).max(
+            1 + loop_depth(&c.loop_cond)
+                .max(loop_depth(&c.loop_step))
+                .max(loop_depth(&c.result)),
+        ),
+        Ast::Call(call) => call
+            .target
+            .iter()
+            .map(|t| loop_depth(t))
+            .chain(call.args.iter().map(loop_depth))
+            .max()
+            .unwrap_or(0),
+        Ast::Select(s) => loop_depth(&s.operand),
+        Ast::List(l) => l.elements.iter().map(loop_depth).max().unwrap_or(0),
+        Ast::Map(m) => m
+            .entries
+            .iter()
+            .map(|entry| match &entry.expr {
+                EntryExpr::MapEntry(m) => loop_depth(&m.key).max(loop_depth(&m.value)),
+                EntryExpr::StructField(f) => loop_depth(&f.value),
+            })
+            .max()
+            .unwrap_or(0),
+        Ast::Struct(s) => s
+            .entries
+            .iter()
+            .map(|entry| match &entry.expr {
+                EntryExpr::MapEntry(m) => loop_depth(&m.key).max(loop_depth(&m.value)),
+                EntryExpr::StructField(f) => loop_depth(&f.value),
+            })
+            .max()
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// A compiled expression.
 #[derive(Debug)]
 pub struct Expr {
     program: Program,
+    /// The fast form (telemetry expressions of the common shapes; [`crate::fast`]).
+    fast: Option<Fast>,
 }
 
 /// What a condition said about one input.
@@ -153,6 +202,12 @@ impl Expr {
         let program = env()
             .compile(source)
             .map_err(|e| format!("not valid CEL: {e}"))?;
+        if loop_depth(program.expression()) > 1 {
+            return Err(
+                "a macro (all, exists, exists_one, map, filter) inside another's body is not allowed: its cost would multiply"
+                    .into(),
+            );
+        }
         let references = program.references();
         for other in TRIGGERS.into_iter().filter(|t| *t != trigger) {
             for name in names(other) {
@@ -166,11 +221,42 @@ impl Expr {
                 }
             }
         }
-        Ok(Expr { program })
+        let fast = match trigger {
+            Trigger::Telemetry => Fast::compile(program.expression()),
+            _ => None,
+        };
+        Ok(Expr { program, fast })
     }
 
-    /// Evaluates a condition.
-    pub fn test(&self, scope: &Scope) -> Outcome {
+    /// The expression's tree.
+    pub fn ast(&self) -> &cel::common::ast::IdedExpr {
+        self.program.expression()
+    }
+
+    /// Evaluates a condition: the fast path where it answers, else the interpreter.
+    pub fn test(&self, subject: &Subject<'_>) -> Outcome {
+        if let (Some(fast), Some(reading)) = (&self.fast, subject.reading()) {
+            match fast.test(&reading) {
+                Some(true) => return Outcome::True,
+                Some(false) => return Outcome::False,
+                None => {}
+            }
+        }
+        self.test_slow(subject.scope())
+    }
+
+    /// Evaluates a value (a derived metric): `Ok(None)` when it reads a key the input lacks.
+    pub fn value(&self, subject: &Subject<'_>) -> Result<Option<Value>, String> {
+        if let (Some(fast), Some(reading)) = (&self.fast, subject.reading()) {
+            if let Some(v) = fast.value(&reading) {
+                return Ok(Some(v));
+            }
+        }
+        self.value_slow(subject.scope())
+    }
+
+    /// A condition, by the interpreter.
+    pub(crate) fn test_slow(&self, scope: &Scope) -> Outcome {
         match self.program.execute(&scope.context) {
             Ok(cel::Value::Bool(true)) => Outcome::True,
             Ok(cel::Value::Bool(false)) => Outcome::False,
@@ -182,8 +268,8 @@ impl Expr {
         }
     }
 
-    /// Evaluates a value (a derived metric): `Ok(None)` when it reads a key the input lacks.
-    pub fn value(&self, scope: &Scope) -> Result<Option<Value>, String> {
+    /// A value, by the interpreter.
+    pub(crate) fn value_slow(&self, scope: &Scope) -> Result<Option<Value>, String> {
         match self.program.execute(&scope.context) {
             Ok(cel::Value::Bool(b)) => Ok(Some(Value::Bool(b))),
             Ok(cel::Value::Int(i)) => Ok(Some(Value::Int(i))),
@@ -230,13 +316,43 @@ pub(crate) fn cut(mut s: String) -> String {
     s
 }
 
-/// The names one input puts in scope, built once and shared by every rule evaluated on it.
+/// One input and its device's tags, as every rule evaluated on it sees them: read directly
+/// by the fast path, and put into a CEL scope (once, when first needed) for the
+/// interpreter.
+pub struct Subject<'a> {
+    input: &'a RuleInput,
+    tags: &'a BTreeMap<String, String>,
+    scope: std::cell::OnceCell<Scope>,
+}
+
+impl<'a> Subject<'a> {
+    pub fn new(input: &'a RuleInput, tags: &'a BTreeMap<String, String>) -> Subject<'a> {
+        Subject {
+            input,
+            tags,
+            scope: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn reading(&self) -> Option<Reading<'a>> {
+        matches!(self.input.kind, InputKind::Telemetry { .. }).then_some(Reading {
+            input: self.input,
+            tags: self.tags,
+        })
+    }
+
+    fn scope(&self) -> &Scope {
+        self.scope.get_or_init(|| Scope::new(self.input, self.tags))
+    }
+}
+
+/// The names one input puts in scope for the CEL interpreter.
 pub struct Scope {
     context: Context<'static, 'static>,
 }
 
 impl Scope {
-    pub fn new(input: &RuleInput, tags: &std::collections::BTreeMap<String, String>) -> Scope {
+    pub fn new(input: &RuleInput, tags: &BTreeMap<String, String>) -> Scope {
         let mut context = Context::with_env(env());
         let device = map([
             ("id", cel::Value::from(input.device.as_str())),
@@ -312,8 +428,6 @@ pub(crate) fn json(v: &serde_json::Value) -> cel::Value {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use tellus_core::DeviceId;
 
     use super::*;
@@ -340,10 +454,11 @@ mod tests {
     }
 
     fn test(source: &str, input: &RuleInput) -> Outcome {
-        let scope = Scope::new(input, &tags(&[("site", "berlin")]));
+        let tags = tags(&[("site", "berlin")]);
+        let subject = Subject::new(input, &tags);
         Expr::compile(source, input.kind.trigger())
             .unwrap()
-            .test(&scope)
+            .test(&subject)
     }
 
     #[test]
@@ -442,11 +557,12 @@ mod tests {
             for source in shapes {
                 let expr = Expr::compile(&source, Trigger::Telemetry)
                     .unwrap_or_else(|e| panic!("{source}: {e}"));
-                let scope = Scope::new(&r, &BTreeMap::new());
-                assert!(
-                    !matches!(expr.test(&scope), Outcome::NotApplicable),
-                    "{source}"
-                );
+                // The interpreter, and the fast path where it answers.
+                let tags = BTreeMap::new();
+                let scope = Scope::new(&r, &tags);
+                let slow = expr.test_slow(&scope);
+                assert!(!matches!(slow, Outcome::NotApplicable), "{source}");
+                assert_eq!(expr.test(&Subject::new(&r, &tags)), slow, "{source}");
             }
         });
     }
@@ -498,8 +614,13 @@ mod tests {
     #[test]
     fn values_for_derived_metrics() {
         let r = reading(&[("temp", Value::Float(20.0)), ("n", Value::Int(2))]);
-        let scope = Scope::new(&r, &BTreeMap::new());
-        let v = |s: &str| Expr::compile(s, Trigger::Telemetry).unwrap().value(&scope);
+        let tags = BTreeMap::new();
+        let subject = Subject::new(&r, &tags);
+        let v = |s: &str| {
+            Expr::compile(s, Trigger::Telemetry)
+                .unwrap()
+                .value(&subject)
+        };
         assert_eq!(v("metrics.temp * 1.8 + 32.0"), Ok(Some(Value::Float(68.0))));
         assert_eq!(v("metrics.n * 2"), Ok(Some(Value::Int(4))));
         assert_eq!(v("metrics.n > 1"), Ok(Some(Value::Bool(true))));

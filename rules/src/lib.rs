@@ -7,5 +7,6 @@
 pub mod dry;
 pub mod engine;
 pub mod expr;
+pub mod fast;
 pub mod function;
 pub mod service;

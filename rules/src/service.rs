@@ -4,8 +4,9 @@
 //! ```text
 //!  ingest (after commit) ──┐                       ┌─▶ commands, jobs (device service)
 //!  device service ─────────┼─▶ feed ─▶ engine ─▶ effects ─▶ alerts (registry, live feed)
-//!  (state, presence,       │  16,384   thread     4,096 ├─▶ derived metrics (store)
-//!   events)                ┘  waits    (CEL, JS)  waits ├─▶ publish (routing core)
+//!  (state, presence)       │  16,384,  thread     1,024 ├─▶ derived metrics (store)
+//!  gate (events) ──────────┘  64 MiB   (CEL, JS)  waits ├─▶ publish (routing core)
+//!                             waits                     │
 //!                                                       └─▶ webhooks: 1,024, shed when full,
 //!                                                            16 at once, retried
 //! ```
@@ -18,12 +19,16 @@
 //! not through ingest: they are not evaluated by rules, so no rule can feed itself.
 //!
 //! The engine reloads its rules when told ([`Rules::reload`], after each change through the
-//! API) and whenever the registry's rule generation moves (a change by another process),
-//! checked every two seconds.
+//! API, which waits for it) and whenever the registry's rule generation moves (a change by
+//! another process), checked every two seconds. Each input is evaluated at its own `at_ms`
+//! (when Tellus learnt of it), so time spent queued does not stretch a `for`.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -35,11 +40,11 @@ use tellus_broker::{
     routing::Publisher,
 };
 use tellus_core::{
-    now_ms, registry::Registry, Alert, DeviceId, Live, LiveEvent, RuleFeed, RuleInput, Sample,
+    now_ms, registry::Registry, Alert, DeviceId, Live, LiveEvent, RuleFeed, RuleInputs, Sample,
     Trigger,
 };
 use tellus_ingest::{store::Batch, TelemetryStore};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -65,7 +70,7 @@ pub struct RulesConfig {
 impl Default for RulesConfig {
     fn default() -> Self {
         RulesConfig {
-            effects_queue: 4_096,
+            effects_queue: 1_024,
             webhook_queue: 1_024,
             webhook_concurrency: 16,
             tags_ttl: Duration::from_secs(10),
@@ -88,8 +93,20 @@ pub struct Outlets {
 #[derive(Clone)]
 pub struct Rules {
     figures: Arc<Figures>,
-    reload: Arc<Notify>,
+    reload: Arc<Reload>,
+    /// How many reload requests the engine has carried out.
+    loaded: watch::Receiver<u64>,
 }
+
+/// Reload requests: a count, so that a caller can wait for its own to be carried out.
+#[derive(Default)]
+struct Reload {
+    requested: AtomicU64,
+    notify: Notify,
+}
+
+/// How long [`Rules::reload`] waits for the engine.
+const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
 impl Rules {
     /// A handle to no engine: reloads go nowhere and figures stay at zero (for parts of
@@ -98,12 +115,22 @@ impl Rules {
         Rules {
             figures: Arc::default(),
             reload: Arc::default(),
+            loaded: watch::channel(0).1,
         }
     }
 
-    /// Asks the engine to read its rules again; returns at once.
-    pub fn reload(&self) {
-        self.reload.notify_one();
+    /// Has the engine read its rules again, and waits until it has (at most 5 s, then it
+    /// happens later): once this returns, a change made before it is in effect.
+    pub async fn reload(&self) {
+        let n = self.reload.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        self.reload.notify.notify_one();
+        let mut loaded = self.loaded.clone();
+        if tokio::time::timeout(RELOAD_WAIT, loaded.wait_for(|&done| done >= n))
+            .await
+            .is_err()
+        {
+            warn!("the rules engine did not reload within 5 s; the change applies when it does");
+        }
     }
 
     pub fn figures(&self) -> &Arc<Figures> {
@@ -140,11 +167,12 @@ pub fn start(
     config: RulesConfig,
     outlets: Outlets,
     feed: RuleFeed,
-    inputs: mpsc::Receiver<RuleInput>,
+    inputs: RuleInputs,
     stop: CancellationToken,
 ) -> std::io::Result<(Rules, Running)> {
     let figures = Arc::new(Figures::default());
-    let reload = Arc::new(Notify::new());
+    let reload = Arc::new(Reload::default());
+    let (loaded_tx, loaded) = watch::channel(0);
     let (effects_tx, effects_rx) = mpsc::channel(config.effects_queue.max(1));
     let engine = {
         let registry = outlets.registry.clone();
@@ -157,6 +185,7 @@ pub fn start(
             switches,
             figures,
             reload,
+            loaded: loaded_tx,
             inputs,
             effects: effects_tx,
             tags_ttl: ttl,
@@ -168,7 +197,14 @@ pub fn start(
             .spawn(move || task.run())?
     };
     let executor = tokio::spawn(execute(config, outlets, figures.clone(), effects_rx));
-    Ok((Rules { figures, reload }, Running { engine, executor }))
+    Ok((
+        Rules {
+            figures,
+            reload,
+            loaded,
+        },
+        Running { engine, executor },
+    ))
 }
 
 /// How often the engine asks the registry whether rules changed elsewhere.
@@ -181,8 +217,9 @@ struct EngineTask {
     registry: Arc<dyn Registry>,
     switches: RuleFeed,
     figures: Arc<Figures>,
-    reload: Arc<Notify>,
-    inputs: mpsc::Receiver<RuleInput>,
+    reload: Arc<Reload>,
+    loaded: watch::Sender<u64>,
+    inputs: RuleInputs,
     effects: mpsc::Sender<Firing>,
     tags_ttl: Duration,
     stop: CancellationToken,
@@ -195,6 +232,7 @@ impl EngineTask {
             switches,
             figures,
             reload,
+            loaded,
             mut inputs,
             effects,
             tags_ttl,
@@ -217,7 +255,16 @@ impl EngineTask {
             ttl: tags_ttl,
         };
         runtime.block_on(async {
-            let mut generation = load(&mut engine, &*registry, &switches, &figures);
+            // Open alerts count as firing at start only: later, the engine's own state is
+            // newer than the registry's (a clear may still be on its way there).
+            let firing: Vec<(String, DeviceId)> = match registry.open_alerts(OPEN_ALERTS_AT_START) {
+                Ok(alerts) => alerts.into_iter().map(|a| (a.rule, a.device)).collect(),
+                Err(e) => {
+                    warn!(error = %e, "cannot read open alerts; they clear only when raised again");
+                    Vec::new()
+                }
+            };
+            let mut generation = load(&mut engine, &*registry, &switches, &figures, &firing);
             let mut poll = tokio::time::interval(GENERATION_POLL);
             poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut closing = false;
@@ -240,14 +287,17 @@ impl EngineTask {
                         closing = true;
                         continue;
                     }
-                    _ = reload.notified() => {
-                        generation = load(&mut engine, &*registry, &switches, &figures);
+                    _ = reload.notify.notified() => {
+                        let asked = reload.requested.load(Ordering::Acquire);
+                        generation = load(&mut engine, &*registry, &switches, &figures, &[]);
+                        loaded.send_replace(asked);
                         continue;
                     }
                     _ = poll.tick() => {
                         match registry.rules_generation() {
                             Ok(g) if Some(g) != generation => {
-                                generation = load(&mut engine, &*registry, &switches, &figures);
+                                generation =
+                                    load(&mut engine, &*registry, &switches, &figures, &[]);
                             }
                             Ok(_) => {}
                             Err(e) => warn!(error = %e, "cannot read the rules' generation"),
@@ -255,8 +305,14 @@ impl EngineTask {
                         continue;
                     }
                     _ = wait => engine.tick(now_ms()),
-                    input = inputs.recv() => match input {
-                        Some(input) => engine.handle(&input, now_ms(), &mut directory),
+                    batch = inputs.recv() => match batch {
+                        Some(batch) => {
+                            let mut firings = Vec::new();
+                            for input in &batch {
+                                firings.extend(engine.handle(input, input.at_ms, &mut directory));
+                            }
+                            firings
+                        }
                         None => break,
                     },
                 };
@@ -279,6 +335,7 @@ fn load(
     registry: &dyn Registry,
     switches: &RuleFeed,
     figures: &Figures,
+    firing: &[(String, DeviceId)],
 ) -> Option<i64> {
     let generation = registry.rules_generation().ok();
     let rules = match registry.enabled_rules() {
@@ -288,13 +345,8 @@ fn load(
             return None;
         }
     };
-    let firing: Vec<(String, DeviceId)> = match registry.open_alerts(OPEN_ALERTS_AT_START) {
-        Ok(alerts) => alerts.into_iter().map(|a| (a.rule, a.device)).collect(),
-        Err(e) => {
-            warn!(error = %e, "cannot read open alerts; they clear only when raised again");
-            Vec::new()
-        }
-    };
+    // The figures of every enabled rule stay, those that do not compile with the reason.
+    figures.retain(&rules.iter().map(|r| r.id.as_str()).collect());
     let mut compiled = Vec::with_capacity(rules.len());
     for rule in &rules {
         let rule_figures = figures.rule(&rule.id);
@@ -306,7 +358,7 @@ fn load(
             }
         }
     }
-    engine.load(compiled, &firing);
+    engine.load(compiled, firing);
     for trigger in [
         Trigger::Telemetry,
         Trigger::State,
@@ -354,7 +406,7 @@ impl Directory for TagCache {
 }
 
 /// Firings taken at once: their derived metrics are committed together.
-const EXECUTE_BATCH: usize = 256;
+const EXECUTE_BATCH: usize = 1_024;
 
 async fn execute(
     config: RulesConfig,
@@ -483,9 +535,17 @@ async fn execute(
             }
         }
     }
+    // Webhook calls still queued or retrying get a short grace, then are given up.
     drop(webhooks);
-    let _ = calls.await;
+    let abort = calls.abort_handle();
+    if tokio::time::timeout(WEBHOOK_GRACE, calls).await.is_err() {
+        abort.abort();
+        warn!("webhook calls still under way at shutdown were given up");
+    }
 }
+
+/// How long webhook calls may go on once the engine has stopped.
+const WEBHOOK_GRACE: Duration = Duration::from_secs(2);
 
 fn count(rule: &RuleFigures, done: Result<(), (&str, String)>) {
     match done {

@@ -153,7 +153,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // What happens to devices as it happens, for the API's event stream.
     let live = tellus_core::Live::default();
     // What rules are given: committed readings, state, presence and events.
-    let (rule_feed, rule_inputs) = RuleFeed::channel(tellus_core::rule::RULE_FEED_QUEUE);
+    let (rule_feed, rule_inputs) = RuleFeed::channel(
+        tellus_core::rule::RULE_FEED_QUEUE,
+        tellus_core::rule::RULE_FEED_BYTES,
+    );
     let ingest = Ingest::spawn(
         ingest_rx,
         store.clone(),

@@ -546,10 +546,17 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
         (disabled["enabled"].as_bool(), disabled["version"].as_u64()),
         (Some(false), Some(2))
     );
+    assert_eq!(disabled["figures"], Value::Null, "{disabled}");
     let (_, alerts) = t.get(&format!("/api/v1/alerts?rule={event_id}")).await;
     assert_eq!(alerts["alerts"][0]["cleared_reason"], "rule_disabled");
+    // Disabling again changes nothing.
+    let (_, again) = t
+        .post(&format!("/api/v1/rules/{event_id}/disable"), json!({}))
+        .await;
+    assert_eq!(again["version"], 2);
 
-    // Changed: the new condition applies to the next report.
+    // Changed: the rule starts over (its alert cleared), and the new condition applies to
+    // the next report, since a change is in effect once the API has answered.
     let (status, body) = t
         .put(
             &format!("/api/v1/rules/{state_id}"),
@@ -559,6 +566,11 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 2);
+    let (_, alerts) = t.get(&format!("/api/v1/alerts?rule={state_id}")).await;
+    assert_eq!(
+        alerts["alerts"][0]["cleared_reason"], "rule_changed",
+        "{alerts}"
+    );
     // A change based on an old version is refused.
     let (status, body) = t
         .put(
@@ -572,14 +584,52 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
             "devices/door-1/state/reported",
             QoS::AtLeastOnce,
             false,
-            r#"{"fw": "1.0", "x": 1}"#,
+            r#"{"fw": "2.0"}"#,
         )
         .await
         .unwrap();
-    t.get_until(&format!("/api/v1/alerts?rule={state_id}"), |a| {
-        a["alerts"][0]["status"] == "cleared"
-    })
+    let alerts = t
+        .get_until(&format!("/api/v1/alerts?rule={state_id}&open=true"), |a| {
+            a["alerts"].as_array().unwrap().len() == 1
+        })
+        .await;
+    assert_eq!(alerts["alerts"][0]["values"]["state"]["fw"], "2.0");
+    // The event rule, disabled, sees events no more; another one, enabled, does (and once
+    // its alert is up, the event has been evaluated).
+    let witness = create_rule(
+        &t,
+        json!({"name": "any door event", "trigger": "event", "condition": "event == 'door'",
+               "actions": [{"type": "alert"}]}),
+    )
     .await;
+    client
+        .publish(
+            "devices/door-1/events/door",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"open": true}"#,
+        )
+        .await
+        .unwrap();
+    t.get_until(
+        &format!(
+            "/api/v1/alerts?rule={}&open=true",
+            witness["id"].as_str().unwrap()
+        ),
+        |a| a["alerts"].as_array().unwrap().len() == 1,
+    )
+    .await;
+    let (_, alerts) = t
+        .get(&format!("/api/v1/alerts?rule={event_id}&open=true"))
+        .await;
+    assert_eq!(alerts["alerts"], json!([]));
+    let (status, _) = t
+        .delete(&format!(
+            "/api/v1/rules/{}",
+            witness["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status, 204);
 
     // Deleted: gone, 404 after.
     let (status, _) = t.delete(&format!("/api/v1/rules/{state_id}")).await;

@@ -89,7 +89,7 @@ pub async fn create(
     let stored = rule.clone();
     blocking(move || registry.insert_rule(&stored)).await?;
     tracing::info!(rule = %rule.id, name = %rule.spec.name, "rule created");
-    state.rules.reload();
+    state.rules.reload().await;
     Ok((StatusCode::CREATED, Json(view(&state, rule))).into_response())
 }
 
@@ -139,21 +139,35 @@ pub async fn get_one(
 }
 
 /// `PUT /api/v1/rules/{id}`: replaces the rule (and `enabled`, when given); with `version`,
-/// only if the rule is still at that version (409 otherwise).
+/// only if the rule is still at that version (409 otherwise). A changed rule starts over:
+/// its open alerts are cleared (`rule_changed`), and raised again if its new condition
+/// holds. The same rule again changes nothing.
 pub async fn replace(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
     extract::Json(body): extract::Json<RuleBody>,
 ) -> Result<Json<RuleView>, ApiError> {
     let current = find(&state, id.clone()).await?;
-    let checked = check(Rule {
-        spec: body.spec,
-        ..current
-    })
-    .await?;
-    update(&state, id, Some(checked.spec), body.enabled, body.version).await
+    if body.version.is_some_and(|v| v != current.version) {
+        return Err(tellus_core::RegistryError::VersionConflict {
+            current: current.version,
+        }
+        .into());
+    }
+    let enabled = body.enabled.filter(|&e| e != current.enabled);
+    if body.spec == current.spec && enabled.is_none() {
+        return Ok(Json(view(&state, current)));
+    }
+    let spec = (body.spec != current.spec).then_some(body.spec);
+    let checked = match spec {
+        Some(spec) => Some(check(Rule { spec, ..current }).await?.spec),
+        None => None,
+    };
+    update(&state, id, checked, enabled, body.version).await
 }
 
+/// Changes the rule; a changed spec or a disabled rule clears its open alerts (their
+/// condition may no longer be evaluated, so nothing else would).
 async fn update(
     state: &AppState,
     id: String,
@@ -164,15 +178,17 @@ async fn update(
     let registry = state.registry.clone();
     let key = id.clone();
     let now = now_ms();
+    let changed = spec.is_some();
     let (rule, cleared) = blocking(move || {
         let Some(rule) = registry.update_rule(&key, spec.as_ref(), enabled, version, now)? else {
             return Ok((None, Vec::new()));
         };
-        // A disabled rule's alerts would never clear: they end with it.
-        let cleared = if rule.enabled {
-            Vec::new()
-        } else {
+        let cleared = if !rule.enabled {
             registry.clear_rule_alerts(&key, "rule_disabled", now)?
+        } else if changed {
+            registry.clear_rule_alerts(&key, "rule_changed", now)?
+        } else {
+            Vec::new()
         };
         Ok::<_, tellus_core::RegistryError>((Some(rule), cleared))
     })
@@ -182,25 +198,34 @@ async fn update(
         tellus_rules::service::tell(&state.live, alert);
     }
     tracing::info!(rule = %rule.id, version = rule.version, enabled = rule.enabled, "rule changed");
-    state.rules.reload();
+    state.rules.reload().await;
     Ok(Json(view(state, rule)))
 }
 
-/// `POST /api/v1/rules/{id}/enable`.
+/// `POST /api/v1/rules/{id}/enable`; an enabled rule is left as it is.
 pub async fn enable(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<RuleView>, ApiError> {
+    let rule = find(&state, id.clone()).await?;
+    if rule.enabled {
+        return Ok(Json(view(&state, rule)));
+    }
     // A rule stored by an older version may no longer compile: it is not enabled then.
-    check(find(&state, id.clone()).await?).await?;
+    check(rule).await?;
     update(&state, id, None, Some(true), None).await
 }
 
-/// `POST /api/v1/rules/{id}/disable`: its open alerts are cleared (`rule_disabled`).
+/// `POST /api/v1/rules/{id}/disable`: its open alerts are cleared (`rule_disabled`); a
+/// disabled rule is left as it is.
 pub async fn disable(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<RuleView>, ApiError> {
+    let rule = find(&state, id.clone()).await?;
+    if !rule.enabled {
+        return Ok(Json(view(&state, rule)));
+    }
     update(&state, id, None, Some(false), None).await
 }
 
@@ -218,7 +243,7 @@ pub async fn delete(
         tellus_rules::service::tell(&state.live, alert);
     }
     tracing::info!(rule = %id, "rule deleted");
-    state.rules.reload();
+    state.rules.reload().await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -279,6 +304,7 @@ pub async fn test(
         }
     };
     let trigger = rule.spec.trigger;
+    let mut truncated = false;
     let (inputs, mut tags, end) = match (body.messages, body.device) {
         (Some(messages), None) => {
             if body.from.is_some() || body.to.is_some() {
@@ -307,7 +333,8 @@ pub async fn test(
             if from > to {
                 return Err(ApiError::InvalidBody("\"from\" is after \"to\"".into()));
             }
-            let inputs = stored_inputs(&state, device, from, to).await?;
+            let (inputs, cut) = stored_inputs(&state, device, from, to).await?;
+            truncated = cut;
             (inputs, BTreeMap::new(), Some(to))
         }
         _ => {
@@ -336,8 +363,11 @@ pub async fn test(
     })
     .await?;
     tags.extend(registered);
-    let run = tokio::task::spawn_blocking(move || dry_run(&rule, inputs, tags, end)).await?;
-    run.map(Json).map_err(ApiError::InvalidRule)
+    let mut run = tokio::task::spawn_blocking(move || dry_run(&rule, inputs, tags, end))
+        .await?
+        .map_err(ApiError::InvalidRule)?;
+    run.truncated |= truncated;
+    Ok(Json(run))
 }
 
 fn time(name: &str, v: &serde_json::Value) -> Result<TimestampMs, ApiError> {
@@ -415,22 +445,25 @@ fn messages_to_inputs(
 }
 
 /// The device's stored readings from `from` to `to`: its points grouped by timestamp, at
-/// most [`MAX_INPUTS`] points in all.
+/// most [`MAX_INPUTS`] points in all, and whether some were left out for that.
 async fn stored_inputs(
     state: &AppState,
     device: DeviceId,
     from: TimestampMs,
     to: TimestampMs,
-) -> Result<Vec<RuleInput>, ApiError> {
+) -> Result<(Vec<RuleInput>, bool), ApiError> {
     let store = state.store.clone();
     blocking(move || {
         let mut readings: BTreeMap<TimestampMs, Vec<(String, Value)>> = BTreeMap::new();
         let mut room = MAX_INPUTS;
+        let mut cut = false;
         for (metric, _, _) in store.latest(&device)? {
-            if room == 0 {
-                break;
+            // One more than there is room for tells whether the series goes on.
+            let mut points = store.range(&device, &metric, from, to, room + 1)?;
+            if points.len() > room {
+                points.truncate(room);
+                cut = true;
             }
-            let points = store.range(&device, &metric, from, to, room)?;
             room -= points.len();
             for (ts, value) in points {
                 readings
@@ -439,16 +472,15 @@ async fn stored_inputs(
                     .push((metric.clone(), value));
             }
         }
-        Ok::<_, tellus_ingest::StoreError>(
-            readings
-                .into_iter()
-                .map(|(ts, metrics)| RuleInput {
-                    device: device.clone(),
-                    at_ms: ts,
-                    kind: InputKind::Telemetry { ts_ms: ts, metrics },
-                })
-                .collect(),
-        )
+        let inputs = readings
+            .into_iter()
+            .map(|(ts, metrics)| RuleInput {
+                device: device.clone(),
+                at_ms: ts,
+                kind: InputKind::Telemetry { ts_ms: ts, metrics },
+            })
+            .collect();
+        Ok::<_, tellus_ingest::StoreError>((inputs, cut))
     })
     .await
 }
