@@ -176,6 +176,29 @@ pub fn check_subscribe(device: &DeviceId, filter: &str) -> Result<(), AclDenied>
     }
 }
 
+/// The tag that makes a device an operator client: `tellus.role` = `operator`.
+pub const ROLE_TAG: &str = "tellus.role";
+pub const OPERATOR_ROLE: &str = "operator";
+/// The first level of the topics rules publish on (their `publish` action).
+pub const RULES_ROOT: &str = "rules";
+
+/// The ACL for a SUBSCRIBE filter of a device that may be an operator client: an operator
+/// may also subscribe to what rules publish (`rules/…`, wildcards allowed), and to nothing
+/// else beyond its own tree.
+pub fn check_subscribe_as(
+    device: &DeviceId,
+    operator: bool,
+    filter: &str,
+) -> Result<(), AclDenied> {
+    let under_rules = filter
+        .strip_prefix(RULES_ROOT)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if operator && under_rules {
+        return Ok(());
+    }
+    check_subscribe(device, filter)
+}
+
 /// Whether the MQTT topic filter `filter` (with `+` and `#` wildcards) matches `topic`.
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
     let mut topic_levels = topic.split('/');
@@ -192,6 +215,20 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn operators_may_also_subscribe_to_what_rules_publish() {
+        let d = DeviceId::parse("ops-1").unwrap();
+        for filter in ["rules/#", "rules/alerts/+", "rules"] {
+            assert!(check_subscribe_as(&d, true, filter).is_ok(), "{filter}");
+            assert!(check_subscribe_as(&d, false, filter).is_err(), "{filter}");
+        }
+        for filter in ["rulesx/#", "#", "devices/other/commands/+", "+/alerts"] {
+            assert!(check_subscribe_as(&d, true, filter).is_err(), "{filter}");
+        }
+        assert!(check_subscribe_as(&d, true, "devices/ops-1/commands/+").is_ok());
+    }
+
     use super::*;
 
     fn id(s: &str) -> DeviceId {

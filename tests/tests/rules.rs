@@ -648,3 +648,68 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
         .collect();
     assert_eq!(ids, [event_id.as_str()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_client_receives_what_rules_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let sensor = t.create_device("sensor-9").await;
+    let ops = t.create_device("console-1").await;
+    let (status, body) = t
+        .patch(
+            "/api/v1/devices/console-1",
+            json!({"tags": {"tellus.role": "operator"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    create_rule(
+        &t,
+        json!({"name": "leak", "trigger": "telemetry", "condition": "metrics.water > 0",
+               "actions": [{"type": "publish", "topic": "rules/leaks/{device}"}]}),
+    )
+    .await;
+    // A device that is not an operator may not subscribe there (MQTT 3.1.1: closed).
+    let (plain, mut plain_events) = connect(t.mqtt_options(&sensor)).await;
+    plain.subscribe("rules/#", QoS::AtLeastOnce).await.unwrap();
+    tellus_tests::mqtt::expect_refused(&mut plain_events).await;
+
+    let (console, mut console_events) = connect(t.mqtt_options(&ops)).await;
+    console
+        .subscribe("rules/leaks/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = console_events.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    let _ = tx.send((String::from("suback"), format!("{:?}", ack.return_codes)));
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send((
+                        p.topic.clone(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    });
+    let (kind, codes) = tokio::time::timeout(WAIT, received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kind, "suback");
+    assert!(codes.contains("Success"), "{codes}");
+    let mut device = Device::connect(&t, &sensor).await;
+    device.send(json!({"water": 3})).await;
+    let (topic, payload) = tokio::time::timeout(WAIT, received.recv())
+        .await
+        .expect("nothing published to the operator")
+        .unwrap();
+    assert_eq!(topic, "rules/leaks/sensor-9");
+    let payload: Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(payload["device"], "sensor-9");
+    assert_eq!(payload["rule"]["name"], "leak");
+    assert_eq!(payload["message"]["metrics"]["water"], 3);
+}

@@ -328,6 +328,9 @@ struct Session<'g> {
     peer_serial: String,
     /// Whether a certificate rotation is under way: one at a time per connection.
     rotating: Arc<AtomicBool>,
+    /// An operator client (tag `tellus.role: operator` when it connected): it may also
+    /// subscribe to what rules publish, under `rules/`.
+    operator: bool,
 }
 
 impl<'g> Session<'g> {
@@ -406,9 +409,10 @@ impl<'g> Session<'g> {
         if took_over {
             bump(&gate.stats.taken_over);
         }
-        if let Err(refusal) = verify(gate, &peer).await {
-            return refuse(gate, &peer, to, &mut wr, refusal).await;
-        }
+        let operator = match verify(gate, &peer).await {
+            Ok(operator) => operator,
+            Err(refusal) => return refuse(gate, &peer, to, &mut wr, refusal).await,
+        };
         let keep_alive = connect.keep_alive();
         let reasons = connect.reasons();
         let limits = Limits {
@@ -499,6 +503,7 @@ impl<'g> Session<'g> {
             peer_issuer: peer.issuer.id.clone(),
             peer_serial: peer.serial.clone(),
             rotating: Arc::default(),
+            operator,
         };
         let (end, writer_done, relay_done) = session
             .run(
@@ -683,7 +688,7 @@ impl<'g> Session<'g> {
         let mut refused = Vec::new();
         let mut why = String::new();
         for (at, filter) in filters.iter().enumerate() {
-            if let Err(e) = topic::check_subscribe(&self.device, filter) {
+            if let Err(e) = topic::check_subscribe_as(&self.device, self.operator, filter) {
                 bump(&self.gate.stats.acl_denied);
                 if self.version == Version::V4 {
                     return Err(End::AclDenied(e));
@@ -1133,7 +1138,9 @@ fn check_connect<'g>(
 
 /// Checks the registry: the device exists and is enabled, and the certificate presented is
 /// one recorded for it and not revoked.
-async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
+/// Whether the device may connect; `Ok(true)` for an operator client (tag
+/// `tellus.role: operator`), which may also subscribe to what rules publish.
+async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<bool, Refusal<'g>> {
     use Refused::*;
     let stats = &gate.stats;
     let registry = gate.registry.clone();
@@ -1208,7 +1215,7 @@ async fn verify<'g>(gate: &'g Gate, peer: &Peer) -> Result<(), Refusal<'g>> {
             "the device is disabled",
         ));
     }
-    Ok(())
+    Ok(record.tags.get(topic::ROLE_TAG).map(String::as_str) == Some(topic::OPERATOR_ROLE))
 }
 
 /// Opens the device's link to the routing core and answers the device's CONNECT.
