@@ -36,7 +36,8 @@ use tellus_core::{
 
 use crate::{
     expr::{cut, Expr, Outcome, Subject},
-    function::{Function, FunctionError, Limits},
+    function::{FunctionError, Limits},
+    worker::Worker,
 };
 
 /// A command action's timeout when the rule names none.
@@ -357,7 +358,7 @@ enum Step {
     ClearAlert {
         rule: String,
     },
-    Function(RefCell<Function>),
+    Function(RefCell<Worker>),
 }
 
 /// The longest webhook timeout and most retries a rule may ask for.
@@ -555,7 +556,7 @@ impl Compiled {
                     return Err("memory_limit_bytes: from 1 MiB to 256 MiB".into());
                 }
                 Step::Function(RefCell::new(
-                    Function::compile(source, limits).map_err(|e| e.to_string())?,
+                    Worker::start(source, limits).map_err(|e| e.to_string())?,
                 ))
             }
         })
@@ -1080,7 +1081,9 @@ fn fire(
                     }
                     Err(e) => {
                         bump(match e {
-                            FunctionError::Timeout(_) => &rule.figures.function_timeouts,
+                            FunctionError::Timeout(_) | FunctionError::Busy => {
+                                &rule.figures.function_timeouts
+                            }
                             FunctionError::OutOfMemory(_) => &rule.figures.function_out_of_memory,
                             _ => &rule.figures.function_errors,
                         });

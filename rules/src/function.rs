@@ -151,6 +151,11 @@ pub enum FunctionError {
     /// than [`MAX_OUTPUT_BYTES`].
     #[error("function returned an unusable result: {0}")]
     Output(String),
+    /// A call given up for overrunning its deadline (in a built-in that polls no
+    /// interrupt) is still running on the function's thread; the function is not called
+    /// until it ends ([`crate::worker`]).
+    #[error("function is still busy with a call that overran its deadline")]
+    Busy,
 }
 
 /// A compiled JavaScript function: a QuickJS runtime in which the source has run, and its
