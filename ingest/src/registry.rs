@@ -233,6 +233,32 @@ impl SqliteRegistry {
         Self::on(&self.conn, f)
     }
 
+    /// Inserts a row that must be new, and what goes with it, in one write transaction:
+    /// `insert` runs the row's `INSERT … ON CONFLICT (id) DO NOTHING` and returns how many
+    /// rows it inserted, `then` writes the rest only if it did. A row already there is
+    /// refused (`"<what> exists already"`), with nothing written.
+    fn insert_new(
+        &self,
+        what: &str,
+        insert: impl FnOnce(&rusqlite::Transaction) -> Result<usize, rusqlite::Error>,
+        then: impl FnOnce(&rusqlite::Transaction) -> Result<(), rusqlite::Error>,
+    ) -> Result<(), RegistryError> {
+        let inserted = self.with(|c| {
+            let tx = sqlite::write_transaction(c)?;
+            if insert(&tx)? == 0 {
+                return Ok(false);
+            }
+            then(&tx)?;
+            tx.commit()?;
+            Ok(true)
+        })?;
+        if inserted {
+            Ok(())
+        } else {
+            Err(RegistryError::Refused(format!("{what} exists already")))
+        }
+    }
+
     fn on<T>(
         conn: &Mutex<Connection>,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
@@ -1375,49 +1401,39 @@ impl Registry for SqliteRegistry {
         let timeout_ms = out_of_range("timeout", job.timeout_ms)?;
         let total = out_of_range("total", job.total)?;
         let params_json = serde_json::to_string(&job.params).map_err(backend)?;
-        let inserted = self.with(|c| {
-            let tx = sqlite::write_transaction(c)?;
-            let inserted = tx.execute(
-                &format!(
-                    "INSERT INTO jobs ({JOB_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT (id) DO NOTHING"
-                ),
-                params![
-                    job.id,
-                    job.name,
-                    params_json,
-                    timeout_ms,
-                    job.rate,
-                    job.concurrency,
-                    job.status.as_str(),
-                    job.created_at_ms,
-                    job.finished_at_ms,
-                    total
-                ],
-            )?;
-            if inserted == 0 {
-                return Ok(false);
-            }
-            {
+        self.insert_new(
+            &format!("job {}", job.id),
+            |tx| {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO jobs ({JOB_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    params![
+                        job.id,
+                        job.name,
+                        params_json,
+                        timeout_ms,
+                        job.rate,
+                        job.concurrency,
+                        job.status.as_str(),
+                        job.created_at_ms,
+                        job.finished_at_ms,
+                        total
+                    ],
+                )
+            },
+            |tx| {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO job_devices (job, seq, device) VALUES (?1, ?2, ?3)",
                 )?;
                 for (seq, device) in (0i64..).zip(devices) {
                     stmt.execute(params![job.id, seq, device.as_str()])?;
                 }
-            }
-            tx.commit()?;
-            Ok(true)
-        })?;
-        if inserted {
-            Ok(())
-        } else {
-            Err(RegistryError::Refused(format!(
-                "job {} exists already",
-                job.id
-            )))
-        }
+                Ok(())
+            },
+        )
     }
 
     fn job(&self, id: &str) -> Result<Option<Job>, RegistryError> {
@@ -1718,37 +1734,26 @@ impl Registry for SqliteRegistry {
             )));
         }
         let spec = serde_json::to_string(&rule.spec).map_err(backend)?;
-        let inserted = self.with(|c| {
-            let tx = sqlite::write_transaction(c)?;
-            let inserted = tx.execute(
-                &format!(
-                    "INSERT INTO rules ({RULE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (id) DO NOTHING"
-                ),
-                params![
-                    rule.id,
-                    spec,
-                    rule.enabled,
-                    1i64,
-                    rule.created_at_ms,
-                    rule.updated_at_ms
-                ],
-            )?;
-            if inserted == 0 {
-                return Ok(false);
-            }
-            bump_rules_generation(&tx)?;
-            tx.commit()?;
-            Ok(true)
-        })?;
-        if inserted {
-            Ok(())
-        } else {
-            Err(RegistryError::Refused(format!(
-                "rule {} exists already",
-                rule.id
-            )))
-        }
+        self.insert_new(
+            &format!("rule {}", rule.id),
+            |tx| {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO rules ({RULE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    params![
+                        rule.id,
+                        spec,
+                        rule.enabled,
+                        1i64,
+                        rule.created_at_ms,
+                        rule.updated_at_ms
+                    ],
+                )
+            },
+            |tx| bump_rules_generation(tx),
+        )
     }
 
     fn rule(&self, id: &str) -> Result<Option<Rule>, RegistryError> {

@@ -626,6 +626,25 @@ pub struct Match {
     pub error: Option<String>,
 }
 
+/// Keeps a match (or, with `error`, a condition's failure) when a dry run traces.
+fn record(
+    trace: &mut Option<Vec<Match>>,
+    rule: &Compiled,
+    device: &DeviceId,
+    at_ms: TimestampMs,
+    error: Option<&String>,
+) {
+    if let Some(trace) = trace {
+        trace.push(Match {
+            rule: rule.rule.id.clone(),
+            device: device.clone(),
+            at_ms,
+            outcome: if error.is_some() { "error" } else { "match" },
+            error: error.cloned(),
+        });
+    }
+}
+
 /// Adds one to a counter only the engine's thread writes: a load and a store, cheaper than
 /// an atomic read-modify-write, and enough for readers that want a recent figure.
 fn bump(counter: &AtomicU64) {
@@ -820,15 +839,7 @@ impl Engine {
             match outcome {
                 Outcome::True => {
                     bump(&figures.matches);
-                    if let Some(trace) = &mut self.trace {
-                        trace.push(Match {
-                            rule: rule.rule.id.clone(),
-                            device: device.clone(),
-                            at_ms: now,
-                            outcome: "match",
-                            error: None,
-                        });
-                    }
+                    record(&mut self.trace, rule, device, now, None);
                     match (rule.hold, hold_of(&self.holds, device, i)) {
                         (None, before) => {
                             set_hold(&mut self.holds, device, i, Hold::Firing);
@@ -837,21 +848,13 @@ impl Engine {
                             cleared_elsewhere.extend(cleared_by(&firing, i, &self.index));
                             out.push(firing);
                         }
-                        (Some(hold), None) => {
-                            set_hold(&mut self.holds, device, i, Hold::Waiting { since: now });
-                            self.deadlines
-                                .insert((deadline(now, hold), i, device.clone()));
-                            self.waiting_messages.insert(
-                                (i, device.clone()),
-                                Waiting {
-                                    message: message(),
-                                    input: input.clone(),
-                                    tags: tags.clone(),
-                                },
-                            );
-                        }
-                        (Some(_), Some(Hold::Waiting { .. })) => {
-                            // Still holding: it fires with the newest values.
+                        (Some(hold), before @ (None | Some(Hold::Waiting { .. }))) => {
+                            if before.is_none() {
+                                set_hold(&mut self.holds, device, i, Hold::Waiting { since: now });
+                                self.deadlines
+                                    .insert((deadline(now, hold), i, device.clone()));
+                            }
+                            // It fires with the newest values for which it held.
                             self.waiting_messages.insert(
                                 (i, device.clone()),
                                 Waiting {
@@ -890,15 +893,7 @@ impl Engine {
                 Outcome::NotApplicable => bump(&figures.not_applicable),
                 Outcome::Error(e) => {
                     bump(&figures.condition_errors);
-                    if let Some(trace) = &mut self.trace {
-                        trace.push(Match {
-                            rule: rule.rule.id.clone(),
-                            device: device.clone(),
-                            at_ms: now,
-                            outcome: "error",
-                            error: Some(e.clone()),
-                        });
-                    }
+                    record(&mut self.trace, rule, device, now, Some(&e));
                     figures.fail(now, "condition", e);
                 }
             }

@@ -128,7 +128,7 @@ fn env() -> Arc<Env> {
 /// multiplies the work by the length of its list, so rules allow one level: the work is then
 /// linear in the input's size and the expression's.
 fn loop_depth(e: &cel::common::ast::IdedExpr) -> usize {
-    use cel::common::ast::{EntryExpr, Expr as Ast};
+    use cel::common::ast::Expr as Ast;
     match &e.expr {
         Ast::Comprehension(c) => loop_depth(&c.iter_range).max(loop_depth(&c.accu_init)).max(
             1 + loop_depth(&c.loop_cond)
@@ -144,26 +144,22 @@ fn loop_depth(e: &cel::common::ast::IdedExpr) -> usize {
             .unwrap_or(0),
         Ast::Select(s) => loop_depth(&s.operand),
         Ast::List(l) => l.elements.iter().map(loop_depth).max().unwrap_or(0),
-        Ast::Map(m) => m
-            .entries
-            .iter()
-            .map(|entry| match &entry.expr {
-                EntryExpr::MapEntry(m) => loop_depth(&m.key).max(loop_depth(&m.value)),
-                EntryExpr::StructField(f) => loop_depth(&f.value),
-            })
-            .max()
-            .unwrap_or(0),
-        Ast::Struct(s) => s
-            .entries
-            .iter()
-            .map(|entry| match &entry.expr {
-                EntryExpr::MapEntry(m) => loop_depth(&m.key).max(loop_depth(&m.value)),
-                EntryExpr::StructField(f) => loop_depth(&f.value),
-            })
-            .max()
-            .unwrap_or(0),
+        Ast::Map(m) => entries_depth(&m.entries),
+        Ast::Struct(s) => entries_depth(&s.entries),
         _ => 0,
     }
+}
+
+fn entries_depth(entries: &[cel::common::ast::IdedEntryExpr]) -> usize {
+    use cel::common::ast::EntryExpr;
+    entries
+        .iter()
+        .map(|entry| match &entry.expr {
+            EntryExpr::MapEntry(m) => loop_depth(&m.key).max(loop_depth(&m.value)),
+            EntryExpr::StructField(f) => loop_depth(&f.value),
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// A compiled expression.

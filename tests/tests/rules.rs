@@ -89,6 +89,14 @@ impl Device {
     }
 }
 
+/// Publishes at QoS 1 (the device's event loop runs elsewhere).
+async fn publish(client: &AsyncClient, topic: &str, payload: &str) {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+        .await
+        .unwrap();
+}
+
 async fn create_rule(t: &Tellus, rule: Value) -> Value {
     let (status, body) = t.post("/api/v1/rules", rule).await;
     assert_eq!(status, 201, "{body}");
@@ -514,24 +522,8 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
     let state_id = state_rule["id"].as_str().unwrap().to_owned();
     let (client, mut events) = connect(t.mqtt_options(&creds)).await;
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    client
-        .publish(
-            "devices/door-1/events/door",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"open": true}"#,
-        )
-        .await
-        .unwrap();
-    client
-        .publish(
-            "devices/door-1/state/reported",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"fw": "1.0"}"#,
-        )
-        .await
-        .unwrap();
+    publish(&client, "devices/door-1/events/door", r#"{"open": true}"#).await;
+    publish(&client, "devices/door-1/state/reported", r#"{"fw": "1.0"}"#).await;
     t.get_until("/api/v1/alerts?open=true", |a| {
         a["alerts"].as_array().unwrap().len() == 2
     })
@@ -579,15 +571,7 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
         )
         .await;
     assert_eq!(status, 409, "{body}");
-    client
-        .publish(
-            "devices/door-1/state/reported",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"fw": "2.0"}"#,
-        )
-        .await
-        .unwrap();
+    publish(&client, "devices/door-1/state/reported", r#"{"fw": "2.0"}"#).await;
     let alerts = t
         .get_until(&format!("/api/v1/alerts?rule={state_id}&open=true"), |a| {
             a["alerts"].as_array().unwrap().len() == 1
@@ -602,15 +586,7 @@ async fn rules_are_changed_enabled_and_deleted_without_a_restart() {
                "actions": [{"type": "alert"}]}),
     )
     .await;
-    client
-        .publish(
-            "devices/door-1/events/door",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"open": true}"#,
-        )
-        .await
-        .unwrap();
+    publish(&client, "devices/door-1/events/door", r#"{"open": true}"#).await;
     t.get_until(
         &format!(
             "/api/v1/alerts?rule={}&open=true",
