@@ -420,6 +420,14 @@ impl RuleInputs {
     }
 }
 
+impl Drop for RuleInputs {
+    /// An engine gone (stopped or failed) must not leave senders waiting for bytes that
+    /// queued inputs will never give back.
+    fn drop(&mut self) {
+        self.bytes.close();
+    }
+}
+
 impl RuleFeed {
     /// A feed of at most `capacity` hand-overs and about `bytes` bytes, and the receiving
     /// end the engine reads.
@@ -494,9 +502,10 @@ impl RuleFeed {
         let Ok(permit) = self.bytes.acquire_many(charge).await else {
             return;
         };
-        permit.forget();
-        if tx.send((inputs, charge)).await.is_err() {
-            self.bytes.add_permits(charge as usize);
+        // The bytes go back with the permit if this is given up before the send is done
+        // (a session closing while it waits); once sent, the receiver gives them back.
+        if tx.send((inputs, charge)).await.is_ok() {
+            permit.forget();
         }
     }
 
@@ -511,9 +520,58 @@ impl RuleFeed {
         let Ok(permit) = futures::executor::block_on(self.bytes.acquire_many(charge)) else {
             return;
         };
-        permit.forget();
-        if tx.blocking_send((inputs, charge)).is_err() {
-            self.bytes.add_permits(charge as usize);
+        if tx.blocking_send((inputs, charge)).is_ok() {
+            permit.forget();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn event(bytes: usize) -> RuleInput {
+        RuleInput {
+            device: DeviceId::parse("d").unwrap(),
+            at_ms: 0,
+            kind: InputKind::Event {
+                name: "e".into(),
+                payload: serde_json::Value::String("x".repeat(bytes)),
+            },
+        }
+    }
+
+    #[test]
+    fn bytes_come_back_from_a_send_given_up_and_a_gone_engine_frees_its_senders() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (feed, mut inputs) = RuleFeed::channel(1, 10_000);
+        runtime.block_on(async {
+            feed.send(event(100)).await;
+            // The channel is full: this send waits, holding its bytes, and is given up.
+            let given_up =
+                tokio::time::timeout(Duration::from_millis(50), feed.send(event(5_000))).await;
+            assert!(given_up.is_err());
+            assert!(inputs.try_recv().is_some());
+            // Its bytes came back: nearly the whole budget can be sent.
+            tokio::time::timeout(Duration::from_secs(5), feed.send(event(9_000)))
+                .await
+                .expect("the given-up send kept its bytes");
+        });
+        // The engine is gone with an input still queued: a sender that needs more bytes
+        // than are free returns instead of waiting for ever.
+        drop(inputs);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            feed.blocking_send(vec![event(9_500)]);
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("blocking_send waited for an engine that is gone");
     }
 }

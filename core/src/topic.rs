@@ -194,9 +194,26 @@ pub fn check_subscribe_as(
         .strip_prefix(RULES_ROOT)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
     if operator && under_rules {
-        return Ok(());
+        return if is_valid_filter(filter) {
+            Ok(())
+        } else {
+            Err(AclDenied::NotSubscribable(quoted(filter)))
+        };
     }
     check_subscribe(device, filter)
+}
+
+/// Whether `filter` is a well-formed MQTT topic filter: `+` and `#` each a whole level,
+/// `#` only last, no empty filter and no NUL.
+fn is_valid_filter(filter: &str) -> bool {
+    let levels: Vec<&str> = filter.split('/').collect();
+    !filter.is_empty()
+        && !filter.contains('\0')
+        && levels.iter().enumerate().all(|(i, level)| match *level {
+            "#" => i == levels.len() - 1,
+            "+" => true,
+            l => !l.contains(['+', '#']),
+        })
 }
 
 /// Whether the MQTT topic filter `filter` (with `+` and `#` wildcards) matches `topic`.
@@ -223,7 +240,15 @@ mod tests {
             assert!(check_subscribe_as(&d, true, filter).is_ok(), "{filter}");
             assert!(check_subscribe_as(&d, false, filter).is_err(), "{filter}");
         }
-        for filter in ["rulesx/#", "#", "devices/other/commands/+", "+/alerts"] {
+        for filter in [
+            "rulesx/#",
+            "#",
+            "devices/other/commands/+",
+            "+/alerts",
+            "rules/#/x",
+            "rules/a#",
+            "rules/a+/b",
+        ] {
             assert!(check_subscribe_as(&d, true, filter).is_err(), "{filter}");
         }
         assert!(check_subscribe_as(&d, true, "devices/ops-1/commands/+").is_ok());

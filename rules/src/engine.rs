@@ -723,17 +723,57 @@ impl Engine {
     /// `firing` names (rule, device) pairs with an open alert (given at start, from the
     /// registry), which count as firing so that the condition's end clears them.
     pub fn load(&mut self, rules: Vec<Compiled>, firing: &[(String, DeviceId)]) {
-        let old: HashMap<(&str, u64), usize> = self
-            .rules
+        let old = self.versions();
+        self.install(rules, &old, firing);
+    }
+
+    /// Like [`Engine::load`], from stored rules: a rule whose id and version are unchanged
+    /// is kept as compiled (its functions' threads with it), the others are compiled by
+    /// `compile` (`None`: left out).
+    pub fn reload(
+        &mut self,
+        rules: &[Rule],
+        mut compile: impl FnMut(&Rule) -> Option<Compiled>,
+        firing: &[(String, DeviceId)],
+    ) {
+        let old = self.versions();
+        let mut previous: Vec<Option<Compiled>> = std::mem::take(&mut self.rules)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let compiled = rules
+            .iter()
+            .filter_map(|r| {
+                match old.get(&(r.id.clone(), r.version)) {
+                    Some(&i) => previous.get_mut(i).and_then(Option::take),
+                    None => None,
+                }
+                .or_else(|| compile(r))
+            })
+            .collect();
+        self.install(compiled, &old, firing);
+    }
+
+    /// Where each loaded rule (id and version) stands in `rules`.
+    fn versions(&self) -> HashMap<(String, u64), usize> {
+        self.rules
             .iter()
             .enumerate()
-            .map(|(i, r)| ((r.rule.id.as_str(), r.version), i))
-            .collect();
+            .map(|(i, r)| ((r.rule.id.clone(), r.version), i))
+            .collect()
+    }
+
+    fn install(
+        &mut self,
+        rules: Vec<Compiled>,
+        old: &HashMap<(String, u64), usize>,
+        firing: &[(String, DeviceId)],
+    ) {
         let moved: HashMap<usize, usize> = rules
             .iter()
             .enumerate()
             .filter_map(|(new, r)| {
-                old.get(&(r.rule.id.as_str(), r.version))
+                old.get(&(r.rule.id.clone(), r.version))
                     .map(|&old| (old, new))
             })
             .collect();
@@ -1477,6 +1517,29 @@ mod tests {
         assert_eq!(kinds(&fired), ["clear"]);
         let fired = e.handle(&temp("d1", 4, 35.0), 4, &mut f);
         assert_eq!(kinds(&fired).iter().filter(|k| **k == "raise").count(), 1);
+    }
+
+    #[test]
+    fn reloading_compiles_only_the_rules_that_changed() {
+        let figures = Arc::new(Figures::default());
+        let mut e = Engine::new(figures.clone());
+        let mut compiled = Vec::new();
+        let mut compile = |r: &Rule| {
+            compiled.push(r.id.clone());
+            Compiled::new(r, figures.rule(&r.id)).ok()
+        };
+        let (a, mut b) = (hot(), hot());
+        b.id = "r-other".into();
+        e.reload(&[a.clone(), b.clone()], &mut compile, &[]);
+        e.reload(&[a.clone(), b.clone()], &mut compile, &[]);
+        b.version = 2;
+        e.reload(&[b.clone(), a.clone()], &mut compile, &[]);
+        assert_eq!(compiled, ["r-hot", "r-other", "r-other"]);
+        assert_eq!(e.rules(), 2);
+        assert_eq!(
+            kinds(&e.handle(&temp("d1", 1, 35.0), 1, &mut fleet())).len(),
+            6
+        );
     }
 
     #[test]

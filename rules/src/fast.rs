@@ -75,8 +75,10 @@ impl<'a> Reading<'a> {
         let InputKind::Telemetry { metrics, .. } = &self.input.kind else {
             return None;
         };
+        // The last of a name given twice, as in the interpreter's scope.
         metrics
             .iter()
+            .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| match v {
                 Value::Bool(b) => V::Bool(*b),
@@ -394,6 +396,14 @@ mod tests {
                     ("flag", Value::Bool(false)),
                 ],
                 vec![("a", Value::Int(-1))],
+                // A reading may name a metric twice (two objects of one message with one
+                // timestamp): the last counts.
+                vec![
+                    ("a", Value::Int(1)),
+                    ("b", Value::Float(1.0)),
+                    ("a", Value::Int(7)),
+                    ("b", Value::Text("x".into())),
+                ],
             ]
             .into_iter()
             .map(|m| RuleInput {

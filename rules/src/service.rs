@@ -347,18 +347,19 @@ fn load(
     };
     // The figures of every enabled rule stay, those that do not compile with the reason.
     figures.retain(&rules.iter().map(|r| r.id.as_str()).collect());
-    let mut compiled = Vec::with_capacity(rules.len());
-    for rule in &rules {
-        let rule_figures = figures.rule(&rule.id);
-        match Compiled::new(rule, rule_figures.clone()) {
-            Ok(c) => compiled.push(c),
-            Err(e) => {
-                warn!(rule = %rule.id, error = %e, "rule does not compile; not evaluated");
-                rule_figures.fail(now_ms(), "compile", e);
-            }
-        }
-    }
-    engine.load(compiled, firing);
+    engine.reload(
+        &rules,
+        |rule| {
+            let rule_figures = figures.rule(&rule.id);
+            Compiled::new(rule, rule_figures.clone())
+                .map_err(|e| {
+                    warn!(rule = %rule.id, error = %e, "rule does not compile; not evaluated");
+                    rule_figures.fail(now_ms(), "compile", e);
+                })
+                .ok()
+        },
+        firing,
+    );
     for trigger in [
         Trigger::Telemetry,
         Trigger::State,

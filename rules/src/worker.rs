@@ -74,7 +74,9 @@ impl Worker {
                 }
             })
             .map_err(|e| FunctionError::Compile(format!("no thread for the function: {e}")))?;
-        match compiled.recv() {
+        // Top-level code can be stuck in such a built-in too: compiling waits as long as a
+        // call does.
+        match compiled.recv_timeout(limits.deadline * 2 + GRACE) {
             Ok(Ok(())) => Ok(Worker {
                 calls,
                 answers,
@@ -82,7 +84,13 @@ impl Worker {
                 overrunning: false,
             }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(FunctionError::Compile("the function's thread ended".into())),
+            Err(RecvTimeoutError::Timeout) => Err(FunctionError::Compile(format!(
+                "its top-level code ran past the deadline of {:?}",
+                limits.deadline
+            ))),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(FunctionError::Compile("the function's thread ended".into()))
+            }
         }
     }
 
@@ -171,10 +179,24 @@ mod tests {
     }
 
     #[test]
-    fn compile_errors_come_back_from_the_thread() {
+    fn compile_errors_come_back_from_the_thread_and_stuck_top_level_code_is_one() {
         assert!(matches!(
             Worker::start("function nope() {}", Limits::default()),
             Err(FunctionError::Compile(_))
         ));
+        let started = Instant::now();
+        let stuck = Worker::start(
+            "var x = 'a'.repeat(60000).indexOf('a'.repeat(30000) + 'b'); function handle(m) {}",
+            Limits::default(),
+        );
+        let Err(FunctionError::Compile(why)) = stuck else {
+            panic!("{stuck:?}")
+        };
+        assert!(why.contains("deadline"), "{why}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -158,12 +158,30 @@ pub async fn replace(
     if body.spec == current.spec && enabled.is_none() {
         return Ok(Json(view(&state, current)));
     }
-    let spec = (body.spec != current.spec).then_some(body.spec);
-    let checked = match spec {
-        Some(spec) => Some(check(Rule { spec, ..current }).await?.spec),
-        None => None,
+    let changed = body.spec != current.spec;
+    let will_run = enabled.unwrap_or(current.enabled);
+    // Checked whenever it is to run: a new spec, or a stored one being enabled (a rule
+    // stored by an older version may no longer compile).
+    let checked = if changed || will_run {
+        Some(
+            check(Rule {
+                spec: body.spec,
+                ..current
+            })
+            .await?
+            .spec,
+        )
+    } else {
+        None
     };
-    update(&state, id, checked, enabled, body.version).await
+    update(
+        &state,
+        id,
+        checked.filter(|_| changed),
+        enabled,
+        body.version,
+    )
+    .await
 }
 
 /// Changes the rule; a changed spec or a disabled rule clears its open alerts (their

@@ -413,6 +413,12 @@ impl<'g> Session<'g> {
             Ok(operator) => operator,
             Err(refusal) => return refuse(gate, &peer, to, &mut wr, refusal).await,
         };
+        // An operator's session in the routing core is not the same device's session as a
+        // non-operator: subscriptions to `rules/…` kept there must not outlive the role.
+        let mut connect = connect;
+        if operator {
+            connect.set_client_id(format!("{}:{}", peer.device, topic::OPERATOR_ROLE));
+        }
         let keep_alive = connect.keep_alive();
         let reasons = connect.reasons();
         let limits = Limits {
