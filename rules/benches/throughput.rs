@@ -4,8 +4,9 @@
 //! figures.
 //!
 //! `cargo bench -p tellus-rules --bench throughput` (release). Environment: `ROUNDS`
-//! (default 5), `MESSAGES` per round (default 300,000: long enough that every round holds
-//! about as many of the store's merges).
+//! (default 5), `MESSAGES` per run (default 300,000: long enough that every run holds about
+//! as many of the store's merges). Each round runs the three cases in turn, each on a fresh
+//! store, so that drift in the machine's speed falls on all three alike.
 
 use std::{sync::Arc, time::Instant};
 
@@ -109,8 +110,9 @@ async fn round(tx: &IngestSender, devices: &[DeviceId], messages: usize, round: 
     messages as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The rates of each round, and the engine's mean time per input (µs).
-async fn run(deriving: Option<usize>, rounds: usize, messages: usize) -> (Vec<f64>, f64) {
+/// One measured run of `messages` on a fresh store: its rate, and the engine's mean time
+/// per input (µs).
+async fn run(deriving: Option<usize>, messages: usize) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let registry: Arc<dyn Registry> =
         Arc::new(SqliteRegistry::open(&dir.path().join("registry.db")).expect("registry"));
@@ -183,15 +185,12 @@ async fn run(deriving: Option<usize>, rounds: usize, messages: usize) -> (Vec<f6
     }
     // Warm-up: creates every series.
     round(&tx, &devices, devices.len() * 2, 0).await;
-    let mut rates = Vec::new();
-    for r in 1..=rounds {
-        rates.push(round(&tx, &devices, messages, r).await);
-    }
+    let rate = round(&tx, &devices, messages, 1).await;
     drop(tx);
     ingest.finished().await;
     stop.cancel();
     running.finished().await;
-    (rates, rules.figures().engine().mean_us_per_input)
+    (rate, rules.figures().engine().mean_us_per_input)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -200,12 +199,14 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn show(name: &str, (rates, engine_us): &(Vec<f64>, f64)) {
+fn show(name: &str, runs: &[(f64, f64)]) {
+    let rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
     let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    let engine = median(&runs.iter().map(|r| r.1).collect::<Vec<_>>());
     println!(
-        "{name:<36} {} | median {:.0} msg/s | engine {engine_us:.1} µs/input",
+        "{name:<36} {} | median {:.0} msg/s | engine {engine:.1} µs/input",
         each.join(" "),
-        median(rates)
+        median(&rates)
     );
 }
 
@@ -218,17 +219,36 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        println!("{rounds} rounds of {messages} messages, {DEVICES} devices, fsync per commit");
-        let none = run(None, rounds, messages).await;
-        show("no rules", &none);
-        let evaluate = run(Some(0), rounds, messages).await;
-        show("100 rules, evaluating", &evaluate);
-        let derive = run(Some(10), rounds, messages).await;
-        show("100 rules, 10 writing a metric each", &derive);
         println!(
-            "ratio to no rules: evaluating {:.3}, deriving {:.3}",
-            median(&evaluate.0) / median(&none.0),
-            median(&derive.0) / median(&none.0)
+            "{rounds} rounds of the three cases in turn, {messages} messages each, {DEVICES} devices, fsync per commit"
+        );
+        let cases = [None, Some(0), Some(10)];
+        let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
+        for _ in 0..rounds {
+            for (case, deriving) in cases.iter().enumerate() {
+                runs[case].push(run(*deriving, messages).await);
+            }
+        }
+        show("no rules", &runs[0]);
+        show("100 rules, evaluating", &runs[1]);
+        show("100 rules, 10 writing a metric each", &runs[2]);
+        let rate = |case: usize| median(&runs[case].iter().map(|r| r.0).collect::<Vec<_>>());
+        // Each round's cases ran back to back: their ratios are paired.
+        let paired = |case: usize| {
+            median(
+                &runs[case]
+                    .iter()
+                    .zip(&runs[0])
+                    .map(|(r, none)| r.0 / none.0)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        println!(
+            "ratio of medians to no rules: evaluating {:.3}, deriving {:.3}; median of paired ratios: evaluating {:.3}, deriving {:.3}",
+            rate(1) / rate(0),
+            rate(2) / rate(0),
+            paired(1),
+            paired(2)
         );
     });
 }

@@ -227,6 +227,7 @@ async fn a_rule_calls_a_webhook_commands_the_device_writes_a_metric_and_raises_a
     assert_eq!(figures["matches"], 2, "{figures}");
     assert_eq!(figures["not_applicable"], 1, "{figures}");
     assert_eq!(figures["fired"], 2, "{figures}");
+    assert!(figures["mean_eval_us"].as_f64().unwrap() > 0.0, "{figures}");
     let errors = figures["recent_errors"].as_array().unwrap();
     assert!(
         errors
