@@ -138,8 +138,9 @@ impl Rules {
     }
 }
 
-/// The running service; [`Running::finished`] waits for it to stop, which it does once
-/// every feed sender is gone and the last effects are carried out.
+/// The running service; [`Running::finished`] waits for it to stop, which it does once its
+/// `stop` is cancelled (or every feed sender is gone), the inputs queued are evaluated and
+/// the last effects carried out.
 pub struct Running {
     engine: std::thread::JoinHandle<()>,
     executor: tokio::task::JoinHandle<()>,
