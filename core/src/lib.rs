@@ -34,8 +34,8 @@ pub use registry::{
     FLEET_ISSUER,
 };
 pub use rule::{
-    Action, Alert, AlertQuery, AlertStatus, DeviceSelector, InputKind, Rule, RuleFeed, RuleInput,
-    RuleInputs, RuleSpec, Severity, Trigger,
+    Action, Alert, AlertQuery, AlertStatus, DeviceSelector, InputKind, Raise, Rule, RuleFeed,
+    RuleInput, RuleInputs, RuleSpec, Severity, Trigger,
 };
 pub use state::DeviceState;
 pub use telemetry::{DecodeError, Sample, Value};

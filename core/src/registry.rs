@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    rule::{Alert, AlertQuery, Rule, RuleSpec, Severity},
+    rule::{Alert, AlertQuery, Raise, Rule, RuleSpec},
     Command, CommandStatus, DeviceId, DeviceState, Job, JobStatus, TimestampMs,
 };
 
@@ -450,18 +450,15 @@ pub trait Registry: Send + Sync + 'static {
     /// A number that grows with every rule inserted, updated or deleted (by any writer of
     /// the registry): the engine reloads its rules when it moves.
     fn rules_generation(&self) -> Result<i64, RegistryError>;
-    /// Raises the alert of `rule` for `device`. If one is open (active or acknowledged),
-    /// only its `message` and `values` are replaced, and it is returned with `false`;
-    /// otherwise a new active alert (a new id, raised at `at`) is recorded and returned with
-    /// `true`. [`RegistryError::Refused`] if there is no such rule, the rule is disabled, or
-    /// there is no such device: nothing would ever clear that alert.
+    /// Raises the alert of `raise.rule` for `raise.device`. If one is open (active or
+    /// acknowledged), only its `message` and `values` are replaced, and it is returned with
+    /// `false`; otherwise a new active alert (a new id, raised at `at`) is recorded and
+    /// returned with `true`. [`RegistryError::Refused`] if there is no such rule, the rule is
+    /// disabled, the rule is no longer at `raise.version` (when given: the version whose
+    /// firing raises it), or there is no such device: nothing would ever clear that alert.
     fn raise_alert(
         &self,
-        rule: &str,
-        device: &DeviceId,
-        severity: Severity,
-        message: &str,
-        values: &serde_json::Value,
+        raise: &Raise<'_>,
         at: TimestampMs,
     ) -> Result<(Alert, bool), RegistryError>;
     /// Clears the open alert of `rule` for `device` at `at` with `reason`, and returns it as

@@ -272,6 +272,18 @@ pub struct Alert {
     pub cleared_reason: Option<String>,
 }
 
+/// What raises an alert: the rule (and, when known, the version of it that fired), the
+/// device, and what the alert says.
+#[derive(Debug, Clone, Copy)]
+pub struct Raise<'a> {
+    pub rule: &'a str,
+    pub version: Option<u64>,
+    pub device: &'a DeviceId,
+    pub severity: Severity,
+    pub message: &'a str,
+    pub values: &'a serde_json::Value,
+}
+
 /// A new alert id: `a-` and 20 random hex digits.
 pub fn new_alert_id() -> String {
     let bytes: [u8; 10] = rand::random();

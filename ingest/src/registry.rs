@@ -33,10 +33,11 @@ use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
-    rule::new_alert_id, state, Alert, AlertQuery, AlertStatus, AuditDecision, AuditEntry, CaRecord,
-    CertificateRecord, Change, Command, CommandStatus, DeviceId, DeviceQuery, DeviceRecord,
-    DeviceState, DeviceStatus, Job, JobStatus, NewDevice, PresenceCounts, Registry, RegistryError,
-    Rule, RuleSpec, Session, SessionEvent, Severity, TimestampMs, FLEET_ISSUER,
+    rule::{new_alert_id, Raise},
+    state, Alert, AlertQuery, AlertStatus, AuditDecision, AuditEntry, CaRecord, CertificateRecord,
+    Change, Command, CommandStatus, DeviceId, DeviceQuery, DeviceRecord, DeviceState, DeviceStatus,
+    Job, JobStatus, NewDevice, PresenceCounts, Registry, RegistryError, Rule, RuleSpec, Session,
+    SessionEvent, Severity, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -1853,13 +1854,17 @@ impl Registry for SqliteRegistry {
 
     fn raise_alert(
         &self,
-        rule: &str,
-        device: &DeviceId,
-        severity: Severity,
-        message: &str,
-        values: &serde_json::Value,
+        raise: &Raise<'_>,
         at: TimestampMs,
     ) -> Result<(Alert, bool), RegistryError> {
+        let Raise {
+            rule,
+            version,
+            device,
+            severity,
+            message,
+            values,
+        } = *raise;
         let values_json = serde_json::to_string(values).map_err(backend)?;
         let outcome = self.with(|c| {
             let tx = sqlite::write_transaction(c)?;
@@ -1882,17 +1887,26 @@ impl Registry for SqliteRegistry {
             // A new one only for a rule that is there and enabled, and a device that is
             // registered: deleting or disabling either clears its alerts, and an alert
             // raised after that would never be cleared.
-            let enabled: Option<bool> = tx
-                .prepare_cached("SELECT enabled FROM rules WHERE id = ?1")?
-                .query_row([rule], |r| r.get(0))
+            // Nor for a version of the rule that is no longer current: changing a rule
+            // clears its alerts, and the old version's firings may still be on their way.
+            let stored: Option<(bool, i64)> = tx
+                .prepare_cached("SELECT enabled, version FROM rules WHERE id = ?1")?
+                .query_row([rule], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let refusal = match enabled {
+            let refusal = match stored {
                 None => Some(format!("no rule {rule} to raise an alert for")),
-                Some(false) => Some(format!("rule {rule} is disabled")),
-                Some(true) if !exists(&tx, device)? => {
+                Some((false, _)) => Some(format!("rule {rule} is disabled")),
+                Some((true, current))
+                    if version.is_some_and(|v| i64::try_from(v).ok() != Some(current)) =>
+                {
+                    Some(format!(
+                        "rule {rule} changed (it is at version {current}) since this alert was raised"
+                    ))
+                }
+                Some((true, _)) if !exists(&tx, device)? => {
                     Some(format!("no device {device} to raise an alert for"))
                 }
-                Some(true) => None,
+                Some(_) => None,
             };
             if let Some(why) = refusal {
                 return Ok(Err(why));
@@ -3869,11 +3883,14 @@ mod tests {
         moved(true, "enable");
         let (alert, _) = reg
             .raise_alert(
-                "r-a",
-                &id("a"),
-                Severity::Info,
-                "",
-                &serde_json::json!({}),
+                &Raise {
+                    rule: "r-a",
+                    version: None,
+                    device: &id("a"),
+                    severity: Severity::Info,
+                    message: "",
+                    values: &serde_json::json!({}),
+                },
                 30,
             )
             .unwrap();
@@ -3892,11 +3909,14 @@ mod tests {
     /// Raises the alert of `rule` for `device` at `at`, with `{"n": at}` as its values.
     fn raise(reg: &SqliteRegistry, rule: &str, device: &str, at: i64) -> (Alert, bool) {
         reg.raise_alert(
-            rule,
-            &id(device),
-            Severity::Warning,
-            &format!("raised at {at}"),
-            &serde_json::json!({ "n": at }),
+            &Raise {
+                rule,
+                version: None,
+                device: &id(device),
+                severity: Severity::Warning,
+                message: &format!("raised at {at}"),
+                values: &serde_json::json!({ "n": at }),
+            },
             at,
         )
         .unwrap()
@@ -3946,11 +3966,14 @@ mod tests {
         assert_eq!(reg.alerts(&rule).unwrap().len(), 3);
         // No alert can be raised for it any more.
         let why = refused(reg.raise_alert(
-            "r-1",
-            &id("a"),
-            Severity::Info,
-            "",
-            &serde_json::json!({}),
+            &Raise {
+                rule: "r-1",
+                version: None,
+                device: &id("a"),
+                severity: Severity::Info,
+                message: "",
+                values: &serde_json::json!({}),
+            },
             40,
         ));
         assert!(why.contains("no rule r-1"), "{why}");
@@ -3966,11 +3989,14 @@ mod tests {
         let a = id("a");
         let (first, created) = reg
             .raise_alert(
-                "r-1",
-                &a,
-                Severity::Critical,
-                "temp 81.5",
-                &serde_json::json!({"metrics": {"temp": 81.5}}),
+                &Raise {
+                    rule: "r-1",
+                    version: None,
+                    device: &a,
+                    severity: Severity::Critical,
+                    message: "temp 81.5",
+                    values: &serde_json::json!({"metrics": {"temp": 81.5}}),
+                },
                 10,
             )
             .unwrap();
@@ -3997,11 +4023,14 @@ mod tests {
         // Raised again while open: the same alert, with the new message and values only.
         let (again, created) = reg
             .raise_alert(
-                "r-1",
-                &a,
-                Severity::Info,
-                "temp 83",
-                &serde_json::json!({"metrics": {"temp": 83}}),
+                &Raise {
+                    rule: "r-1",
+                    version: None,
+                    device: &a,
+                    severity: Severity::Info,
+                    message: "temp 83",
+                    values: &serde_json::json!({"metrics": {"temp": 83}}),
+                },
                 20,
             )
             .unwrap();
@@ -4072,11 +4101,14 @@ mod tests {
         let (_dir, reg) = alerting();
         let raise_for = |rule: &str, device: &str| {
             reg.raise_alert(
-                rule,
-                &id(device),
-                Severity::Info,
-                "",
-                &serde_json::json!({}),
+                &Raise {
+                    rule,
+                    version: None,
+                    device: &id(device),
+                    severity: Severity::Info,
+                    message: "",
+                    values: &serde_json::json!({}),
+                },
                 10,
             )
         };
@@ -4084,6 +4116,29 @@ mod tests {
         assert!(why.contains("no rule r-none"), "{why}");
         let why = refused(raise_for("r-1", "zz"));
         assert!(why.contains("no device zz"), "{why}");
+        // A firing of a version that is no longer current raises nothing; the current one
+        // does.
+        let rule = reg.rule("r-1").unwrap().unwrap();
+        reg.update_rule("r-1", Some(&rule.spec), None, None, 4)
+            .unwrap();
+        let at = |version| {
+            reg.raise_alert(
+                &Raise {
+                    rule: "r-1",
+                    version: Some(version),
+                    device: &id("a"),
+                    severity: Severity::Info,
+                    message: "",
+                    values: &serde_json::json!({}),
+                },
+                4,
+            )
+        };
+        let why = refused(at(rule.version));
+        assert!(why.contains("changed (it is at version 2)"), "{why}");
+        let (current, _) = at(rule.version + 1).unwrap();
+        reg.clear_alert("r-1", &id("a"), "condition", 4).unwrap();
+        assert_eq!(current.rule, "r-1");
         reg.update_rule("r-2", None, Some(false), None, 5).unwrap();
         let why = refused(raise_for("r-2", "a"));
         assert!(why.contains("r-2 is disabled"), "{why}");
@@ -4350,8 +4405,17 @@ mod tests {
         assert_eq!(alert_ids(&history), [a2.id.as_str(), &a1.id, &old.id]);
 
         // None can be raised while it is gone; registered again, it starts with none open.
-        let why =
-            refused(reg.raise_alert("r-1", &a, Severity::Info, "", &serde_json::json!({}), 60));
+        let why = refused(reg.raise_alert(
+            &Raise {
+                rule: "r-1",
+                version: None,
+                device: &a,
+                severity: Severity::Info,
+                message: "",
+                values: &serde_json::json!({}),
+            },
+            60,
+        ));
         assert!(why.contains("no device a"), "{why}");
         reg.insert_device(&new("a", "05", 100)).unwrap();
         let (again, created) = raise(&reg, "r-1", "a", 70);

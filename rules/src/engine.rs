@@ -48,6 +48,8 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct RuleRef {
     pub id: String,
     pub name: String,
+    /// The version that fired.
+    pub version: u64,
 }
 
 /// Where a command goes.
@@ -449,6 +451,7 @@ impl Compiled {
             rule: RuleRef {
                 id: rule.id.clone(),
                 name: spec.name.clone(),
+                version: rule.version,
             },
             trigger: spec.trigger,
             devices: spec.devices.clone(),

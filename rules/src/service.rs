@@ -40,8 +40,8 @@ use tellus_broker::{
     routing::Publisher,
 };
 use tellus_core::{
-    now_ms, registry::Registry, Alert, DeviceId, Live, LiveEvent, RuleFeed, RuleInputs, Sample,
-    Trigger,
+    now_ms, registry::Registry, Alert, DeviceId, Live, LiveEvent, Raise, RuleFeed, RuleInputs,
+    Sample, Trigger,
 };
 use tellus_ingest::{store::Batch, TelemetryStore};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
@@ -497,10 +497,20 @@ async fn execute(
                         values,
                     } => {
                         let registry = outlets.registry.clone();
-                        let id = firing.rule.id.clone();
+                        let (id, version) = (firing.rule.id.clone(), firing.rule.version);
                         let at = firing.at_ms;
                         match blocking(move || {
-                            registry.raise_alert(&id, &device, severity, &message, &values, at)
+                            registry.raise_alert(
+                                &Raise {
+                                    rule: &id,
+                                    version: Some(version),
+                                    device: &device,
+                                    severity,
+                                    message: &message,
+                                    values: &values,
+                                },
+                                at,
+                            )
                         })
                         .await
                         {

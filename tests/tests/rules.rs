@@ -161,7 +161,10 @@ async fn a_rule_calls_a_webhook_commands_the_device_writes_a_metric_and_raises_a
     assert_eq!(calls[0].body, calls[1].body);
     let body = &calls[1].body;
     assert_eq!(calls[1].headers["x-token"], "s3cret");
-    assert_eq!(body["rule"], json!({"id": id, "name": "too hot"}));
+    assert_eq!(
+        body["rule"],
+        json!({"id": id, "name": "too hot", "version": 1})
+    );
     assert_eq!(body["device"], "oven-1");
     assert_eq!(body["message"]["metrics"], json!({"temp": 35.0}));
     assert_eq!(body["message"]["device"]["tags"], json!({"site": "lab"}));
