@@ -575,10 +575,6 @@ impl Compiled {
             }
         })
     }
-
-    pub fn id(&self) -> &str {
-        &self.rule.id
-    }
 }
 
 /// Topics a publish action may use: under `rules/`, with `{device}` standing for the
