@@ -1,26 +1,41 @@
-//! The Tellus device library.
+//! The Tellus device library: a device that never loses a reading.
 //!
-//! A device proves who it is with the certificate Tellus issued to it (or signed from its
-//! CSR): [`Credentials`] holds that certificate, its key and the fleet CA, and
-//! [`mqtt_options`] turns them into rumqttc options for an mTLS connection whose client id
-//! is the device id, as the gate requires. Topic names come from [`tellus_core::topic`].
+//! - [`Credentials`]: the device's certificate, key and the fleet CA, from files or PEM
+//!   text; the device id (and MQTT client id) is the certificate's common name.
+//! - [`Device`]: connects over mTLS (rumqttc, MQTT 3.1.1, QoS 1), reconnects with exponential
+//!   backoff and jitter, and sends [`Reading`]s in batches, as JSON or protobuf ([`Format`]).
+//!   Every reading is written to an outbox on the device's disk first ([`OutboxConfig`]) and
+//!   removed only once Tellus has acknowledged it, which Tellus does only once the reading is
+//!   durable there. Readings carry the device's time, so one sent twice (after a lost
+//!   acknowledgement, or a restart) is stored once.
+//! - Commands go to handlers registered by name ([`DeviceBuilder::on_command`]); their
+//!   results (or failures) are published for Tellus, and an unknown command is answered with
+//!   a failure that names it. The desired state is kept ([`Device::desired`]) and handed to
+//!   [`DeviceBuilder::on_desired`] when it changes; [`Device::report_state`] reports.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use tellus_device::{mqtt_options, Credentials};
+//! use tellus_device::{Credentials, Device, OutboxConfig, Reading};
 //! let creds = Credentials::from_dir("certs", "sensor-01")?;
-//! let options = mqtt_options(&creds, "localhost", 8883)?;
-//! let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
-//! client
-//!     .publish(creds.telemetry_topic(), rumqttc::QoS::AtLeastOnce, false, r#"{"t": 21.5}"#)
-//!     .await?;
-//! loop {
-//!     if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = events.poll().await? {
-//!         break; // durable in Tellus
-//!     }
-//! }
+//! let device = Device::builder(creds, "localhost", 8883)
+//!     .outbox(OutboxConfig::file("outbox.db"))
+//!     .start()?;
+//! device.send(Reading::now().with("temperature", 21.5)).await?;
+//! device.close().await;
 //! # Ok(()) }
 //! ```
+//!
+//! For rumqttc directly, [`mqtt_options`] gives the options of such a connection.
+
+mod backoff;
+mod device;
+mod outbox;
+mod reading;
+
+pub use backoff::Backoff;
+pub use device::{Batching, Command, CommandResult, Desired, Device, DeviceBuilder, Stats};
+pub use outbox::{Durability, OutboxConfig, OutboxError, WhenFull};
+pub use reading::{Format, InvalidReading, Reading, Time, Value, MAX_READING_BYTES};
 
 use std::{path::Path, sync::Arc};
 
@@ -49,6 +64,8 @@ impl std::fmt::Debug for Credentials {
 pub enum Error {
     #[error("invalid device id: {0}")]
     Id(#[from] tellus_core::InvalidDeviceId),
+    #[error("the device certificate has no usable common name: {0}")]
+    NoCommonName(String),
     #[error("reading {path}: {source}")]
     Read {
         path: String,
@@ -58,6 +75,27 @@ pub enum Error {
     Pem { what: &'static str, reason: String },
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("opening the outbox: {0}")]
+    OpenOutbox(#[from] OutboxError),
+    #[error("invalid reading: {0}")]
+    Invalid(#[from] InvalidReading),
+    #[error("the outbox is full: {0} reading(s) refused")]
+    OutboxFull(usize),
+    #[error("the outbox could not be written: {0}")]
+    Outbox(String),
+    #[error("a state report must be a JSON object")]
+    NotAnObject,
+    #[error("event name {0:?} is not allowed: {1}")]
+    BadEventName(String, String),
+    #[error("the device is closed")]
+    Closed,
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl Credentials {
@@ -65,18 +103,48 @@ impl Credentials {
     /// them.
     pub fn from_dir(dir: impl AsRef<Path>, id: &str) -> Result<Credentials, Error> {
         let dir = dir.as_ref();
-        let read = |name: String| {
-            let path = dir.join(name);
-            std::fs::read_to_string(&path).map_err(|source| Error::Read {
-                path: path.display().to_string(),
-                source,
-            })
-        };
+        let creds = Credentials::from_files(
+            dir.join(format!("{id}.crt")),
+            dir.join(format!("{id}.key")),
+            dir.join("ca.crt"),
+        )?;
+        if creds.id.as_str() != id {
+            return Err(Error::NoCommonName(format!(
+                "{id}.crt is issued to {:?}, not {id:?}",
+                creds.id.as_str()
+            )));
+        }
+        Ok(creds)
+    }
+
+    /// Reads the device certificate, its key and the fleet CA from three PEM files.
+    pub fn from_files(
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+        ca: impl AsRef<Path>,
+    ) -> Result<Credentials, Error> {
+        Credentials::from_pem(
+            read(cert.as_ref())?,
+            read(key.as_ref())?,
+            read(ca.as_ref())?,
+        )
+    }
+
+    /// Takes the device certificate, its key and the fleet CA as PEM text (for firmware that
+    /// keeps them in a secure element or its configuration). The device id is the
+    /// certificate's common name, as Tellus reads it.
+    pub fn from_pem(
+        cert_pem: impl Into<String>,
+        key_pem: impl Into<String>,
+        ca_pem: impl Into<String>,
+    ) -> Result<Credentials, Error> {
+        let cert_pem = cert_pem.into();
+        let cn = common_name(&cert_pem)?;
         Ok(Credentials {
-            id: DeviceId::parse(id)?,
-            cert_pem: read(format!("{id}.crt"))?,
-            key_pem: read(format!("{id}.key"))?,
-            ca_pem: read("ca.crt".into())?,
+            id: DeviceId::parse(&cn)?,
+            cert_pem,
+            key_pem: key_pem.into(),
+            ca_pem: ca_pem.into(),
         })
     }
 
@@ -109,6 +177,24 @@ impl Credentials {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?)
     }
+}
+
+/// The common name of the first certificate in `pem`.
+fn common_name(pem: &str) -> Result<String, Error> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::Pem {
+        what: "the device certificate",
+        reason: e.to_string(),
+    })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| Error::NoCommonName(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .ok_or_else(|| Error::NoCommonName("the subject has no CN".into()))?;
+    cn.as_str()
+        .map(str::to_owned)
+        .map_err(|e| Error::NoCommonName(e.to_string()))
 }
 
 /// Options for an MQTT 3.1.1 connection over TLS to Tellus at `host:port`, with the device

@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -34,34 +34,45 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// directory, which is brought up to date once per test process (`cargo test` builds only
 /// the test targets of the tests crate, not other packages' binaries).
 pub fn tellus_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("TELLUS_BIN") {
-            return bin.into();
-        }
-        // Test executables live in target/<profile>/deps; the binary in target/<profile>.
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile> directory")
-            .to_owned();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "tellus", "--bin", "tellus"])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p tellus failed");
-        let bin = profile_dir.join("tellus");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-    .clone()
+    if let Some(bin) = std::env::var_os("TELLUS_BIN") {
+        return bin.into();
+    }
+    workspace_bin("tellus", "tellus")
+}
+
+/// The binary `bin` of the workspace's package `package`, in this build's target directory,
+/// brought up to date once per test process.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(name, _)| name == bin) {
+        return path.clone();
+    }
+    // Test executables live in target/<profile>/deps; the binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory")
+        .to_owned();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    let path = profile_dir.join(bin);
+    assert!(path.exists(), "{} was not built", path.display());
+    built.push((bin.to_owned(), path.clone()));
+    path
 }
 
 /// A running `tellus serve`. Killed when dropped; [`Tellus::stop`] stops it gracefully.
@@ -78,11 +89,17 @@ pub struct Tellus {
 impl Tellus {
     /// Starts Tellus in `data_dir` with an optional TOML configuration.
     pub fn start_in(data_dir: &Path, config_toml: Option<&str>) -> Tellus {
+        Tellus::start_on(data_dir, config_toml, "127.0.0.1:0")
+    }
+
+    /// Like [`Tellus::start_in`], with MQTT on `mqtt_addr` (for devices that were told where
+    /// Tellus would be before it started).
+    pub fn start_on(data_dir: &Path, config_toml: Option<&str>, mqtt_addr: &str) -> Tellus {
         let mut cmd = Command::new(tellus_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--mqtt-addr", mqtt_addr, "--http-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "info,rumqttd=off,rustls=error")
             .stdin(Stdio::null());
         // One pipe for stdout and stderr keeps the process's own order of lines: by the time
@@ -327,6 +344,21 @@ pub fn require(what: &str, mut probe: Command, hint: &str) -> bool {
         eprintln!("\n*** SKIPPED: not so: {what} ({hint}) ***\n");
     }
     found
+}
+
+/// Raises this process's soft limit of open files to `want` (at most the hard limit); a
+/// `tellus` started afterwards inherits it.
+pub fn raise_open_files(want: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).unwrap();
+    }
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        soft >= want,
+        "open-file limit is {soft} (hard {hard}); this test needs {want}"
+    );
 }
 
 /// A device time for test data: an hour ago, to the minute, the same for the whole test

@@ -20,27 +20,12 @@ use serde_json::{json, Value};
 use tellus_device::Credentials;
 use tellus_tests::{
     mqtt::{connect, publish_acked, WAIT},
-    Tellus,
+    raise_open_files, Tellus,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// Device time of the first test message.
 static BASE: std::sync::LazyLock<i64> = std::sync::LazyLock::new(tellus_tests::recent_base);
-
-/// Raises this process's soft limit of open files to `want` (at most the hard limit); a
-/// `tellus` started afterwards inherits it.
-fn raise_open_files(want: u64) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    if soft < want {
-        setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).unwrap();
-    }
-    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    assert!(
-        soft >= want,
-        "open-file limit is {soft} (hard {hard}); this test needs {want}"
-    );
-}
 
 /// The gate's counters.
 async fn gate_stats(t: &Tellus) -> Value {

@@ -1,5 +1,8 @@
-//! `sensor`: a device that publishes a temperature reading every few seconds, QoS 1, and
-//! prints each acknowledgement (an acknowledged reading is durable in Tellus).
+//! `sensor`: a device that takes a reading at a steady pace and never loses one.
+//!
+//! Each reading (a temperature, and `n`, its number) goes to the outbox on disk first and
+//! leaves it only once Tellus has stored it: stop Tellus, or kill this program and start it
+//! again, and every reading still arrives, once. See `firmware-examples/README.md`.
 //!
 //! ```sh
 //! tellus device create sensor-01 --out certs
@@ -8,9 +11,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::Parser;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
-use tellus_device::{mqtt_options, Credentials};
+use clap::{Parser, ValueEnum};
+use tellus_device::{Credentials, Device, Format, OutboxConfig, Reading};
 
 #[derive(Parser)]
 struct Args {
@@ -24,44 +26,72 @@ struct Args {
     host: String,
     #[arg(long, default_value_t = 8883)]
     port: u16,
-    /// Seconds between readings.
-    #[arg(long, default_value_t = 5)]
-    every: u64,
+    /// Milliseconds between readings.
+    #[arg(long, default_value_t = 5_000)]
+    every_ms: u64,
+    /// Stop taking readings after this many (0: never); the program goes on sending.
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// The number of the first reading.
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// The outbox file [default: <id>-outbox.db].
+    #[arg(long)]
+    outbox: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Wire::Json)]
+    format: Wire,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Wire {
+    Json,
+    Protobuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let creds = Credentials::from_dir(&args.certs, &args.id)?;
-    let (client, mut events) = AsyncClient::new(mqtt_options(&creds, &args.host, args.port)?, 10);
-    let topic = creds.telemetry_topic();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(args.every.max(1)));
-        for n in 0u64.. {
-            tick.tick().await;
-            // A gentle daily-looking curve, so charts have something to show.
-            let temperature = 21.0 + 3.0 * ((n as f64) / 20.0).sin();
-            let body = serde_json::json!({ "temperature": (temperature * 100.0).round() / 100.0 });
-            if client
-                .publish(&topic, QoS::AtLeastOnce, false, body.to_string())
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-    loop {
-        match events.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => println!("connected as {}", creds.id),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => println!("reading {} stored", ack.pkid),
-            Ok(_) => {}
-            Err(e) => {
-                // rumqttc reconnects on the next poll; wait a little so a refused connection
-                // does not spin.
-                eprintln!("connection error: {e}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
+    let outbox = args
+        .outbox
+        .unwrap_or_else(|| format!("{}-outbox.db", args.id).into());
+    let device = Device::builder(creds, args.host, args.port)
+        .outbox(OutboxConfig::file(outbox))
+        .format(match args.format {
+            Wire::Json => Format::Json,
+            Wire::Protobuf => Format::Protobuf,
+        })
+        .start()?;
+    device
+        .report_state(serde_json::json!({ "firmware": env!("CARGO_PKG_VERSION") }))
+        .await?;
+
+    let mut tick = tokio::time::interval(Duration::from_millis(args.every_ms.max(1)));
+    let last = if args.count == 0 {
+        u64::MAX
+    } else {
+        args.first.saturating_add(args.count)
+    };
+    for n in args.first..last {
+        tick.tick().await;
+        // A gentle curve, so charts have something to show.
+        let temperature = 21.0 + 3.0 * ((n as f64) / 20.0).sin();
+        let reading = Reading::now()
+            .with("temperature", (temperature * 100.0).round() / 100.0)
+            .with("n", n as i64);
+        device.send(reading).await?;
+        // Printed only once the reading is on disk: whoever reads this may count on it.
+        println!("recorded n={n}");
     }
+    println!("all recorded");
+    // Keep sending what waits (and answering Tellus) until stopped.
+    tokio::signal::ctrl_c().await?;
+    device.close().await;
+    Ok(())
 }

@@ -1,0 +1,1114 @@
+//! A device's connection to Tellus: the outbox in front of it, commands and desired state
+//! behind it.
+//!
+//! Four tasks, none of which ever waits on one that may wait on it:
+//! - the **writer** takes readings and messages from the program ([`Device::send`],
+//!   [`Device::report_state`], command results) and writes whatever has gathered to the
+//!   outbox in one transaction; the program's call returns once it is written;
+//! - the **network** task polls rumqttc's event loop, reconnects with backoff, and passes
+//!   what happens on to the connection task through a bounded channel;
+//! - the **connection** task publishes from the outbox (oldest first, in batches, at most
+//!   `in_flight` unacknowledged) and removes what Tellus acknowledges; it publishes with
+//!   `try_publish` only, so it never waits on the network task;
+//! - the **dispatcher** runs command handlers (at most `command_concurrency` at once).
+//!
+//! Sessions are clean: what was in flight when a connection ended is simply sent again from
+//! the outbox on the next one. Before the network task reconnects, the connection task has
+//! stopped publishing into the old session (see [`Net::Down`]), so no publish crosses from
+//! one session to the next.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+use tellus_core::{
+    topic::{self, DeviceTopic},
+    DeviceId,
+};
+use tokio::{
+    sync::{mpsc, oneshot, watch, Notify, Semaphore},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use crate::{
+    backoff::{Attempts, Backoff},
+    outbox::{Outbox, OutboxConfig, OutboxError, Stored},
+    reading::{Format, Reading},
+    Credentials, Error,
+};
+
+/// A command from Tellus, as its handler gets it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Command {
+    /// The command id: a handler is called once per id, even when Tellus sends a command
+    /// again after a lost acknowledgement.
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub params: Json,
+    /// When Tellus gives up on it (ms since the Unix epoch).
+    #[serde(default)]
+    pub expires_at_ms: i64,
+}
+
+/// What a command handler answers: an output for `{"ok": true, "output": …}`, or an error
+/// text for `{"ok": false, "output": …}`.
+pub type CommandResult = Result<Json, String>;
+
+/// The desired state Tellus holds for the device.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Desired {
+    /// Bumped by every change; a device may see one version twice, never an older one after
+    /// a newer.
+    pub version: u64,
+    pub state: Json,
+    #[serde(default)]
+    pub at_ms: i64,
+}
+
+type CommandHandler = Arc<dyn Fn(Command) -> BoxFuture<'static, CommandResult> + Send + Sync>;
+type DesiredHandler = Arc<dyn Fn(Desired) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// How readings are gathered into messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// At most this many readings in one message (default 100).
+    pub max_readings: usize,
+    /// At most this many bytes in one message (default 64 KiB; a single larger reading
+    /// still travels alone). Keep it below Tellus's `mqtt.max_packet_size`.
+    pub max_bytes: usize,
+    /// A message that is not full waits this long for more readings (default 100 ms; zero
+    /// sends every reading at once).
+    pub linger: Duration,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_readings: 100,
+            max_bytes: 64 * 1024,
+            linger: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The device's figures, from [`Device::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Readings written to the outbox.
+    pub recorded: u64,
+    /// Readings Tellus acknowledged (durable there) and removed from the outbox.
+    pub acknowledged: u64,
+    /// Readings dropped from a full outbox, oldest first (or unreadable on disk).
+    pub dropped: u64,
+    /// Readings refused because the outbox was full ([`crate::WhenFull::Refuse`]).
+    pub refused: u64,
+    /// Readings waiting in the outbox.
+    pub waiting: u64,
+    /// Command results, state reports and events waiting in the outbox.
+    pub waiting_messages: u64,
+    /// Such messages dropped from a full outbox.
+    pub messages_dropped: u64,
+    /// Telemetry messages published (a message carries a batch of readings).
+    pub batches_sent: u64,
+    /// Commands answered.
+    pub commands_answered: u64,
+    /// Connections Tellus accepted.
+    pub connections: u64,
+    pub connected: bool,
+    /// The last thing that went wrong, if anything did.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    recorded: AtomicU64,
+    acknowledged: AtomicU64,
+    dropped: AtomicU64,
+    refused: AtomicU64,
+    messages_dropped: AtomicU64,
+    batches_sent: AtomicU64,
+    commands_answered: AtomicU64,
+    connections: AtomicU64,
+    connected: AtomicBool,
+}
+
+/// What the tasks share.
+struct Shared {
+    id: DeviceId,
+    outbox: Mutex<Outbox>,
+    counters: Counters,
+    last_error: Mutex<Option<String>>,
+    /// New things to send are in the outbox.
+    wake: Notify,
+    /// (readings, messages) in the outbox, for [`Device::flush`].
+    waiting: watch::Sender<(u64, u64)>,
+    connected: watch::Sender<bool>,
+    /// Commands being handled now, so that a copy arriving meanwhile is not run again.
+    running: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn error(&self, what: impl std::fmt::Display) {
+        tracing::warn!(device = %self.id, "{what}");
+        *lock(&self.last_error) = Some(what.to_string());
+    }
+
+    fn count(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn publish_waiting(&self, outbox: &Outbox) {
+        let waiting = (outbox.readings().0, outbox.messages());
+        self.waiting
+            .send_if_modified(|w| std::mem::replace(w, waiting) != waiting);
+    }
+
+    /// Runs `f` on the outbox on a blocking thread.
+    async fn outbox<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Outbox) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut outbox = lock(&shared.outbox);
+            let out = f(&mut outbox);
+            shared.publish_waiting(&outbox);
+            out
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// Keeps a command's result to send, and remembers it for a copy of the command.
+    async fn store_result(self: &Arc<Self>, command_id: String, body: Vec<u8>) {
+        let topic = DeviceTopic::CommandResult(command_id.clone()).topic(&self.id);
+        let id = command_id.clone();
+        let stored = self
+            .outbox(move |o| {
+                let dropped = o.push_message(&topic, &body)?;
+                o.mark_handled(&id, &body)?;
+                Ok(dropped)
+            })
+            .await;
+        match stored {
+            Ok(dropped) => {
+                Shared::count(&self.counters.messages_dropped, dropped);
+                Shared::count(&self.counters.commands_answered, 1);
+                self.wake.notify_one();
+            }
+            Err(e) => self.error(format_args!("keeping the result of {command_id}: {e}")),
+        }
+        lock(&self.running).remove(&command_id);
+    }
+}
+
+/// Sets up a [`Device`]; from [`Device::builder`].
+pub struct DeviceBuilder {
+    creds: Credentials,
+    host: String,
+    port: u16,
+    outbox: OutboxConfig,
+    format: Format,
+    batching: Batching,
+    backoff: Backoff,
+    keep_alive: Duration,
+    in_flight: usize,
+    command_concurrency: usize,
+    commands: HashMap<String, CommandHandler>,
+    on_desired: Option<DesiredHandler>,
+}
+
+impl DeviceBuilder {
+    /// Where readings wait until Tellus has them; in memory unless set (see
+    /// [`OutboxConfig::file`]).
+    pub fn outbox(mut self, config: OutboxConfig) -> Self {
+        self.outbox = config;
+        self
+    }
+
+    /// JSON (the default) or protobuf.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    pub fn batching(mut self, batching: Batching) -> Self {
+        self.batching = batching;
+        self
+    }
+
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The MQTT keep-alive (default 30 s).
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
+    /// At most this many messages wait for Tellus's acknowledgement at once (default 16).
+    pub fn in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.clamp(1, 1_000);
+        self
+    }
+
+    /// At most this many command handlers run at once (default 4); more commands wait (up
+    /// to 64, then they are answered with a failure saying the device is busy).
+    pub fn command_concurrency(mut self, n: usize) -> Self {
+        self.command_concurrency = n.max(1);
+        self
+    }
+
+    /// Handles the commands named `name`. The result is published for Tellus; a command
+    /// without a handler is answered with a failure naming it.
+    pub fn on_command<F, Fut>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Command) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = CommandResult> + Send + 'static,
+    {
+        let handler: CommandHandler = Arc::new(move |c| Box::pin(handler(c)));
+        self.commands.insert(name.into(), handler);
+        self
+    }
+
+    /// Called with the desired state when it changes (and once after connecting, with the
+    /// current one). Calls do not overlap; if several changes arrive during one call, the
+    /// next call gets the newest.
+    pub fn on_desired<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(Desired) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.on_desired = Some(Arc::new(move |d| Box::pin(handler(d))));
+        self
+    }
+
+    /// Opens the outbox and starts connecting. Must be called within a Tokio runtime.
+    pub fn start(self) -> Result<Device, Error> {
+        let mut options = crate::mqtt_options(&self.creds, &self.host, self.port)?;
+        options
+            .set_keep_alive(self.keep_alive)
+            .set_clean_session(true)
+            // Room for a command or desired state of any size Tellus sends.
+            .set_max_packet_size(1024 * 1024, self.batching.max_bytes.max(256 * 1024) + 4096)
+            // rumqttc's packet ids cycle below this: more than the window, so that no id is
+            // reused while its message waits.
+            .set_inflight((self.in_flight + 2) as u16);
+        let (client, eventloop) = AsyncClient::new(options, self.in_flight + 16);
+
+        let outbox = Outbox::open(self.outbox.clone())?;
+        let waiting = (outbox.readings().0, outbox.messages());
+        let shared = Arc::new(Shared {
+            id: self.creds.id.clone(),
+            outbox: Mutex::new(outbox),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+            wake: Notify::new(),
+            waiting: watch::Sender::new(waiting),
+            connected: watch::Sender::new(false),
+            running: Mutex::new(HashSet::new()),
+        });
+        let (stop, _) = watch::channel(false);
+        let (writes_tx, writes_rx) = mpsc::channel(64);
+        let (net_tx, net_rx) = mpsc::channel(256);
+        let (dispatch_tx, dispatch_rx) = mpsc::channel(64);
+        let (desired_tx, desired_rx) = watch::channel(None);
+
+        let mut tasks = vec![
+            tokio::spawn(writer(shared.clone(), writes_rx, stop.subscribe())),
+            tokio::spawn(dispatcher(
+                shared.clone(),
+                dispatch_rx,
+                Arc::new(Semaphore::new(self.command_concurrency)),
+            )),
+        ];
+        if let Some(handler) = self.on_desired {
+            tasks.push(tokio::spawn(desired_calls(desired_rx.clone(), handler)));
+        }
+        let network = tokio::spawn(network(eventloop, net_tx, self.backoff, shared.clone()));
+        let connection = Connection {
+            shared: shared.clone(),
+            client,
+            format: self.format,
+            batching: self.batching,
+            window: self.in_flight,
+            commands: self.commands,
+            dispatch: dispatch_tx,
+            desired: desired_tx,
+            connected: false,
+            next_reading: 0,
+            next_message: 0,
+            unassigned: VecDeque::new(),
+            in_flight: HashMap::new(),
+            lingering: None,
+        };
+        tasks.push(tokio::spawn(connection.run(
+            net_rx,
+            network,
+            stop.subscribe(),
+        )));
+        Ok(Device {
+            shared,
+            writes: writes_tx,
+            desired: desired_rx,
+            stop,
+            tasks: Mutex::new(tasks),
+        })
+    }
+}
+
+/// A device connected (or connecting) to Tellus.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tellus_device::{Credentials, Device, OutboxConfig, Reading};
+/// let creds = Credentials::from_dir("certs", "pump-07")?;
+/// let device = Device::builder(creds, "tellus.local", 8883)
+///     .outbox(OutboxConfig::file("/var/lib/pump/outbox.db"))
+///     .on_command("set_speed", |cmd| async move {
+///         let rpm = cmd.params["rpm"].as_u64().ok_or("params.rpm must be a number")?;
+///         Ok(serde_json::json!({ "rpm": rpm }))
+///     })
+///     .on_desired(|desired| async move {
+///         println!("asked for {} (version {})", desired.state, desired.version);
+///     })
+///     .start()?;
+/// // Returns once the reading is in the outbox; it reaches Tellus when it can.
+/// device.send(Reading::now().with("flow_lpm", 12.5).with("running", true)).await?;
+/// device.report_state(serde_json::json!({ "firmware": "2.1.0" })).await?;
+/// device.close().await;
+/// # Ok(()) }
+/// ```
+pub struct Device {
+    shared: Arc<Shared>,
+    writes: mpsc::Sender<Write>,
+    desired: watch::Receiver<Option<Desired>>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Device {
+    /// Starts setting up a device that connects to Tellus at `host:port` as `creds`.
+    pub fn builder(creds: Credentials, host: impl Into<String>, port: u16) -> DeviceBuilder {
+        DeviceBuilder {
+            creds,
+            host: host.into(),
+            port,
+            outbox: OutboxConfig::memory(),
+            format: Format::default(),
+            batching: Batching::default(),
+            backoff: Backoff::default(),
+            keep_alive: Duration::from_secs(30),
+            in_flight: 16,
+            command_concurrency: 4,
+            commands: HashMap::new(),
+            on_desired: None,
+        }
+    }
+
+    pub fn id(&self) -> &DeviceId {
+        &self.shared.id
+    }
+
+    /// Takes a reading: returns once it is in the outbox, whether or not Tellus is reachable.
+    /// An invalid reading is refused here, so it can never spoil a batch.
+    pub async fn send(&self, reading: Reading) -> Result<(), Error> {
+        self.send_all(vec![reading]).await
+    }
+
+    /// Takes several readings at once (one outbox write).
+    pub async fn send_all(&self, readings: Vec<Reading>) -> Result<(), Error> {
+        for reading in &readings {
+            reading.validate()?;
+        }
+        if readings.is_empty() {
+            return Ok(());
+        }
+        self.write(|done| Write::Readings(readings, done)).await
+    }
+
+    /// Reports state: a JSON object merged into the device's reported state (a merge patch:
+    /// `null` removes a key). Kept in the outbox like readings.
+    pub async fn report_state(&self, patch: Json) -> Result<(), Error> {
+        if !patch.is_object() {
+            return Err(Error::NotAnObject);
+        }
+        let topic = DeviceTopic::StateReported.topic(&self.shared.id);
+        self.message(topic, patch).await
+    }
+
+    /// Publishes an event on `devices/{id}/events/{name}`, through the outbox.
+    pub async fn event(&self, name: &str, payload: Json) -> Result<(), Error> {
+        let topic = DeviceTopic::Event(name.to_owned()).topic(&self.shared.id);
+        topic::check_publish(&self.shared.id, &topic)
+            .map_err(|e| Error::BadEventName(name.to_owned(), e.to_string()))?;
+        self.message(topic, payload).await
+    }
+
+    async fn message(&self, topic: String, payload: Json) -> Result<(), Error> {
+        let payload = serde_json::to_vec(&payload).unwrap_or_default();
+        self.write(|done| Write::Message(topic, payload, done))
+            .await
+    }
+
+    async fn write(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Write,
+    ) -> Result<(), Error> {
+        let (done, answer) = oneshot::channel();
+        self.writes
+            .send(make(done))
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The newest desired state seen, if any.
+    pub fn desired(&self) -> Option<Desired> {
+        self.desired.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the desired state.
+    pub fn watch_desired(&self) -> watch::Receiver<Option<Desired>> {
+        self.desired.clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.shared.counters.connected.load(Ordering::Relaxed)
+    }
+
+    /// Waits until Tellus has accepted a connection.
+    pub async fn connected(&self) {
+        let mut rx = self.shared.connected.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Waits until the outbox is empty: everything sent so far is in Tellus. Bound it with a
+    /// timeout; while Tellus is unreachable it does not return.
+    pub async fn flush(&self) {
+        let mut rx = self.shared.waiting.subscribe();
+        let _ = rx
+            .wait_for(|&(readings, messages)| readings == 0 && messages == 0)
+            .await;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (waiting, waiting_messages) = *self.shared.waiting.borrow();
+        Stats {
+            recorded: get(&c.recorded),
+            acknowledged: get(&c.acknowledged),
+            dropped: get(&c.dropped),
+            refused: get(&c.refused),
+            waiting,
+            waiting_messages,
+            messages_dropped: get(&c.messages_dropped),
+            batches_sent: get(&c.batches_sent),
+            commands_answered: get(&c.commands_answered),
+            connections: get(&c.connections),
+            connected: c.connected.load(Ordering::Relaxed),
+            last_error: lock(&self.shared.last_error).clone(),
+        }
+    }
+
+    /// Stops: what is written stays in the outbox for the next start; the connection ends
+    /// with a DISCONNECT.
+    pub async fn close(self) {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// What the program hands the writer.
+enum Write {
+    Readings(Vec<Reading>, oneshot::Sender<Result<(), Error>>),
+    Message(String, Vec<u8>, oneshot::Sender<Result<(), Error>>),
+}
+
+/// Returns once `stop` says so (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Writes what has gathered in one go, then answers each caller.
+async fn writer(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Write>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            Some(first) = rx.recv() => first,
+            _ = stopped(&mut stop) => {
+                // Take what was already handed over, then refuse more.
+                rx.close();
+                match rx.recv().await {
+                    Some(w) => w,
+                    None => return,
+                }
+            }
+            else => return,
+        };
+        let mut writes = vec![first];
+        while writes.len() < 256 {
+            match rx.try_recv() {
+                Ok(w) => writes.push(w),
+                Err(_) => break,
+            }
+        }
+        write_all(&shared, writes).await;
+    }
+}
+
+async fn write_all(shared: &Arc<Shared>, writes: Vec<Write>) {
+    let mut readings = Vec::new();
+    let mut messages = Vec::new();
+    let mut answers = Vec::new();
+    for w in writes {
+        match w {
+            Write::Readings(r, done) => {
+                answers.push((done, readings.len(), r.len()));
+                readings.extend(r);
+            }
+            Write::Message(topic, payload, done) => messages.push((topic, payload, done)),
+        }
+    }
+    let outcome = shared
+        .outbox(move |o| {
+            let appended = o.append(&readings)?;
+            let mut dropped = 0;
+            let mut sent = Vec::new();
+            for (topic, payload, done) in messages {
+                dropped += o.push_message(&topic, &payload)?;
+                sent.push(done);
+            }
+            Ok((appended, dropped, sent))
+        })
+        .await;
+    match outcome {
+        Ok((appended, messages_dropped, message_answers)) => {
+            let c = &shared.counters;
+            Shared::count(
+                &c.recorded,
+                appended.taken.iter().filter(|t| **t).count() as u64,
+            );
+            Shared::count(&c.dropped, appended.dropped);
+            Shared::count(&c.messages_dropped, messages_dropped);
+            for (done, from, n) in answers {
+                let refused = appended.taken[from..from + n]
+                    .iter()
+                    .filter(|t| !**t)
+                    .count();
+                Shared::count(&c.refused, refused as u64);
+                let _ = done.send(if refused == 0 {
+                    Ok(())
+                } else {
+                    Err(Error::OutboxFull(refused))
+                });
+            }
+            for done in message_answers {
+                let _ = done.send(Ok(()));
+            }
+            shared.wake.notify_one();
+        }
+        Err(e) => {
+            let text = e.to_string();
+            shared.error(format_args!("writing the outbox: {text}"));
+            for (done, _, _) in answers {
+                let _ = done.send(Err(Error::Outbox(text.clone())));
+            }
+        }
+    }
+}
+
+/// Runs command handlers, each to its end, at most `limit` at once.
+async fn dispatcher(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(Command, CommandHandler)>,
+    limit: Arc<Semaphore>,
+) {
+    while let Some((command, handler)) = rx.recv().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let id = command.id.clone();
+            // A handler of its own task: a panic in it becomes a failed command.
+            let outcome = tokio::spawn(handler(command)).await;
+            let body = match outcome {
+                Ok(Ok(output)) => json!({ "ok": true, "output": output }),
+                Ok(Err(error)) => json!({ "ok": false, "output": error }),
+                Err(_) => json!({ "ok": false, "output": "the command handler panicked" }),
+            };
+            shared
+                .store_result(id, serde_json::to_vec(&body).unwrap_or_default())
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+/// Calls the desired-state handler with each newest desired state, one call at a time.
+async fn desired_calls(mut rx: watch::Receiver<Option<Desired>>, handler: DesiredHandler) {
+    while rx.changed().await.is_ok() {
+        let desired = rx.borrow_and_update().clone();
+        if let Some(desired) = desired {
+            handler(desired).await;
+        }
+    }
+}
+
+/// What the network task reports.
+enum Net {
+    Connected,
+    /// The connection ended (or an attempt failed). The network task reconnects only once
+    /// the connection task has answered: after that answer nothing more is published into
+    /// the old session.
+    Down(String, oneshot::Sender<()>),
+    /// rumqttc gave the oldest publish handed to it this packet id.
+    Sent(u16),
+    Acked(u16),
+    Publish(String, bytes::Bytes),
+}
+
+async fn network(
+    mut eventloop: EventLoop,
+    net: mpsc::Sender<Net>,
+    backoff: Backoff,
+    shared: Arc<Shared>,
+) {
+    let mut attempts = Attempts::new(backoff);
+    loop {
+        let report = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                attempts.reset();
+                Net::Connected
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => Net::Acked(ack.pkid),
+            Ok(Event::Incoming(Packet::Publish(p))) => Net::Publish(p.topic, p.payload),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Net::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+            Ok(_) => continue,
+            Err(e) => {
+                let (answered, answer) = oneshot::channel();
+                if net.send(Net::Down(e.to_string(), answered)).await.is_err() {
+                    return;
+                }
+                let _ = answer.await;
+                // Whatever was handed to rumqttc meanwhile goes with the old session.
+                eventloop.clean();
+                let delay = attempts.next_delay();
+                tracing::debug!(device = %shared.id, ?delay, "reconnecting");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        if net.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What a publish in flight carries.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Readings { first: i64, last: i64 },
+    Message(i64),
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    format: Format,
+    batching: Batching,
+    window: usize,
+    commands: HashMap<String, CommandHandler>,
+    dispatch: mpsc::Sender<(Command, CommandHandler)>,
+    desired: watch::Sender<Option<Desired>>,
+    connected: bool,
+    /// The outbox sequence numbers to send next in this session.
+    next_reading: i64,
+    next_message: i64,
+    /// Publishes handed to rumqttc that have no packet id yet, oldest first.
+    unassigned: VecDeque<Sent>,
+    /// Publishes awaiting their PUBACK, by packet id (a queue per id, so that an id reused
+    /// right after its PUBACK can never be confused with its previous use).
+    in_flight: HashMap<u16, VecDeque<Sent>>,
+    /// The first sequence number of a batch that is not full, and since when it waits.
+    lingering: Option<(i64, Instant)>,
+}
+
+impl Connection {
+    async fn run(
+        mut self,
+        mut net: mpsc::Receiver<Net>,
+        network: JoinHandle<()>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let linger_until = self
+                .lingering
+                .map(|(_, since)| since + self.batching.linger);
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => break,
+                event = net.recv() => match event {
+                    Some(event) => self.on_net(event).await,
+                    None => break,
+                },
+                _ = self.shared.wake.notified() => {}
+                _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)),
+                    if linger_until.is_some() => {}
+            }
+            if self.connected {
+                self.pump().await;
+            }
+        }
+        // A DISCONNECT tells Tellus this was meant; the network task ends once it is out.
+        if self.connected && self.client.try_disconnect().is_ok() {
+            let drain = async {
+                while let Some(event) = net.recv().await {
+                    if let Net::Down(_, answered) = event {
+                        let _ = answered.send(());
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        }
+        network.abort();
+        self.set_connected(false);
+    }
+
+    fn set_connected(&mut self, connected: bool) {
+        self.connected = connected;
+        self.shared
+            .counters
+            .connected
+            .store(connected, Ordering::Relaxed);
+        self.shared.connected.send_replace(connected);
+    }
+
+    async fn on_net(&mut self, event: Net) {
+        match event {
+            Net::Connected => {
+                Shared::count(&self.shared.counters.connections, 1);
+                self.set_connected(true);
+                tracing::info!(device = %self.shared.id, "connected");
+                // A clean session: subscribe again, and send everything waiting from the
+                // start.
+                let id = &self.shared.id;
+                let filters = [
+                    DeviceTopic::Command("+".into()).topic(id),
+                    DeviceTopic::StateDesired.topic(id),
+                ];
+                let subscribe = self.client.try_subscribe_many(
+                    filters.map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                );
+                if let Err(e) = subscribe {
+                    self.shared.error(format_args!("subscribing: {e}"));
+                }
+                self.next_reading = 0;
+                self.next_message = 0;
+                self.lingering = None;
+            }
+            Net::Down(error, answered) => {
+                if self.connected {
+                    tracing::info!(device = %self.shared.id, %error, "disconnected");
+                }
+                self.shared.error(format_args!("connection: {error}"));
+                self.set_connected(false);
+                self.unassigned.clear();
+                self.in_flight.clear();
+                let _ = answered.send(());
+            }
+            Net::Sent(pkid) => {
+                if let Some(sent) = self.unassigned.pop_front() {
+                    self.in_flight.entry(pkid).or_default().push_back(sent);
+                }
+            }
+            Net::Acked(pkid) => {
+                let sent = self.in_flight.get_mut(&pkid).and_then(VecDeque::pop_front);
+                if self.in_flight.get(&pkid).is_some_and(VecDeque::is_empty) {
+                    self.in_flight.remove(&pkid);
+                }
+                match sent {
+                    Some(Sent::Readings { first, last }) => {
+                        // Counted before the outbox says it has fewer waiting.
+                        let shared = self.shared.clone();
+                        let removed = self
+                            .shared
+                            .outbox(move |o| {
+                                let n = o.remove_readings(&[(first, last)])?;
+                                Shared::count(&shared.counters.acknowledged, n);
+                                Ok(())
+                            })
+                            .await;
+                        if let Err(e) = removed {
+                            self.shared.error(format_args!("outbox: {e}"));
+                        }
+                    }
+                    Some(Sent::Message(seq)) => {
+                        if let Err(e) = self.shared.outbox(move |o| o.remove_message(seq)).await {
+                            self.shared.error(format_args!("outbox: {e}"));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Net::Publish(topic, payload) => self.on_publish(&topic, &payload).await,
+        }
+    }
+
+    fn waiting_acks(&self) -> usize {
+        self.unassigned.len() + self.in_flight.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Publishes from the outbox while the window has room: messages first, then readings.
+    async fn pump(&mut self) {
+        while self.waiting_acks() < self.window {
+            let from = self.next_message;
+            match self.shared.outbox(move |o| o.next_messages(from, 1)).await {
+                Ok(messages) => {
+                    if let Some(m) = messages.into_iter().next() {
+                        if self
+                            .client
+                            .try_publish(m.topic, QoS::AtLeastOnce, false, m.payload)
+                            .is_err()
+                        {
+                            return;
+                        }
+                        self.next_message = m.seq + 1;
+                        self.unassigned.push_back(Sent::Message(m.seq));
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    self.shared.error(format_args!("outbox: {e}"));
+                    return;
+                }
+            }
+            let (from, max) = (self.next_reading, self.batching.max_readings.max(1));
+            let stored = match self
+                .shared
+                .outbox(move |o| o.next_readings(from, max))
+                .await
+            {
+                Ok(stored) => stored,
+                Err(OutboxError::Corrupt(seq, why)) => {
+                    // One unreadable entry must not hold up the rest: drop it, counted.
+                    self.shared.error(format_args!(
+                        "dropping unreadable outbox entry {seq}: {why}"
+                    ));
+                    if self
+                        .shared
+                        .outbox(move |o| o.remove_readings(&[(seq, seq)]))
+                        .await
+                        .is_ok()
+                    {
+                        Shared::count(&self.shared.counters.dropped, 1);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.shared.error(format_args!("outbox: {e}"));
+                    return;
+                }
+            };
+            if stored.is_empty() {
+                self.lingering = None;
+                return;
+            }
+            let take = batch_len(&stored, self.batching.max_bytes);
+            let full = take < stored.len() || take >= self.batching.max_readings;
+            let first = stored[0].seq;
+            if !full && !self.batching.linger.is_zero() {
+                match self.lingering {
+                    Some((seq, since)) if seq == first => {
+                        if since.elapsed() < self.batching.linger {
+                            return;
+                        }
+                    }
+                    _ => {
+                        self.lingering = Some((first, Instant::now()));
+                        return;
+                    }
+                }
+            }
+            let batch: Vec<Reading> = stored[..take].iter().map(|s| s.reading.clone()).collect();
+            let last = stored[take - 1].seq;
+            let topic = self.format.topic().topic(&self.shared.id);
+            let payload = self.format.encode(&batch);
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                return;
+            }
+            Shared::count(&self.shared.counters.batches_sent, 1);
+            self.lingering = None;
+            self.next_reading = last + 1;
+            self.unassigned.push_back(Sent::Readings { first, last });
+        }
+    }
+
+    async fn on_publish(&mut self, topic_name: &str, payload: &[u8]) {
+        match topic::parse(topic_name) {
+            Some((device, DeviceTopic::Command(id))) if device == self.shared.id => {
+                self.on_command(id, payload).await
+            }
+            Some((device, DeviceTopic::StateDesired)) if device == self.shared.id => {
+                // An empty retained message clears the desired state of a deleted device.
+                if payload.is_empty() {
+                    return;
+                }
+                match serde_json::from_slice::<Desired>(payload) {
+                    Ok(desired) => {
+                        self.desired.send_if_modified(|current| {
+                            let newer =
+                                current.as_ref().is_none_or(|c| desired.version > c.version);
+                            if newer {
+                                *current = Some(desired);
+                            }
+                            newer
+                        });
+                    }
+                    Err(e) => self
+                        .shared
+                        .error(format_args!("unreadable desired state: {e}")),
+                }
+            }
+            _ => tracing::debug!(device = %self.shared.id, topic = topic_name, "ignored publish"),
+        }
+    }
+
+    async fn on_command(&mut self, id: String, payload: &[u8]) {
+        if !lock(&self.shared.running).insert(id.clone()) {
+            return; // being handled: a copy sent again
+        }
+        let seen = {
+            let id = id.clone();
+            self.shared.outbox(move |o| o.handled(&id)).await
+        };
+        match seen {
+            Ok(Some(result)) => {
+                // Answered before (the answer may have been lost): answer the same again.
+                self.shared.store_result(id, result).await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => self.shared.error(format_args!("outbox: {e}")),
+        }
+        let failed = |why: String| serde_json::to_vec(&json!({ "ok": false, "output": why }));
+        let command = match serde_json::from_slice::<Command>(payload) {
+            Ok(c) if c.id == id => c,
+            Ok(c) => {
+                let why = format!("command id {:?} does not match its topic", c.id);
+                let body = failed(why).unwrap_or_default();
+                return self.shared.store_result(id, body).await;
+            }
+            Err(e) => {
+                let body = failed(format!("unreadable command: {e}")).unwrap_or_default();
+                return self.shared.store_result(id, body).await;
+            }
+        };
+        let Some(handler) = self.commands.get(&command.name).cloned() else {
+            let why = format!("unknown command {:?}", command.name);
+            return self
+                .shared
+                .store_result(id, failed(why).unwrap_or_default())
+                .await;
+        };
+        if self.dispatch.try_send((command, handler)).is_err() {
+            let why = "the device is busy: too many commands waiting".to_owned();
+            self.shared
+                .store_result(id, failed(why).unwrap_or_default())
+                .await;
+        }
+    }
+}
+
+/// How many of `stored` (at least one) go into the next message: within `max_bytes`, and
+/// never two readings that write the same series at the same time (Tellus refuses such a
+/// message whole).
+fn batch_len(stored: &[Stored], max_bytes: usize) -> usize {
+    let mut keys = HashSet::new();
+    let mut bytes = 2; // the brackets of the JSON array
+    for (i, s) in stored.iter().enumerate() {
+        let size = s.reading.encoded_len() + 1;
+        let repeats = s.reading.keys().any(|k| keys.contains(&k));
+        if i > 0 && (bytes + size > max_bytes || repeats) {
+            return i;
+        }
+        keys.extend(s.reading.keys());
+        bytes += size;
+    }
+    stored.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(seq: i64, reading: Reading) -> Stored {
+        Stored {
+            seq,
+            bytes: 0,
+            reading,
+        }
+    }
+
+    #[test]
+    fn a_batch_ends_before_a_repeated_series_or_the_byte_limit() {
+        let a = stored(1, Reading::at(5).with("t", 1.0).with("h", 2.0));
+        let b = stored(2, Reading::at(6).with("t", 1.0));
+        let c = stored(3, Reading::at(5).with("h", 3.0));
+        assert_eq!(batch_len(&[a.clone(), b.clone(), c.clone()], 1 << 20), 2);
+        // The same metric at another time, or another metric at the same time, is fine.
+        let d = stored(4, Reading::at(5).with("p", 3.0));
+        assert_eq!(batch_len(&[a.clone(), b.clone(), d], 1 << 20), 3);
+        // Server-stamped readings share one time per message.
+        let s1 = stored(5, Reading::server_time().with("t", 1.0));
+        let s2 = stored(6, Reading::server_time().with("t", 2.0));
+        assert_eq!(batch_len(&[s1, s2], 1 << 20), 1);
+        // Bytes: one reading always goes, however large.
+        let one = a.reading.encoded_len();
+        assert_eq!(batch_len(&[a.clone(), b.clone()], 1), 1);
+        assert_eq!(batch_len(&[a.clone(), b.clone()], one + 3), 1);
+        assert_eq!(
+            batch_len(&[a, b.clone()], one + b.reading.encoded_len() + 4),
+            2
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! `fleet-sim`: many simulated devices in one process, for demos and load. Each is a real
+//! device: its own certificate, its own mTLS connection, its own outbox (in memory), the
+//! SDK's batching and reconnects.
+//!
+//! Devices are registered through the API the first time (`POST /api/v1/devices`) and their
+//! credentials kept in `--certs`, so the next run reuses them.
+//!
+//! ```sh
+//! cargo run --release -p tellus-firmware-examples --bin fleet-sim -- \
+//!     --api http://127.0.0.1:8080 --token "$(cat data/admin.token)" --devices 1000
+//! ```
+//!
+//! It prints a status line every few seconds and, with `--seconds`, a summary at the end.
+//! Every device answers the commands `ping` and `set_interval` (`{"ms": …}`), and applies a
+//! desired `interval_ms` the same way, reporting it back.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use futures::{stream, StreamExt, TryStreamExt};
+use serde_json::json;
+use tellus_device::{Batching, Credentials, Device, Reading};
+
+#[derive(Parser, Clone)]
+struct Args {
+    /// Tellus's HTTP API, to register the devices.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// An API token allowed to register devices [env: TELLUS_TOKEN].
+    #[arg(long, env = "TELLUS_TOKEN")]
+    token: String,
+    /// Tellus's MQTT host and port.
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    #[arg(long, default_value_t = 8883)]
+    port: u16,
+    /// How many devices.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Device ids are this prefix and a number: sim-0000, sim-0001, …
+    #[arg(long, default_value = "sim-")]
+    prefix: String,
+    /// Where the devices' credentials are kept between runs.
+    #[arg(long, default_value = "fleet-sim-certs")]
+    certs: PathBuf,
+    /// Milliseconds between one device's readings.
+    #[arg(long, default_value_t = 5_000)]
+    every_ms: u64,
+    /// New connections per second, so that a large fleet ramps up rather than all at once.
+    #[arg(long, default_value_t = 200)]
+    connect_rate: u32,
+    /// Stop after this many seconds (0: run until Ctrl-C), and print a summary.
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let started = Instant::now();
+    let creds = provision(&args).await?;
+    println!(
+        "{} devices have credentials ({:.1} s)",
+        creds.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let commands = Arc::new(AtomicU64::new(0));
+    let mut devices = Vec::with_capacity(creds.len());
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(
+        1.0 / f64::from(args.connect_rate.max(1)),
+    ));
+    for creds in creds {
+        pace.tick().await;
+        devices.push(simulate(&args, creds, commands.clone())?);
+    }
+
+    let stop = if args.seconds == 0 {
+        None
+    } else {
+        Some(started + Duration::from_secs(args.seconds))
+    };
+    let mut all_connected = false;
+    let mut status = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = status.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let line = Summary::of(&devices, &commands);
+        if !all_connected && line.ever_connected == devices.len() {
+            all_connected = true;
+            println!(
+                "all {} devices connected ({:.1} s)",
+                devices.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        println!("{line}");
+        if stop.is_some_and(|stop| Instant::now() >= stop) {
+            break;
+        }
+    }
+    let summary = Summary::of(&devices, &commands);
+    for device in devices {
+        // A reading task may hold it for a moment; dropped, it stops all the same.
+        if let Ok(device) = Arc::try_unwrap(device) {
+            device.close().await;
+        }
+    }
+    println!("summary: {summary}");
+    Ok(())
+}
+
+/// Loads each device's credentials from `--certs`, registering the missing devices.
+async fn provision(args: &Args) -> anyhow::Result<Vec<Credentials>> {
+    std::fs::create_dir_all(&args.certs)
+        .with_context(|| format!("creating {}", args.certs.display()))?;
+    let http = reqwest::Client::new();
+    let ids: Vec<String> = (0..args.devices)
+        .map(|i| format!("{}{i:04}", args.prefix))
+        .collect();
+    stream::iter(ids)
+        .map(|id| {
+            let http = http.clone();
+            async move {
+                if args.certs.join(format!("{id}.crt")).exists() {
+                    return Credentials::from_dir(&args.certs, &id).map_err(anyhow::Error::from);
+                }
+                register(&http, args, &id).await
+            }
+        })
+        .buffered(8)
+        .try_collect()
+        .await
+}
+
+async fn register(http: &reqwest::Client, args: &Args, id: &str) -> anyhow::Result<Credentials> {
+    let response = http
+        .post(format!("{}/api/v1/devices", args.api.trim_end_matches('/')))
+        .bearer_auth(&args.token)
+        .json(&json!({ "id": id }))
+        .send()
+        .await
+        .with_context(|| format!("registering {id} at {}", args.api))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "registering {id}: {status}: {} (a device registered by an earlier run needs its \
+             credentials in {}; use another --prefix or delete it)",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason given"),
+            args.certs.display()
+        );
+    }
+    let field = |name: &str| body[name].as_str().map(str::to_owned);
+    let (Some(cert), Some(key), Some(ca)) = (field("cert_pem"), field("key_pem"), field("ca_pem"))
+    else {
+        bail!("registering {id}: the answer lacks the credentials: {body}");
+    };
+    save(&args.certs, id, &cert, &key, &ca)?;
+    Ok(Credentials::from_pem(cert, key, ca)?)
+}
+
+fn save(dir: &Path, id: &str, cert: &str, key: &str, ca: &str) -> anyhow::Result<()> {
+    // The key last: a device whose files are all there is complete.
+    std::fs::write(dir.join("ca.crt"), ca)?;
+    std::fs::write(dir.join(format!("{id}.key")), key)?;
+    std::fs::write(dir.join(format!("{id}.crt")), cert)?;
+    Ok(())
+}
+
+/// Starts one simulated device: readings on a timer, commands, desired state.
+fn simulate(
+    args: &Args,
+    creds: Credentials,
+    commands: Arc<AtomicU64>,
+) -> anyhow::Result<Arc<Device>> {
+    let interval = Arc::new(AtomicU64::new(args.every_ms.max(100)));
+    let set = interval.clone();
+    let desired_interval = interval.clone();
+    let answered = commands.clone();
+    let device = Device::builder(creds, args.host.clone(), args.port)
+        .batching(Batching {
+            // Readings are seconds apart: waiting for a second one would only delay them.
+            linger: Duration::ZERO,
+            ..Batching::default()
+        })
+        .on_command("ping", move |cmd| {
+            answered.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(json!({ "pong": cmd.params })) }
+        })
+        .on_command("set_interval", move |cmd| {
+            commands.fetch_add(1, Ordering::Relaxed);
+            let set = set.clone();
+            async move {
+                let ms = cmd.params["ms"]
+                    .as_u64()
+                    .filter(|ms| (100..=3_600_000).contains(ms))
+                    .ok_or("params.ms must be a number of milliseconds from 100 to 3600000")?;
+                set.store(ms, Ordering::Relaxed);
+                Ok(json!({ "interval_ms": ms }))
+            }
+        })
+        .on_desired(move |desired| {
+            let interval = desired_interval.clone();
+            async move {
+                if let Some(ms) = desired.state["interval_ms"].as_u64() {
+                    interval.store(ms.clamp(100, 3_600_000), Ordering::Relaxed);
+                }
+            }
+        })
+        .start()?;
+    let device = Arc::new(device);
+    tokio::spawn(readings(Arc::downgrade(&device), interval));
+    Ok(device)
+}
+
+/// Takes a reading every `interval` ms while the device lives: a random walk of
+/// temperature and humidity, and a battery that drains.
+async fn readings(device: std::sync::Weak<Device>, interval: Arc<AtomicU64>) {
+    let mut temperature = 18.0 + 6.0 * rand::random::<f64>();
+    let mut humidity = 40.0 + 20.0 * rand::random::<f64>();
+    let mut battery = 100.0;
+    // Spread the fleet's readings over the interval.
+    let first = rand::random::<f64>() * interval.load(Ordering::Relaxed) as f64;
+    tokio::time::sleep(Duration::from_millis(first as u64)).await;
+    loop {
+        temperature += rand::random::<f64>() - 0.5;
+        humidity = (humidity + 2.0 * (rand::random::<f64>() - 0.5)).clamp(0.0, 100.0);
+        battery = (battery - 0.01_f64).max(0.0);
+        let reading = Reading::now()
+            .with("temperature", round2(temperature))
+            .with("humidity", round2(humidity))
+            .with("battery", round2(battery));
+        {
+            let Some(device) = device.upgrade() else {
+                return;
+            };
+            if device.send(reading).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(interval.load(Ordering::Relaxed))).await;
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// The fleet's figures, summed.
+struct Summary {
+    devices: usize,
+    connected: usize,
+    ever_connected: usize,
+    recorded: u64,
+    acknowledged: u64,
+    waiting: u64,
+    dropped: u64,
+    commands: u64,
+}
+
+impl Summary {
+    fn of(devices: &[Arc<Device>], commands: &AtomicU64) -> Summary {
+        let mut s = Summary {
+            devices: devices.len(),
+            connected: 0,
+            ever_connected: 0,
+            recorded: 0,
+            acknowledged: 0,
+            waiting: 0,
+            dropped: 0,
+            commands: commands.load(Ordering::Relaxed),
+        };
+        for device in devices {
+            let stats = device.stats();
+            s.connected += usize::from(stats.connected);
+            s.ever_connected += usize::from(stats.connections > 0);
+            s.recorded += stats.recorded;
+            s.acknowledged += stats.acknowledged;
+            s.waiting += stats.waiting;
+            s.dropped += stats.dropped;
+        }
+        s
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "devices={} connected={} readings recorded={} acknowledged={} waiting={} dropped={} commands={}",
+            self.devices,
+            self.connected,
+            self.recorded,
+            self.acknowledged,
+            self.waiting,
+            self.dropped,
+            self.commands
+        )
+    }
+}
