@@ -39,16 +39,30 @@ impl Attempts {
         self.failures = 0;
     }
 
-    /// The delay before the next attempt, after one more failure.
-    pub fn next_delay(&mut self) -> Duration {
+    /// Counts a failed attempt (or a connection lost).
+    pub fn note_failure(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// The delay before the next attempt: none before the first after a success (a
+    /// connection ended on purpose), then growing with the failures.
+    pub fn delay(&self) -> Duration {
+        let Some(doublings) = self.failures.checked_sub(1) else {
+            return Duration::ZERO;
+        };
         let ceiling = self
             .backoff
             .min
-            .saturating_mul(1u32 << self.failures.min(20))
+            .saturating_mul(1u32 << doublings.min(20))
             .min(self.backoff.max.max(self.backoff.min));
-        self.failures = self.failures.saturating_add(1);
         let half = ceiling / 2;
         half + half.mul_f64(rand::random::<f64>())
+    }
+
+    #[cfg(test)]
+    fn next_delay(&mut self) -> Duration {
+        self.note_failure();
+        self.delay()
     }
 }
 

@@ -45,6 +45,7 @@ use crate::{
     backoff::{Attempts, Backoff},
     outbox::{Outbox, OutboxConfig, OutboxError, Stored},
     reading::{Format, Reading},
+    rotation::{Renewal, Rotation},
     Credentials, Error,
 };
 
@@ -232,9 +233,16 @@ pub struct DeviceBuilder {
     command_concurrency: usize,
     commands: HashMap<String, CommandHandler>,
     on_desired: Option<DesiredHandler>,
+    rotation: Option<Rotation>,
 }
 
 impl DeviceBuilder {
+    /// Renews the certificate before it expires (see [`Rotation`]); off unless set.
+    pub fn rotation(mut self, rotation: Rotation) -> Self {
+        self.rotation = Some(rotation);
+        self
+    }
+
     /// Where readings wait until Tellus has them; in memory unless set (see
     /// [`OutboxConfig::file`]).
     pub fn outbox(mut self, config: OutboxConfig) -> Self {
@@ -313,6 +321,10 @@ impl DeviceBuilder {
             // reused while its message waits.
             .set_inflight((self.in_flight + 2) as u16);
         let (client, eventloop) = AsyncClient::new(options, self.in_flight + 16);
+        let renewal = self
+            .rotation
+            .map(|r| Renewal::new(r, &self.creds.cert_pem))
+            .transpose()?;
 
         let outbox = Outbox::open(self.outbox.clone())?;
         let waiting = (outbox.readings().0, outbox.messages());
@@ -343,7 +355,14 @@ impl DeviceBuilder {
         if let Some(handler) = self.on_desired {
             tasks.push(tokio::spawn(desired_calls(desired_rx.clone(), handler)));
         }
-        let network = tokio::spawn(network(eventloop, net_tx, self.backoff, shared.clone()));
+        let (renewed_tx, renewed_rx) = mpsc::channel(1);
+        let network = tokio::spawn(network(
+            eventloop,
+            net_tx,
+            renewed_rx,
+            self.backoff,
+            shared.clone(),
+        ));
         let connection = Connection {
             shared: shared.clone(),
             client,
@@ -359,6 +378,10 @@ impl DeviceBuilder {
             unassigned: VecDeque::new(),
             in_flight: HashMap::new(),
             lingering: None,
+            creds: self.creds,
+            renewal,
+            renewal_check: None,
+            renewed: renewed_tx,
         };
         tasks.push(tokio::spawn(connection.run(
             net_rx,
@@ -421,6 +444,7 @@ impl Device {
             command_concurrency: 4,
             commands: HashMap::new(),
             on_desired: None,
+            rotation: None,
         }
     }
 
@@ -704,12 +728,25 @@ enum Net {
 async fn network(
     mut eventloop: EventLoop,
     net: mpsc::Sender<Net>,
+    mut renewed: mpsc::Receiver<rumqttc::Transport>,
     backoff: Backoff,
     shared: Arc<Shared>,
 ) {
     let mut attempts = Attempts::new(backoff);
     loop {
-        let report = match eventloop.poll().await {
+        let polled = tokio::select! {
+            biased;
+            Some(transport) = renewed.recv() => {
+                // A renewed certificate: end this connection and make the next with it.
+                eventloop.mqtt_options.set_transport(transport);
+                Err("reconnecting with the renewed certificate".to_owned())
+            }
+            event = eventloop.poll() => event.map_err(|e| {
+                attempts.note_failure();
+                e.to_string()
+            }),
+        };
+        let report = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 attempts.reset();
                 Net::Connected
@@ -719,15 +756,15 @@ async fn network(
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Net::Sent(pkid),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
-            Err(e) => {
+            Err(error) => {
                 let (answered, answer) = oneshot::channel();
-                if net.send(Net::Down(e.to_string(), answered)).await.is_err() {
+                if net.send(Net::Down(error, answered)).await.is_err() {
                     return;
                 }
                 let _ = answer.await;
                 // Whatever was handed to rumqttc meanwhile goes with the old session.
                 eventloop.clean();
-                let delay = attempts.next_delay();
+                let delay = attempts.delay();
                 tracing::debug!(device = %shared.id, ?delay, "reconnecting");
                 tokio::time::sleep(delay).await;
                 continue;
@@ -766,6 +803,12 @@ struct Connection {
     in_flight: HashMap<u16, VecDeque<Sent>>,
     /// The first sequence number of a batch that is not full, and since when it waits.
     lingering: Option<(i64, Instant)>,
+    creds: Credentials,
+    renewal: Option<Renewal>,
+    /// When to see whether the certificate is due for renewal.
+    renewal_check: Option<Instant>,
+    /// Hands a renewed certificate's transport to the network task.
+    renewed: mpsc::Sender<rumqttc::Transport>,
 }
 
 impl Connection {
@@ -789,6 +832,8 @@ impl Connection {
                 _ = self.shared.wake.notified() => {}
                 _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)),
                     if linger_until.is_some() => {}
+                _ = tokio::time::sleep_until(self.renewal_check.unwrap_or_else(Instant::now)),
+                    if self.connected && self.renewal_check.is_some() => self.renew_if_due(),
             }
             if self.connected {
                 self.pump().await;
@@ -828,12 +873,17 @@ impl Connection {
                 // A clean session: subscribe again, and send everything waiting from the
                 // start.
                 let id = &self.shared.id;
-                let filters = [
+                let mut filters = vec![
                     DeviceTopic::Command("+".into()).topic(id),
                     DeviceTopic::StateDesired.topic(id),
                 ];
+                if self.renewal.is_some() {
+                    filters.push(DeviceTopic::CertsIssued.topic(id));
+                }
                 let subscribe = self.client.try_subscribe_many(
-                    filters.map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                    filters
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
                 );
                 if let Err(e) = subscribe {
                     self.shared.error(format_args!("subscribing: {e}"));
@@ -841,6 +891,7 @@ impl Connection {
                 self.next_reading = 0;
                 self.next_message = 0;
                 self.lingering = None;
+                self.renew_if_due();
             }
             Net::Down(error, answered) => {
                 if self.connected {
@@ -850,6 +901,9 @@ impl Connection {
                 self.set_connected(false);
                 self.unassigned.clear();
                 self.in_flight.clear();
+                if let Some(renewal) = &mut self.renewal {
+                    renewal.abandon();
+                }
                 let _ = answered.send(());
             }
             Net::Sent(pkid) => {
@@ -1009,8 +1063,57 @@ impl Connection {
                         .error(format_args!("unreadable desired state: {e}")),
                 }
             }
+            Some((device, DeviceTopic::CertsIssued)) if device == self.shared.id => {
+                self.on_issued(payload).await
+            }
             _ => tracing::debug!(device = %self.shared.id, topic = topic_name, "ignored publish"),
         }
+    }
+
+    /// Sends a CSR if the certificate is due for renewal, and plans the next look.
+    fn renew_if_due(&mut self) {
+        let Some(renewal) = &mut self.renewal else {
+            return;
+        };
+        self.renewal_check = Some(renewal.next_check());
+        if !renewal.due(tellus_core::now_ms()) {
+            return;
+        }
+        let csr = match renewal.start() {
+            Ok(csr) => csr,
+            Err(e) => return self.shared.error(e),
+        };
+        let topic = DeviceTopic::CertsCsr.topic(&self.shared.id);
+        match self.client.try_publish(topic, QoS::AtLeastOnce, false, csr) {
+            Ok(()) => tracing::info!(device = %self.shared.id, "asked for a renewed certificate"),
+            Err(e) => {
+                renewal.abandon();
+                self.shared.error(format_args!("sending the CSR: {e}"));
+            }
+        }
+    }
+
+    /// Takes the renewed certificate and reconnects with it.
+    async fn on_issued(&mut self, payload: &[u8]) {
+        let Some(renewal) = &mut self.renewal else {
+            return;
+        };
+        let creds = match renewal.finish(&self.creds, payload) {
+            Ok(creds) => creds,
+            Err(e) => return self.shared.error(e),
+        };
+        let transport = match creds.tls_config() {
+            Ok(tls) => rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))),
+            Err(e) => {
+                return self
+                    .shared
+                    .error(format_args!("the renewed certificate: {e}"))
+            }
+        };
+        tracing::info!(device = %self.shared.id, "certificate renewed; reconnecting with it");
+        self.creds = creds;
+        // The network task may be busy handing over events; it takes this on its next turn.
+        let _ = self.renewed.try_send(transport);
     }
 
     async fn on_command(&mut self, id: String, payload: &[u8]) {

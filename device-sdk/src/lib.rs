@@ -12,6 +12,8 @@
 //!   results (or failures) are published for Tellus, and an unknown command is answered with
 //!   a failure that names it. The desired state is kept ([`Device::desired`]) and handed to
 //!   [`DeviceBuilder::on_desired`] when it changes; [`Device::report_state`] reports.
+//! - Before the certificate expires, [`Rotation`] renews it: a new key made on the device, a
+//!   CSR to Tellus, the certificate checked, stored and connected with.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,11 +33,13 @@ mod backoff;
 mod device;
 mod outbox;
 mod reading;
+mod rotation;
 
 pub use backoff::Backoff;
 pub use device::{Batching, Command, CommandResult, Desired, Device, DeviceBuilder, Stats};
 pub use outbox::{Durability, OutboxConfig, OutboxError, WhenFull};
 pub use reading::{Format, InvalidReading, Reading, Time, Value, MAX_READING_BYTES};
+pub use rotation::Rotation;
 
 use std::{path::Path, sync::Arc};
 
@@ -89,6 +93,8 @@ pub enum Error {
     BadEventName(String, String),
     #[error("the device is closed")]
     Closed,
+    #[error("certificate rotation: {0}")]
+    Rotation(String),
 }
 
 fn read(path: &Path) -> Result<String, Error> {
@@ -100,9 +106,14 @@ fn read(path: &Path) -> Result<String, Error> {
 
 impl Credentials {
     /// Reads `<id>.crt`, `<id>.key` and `ca.crt` from `dir`, as `tellus device create` writes
-    /// them.
+    /// them (and [`Rotation::save_to`] replaces them; a replacement that a crash interrupted
+    /// is completed or discarded first).
     pub fn from_dir(dir: impl AsRef<Path>, id: &str) -> Result<Credentials, Error> {
         let dir = dir.as_ref();
+        rotation::finish_interrupted(dir, id).map_err(|source| Error::Read {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let creds = Credentials::from_files(
             dir.join(format!("{id}.crt")),
             dir.join(format!("{id}.key")),

@@ -471,3 +471,91 @@ async fn fleet_sim_connects_and_reports_with_a_thousand_devices() {
     let _ = sim.kill();
     let _ = sim.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_end_is_renewed_over_mqtt_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    // Certificates that live two hours: every one is within a day of its end.
+    let tellus = Tellus::start_in(
+        &dir.path().join("data"),
+        Some("[pki]\ndevice_cert_validity = \"2h\"\n"),
+    );
+    let (status, created) = tellus
+        .post("/api/v1/devices", json!({"id": "rotor-01"}))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let first_serial = created["cert_serial"].as_str().unwrap().to_owned();
+    let certs = dir.path().join("certs");
+    let creds = Credentials::from_pem(
+        created["cert_pem"].as_str().unwrap(),
+        created["key_pem"].as_str().unwrap(),
+        created["ca_pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    write_creds(&certs, &creds);
+    let device = Device::builder(
+        Credentials::from_dir(&certs, "rotor-01").unwrap(),
+        "127.0.0.1",
+        tellus.mqtt_addr.port(),
+    )
+    .rotation(tellus_device::Rotation {
+        renew_before: Duration::from_secs(86_400),
+        save_to: Some(certs.clone()),
+        ..Default::default()
+    })
+    .start()
+    .unwrap();
+
+    // It asks, gets a certificate for its new key, saves it and reconnects with it.
+    let deadline = Instant::now() + EVENTUALLY;
+    while device.stats().connections < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second connection: {:?}",
+            device.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let saved = Credentials::from_dir(&certs, "rotor-01").unwrap();
+    assert_ne!(saved.cert_pem, creds.cert_pem);
+    assert_ne!(saved.key_pem, creds.key_pem);
+    let record = tellus
+        .get_until("/api/v1/devices/rotor-01", |d| {
+            d["cert_serial"].as_str().is_some_and(|s| s != first_serial)
+        })
+        .await;
+    let second_serial = record["cert_serial"].as_str().unwrap().to_owned();
+    // The edge accepted the first connection with the first certificate, the second with
+    // the renewed one.
+    let audit = tellus
+        .get_until("/api/v1/audit?device=rotor-01", |a| {
+            a["entries"]
+                .as_array()
+                .is_some_and(|e| e.iter().filter(|e| e["decision"] == "accepted").count() >= 2)
+        })
+        .await;
+    let mut accepted: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["decision"] == "accepted")
+        .map(|e| e["serial"].as_str().unwrap())
+        .collect();
+    accepted.reverse(); // newest first in the audit
+    assert_eq!(accepted, [first_serial.as_str(), second_serial.as_str()]);
+    // The connection with the new certificate carries readings, and only one renewal was
+    // asked for (the next is at least ten minutes away).
+    tokio::time::timeout(EVENTUALLY, device.connected())
+        .await
+        .unwrap();
+    device
+        .send(Reading::at(recent_base()).with("after_rotation", 1))
+        .await
+        .unwrap();
+    tokio::time::timeout(EVENTUALLY, device.flush())
+        .await
+        .expect("stored");
+    assert_eq!(points(&tellus, "rotor-01", "after_rotation").await.len(), 1);
+    assert_eq!(device.stats().connections, 2, "{:?}", device.stats());
+    device.close().await;
+}
