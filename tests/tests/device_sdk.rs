@@ -559,3 +559,77 @@ async fn a_certificate_near_its_end_is_renewed_over_mqtt_and_used() {
     assert_eq!(device.stats().connections, 2, "{:?}", device.stats());
     device.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_actuator_example_follows_commands_and_desired_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let tellus = Tellus::start_in(&dir.path().join("data"), None);
+    let certs = dir.path().join("certs");
+    write_creds(&certs, &tellus.create_device("valve-01").await);
+    let mut actuator = Command::new(workspace_bin("tellus-firmware-examples", "actuator"))
+        .arg("--certs")
+        .arg(&certs)
+        .args(["--id", "valve-01", "--host", "127.0.0.1"])
+        .args([
+            "--port",
+            &tellus.mqtt_addr.port().to_string(),
+            "--every-ms",
+            "200",
+        ])
+        .arg("--outbox")
+        .arg(dir.path().join("valve-outbox.db"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start actuator");
+
+    // A command moves the valve at once and answers with its state.
+    let (status, open) = tellus
+        .post(
+            "/api/v1/devices/valve-01/commands?wait=20s",
+            json!({"name": "open"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{open}");
+    assert_eq!(open["status"], "succeeded", "{open}");
+    assert_eq!(open["output"]["valve"], "open");
+    // Desired state is applied and reported back, so the delta empties.
+    let (status, body) = tellus
+        .patch(
+            "/api/v1/devices/valve-01/state",
+            json!({"desired": {"valve": "closed", "flow_limit": 4.5}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let state = tellus
+        .get_until("/api/v1/devices/valve-01/state", |s| {
+            s["reported"]["valve"] == "closed" && s["delta"] == json!({})
+        })
+        .await;
+    assert_eq!(state["reported"]["flow_limit"], 4.5);
+    // Its readings follow the valve: once closed, no flow.
+    let closed_at = tellus_core::now_ms();
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let open = points(&tellus, "valve-01", "open").await;
+        let flow = points(&tellus, "valve-01", "flow_lpm").await;
+        let after: Vec<_> = open.iter().filter(|(ts, _)| *ts > closed_at).collect();
+        if let Some((ts, is_open)) = after.first() {
+            assert_eq!(*is_open, json!(false), "{open:?}");
+            let at = flow
+                .iter()
+                .find(|(t, _)| t == ts)
+                .expect("flow beside open");
+            assert_eq!(at.1, json!(0.0), "{flow:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reading after the valve closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = actuator.kill();
+    let _ = actuator.wait();
+}
