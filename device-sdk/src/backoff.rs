@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-/// The delays between connection attempts: `min`, doubling up to `max`, each drawn at random
-/// from its upper half. A connection that was accepted starts the sequence over.
+/// The delays between connection attempts: `min` (at least 10 ms), doubling up to `max`,
+/// each drawn at random from its upper half. A connection that lasted 10 s starts the
+/// sequence over; one that Tellus closes sooner counts as a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub min: Duration,
@@ -29,8 +30,12 @@ pub(crate) struct Attempts {
 
 impl Attempts {
     pub fn new(backoff: Backoff) -> Attempts {
+        let min = backoff.min.max(Duration::from_millis(10));
         Attempts {
-            backoff,
+            backoff: Backoff {
+                min,
+                max: backoff.max.max(min),
+            },
             failures: 0,
         }
     }
@@ -54,7 +59,7 @@ impl Attempts {
             .backoff
             .min
             .saturating_mul(1u32 << doublings.min(20))
-            .min(self.backoff.max.max(self.backoff.min));
+            .min(self.backoff.max);
         let half = ceiling / 2;
         half + half.mul_f64(rand::random::<f64>())
     }

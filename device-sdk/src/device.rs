@@ -28,7 +28,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttState, Outgoing, Packet, QoS};
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use tellus_core::{
@@ -48,6 +48,10 @@ use crate::{
     rotation::{Renewal, Rotation},
     Credentials, Error,
 };
+
+/// The largest command result, state report or event a device sends, encoded. Tellus keeps
+/// states of at most 64 KiB; a message that could not be sent must never wait in the outbox.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// A command from Tellus, as its handler gets it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -123,6 +127,8 @@ pub struct Stats {
     pub messages_dropped: u64,
     /// Telemetry messages published (a message carries a batch of readings).
     pub batches_sent: u64,
+    /// Messages (batches of readings, results, reports) published and not yet acknowledged.
+    pub in_flight: u64,
     /// Commands answered.
     pub commands_answered: u64,
     /// Connections Tellus accepted.
@@ -140,6 +146,7 @@ struct Counters {
     refused: AtomicU64,
     messages_dropped: AtomicU64,
     batches_sent: AtomicU64,
+    in_flight: AtomicU64,
     commands_answered: AtomicU64,
     connections: AtomicU64,
     connected: AtomicBool,
@@ -196,21 +203,27 @@ impl Shared {
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
-    /// Keeps a command's result to send, and remembers it for a copy of the command.
-    async fn store_result(self: &Arc<Self>, command_id: String, body: Vec<u8>) {
+    /// Keeps a command's result to send, and remembers it for a copy of the command. A
+    /// result too large to send is replaced by a failure saying so.
+    async fn store_result(self: &Arc<Self>, command_id: String, body: Vec<u8>, fresh: bool) {
         let topic = DeviceTopic::CommandResult(command_id.clone()).topic(&self.id);
+        let body = if body.len() > MAX_MESSAGE_BYTES {
+            let why = format!(
+                "the result is {} bytes; a device sends at most {MAX_MESSAGE_BYTES}",
+                body.len()
+            );
+            serde_json::to_vec(&json!({ "ok": false, "output": why })).unwrap_or_default()
+        } else {
+            body
+        };
         let id = command_id.clone();
         let stored = self
-            .outbox(move |o| {
-                let dropped = o.push_message(&topic, &body)?;
-                o.mark_handled(&id, &body)?;
-                Ok(dropped)
-            })
+            .outbox(move |o| o.push_result(&topic, &body, &id))
             .await;
         match stored {
             Ok(dropped) => {
                 Shared::count(&self.counters.messages_dropped, dropped);
-                Shared::count(&self.counters.commands_answered, 1);
+                Shared::count(&self.counters.commands_answered, u64::from(fresh));
                 self.wake.notify_one();
             }
             Err(e) => self.error(format_args!("keeping the result of {command_id}: {e}")),
@@ -256,8 +269,12 @@ impl DeviceBuilder {
         self
     }
 
+    /// How readings are gathered (`max_readings` is kept within 1..=10,000).
     pub fn batching(mut self, batching: Batching) -> Self {
-        self.batching = batching;
+        self.batching = Batching {
+            max_readings: batching.max_readings.clamp(1, 10_000),
+            ..batching
+        };
         self
     }
 
@@ -266,9 +283,9 @@ impl DeviceBuilder {
         self
     }
 
-    /// The MQTT keep-alive (default 30 s).
+    /// The MQTT keep-alive (default 30 s; at least 1 s).
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
-        self.keep_alive = keep_alive;
+        self.keep_alive = keep_alive.max(Duration::from_secs(1));
         self
     }
 
@@ -297,9 +314,11 @@ impl DeviceBuilder {
         self
     }
 
-    /// Called with the desired state when it changes (and once after connecting, with the
-    /// current one). Calls do not overlap; if several changes arrive during one call, the
-    /// next call gets the newest.
+    /// Called with the desired state whenever a newer version arrives, the first one after
+    /// the start included (Tellus sends the current one on every connection; a version
+    /// already seen is not handed over again). Calls do not overlap; if several changes
+    /// arrive during one call, the next call gets the newest. A panicking call is logged and
+    /// does not stop later ones.
     pub fn on_desired<F, Fut>(mut self, handler: F) -> Self
     where
         F: Fn(Desired) -> Fut + Send + Sync + 'static,
@@ -316,7 +335,14 @@ impl DeviceBuilder {
             .set_keep_alive(self.keep_alive)
             .set_clean_session(true)
             // Room for a command or desired state of any size Tellus sends.
-            .set_max_packet_size(1024 * 1024, self.batching.max_bytes.max(256 * 1024) + 4096)
+            .set_max_packet_size(
+                1024 * 1024,
+                self.batching
+                    .max_bytes
+                    .max(crate::MAX_READING_BYTES)
+                    .max(MAX_MESSAGE_BYTES)
+                    + 4096,
+            )
             // rumqttc's packet ids cycle below this: more than the window, so that no id is
             // reused while its message waits.
             .set_inflight((self.in_flight + 2) as u16);
@@ -350,6 +376,7 @@ impl DeviceBuilder {
                 shared.clone(),
                 dispatch_rx,
                 Arc::new(Semaphore::new(self.command_concurrency)),
+                stop.subscribe(),
             )),
         ];
         if let Some(handler) = self.on_desired {
@@ -489,6 +516,9 @@ impl Device {
 
     async fn message(&self, topic: String, payload: Json) -> Result<(), Error> {
         let payload = serde_json::to_vec(&payload).unwrap_or_default();
+        if payload.len() > MAX_MESSAGE_BYTES {
+            return Err(Error::MessageTooLarge(payload.len()));
+        }
         self.write(|done| Write::Message(topic, payload, done))
             .await
     }
@@ -547,6 +577,7 @@ impl Device {
             waiting_messages,
             messages_dropped: get(&c.messages_dropped),
             batches_sent: get(&c.batches_sent),
+            in_flight: get(&c.in_flight),
             commands_answered: get(&c.commands_answered),
             connections: get(&c.connections),
             connected: c.connected.load(Ordering::Relaxed),
@@ -582,7 +613,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Writes what has gathered in one go, then answers each caller.
+/// Writes what has gathered in one go (the readings in one transaction), then answers each
+/// caller.
 async fn writer(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Write>,
@@ -626,20 +658,22 @@ async fn write_all(shared: &Arc<Shared>, writes: Vec<Write>) {
             Write::Message(topic, payload, done) => messages.push((topic, payload, done)),
         }
     }
+    let (messages, message_answers): (Vec<_>, Vec<_>) = messages
+        .into_iter()
+        .map(|(topic, payload, done)| ((topic, payload), done))
+        .unzip();
     let outcome = shared
         .outbox(move |o| {
             let appended = o.append(&readings)?;
             let mut dropped = 0;
-            let mut sent = Vec::new();
-            for (topic, payload, done) in messages {
+            for (topic, payload) in messages {
                 dropped += o.push_message(&topic, &payload)?;
-                sent.push(done);
             }
-            Ok((appended, dropped, sent))
+            Ok((appended, dropped))
         })
         .await;
     match outcome {
-        Ok((appended, messages_dropped, message_answers)) => {
+        Ok((appended, messages_dropped)) => {
             let c = &shared.counters;
             Shared::count(
                 &c.recorded,
@@ -667,39 +701,74 @@ async fn write_all(shared: &Arc<Shared>, writes: Vec<Write>) {
         Err(e) => {
             let text = e.to_string();
             shared.error(format_args!("writing the outbox: {text}"));
+            // Readings and messages are written one after another: some may be in the
+            // outbox although this says otherwise. Sent twice, a reading replaces itself.
             for (done, _, _) in answers {
+                let _ = done.send(Err(Error::Outbox(text.clone())));
+            }
+            for done in message_answers {
                 let _ = done.send(Err(Error::Outbox(text.clone())));
             }
         }
     }
 }
 
-/// Runs command handlers, each to its end, at most `limit` at once.
+/// Runs command handlers, each to its end, at most `limit` at once. On stop, commands not
+/// yet started are answered with a failure; running handlers are left to finish on their
+/// own (their results go to the outbox, for the next start).
 async fn dispatcher(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<(Command, CommandHandler)>,
     limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    while let Some((command, handler)) = rx.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => None,
+            next = rx.recv() => next,
         };
+        let Some((command, handler)) = next else {
+            break;
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => {
+                not_run(&shared, command.id).await;
+                break;
+            }
+            permit = limit.clone().acquire_owned() => permit,
+        };
+        let Ok(permit) = permit else { break };
         let shared = shared.clone();
         tokio::spawn(async move {
             let id = command.id.clone();
-            // A handler of its own task: a panic in it becomes a failed command.
-            let outcome = tokio::spawn(handler(command)).await;
+            // The handler is called inside a task of its own, so that a panic, in the
+            // handler or in its future, becomes a failed command.
+            let outcome = tokio::spawn(async move { handler(command).await }).await;
             let body = match outcome {
                 Ok(Ok(output)) => json!({ "ok": true, "output": output }),
                 Ok(Err(error)) => json!({ "ok": false, "output": error }),
                 Err(_) => json!({ "ok": false, "output": "the command handler panicked" }),
             };
             shared
-                .store_result(id, serde_json::to_vec(&body).unwrap_or_default())
+                .store_result(id, serde_json::to_vec(&body).unwrap_or_default(), true)
                 .await;
             drop(permit);
         });
     }
+    rx.close();
+    while let Some((command, _)) = rx.recv().await {
+        not_run(&shared, command.id).await;
+    }
+}
+
+/// Answers a command that was taken but will not run: the device is stopping.
+async fn not_run(shared: &Arc<Shared>, id: String) {
+    let body = json!({ "ok": false, "output": "the device stopped before running it" });
+    shared
+        .store_result(id, serde_json::to_vec(&body).unwrap_or_default(), true)
+        .await;
 }
 
 /// Calls the desired-state handler with each newest desired state, one call at a time.
@@ -707,7 +776,15 @@ async fn desired_calls(mut rx: watch::Receiver<Option<Desired>>, handler: Desire
     while rx.changed().await.is_ok() {
         let desired = rx.borrow_and_update().clone();
         if let Some(desired) = desired {
-            handler(desired).await;
+            let version = desired.version;
+            let handler = handler.clone();
+            // A task of its own: a panic in one call must not end the later ones.
+            if tokio::spawn(async move { handler(desired).await })
+                .await
+                .is_err()
+            {
+                tracing::warn!(version, "the desired-state handler panicked");
+            }
         }
     }
 }
@@ -733,22 +810,22 @@ async fn network(
     shared: Arc<Shared>,
 ) {
     let mut attempts = Attempts::new(backoff);
+    // When the current connection was accepted: the backoff starts over only once a
+    // connection has lasted, so that one that Tellus keeps closing is not retried at once.
+    let mut accepted: Option<Instant> = None;
     loop {
         let polled = tokio::select! {
             biased;
             Some(transport) = renewed.recv() => {
                 // A renewed certificate: end this connection and make the next with it.
                 eventloop.mqtt_options.set_transport(transport);
-                Err("reconnecting with the renewed certificate".to_owned())
+                Err(None)
             }
-            event = eventloop.poll() => event.map_err(|e| {
-                attempts.note_failure();
-                e.to_string()
-            }),
+            event = eventloop.poll() => event.map_err(|e| Some(e.to_string())),
         };
         let report = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                attempts.reset();
+                accepted = Some(Instant::now());
                 Net::Connected
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => Net::Acked(ack.pkid),
@@ -757,14 +834,33 @@ async fn network(
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
             Err(error) => {
+                let lasted = accepted.take().map(|at| at.elapsed());
+                if lasted.is_some_and(|d| d >= STABLE_CONNECTION) {
+                    attempts.reset();
+                }
+                let reason = match &error {
+                    Some(e) => {
+                        attempts.note_failure();
+                        e.clone()
+                    }
+                    None => "reconnecting with the renewed certificate".to_owned(),
+                };
                 let (answered, answer) = oneshot::channel();
-                if net.send(Net::Down(error, answered)).await.is_err() {
+                if net.send(Net::Down(reason, answered)).await.is_err() {
                     return;
                 }
                 let _ = answer.await;
-                // Whatever was handed to rumqttc meanwhile goes with the old session.
+                // Nothing of the old session may reach the next: requests still queued,
+                // and events rumqttc queued before a failed write (a stale
+                // `Outgoing::Publish` would give a new publish an old packet id).
                 eventloop.clean();
-                let delay = attempts.delay();
+                eventloop.pending.clear();
+                eventloop.state = MqttState::new(eventloop.mqtt_options.inflight(), false);
+                let delay = if error.is_some() {
+                    attempts.delay()
+                } else {
+                    Duration::ZERO
+                };
                 tracing::debug!(device = %shared.id, ?delay, "reconnecting");
                 tokio::time::sleep(delay).await;
                 continue;
@@ -775,6 +871,9 @@ async fn network(
         }
     }
 }
+
+/// A connection that lasts this long starts the backoff over when it ends.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// What a publish in flight carries.
 #[derive(Debug, Clone, Copy)]
@@ -801,8 +900,9 @@ struct Connection {
     /// Publishes awaiting their PUBACK, by packet id (a queue per id, so that an id reused
     /// right after its PUBACK can never be confused with its previous use).
     in_flight: HashMap<u16, VecDeque<Sent>>,
-    /// The first sequence number of a batch that is not full, and since when it waits.
-    lingering: Option<(i64, Instant)>,
+    /// Since when a batch that is not full has waited for more readings (whatever its first
+    /// reading: a full outbox dropping its oldest must not start the wait over).
+    lingering: Option<Instant>,
     creds: Credentials,
     renewal: Option<Renewal>,
     /// When to see whether the certificate is due for renewal.
@@ -819,9 +919,12 @@ impl Connection {
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
+            // Only while there is room to send what lingers: otherwise the deadline, once
+            // past, would wake this loop at once, over and over.
             let linger_until = self
                 .lingering
-                .map(|(_, since)| since + self.batching.linger);
+                .filter(|_| self.connected && self.waiting_acks() < self.window)
+                .map(|since| since + self.batching.linger);
             tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => break,
@@ -838,6 +941,11 @@ impl Connection {
             if self.connected {
                 self.pump().await;
             }
+            let waiting = self.waiting_acks() as u64;
+            self.shared
+                .counters
+                .in_flight
+                .store(waiting, Ordering::Relaxed);
         }
         // A DISCONNECT tells Tellus this was meant; the network task ends once it is out.
         if self.connected && self.client.try_disconnect().is_ok() {
@@ -894,13 +1002,17 @@ impl Connection {
                 self.renew_if_due();
             }
             Net::Down(error, answered) => {
+                // Loud once when a connection ends; quiet for each failed attempt after.
                 if self.connected {
-                    tracing::info!(device = %self.shared.id, %error, "disconnected");
+                    tracing::warn!(device = %self.shared.id, %error, "disconnected");
+                } else {
+                    tracing::debug!(device = %self.shared.id, %error, "connecting failed");
                 }
-                self.shared.error(format_args!("connection: {error}"));
+                *lock(&self.shared.last_error) = Some(format!("connection: {error}"));
                 self.set_connected(false);
                 self.unassigned.clear();
                 self.in_flight.clear();
+                self.lingering = None;
                 if let Some(renewal) = &mut self.renewal {
                     renewal.abandon();
                 }
@@ -984,13 +1096,13 @@ impl Connection {
                     self.shared.error(format_args!(
                         "dropping unreadable outbox entry {seq}: {why}"
                     ));
-                    if self
+                    match self
                         .shared
                         .outbox(move |o| o.remove_readings(&[(seq, seq)]))
                         .await
-                        .is_ok()
                     {
-                        Shared::count(&self.shared.counters.dropped, 1);
+                        Ok(_) => Shared::count(&self.shared.counters.dropped, 1),
+                        Err(e) => return self.shared.error(format_args!("outbox: {e}")),
                     }
                     continue;
                 }
@@ -1003,18 +1115,15 @@ impl Connection {
                 self.lingering = None;
                 return;
             }
-            let take = batch_len(&stored, self.batching.max_bytes);
+            let take = batch_len(&stored, self.format, self.batching.max_bytes);
             let full = take < stored.len() || take >= self.batching.max_readings;
             let first = stored[0].seq;
             if !full && !self.batching.linger.is_zero() {
                 match self.lingering {
-                    Some((seq, since)) if seq == first => {
-                        if since.elapsed() < self.batching.linger {
-                            return;
-                        }
-                    }
-                    _ => {
-                        self.lingering = Some((first, Instant::now()));
+                    Some(since) if since.elapsed() >= self.batching.linger => {}
+                    Some(_) => return,
+                    None => {
+                        self.lingering = Some(Instant::now());
                         return;
                     }
                 }
@@ -1043,8 +1152,10 @@ impl Connection {
                 self.on_command(id, payload).await
             }
             Some((device, DeviceTopic::StateDesired)) if device == self.shared.id => {
-                // An empty retained message clears the desired state of a deleted device.
+                // An empty retained message clears the desired state of a deleted device; a
+                // device registered again under the id starts its versions over.
                 if payload.is_empty() {
+                    self.desired.send_if_modified(|d| d.take().is_some());
                     return;
                 }
                 match serde_json::from_slice::<Desired>(payload) {
@@ -1127,7 +1238,7 @@ impl Connection {
         match seen {
             Ok(Some(result)) => {
                 // Answered before (the answer may have been lost): answer the same again.
-                self.shared.store_result(id, result).await;
+                self.shared.store_result(id, result, false).await;
                 return;
             }
             Ok(None) => {}
@@ -1139,37 +1250,37 @@ impl Connection {
             Ok(c) => {
                 let why = format!("command id {:?} does not match its topic", c.id);
                 let body = failed(why).unwrap_or_default();
-                return self.shared.store_result(id, body).await;
+                return self.shared.store_result(id, body, true).await;
             }
             Err(e) => {
                 let body = failed(format!("unreadable command: {e}")).unwrap_or_default();
-                return self.shared.store_result(id, body).await;
+                return self.shared.store_result(id, body, true).await;
             }
         };
         let Some(handler) = self.commands.get(&command.name).cloned() else {
             let why = format!("unknown command {:?}", command.name);
             return self
                 .shared
-                .store_result(id, failed(why).unwrap_or_default())
+                .store_result(id, failed(why).unwrap_or_default(), true)
                 .await;
         };
         if self.dispatch.try_send((command, handler)).is_err() {
             let why = "the device is busy: too many commands waiting".to_owned();
             self.shared
-                .store_result(id, failed(why).unwrap_or_default())
+                .store_result(id, failed(why).unwrap_or_default(), true)
                 .await;
         }
     }
 }
 
-/// How many of `stored` (at least one) go into the next message: within `max_bytes`, and
-/// never two readings that write the same series at the same time (Tellus refuses such a
-/// message whole).
-fn batch_len(stored: &[Stored], max_bytes: usize) -> usize {
+/// How many of `stored` (at least one) go into the next message of `format`: within
+/// `max_bytes`, and never two readings that write the same series at the same time (Tellus
+/// refuses such a message whole).
+fn batch_len(stored: &[Stored], format: Format, max_bytes: usize) -> usize {
     let mut keys = HashSet::new();
-    let mut bytes = 2; // the brackets of the JSON array
+    let mut bytes = format.empty_size();
     for (i, s) in stored.iter().enumerate() {
-        let size = s.reading.encoded_len() + 1;
+        let size = s.reading.size(format);
         let repeats = s.reading.keys().any(|k| keys.contains(&k));
         if i > 0 && (bytes + size > max_bytes || repeats) {
             return i;
@@ -1197,21 +1308,26 @@ mod tests {
         let a = stored(1, Reading::at(5).with("t", 1.0).with("h", 2.0));
         let b = stored(2, Reading::at(6).with("t", 1.0));
         let c = stored(3, Reading::at(5).with("h", 3.0));
-        assert_eq!(batch_len(&[a.clone(), b.clone(), c.clone()], 1 << 20), 2);
+        let json = Format::Json;
+        assert_eq!(
+            batch_len(&[a.clone(), b.clone(), c.clone()], json, 1 << 20),
+            2
+        );
         // The same metric at another time, or another metric at the same time, is fine.
         let d = stored(4, Reading::at(5).with("p", 3.0));
-        assert_eq!(batch_len(&[a.clone(), b.clone(), d], 1 << 20), 3);
+        assert_eq!(batch_len(&[a.clone(), b.clone(), d], json, 1 << 20), 3);
         // Server-stamped readings share one time per message.
         let s1 = stored(5, Reading::server_time().with("t", 1.0));
         let s2 = stored(6, Reading::server_time().with("t", 2.0));
-        assert_eq!(batch_len(&[s1, s2], 1 << 20), 1);
-        // Bytes: one reading always goes, however large.
-        let one = a.reading.encoded_len();
-        assert_eq!(batch_len(&[a.clone(), b.clone()], 1), 1);
-        assert_eq!(batch_len(&[a.clone(), b.clone()], one + 3), 1);
-        assert_eq!(
-            batch_len(&[a, b.clone()], one + b.reading.encoded_len() + 4),
-            2
-        );
+        assert_eq!(batch_len(&[s1, s2], json, 1 << 20), 1);
+        // Bytes, measured in the form sent: one reading always goes, however large.
+        for format in [Format::Json, Format::Protobuf] {
+            let both = format.encode(&[a.reading.clone(), b.reading.clone()]).len();
+            assert_eq!(batch_len(&[a.clone(), b.clone()], format, 1), 1);
+            assert_eq!(batch_len(&[a.clone(), b.clone()], format, both - 2), 1);
+            let fits = format.empty_size() + a.reading.size(format) + b.reading.size(format);
+            assert!(fits >= both);
+            assert_eq!(batch_len(&[a.clone(), b.clone()], format, fits), 2);
+        }
     }
 }

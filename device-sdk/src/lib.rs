@@ -4,9 +4,10 @@
 //!   text; the device id (and MQTT client id) is the certificate's common name.
 //! - [`Device`]: connects over mTLS (rumqttc, MQTT 3.1.1, QoS 1), reconnects with exponential
 //!   backoff and jitter, and sends [`Reading`]s in batches, as JSON or protobuf ([`Format`]).
-//!   Every reading is written to an outbox on the device's disk first ([`OutboxConfig`]) and
-//!   removed only once Tellus has acknowledged it, which Tellus does only once the reading is
-//!   durable there. Readings carry the device's time, so one sent twice (after a lost
+//!   Every reading is written to an outbox first and removed only once Tellus has
+//!   acknowledged it, which Tellus does only once the reading is durable there. Give it a
+//!   file ([`OutboxConfig::file`]) to survive a restart of the program; the default outbox
+//!   is in memory. Readings carry the device's time, so one sent twice (after a lost
 //!   acknowledgement, or a restart) is stored once.
 //! - Commands go to handlers registered by name ([`DeviceBuilder::on_command`]); their
 //!   results (or failures) are published for Tellus, and an unknown command is answered with
@@ -36,7 +37,9 @@ mod reading;
 mod rotation;
 
 pub use backoff::Backoff;
-pub use device::{Batching, Command, CommandResult, Desired, Device, DeviceBuilder, Stats};
+pub use device::{
+    Batching, Command, CommandResult, Desired, Device, DeviceBuilder, Stats, MAX_MESSAGE_BYTES,
+};
 pub use outbox::{Durability, OutboxConfig, OutboxError, WhenFull};
 pub use reading::{Format, InvalidReading, Reading, Time, Value, MAX_READING_BYTES};
 pub use rotation::Rotation;
@@ -89,6 +92,8 @@ pub enum Error {
     Outbox(String),
     #[error("a state report must be a JSON object")]
     NotAnObject,
+    #[error("the message is {0} bytes; a device sends at most {max}", max = device::MAX_MESSAGE_BYTES)]
+    MessageTooLarge(usize),
     #[error("event name {0:?} is not allowed: {1}")]
     BadEventName(String, String),
     #[error("the device is closed")]

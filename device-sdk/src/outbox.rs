@@ -199,6 +199,12 @@ impl Outbox {
             )?;
             for body in &bodies {
                 let size = body.len() as u64;
+                if size > self.config.max_bytes {
+                    // It could never fit: refused without emptying the outbox first.
+                    done.refused += 1;
+                    done.taken.push(false);
+                    continue;
+                }
                 while count > 0
                     && (count + 1 > self.config.max_readings
                         || bytes + size > self.config.max_bytes)
@@ -272,6 +278,26 @@ impl Outbox {
 
     /// Keeps a message to send; returns how many old ones were dropped to make room.
     pub fn push_message(&mut self, topic: &str, payload: &[u8]) -> Result<u64, OutboxError> {
+        self.push(topic, payload, None)
+    }
+
+    /// Keeps a command's result to send and remembers it for command `id`, in one
+    /// transaction: a crash cannot leave a sent result forgotten, or a remembered one unsent.
+    pub fn push_result(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        id: &str,
+    ) -> Result<u64, OutboxError> {
+        self.push(topic, payload, Some(id))
+    }
+
+    fn push(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        command: Option<&str>,
+    ) -> Result<u64, OutboxError> {
         let tx = self.conn.transaction()?;
         let mut dropped = 0;
         if self.messages >= self.config.max_messages {
@@ -286,6 +312,17 @@ impl Outbox {
             "INSERT INTO messages (topic, payload) VALUES (?1, ?2)",
             params![topic, payload],
         )?;
+        if let Some(id) = command {
+            tx.execute(
+                "INSERT INTO handled (id, result) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET result = excluded.result",
+                params![id, payload],
+            )?;
+            tx.execute(
+                "DELETE FROM handled WHERE n <= (SELECT max(n) FROM handled) - ?1",
+                [HANDLED_KEPT],
+            )?;
+        }
         tx.commit()?;
         self.messages = self.messages + 1 - dropped;
         Ok(dropped)
@@ -321,22 +358,6 @@ impl Outbox {
             .prepare_cached("SELECT result FROM handled WHERE id = ?1")?
             .query_row([id], |r| r.get(0))
             .optional()?)
-    }
-
-    /// Notes the result of command `id`, remembering the newest [`HANDLED_KEPT`] answers.
-    pub fn mark_handled(&mut self, id: &str, result: &[u8]) -> Result<(), OutboxError> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO handled (id, result) VALUES (?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET result = excluded.result",
-            params![id, result],
-        )?;
-        tx.execute(
-            "DELETE FROM handled WHERE n <= (SELECT max(n) FROM handled) - ?1",
-            [HANDLED_KEPT],
-        )?;
-        tx.commit()?;
-        Ok(())
     }
 }
 
@@ -429,6 +450,11 @@ mod tests {
             .unwrap();
         assert_eq!((appended.taken.len(), appended.dropped), (4, 2));
         assert_eq!(outbox.readings(), (2, 2 * one));
+        // One that could never fit is refused without dropping anything for it.
+        let huge = Reading::at(5).with("n", "x".repeat(3 * one as usize));
+        let appended = outbox.append(&[huge]).unwrap();
+        assert_eq!((appended.taken, appended.dropped), (vec![false], 0));
+        assert_eq!(outbox.readings(), (2, 2 * one));
     }
 
     #[test]
@@ -449,11 +475,11 @@ mod tests {
         assert_eq!(outbox.messages(), 1);
 
         assert_eq!(outbox.handled("c-1").unwrap(), None);
-        outbox.mark_handled("c-1", b"first").unwrap();
-        outbox.mark_handled("c-1", b"done").unwrap();
+        outbox.push_result("r", b"first", "c-1").unwrap();
+        outbox.push_result("r", b"done", "c-1").unwrap();
         assert_eq!(outbox.handled("c-1").unwrap(), Some(b"done".to_vec()));
         for n in 0..HANDLED_KEPT {
-            outbox.mark_handled(&format!("x-{n}"), b"").unwrap();
+            outbox.push_result("r", b"", &format!("x-{n}")).unwrap();
         }
         assert_eq!(
             outbox.handled("c-1").unwrap(),

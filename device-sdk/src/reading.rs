@@ -102,8 +102,8 @@ pub enum InvalidReading {
     Repeated(String),
     #[error("metric {0:?} is not a finite number")]
     NotFinite(String),
-    #[error("a device time must not be negative: {0}")]
-    NegativeTime(TimestampMs),
+    #[error("a device time must be after the Unix epoch (ms > 0): {0}")]
+    BadTime(TimestampMs),
     #[error("the reading is {0} bytes encoded; at most {MAX_READING_BYTES} are taken")]
     TooLarge(usize),
 }
@@ -150,8 +150,9 @@ impl Reading {
             return Err(InvalidReading::Empty);
         }
         if let Time::Device(ts) = self.time {
-            if ts < 0 {
-                return Err(InvalidReading::NegativeTime(ts));
+            // Protobuf's 0 means "no device time": refused in both forms alike.
+            if ts <= 0 {
+                return Err(InvalidReading::BadTime(ts));
             }
         }
         for (i, (name, value)) in self.metrics.iter().enumerate() {
@@ -165,16 +166,23 @@ impl Reading {
                 return Err(InvalidReading::Repeated(name.clone()));
             }
         }
-        let size = self.encoded_len();
+        let size = self.size(Format::Json).max(self.size(Format::Protobuf));
         if size > MAX_READING_BYTES {
             return Err(InvalidReading::TooLarge(size));
         }
         Ok(())
     }
 
-    /// Its size in a JSON batch (the larger of the two forms).
-    pub(crate) fn encoded_len(&self) -> usize {
-        Format::Json.encode(std::slice::from_ref(self)).len()
+    /// What it adds to a message of `format`: a batch's size is
+    /// [`Format::empty_size`] plus the sizes of its readings (at most; exactly for protobuf).
+    pub(crate) fn size(&self, format: Format) -> usize {
+        let alone = format.encode(std::slice::from_ref(self)).len();
+        match format {
+            // `[` + item + `]` alone; an item and its comma in a batch.
+            Format::Json => alone - 1,
+            // A batch's points are its readings' points, one after another.
+            Format::Protobuf => alone,
+        }
     }
 
     /// The series keys (metric, time) this reading writes: two readings that share one must
@@ -199,6 +207,14 @@ impl Format {
         match self {
             Format::Json => tellus_core::topic::DeviceTopic::Telemetry,
             Format::Protobuf => tellus_core::topic::DeviceTopic::TelemetryPb,
+        }
+    }
+
+    /// The size of a message of no readings (see [`Reading::size`]).
+    pub(crate) fn empty_size(self) -> usize {
+        match self {
+            Format::Json => 2,
+            Format::Protobuf => 0,
         }
     }
 
@@ -312,6 +328,21 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_as_large_as_its_readings_say() {
+        let readings = sample_readings();
+        for format in [Format::Json, Format::Protobuf] {
+            for n in 1..=readings.len() {
+                let sum: usize = readings[..n].iter().map(|r| r.size(format)).sum();
+                let actual = format.encode(&readings[..n]).len();
+                assert!(actual <= format.empty_size() + sum, "{format:?} {n}");
+                if format == Format::Protobuf {
+                    assert_eq!(actual, sum);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn what_tellus_would_refuse_is_refused_here() {
         let cases = [
             (Reading::now(), InvalidReading::Empty),
@@ -331,16 +362,26 @@ mod tests {
                 Reading::now().with("a", f64::NAN),
                 InvalidReading::NotFinite("a".into()),
             ),
-            (
-                Reading::at(-1).with("a", 1),
-                InvalidReading::NegativeTime(-1),
-            ),
+            (Reading::at(-1).with("a", 1), InvalidReading::BadTime(-1)),
+            (Reading::at(0).with("a", 1), InvalidReading::BadTime(0)),
         ];
         for (reading, want) in cases {
             assert_eq!(reading.validate(), Err(want));
         }
         let big = Reading::now().with("a", "x".repeat(MAX_READING_BYTES));
         assert!(matches!(big.validate(), Err(InvalidReading::TooLarge(_))));
+        // Many booleans are larger in protobuf (a time per point) than in JSON: the larger
+        // form counts.
+        let mut wide = Reading::now();
+        for i in 0..3_300 {
+            wide = wide.with(format!("flag_{i}"), true);
+        }
+        let (json, pb) = (wide.size(Format::Json), wide.size(Format::Protobuf));
+        assert!(
+            json < MAX_READING_BYTES && pb > MAX_READING_BYTES,
+            "{json} {pb}"
+        );
+        assert!(matches!(wide.validate(), Err(InvalidReading::TooLarge(_))));
         assert_eq!(Reading::now().with("a", 1).validate(), Ok(()));
     }
 }

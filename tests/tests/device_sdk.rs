@@ -261,16 +261,18 @@ impl Sensor {
         Sensor { child, lines }
     }
 
-    /// Reads "recorded n=N" lines until `n` have come; returns their numbers.
-    fn recorded(&self, n: usize) -> Vec<u64> {
+    /// Reads "recorded n=N ts=T" lines until `n` have come; returns their numbers and
+    /// device times.
+    fn recorded(&self, n: usize) -> Vec<(u64, i64)> {
         let mut got = Vec::new();
         while got.len() < n {
             let line = self
                 .lines
                 .recv_timeout(EVENTUALLY)
                 .expect("the sensor goes on recording");
-            if let Some(v) = line.strip_prefix("recorded n=") {
-                got.push(v.parse().unwrap());
+            if let Some(rest) = line.strip_prefix("recorded n=") {
+                let (n, ts) = rest.split_once(" ts=").expect("n=N ts=T");
+                got.push((n.parse().unwrap(), ts.parse().unwrap()));
             }
         }
         got
@@ -322,11 +324,16 @@ async fn a_device_killed_and_restarted_while_tellus_is_down_loses_nothing() {
         *times.entry(*ts).or_default() += 1;
         *counts.entry(v.as_u64().unwrap()).or_default() += 1;
     }
-    for n in &recorded {
+    for (n, ts) in &recorded {
         assert_eq!(
             counts.get(n),
             Some(&1),
             "reading {n} stored once: {stored:?}"
+        );
+        // At the time it was taken, though it was sent later (by another process).
+        assert!(
+            stored.contains(&(*ts, json!(n))),
+            "reading {n} at {ts}: {stored:?}"
         );
     }
     // Nothing else twice either (a reading taken just before the kill may have been written
@@ -632,4 +639,68 @@ async fn the_actuator_example_follows_commands_and_desired_state() {
     }
     let _ = actuator.kill();
     let _ = actuator.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_in_flight_when_tellus_dies_are_sent_again_and_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let tellus = Tellus::start_in(dir.path(), None);
+    let port = tellus.mqtt_addr.port();
+    let creds = tellus.create_device("steady-01").await;
+    let device = Arc::new(
+        Device::builder(creds, "127.0.0.1", port)
+            .batching(Batching {
+                max_readings: 20,
+                ..Batching::default()
+            })
+            .backoff(tellus_device::Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(1),
+            })
+            .start()
+            .unwrap(),
+    );
+    const TOTAL: i64 = 3_000;
+    let base = recent_base();
+    let sender = {
+        let device = device.clone();
+        tokio::spawn(async move {
+            for chunk in 0..3 {
+                let readings = (chunk * 1_000..(chunk + 1) * 1_000)
+                    .map(|i| Reading::at(base + i).with("i", i))
+                    .collect();
+                device.send_all(readings).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    // Tellus dies (no goodbye) with readings on their way...
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let stats = device.stats();
+        if stats.acknowledged >= 300 && stats.in_flight > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tellus.kill();
+    let at_kill = device.stats();
+    // ...and comes back on the same port.
+    let tellus = Tellus::start_on(dir.path(), None, &format!("127.0.0.1:{port}"));
+    sender.await.unwrap();
+    tokio::time::timeout(EVENTUALLY * 3, device.flush())
+        .await
+        .expect("the outbox empties");
+    let stats = device.stats();
+    assert!(stats.connections >= 2, "{stats:?}");
+    assert!(
+        at_kill.acknowledged < TOTAL as u64,
+        "killed mid-stream: {at_kill:?}"
+    );
+    let stored = points(&tellus, "steady-01", "i").await;
+    assert_eq!(stored.len(), TOTAL as usize, "{stats:?}");
+    for (i, (ts, v)) in stored.iter().enumerate() {
+        assert_eq!((*ts, v.as_i64()), (base + i as i64, Some(i as i64)));
+    }
 }

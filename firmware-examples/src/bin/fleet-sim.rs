@@ -11,8 +11,8 @@
 //! ```
 //!
 //! It prints a status line every few seconds and, with `--seconds`, a summary at the end.
-//! Every device answers the commands `ping` and `set_interval` (`{"ms": …}`), and applies a
-//! desired `interval_ms` the same way, reporting it back.
+//! Every device answers the commands `ping` and `set_interval` (`{"ms": …}`), and takes a
+//! desired `interval_ms` the same way (it does not report state).
 
 use std::{
     path::{Path, PathBuf},

@@ -12,7 +12,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use tellus_device::{Credentials, Device, Format, OutboxConfig, Reading};
+use tellus_device::{Credentials, Device, Format, OutboxConfig, Reading, Time};
 
 #[derive(Parser)]
 struct Args {
@@ -85,9 +85,13 @@ async fn main() -> anyhow::Result<()> {
         let reading = Reading::now()
             .with("temperature", (temperature * 100.0).round() / 100.0)
             .with("n", n as i64);
+        let ts = match reading.time() {
+            Time::Device(ts) => ts,
+            Time::Server => 0,
+        };
         device.send(reading).await?;
         // Printed only once the reading is on disk: whoever reads this may count on it.
-        println!("recorded n={n}");
+        println!("recorded n={n} ts={ts}");
     }
     println!("all recorded");
     // Keep sending what waits (and answering Tellus) until stopped.
