@@ -44,7 +44,10 @@ pub use outbox::{Durability, OutboxConfig, OutboxError, WhenFull};
 pub use reading::{Format, InvalidReading, Reading, Time, Value, MAX_READING_BYTES};
 pub use rotation::Rotation;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
@@ -131,6 +134,32 @@ impl Credentials {
             )));
         }
         Ok(creds)
+    }
+
+    /// Writes `<id>.crt`, `<id>.key` (readable by the owner only) and `ca.crt` into `dir`,
+    /// created if missing: the files [`Credentials::from_dir`] reads. The certificate is
+    /// written last, so a folder with it holds all three. Returns their paths: (certificate,
+    /// key, CA).
+    pub fn write_to_dir(
+        &self,
+        dir: impl AsRef<Path>,
+    ) -> std::io::Result<(PathBuf, PathBuf, PathBuf)> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)?;
+        let id = self.id.as_str();
+        let (cert, key, ca) = (
+            dir.join(format!("{id}.crt")),
+            dir.join(format!("{id}.key")),
+            dir.join("ca.crt"),
+        );
+        std::fs::write(&ca, &self.ca_pem)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(&mut options.open(&key)?, self.key_pem.as_bytes())?;
+        std::fs::write(&cert, &self.cert_pem)?;
+        Ok((cert, key, ca))
     }
 
     /// Reads the device certificate, its key and the fleet CA from three PEM files.

@@ -2,6 +2,7 @@
 //! them in (JSON and the protobuf `TelemetryBatch`).
 
 use serde::{Deserialize, Serialize};
+pub use tellus_core::telemetry::Value;
 use tellus_core::{
     telemetry::{key_is_bad, proto, MAX_METRIC_LEN},
     TimestampMs,
@@ -10,57 +11,6 @@ use tellus_core::{
 /// The largest reading the SDK accepts, encoded: far below a packet's limit, so that a batch
 /// always has room for at least one.
 pub const MAX_READING_BYTES: usize = 64 * 1024;
-
-/// One metric's value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Value {
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Text(String),
-}
-
-impl From<f64> for Value {
-    fn from(v: f64) -> Self {
-        Value::Float(v)
-    }
-}
-impl From<f32> for Value {
-    fn from(v: f32) -> Self {
-        Value::Float(v.into())
-    }
-}
-impl From<i64> for Value {
-    fn from(v: i64) -> Self {
-        Value::Int(v)
-    }
-}
-impl From<i32> for Value {
-    fn from(v: i32) -> Self {
-        Value::Int(v.into())
-    }
-}
-impl From<u32> for Value {
-    fn from(v: u32) -> Self {
-        Value::Int(v.into())
-    }
-}
-impl From<bool> for Value {
-    fn from(v: bool) -> Self {
-        Value::Bool(v)
-    }
-}
-impl From<String> for Value {
-    fn from(v: String) -> Self {
-        Value::Text(v)
-    }
-}
-impl From<&str> for Value {
-    fn from(v: &str) -> Self {
-        Value::Text(v.to_owned())
-    }
-}
 
 /// When a reading was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

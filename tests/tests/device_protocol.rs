@@ -115,19 +115,22 @@ impl Conn {
         .flatten()
     }
 
+    /// Grants every filter of a SUBSCRIBE at QoS 1.
+    async fn grant(&mut self, subscribe: &rumqttc::mqttbytes::v4::Subscribe) {
+        let codes = subscribe
+            .filters
+            .iter()
+            .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
+            .collect();
+        self.send(&Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
+            .await;
+    }
+
     /// Reads until SUBSCRIBE, answers it.
     async fn subscribed(&mut self) {
         loop {
             match self.recv(Duration::from_secs(10)).await {
-                Some(Packet::Subscribe(s)) => {
-                    let codes = s
-                        .filters
-                        .iter()
-                        .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
-                        .collect();
-                    self.send(&Packet::SubAck(SubAck::new(s.pkid, codes))).await;
-                    return;
-                }
+                Some(Packet::Subscribe(s)) => return self.grant(&s).await,
                 Some(_) => {}
                 None => panic!("no SUBSCRIBE"),
             }
@@ -220,14 +223,7 @@ async fn readings_of_a_stalled_session_leave_the_outbox_only_by_their_own_puback
                 first = Some(numbers(&p.payload));
                 s2.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
             }
-            Some(Packet::Subscribe(s)) => {
-                let codes = s
-                    .filters
-                    .iter()
-                    .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
-                    .collect();
-                s2.send(&Packet::SubAck(SubAck::new(s.pkid, codes))).await;
-            }
+            Some(Packet::Subscribe(s)) => s2.grant(&s).await,
             Some(_) => {}
             None if first.is_some() => break,
             None => {}
@@ -257,14 +253,7 @@ async fn readings_of_a_stalled_session_leave_the_outbox_only_by_their_own_puback
                 }
                 s3.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
             }
-            Some(Packet::Subscribe(s)) => {
-                let codes = s
-                    .filters
-                    .iter()
-                    .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
-                    .collect();
-                s3.send(&Packet::SubAck(SubAck::new(s.pkid, codes))).await;
-            }
+            Some(Packet::Subscribe(s)) => s3.grant(&s).await,
             _ => {}
         }
     }
@@ -583,14 +572,7 @@ async fn an_oversized_command_result_is_a_failure_and_holds_nothing_back() {
                 }
                 s.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
             }
-            Some(Packet::Subscribe(x)) => {
-                let codes = x
-                    .filters
-                    .iter()
-                    .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
-                    .collect();
-                s.send(&Packet::SubAck(SubAck::new(x.pkid, codes))).await;
-            }
+            Some(Packet::Subscribe(x)) => s.grant(&x).await,
             Some(_) => {}
             None if device.is_connected() => {}
             None => {

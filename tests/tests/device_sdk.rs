@@ -18,15 +18,6 @@ use serde_json::{json, Value};
 use tellus_device::{Batching, Credentials, Device, Format, OutboxConfig, Reading};
 use tellus_tests::{raise_open_files, recent_base, workspace_bin, Tellus, EVENTUALLY};
 
-/// Writes `creds` as `tellus device create` would: `<id>.crt`, `<id>.key`, `ca.crt`.
-fn write_creds(dir: &Path, creds: &Credentials) {
-    std::fs::create_dir_all(dir).unwrap();
-    let id = creds.id.as_str();
-    std::fs::write(dir.join(format!("{id}.crt")), &creds.cert_pem).unwrap();
-    std::fs::write(dir.join(format!("{id}.key")), &creds.key_pem).unwrap();
-    std::fs::write(dir.join("ca.crt"), &creds.ca_pem).unwrap();
-}
-
 /// Every raw point of `metric` of `device`, as (ts, value).
 async fn points(tellus: &Tellus, device: &str, metric: &str) -> Vec<(i64, Value)> {
     let (status, body) = tellus
@@ -299,7 +290,11 @@ async fn a_device_killed_and_restarted_while_tellus_is_down_loses_nothing() {
     let outbox = dir.path().join("outbox.db");
     // Register the device, then stop Tellus.
     let tellus = Tellus::start_in(&data, None);
-    write_creds(&certs, &tellus.create_device("offline-01").await);
+    tellus
+        .create_device("offline-01")
+        .await
+        .write_to_dir(&certs)
+        .unwrap();
     assert!(tellus.stop().success());
     // Where Tellus will listen once it is back.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -499,7 +494,7 @@ async fn a_certificate_near_its_end_is_renewed_over_mqtt_and_used() {
         created["ca_pem"].as_str().unwrap(),
     )
     .unwrap();
-    write_creds(&certs, &creds);
+    creds.write_to_dir(&certs).unwrap();
     let device = Device::builder(
         Credentials::from_dir(&certs, "rotor-01").unwrap(),
         "127.0.0.1",
@@ -572,7 +567,11 @@ async fn the_actuator_example_follows_commands_and_desired_state() {
     let dir = tempfile::tempdir().unwrap();
     let tellus = Tellus::start_in(&dir.path().join("data"), None);
     let certs = dir.path().join("certs");
-    write_creds(&certs, &tellus.create_device("valve-01").await);
+    tellus
+        .create_device("valve-01")
+        .await
+        .write_to_dir(&certs)
+        .unwrap();
     let mut actuator = Command::new(workspace_bin("tellus-firmware-examples", "actuator"))
         .arg("--certs")
         .arg(&certs)

@@ -6,7 +6,7 @@
 //! test fails only when something does not happen within a generous wait.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -300,20 +300,6 @@ fn require_python_module(module: &str, install: &str) -> bool {
     tellus_tests::require(&format!("python3 can import {module}"), probe, install)
 }
 
-/// Writes a device's CA, certificate and key to `dir`: (ca, cert, key).
-fn write_pems(dir: &Path, creds: &Credentials) -> (PathBuf, PathBuf, PathBuf) {
-    let id = creds.id.as_str();
-    let files = (
-        dir.join("ca.crt"),
-        dir.join(format!("{id}.crt")),
-        dir.join(format!("{id}.key")),
-    );
-    std::fs::write(&files.0, &creds.ca_pem).unwrap();
-    std::fs::write(&files.1, &creds.cert_pem).unwrap();
-    std::fs::write(&files.2, &creds.key_pem).unwrap();
-    files
-}
-
 /// Runs `tests/python/paho_device.py` as `creds`, publishing `message` to its telemetry.
 async fn paho_publish(
     t: &Tellus,
@@ -324,7 +310,7 @@ async fn paho_publish(
     protocol: &str,
 ) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/paho_device.py");
-    let (ca, cert, key) = write_pems(dir, creds);
+    let (cert, key, ca) = creds.write_to_dir(dir).unwrap();
     let run = tokio::process::Command::new("python3")
         .arg(script)
         .args([

@@ -5,14 +5,13 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Instant,
 };
 
 use serde_json::{json, Value};
-use tellus_device::Credentials;
 use tellus_tests::{Tellus, EVENTUALLY};
 
 /// Readings each example is asked to send.
@@ -82,22 +81,6 @@ impl Drop for Running {
     }
 }
 
-/// Writes a device's CA, certificate and key into `dir`, as `tellus device create` names
-/// them: (ca, cert, key).
-fn write_pems(dir: &Path, creds: &Credentials) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let id = creds.id.as_str();
-    let files = (
-        dir.join("ca.crt"),
-        dir.join(format!("{id}.crt")),
-        dir.join(format!("{id}.key")),
-    );
-    std::fs::write(&files.0, &creds.ca_pem).unwrap();
-    std::fs::write(&files.1, &creds.cert_pem).unwrap();
-    std::fs::write(&files.2, &creds.key_pem).unwrap();
-    files
-}
-
 /// The `(ts, value)` points of a telemetry answer to `metric=` (numbers only).
 fn points(body: &Value) -> Vec<(i64, f64)> {
     let Some(points) = body["points"].as_array() else {
@@ -130,7 +113,7 @@ async fn check_example(label: &str, mut program: Command, id: &str) {
     let dir = tempfile::tempdir().unwrap();
     let t = Tellus::start_in(&dir.path().join("data"), None);
     let creds = t.create_device(id).await;
-    let (ca, cert, key) = write_pems(&dir.path().join("certs"), &creds);
+    let (cert, key, ca) = creds.write_to_dir(dir.path().join("certs")).unwrap();
 
     let started_ms = tellus_core::now_ms();
     program

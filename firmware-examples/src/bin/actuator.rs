@@ -12,34 +12,23 @@
 //! ```
 
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use clap::Parser;
 use serde_json::{json, Value};
-use tellus_device::{Credentials, Device, OutboxConfig, Reading};
+use tellus_device::Reading;
+use tellus_firmware_examples::{init_logging, DeviceArgs};
 use tokio::sync::mpsc;
 
 #[derive(Parser)]
 struct Args {
-    /// Folder with <id>.crt, <id>.key and ca.crt.
-    #[arg(long)]
-    certs: PathBuf,
-    /// The device id (the certificate's CN).
-    #[arg(long)]
-    id: String,
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    #[arg(long, default_value_t = 8883)]
-    port: u16,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Milliseconds between flow readings.
     #[arg(long, default_value_t = 5_000)]
     every_ms: u64,
-    /// The outbox file [default: <id>-outbox.db].
-    #[arg(long)]
-    outbox: Option<PathBuf>,
 }
 
 /// The hardware, as far as this example has any.
@@ -60,14 +49,8 @@ impl Valve {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let args = Args::parse();
-    let creds = Credentials::from_dir(&args.certs, &args.id)?;
     let valve = Arc::new(Mutex::new(Valve {
         open: false,
         flow_limit: 10.0,
@@ -76,11 +59,7 @@ async fn main() -> anyhow::Result<()> {
     // channel to the loop below, which owns the device.
     let (changed_tx, mut changed) = mpsc::channel::<Value>(16);
 
-    let outbox = args
-        .outbox
-        .unwrap_or_else(|| format!("{}-outbox.db", args.id).into());
-    let mut builder =
-        Device::builder(creds, args.host, args.port).outbox(OutboxConfig::file(outbox));
+    let mut builder = args.device.builder()?;
     for (name, open) in [("open", true), ("close", false)] {
         let (valve, changed_tx) = (valve.clone(), changed_tx.clone());
         builder = builder.on_command(name, move |_cmd| {

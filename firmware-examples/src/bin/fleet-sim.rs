@@ -15,7 +15,7 @@
 //! desired `interval_ms` the same way (it does not report state).
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -171,16 +171,11 @@ async fn register(http: &reqwest::Client, args: &Args, id: &str) -> anyhow::Resu
     else {
         bail!("registering {id}: the answer lacks the credentials: {body}");
     };
-    save(&args.certs, id, &cert, &key, &ca)?;
-    Ok(Credentials::from_pem(cert, key, ca)?)
-}
-
-fn save(dir: &Path, id: &str, cert: &str, key: &str, ca: &str) -> anyhow::Result<()> {
-    // The key last: a device whose files are all there is complete.
-    std::fs::write(dir.join("ca.crt"), ca)?;
-    std::fs::write(dir.join(format!("{id}.key")), key)?;
-    std::fs::write(dir.join(format!("{id}.crt")), cert)?;
-    Ok(())
+    let creds = Credentials::from_pem(cert, key, ca)?;
+    creds
+        .write_to_dir(&args.certs)
+        .with_context(|| format!("saving {id}'s credentials in {}", args.certs.display()))?;
+    Ok(creds)
 }
 
 /// Starts one simulated device: readings on a timer, commands, desired state.

@@ -9,23 +9,16 @@
 //! cargo run -p tellus-firmware-examples --bin sensor -- --certs certs --id sensor-01
 //! ```
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use tellus_device::{Credentials, Device, Format, OutboxConfig, Reading, Time};
+use tellus_device::{Format, Reading, Time};
+use tellus_firmware_examples::{init_logging, DeviceArgs};
 
 #[derive(Parser)]
 struct Args {
-    /// Folder with <id>.crt, <id>.key and ca.crt.
-    #[arg(long)]
-    certs: PathBuf,
-    /// The device id (the certificate's CN).
-    #[arg(long)]
-    id: String,
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    #[arg(long, default_value_t = 8883)]
-    port: u16,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Milliseconds between readings.
     #[arg(long, default_value_t = 5_000)]
     every_ms: u64,
@@ -35,9 +28,6 @@ struct Args {
     /// The number of the first reading.
     #[arg(long, default_value_t = 0)]
     first: u64,
-    /// The outbox file [default: <id>-outbox.db].
-    #[arg(long)]
-    outbox: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Wire::Json)]
     format: Wire,
 }
@@ -50,19 +40,11 @@ enum Wire {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let args = Args::parse();
-    let creds = Credentials::from_dir(&args.certs, &args.id)?;
-    let outbox = args
-        .outbox
-        .unwrap_or_else(|| format!("{}-outbox.db", args.id).into());
-    let device = Device::builder(creds, args.host, args.port)
-        .outbox(OutboxConfig::file(outbox))
+    let device = args
+        .device
+        .builder()?
         .format(match args.format {
             Wire::Json => Format::Json,
             Wire::Protobuf => Format::Protobuf,
