@@ -49,9 +49,15 @@ use crate::{
     Credentials, Error,
 };
 
-/// The largest command result, state report or event a device sends, encoded. Tellus keeps
-/// states of at most 64 KiB; a message that could not be sent must never wait in the outbox.
+/// The largest command result, state report or event a device sends: its topic and its
+/// encoded payload together. Tellus keeps states of at most 64 KiB; a message that could not
+/// be sent must never wait in the outbox.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The largest batch a device sends: within Tellus's default `mqtt.max_packet_size`
+/// (256 KiB), with room for the topic and the packet's header. A larger packet would end
+/// the connection, every time it is sent.
+const MAX_BATCH_BYTES: usize = 252 * 1024;
 
 /// A command from Tellus, as its handler gets it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -90,8 +96,9 @@ type DesiredHandler = Arc<dyn Fn(Desired) -> BoxFuture<'static, ()> + Send + Syn
 pub struct Batching {
     /// At most this many readings in one message (default 100).
     pub max_readings: usize,
-    /// At most this many bytes in one message (default 64 KiB; a single larger reading
-    /// still travels alone). Keep it below Tellus's `mqtt.max_packet_size`.
+    /// At most this many bytes in one message (default 64 KiB, at most 252 KiB; a single
+    /// larger reading still travels alone). Keep it below Tellus's `mqtt.max_packet_size`
+    /// if that was lowered.
     pub max_bytes: usize,
     /// A message that is not full waits this long for more readings (default 100 ms; zero
     /// sends every reading at once).
@@ -269,10 +276,12 @@ impl DeviceBuilder {
         self
     }
 
-    /// How readings are gathered (`max_readings` is kept within 1..=10,000).
+    /// How readings are gathered (`max_readings` is kept within 1..=10,000, `max_bytes`
+    /// within 1 KiB..=252 KiB).
     pub fn batching(mut self, batching: Batching) -> Self {
         self.batching = Batching {
             max_readings: batching.max_readings.clamp(1, 10_000),
+            max_bytes: batching.max_bytes.clamp(1024, MAX_BATCH_BYTES),
             ..batching
         };
         self
@@ -380,7 +389,11 @@ impl DeviceBuilder {
             )),
         ];
         if let Some(handler) = self.on_desired {
-            tasks.push(tokio::spawn(desired_calls(desired_rx.clone(), handler)));
+            tasks.push(tokio::spawn(desired_calls(
+                desired_rx.clone(),
+                handler,
+                stop.subscribe(),
+            )));
         }
         let (renewed_tx, renewed_rx) = mpsc::channel(1);
         let network = tokio::spawn(network(
@@ -516,8 +529,9 @@ impl Device {
 
     async fn message(&self, topic: String, payload: Json) -> Result<(), Error> {
         let payload = serde_json::to_vec(&payload).unwrap_or_default();
-        if payload.len() > MAX_MESSAGE_BYTES {
-            return Err(Error::MessageTooLarge(payload.len()));
+        let size = topic.len() + payload.len();
+        if size > MAX_MESSAGE_BYTES {
+            return Err(Error::MessageTooLarge(size));
         }
         self.write(|done| Write::Message(topic, payload, done))
             .await
@@ -772,18 +786,30 @@ async fn not_run(shared: &Arc<Shared>, id: String) {
 }
 
 /// Calls the desired-state handler with each newest desired state, one call at a time.
-async fn desired_calls(mut rx: watch::Receiver<Option<Desired>>, handler: DesiredHandler) {
-    while rx.changed().await.is_ok() {
+/// On stop it ends without waiting for a call under way.
+async fn desired_calls(
+    mut rx: watch::Receiver<Option<Desired>>,
+    handler: DesiredHandler,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
         let desired = rx.borrow_and_update().clone();
         if let Some(desired) = desired {
             let version = desired.version;
             let handler = handler.clone();
             // A task of its own: a panic in one call must not end the later ones.
-            if tokio::spawn(async move { handler(desired).await })
-                .await
-                .is_err()
-            {
-                tracing::warn!(version, "the desired-state handler panicked");
+            let call = tokio::spawn(async move { handler(desired).await });
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => return,
+                outcome = call => if outcome.is_err() {
+                    tracing::warn!(version, "the desired-state handler panicked");
+                },
             }
         }
     }
@@ -878,8 +904,13 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// What a publish in flight carries.
 #[derive(Debug, Clone, Copy)]
 enum Sent {
-    Readings { first: i64, last: i64 },
+    Readings {
+        first: i64,
+        last: i64,
+    },
     Message(i64),
+    /// Not from the outbox (a CSR): its packet id is taken, its PUBACK changes nothing.
+    Control,
 }
 
 struct Connection {
@@ -948,19 +979,39 @@ impl Connection {
                 .store(waiting, Ordering::Relaxed);
         }
         // A DISCONNECT tells Tellus this was meant; the network task ends once it is out.
-        if self.connected && self.client.try_disconnect().is_ok() {
-            let drain = async {
-                while let Some(event) = net.recv().await {
-                    if let Net::Down(_, answered) = event {
+        // Commands that arrived meanwhile were acknowledged by rumqttc: they are answered,
+        // so that none ends up delivered and never answered.
+        let disconnecting = self.connected && self.client.try_disconnect().is_ok();
+        let drain = async {
+            loop {
+                let event = if disconnecting {
+                    net.recv().await
+                } else {
+                    net.try_recv().ok()
+                };
+                match event {
+                    None => break,
+                    Some(Net::Down(_, answered)) => {
                         let _ = answered.send(());
                         break;
                     }
+                    Some(Net::Publish(topic, _)) => self.stopped_before(&topic).await,
+                    Some(_) => {}
                 }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
-        }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
         network.abort();
         self.set_connected(false);
+    }
+
+    /// Answers a command that arrived while the device was stopping.
+    async fn stopped_before(&self, topic_name: &str) {
+        if let Some((device, DeviceTopic::Command(id))) = topic::parse(topic_name) {
+            if device == self.shared.id && lock(&self.shared.running).insert(id.clone()) {
+                not_run(&self.shared, id).await;
+            }
+        }
     }
 
     fn set_connected(&mut self, connected: bool) {
@@ -1049,7 +1100,7 @@ impl Connection {
                             self.shared.error(format_args!("outbox: {e}"));
                         }
                     }
-                    None => {}
+                    Some(Sent::Control) | None => {}
                 }
             }
             Net::Publish(topic, payload) => self.on_publish(&topic, &payload).await,
@@ -1196,7 +1247,11 @@ impl Connection {
         };
         let topic = DeviceTopic::CertsCsr.topic(&self.shared.id);
         match self.client.try_publish(topic, QoS::AtLeastOnce, false, csr) {
-            Ok(()) => tracing::info!(device = %self.shared.id, "asked for a renewed certificate"),
+            Ok(()) => {
+                // Every publish handed to rumqttc takes its place in the packet-id queue.
+                self.unassigned.push_back(Sent::Control);
+                tracing::info!(device = %self.shared.id, "asked for a renewed certificate");
+            }
             Err(e) => {
                 renewal.abandon();
                 self.shared.error(format_args!("sending the CSR: {e}"));

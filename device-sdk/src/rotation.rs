@@ -17,13 +17,16 @@ use crate::{Credentials, Error};
 /// When and where to renew the device's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
-    /// Renew once the certificate has less than this left (default 30 days).
+    /// Renew once the certificate has less than this left (default 30 days), or less than
+    /// half its lifetime, whichever comes later: a certificate issued for less than
+    /// `renew_before` is not renewed the moment it arrives.
     pub renew_before: Duration,
-    /// Write the new certificate and key here, as `<id>.crt` and `<id>.key` (the form
-    /// [`Credentials::from_dir`] reads), so that the next start uses them. `None` keeps them
-    /// in memory only.
+    /// Write the new certificate, key and CA here, as `<id>.crt`, `<id>.key` and `ca.crt`
+    /// (the form [`Credentials::from_dir`] reads), so that the next start uses them. `None`
+    /// keeps them in memory only.
     pub save_to: Option<PathBuf>,
-    /// At most one request this often, whatever its outcome (default 10 minutes).
+    /// At most one request this often, whatever its outcome (default 10 minutes; at least
+    /// 1 s). A request unanswered for this long is given up and may be made again.
     pub min_interval: Duration,
 }
 
@@ -48,6 +51,8 @@ struct Issued {
 /// Where a device is in renewing its certificate.
 pub(crate) struct Renewal {
     config: Rotation,
+    /// The current certificate's validity, ms since the Unix epoch.
+    not_before_ms: TimestampMs,
     not_after_ms: TimestampMs,
     /// The key of the request sent, waiting for its certificate.
     pending: Option<rcgen::KeyPair>,
@@ -55,23 +60,32 @@ pub(crate) struct Renewal {
 }
 
 impl Renewal {
-    pub fn new(config: Rotation, cert_pem: &str) -> Result<Renewal, Error> {
+    pub fn new(mut config: Rotation, cert_pem: &str) -> Result<Renewal, Error> {
+        config.min_interval = config.min_interval.max(Duration::from_secs(1));
+        let (not_before_ms, not_after_ms) = validity_ms(cert_pem)?;
         Ok(Renewal {
             config,
-            not_after_ms: not_after_ms(cert_pem)?,
+            not_before_ms,
+            not_after_ms,
             pending: None,
             last_attempt: None,
         })
     }
 
     /// Whether to ask for a certificate now.
-    pub fn due(&self, now_ms: TimestampMs) -> bool {
+    pub fn due(&mut self, now_ms: TimestampMs) -> bool {
+        let recent = self
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < self.config.min_interval);
+        if recent {
+            return false;
+        }
+        // Unanswered for a whole interval: lost, ask again.
+        self.pending = None;
         let left = self.not_after_ms.saturating_sub(now_ms);
-        self.pending.is_none()
-            && left <= self.config.renew_before.as_millis() as i64
-            && self
-                .last_attempt
-                .is_none_or(|t| t.elapsed() >= self.config.min_interval)
+        let lifetime = self.not_after_ms.saturating_sub(self.not_before_ms);
+        let before = i64::try_from(self.config.renew_before.as_millis()).unwrap_or(i64::MAX);
+        left <= before.min(lifetime / 2)
     }
 
     /// When to look again.
@@ -98,14 +112,17 @@ impl Renewal {
     }
 
     /// Takes Tellus's answer: the new credentials, checked (issued to this device, for the
-    /// key sent) and saved where configured.
+    /// key sent) and saved where configured. An answer that is not for the pending request
+    /// (a late one, to a request given up) leaves that request pending.
     pub fn finish(&mut self, current: &Credentials, payload: &[u8]) -> Result<Credentials, Error> {
-        let Some(key) = self.pending.take() else {
+        let Some(key) = &self.pending else {
             return Err(Error::Rotation("an answer to no request".into()));
         };
         let issued: Issued = serde_json::from_slice(payload)
             .map_err(|e| Error::Rotation(format!("unreadable answer: {e}")))?;
         if let Some(error) = issued.error {
+            // One request is pending at a time, and this is its answer.
+            self.pending = None;
             return Err(Error::Rotation(format!(
                 "Tellus refused the request: {error}"
             )));
@@ -113,6 +130,11 @@ impl Renewal {
         let cert_pem = issued
             .cert_pem
             .ok_or_else(|| Error::Rotation("the answer has no certificate".into()))?;
+        if public_key(&cert_pem)? != key.public_key_raw() {
+            return Err(Error::Rotation(
+                "the certificate is not for the key sent".into(),
+            ));
+        }
         let creds = Credentials::from_pem(
             cert_pem,
             key.serialize_pem(),
@@ -124,17 +146,13 @@ impl Renewal {
                 creds.id.as_str()
             )));
         }
-        if public_key(&creds.cert_pem)? != key.public_key_raw() {
-            return Err(Error::Rotation(
-                "the certificate is not for the key sent".into(),
-            ));
-        }
         // Usable as a whole before it replaces anything.
         creds.tls_config()?;
         if let Some(dir) = &self.config.save_to {
             save(dir, &creds).map_err(|e| Error::Rotation(format!("saving: {e}")))?;
         }
-        self.not_after_ms = not_after_ms(&creds.cert_pem)?;
+        (self.not_before_ms, self.not_after_ms) = validity_ms(&creds.cert_pem)?;
+        self.pending = None;
         Ok(creds)
     }
 }
@@ -152,9 +170,13 @@ fn parse<T>(
     Ok(f(&cert))
 }
 
-fn not_after_ms(pem: &str) -> Result<TimestampMs, Error> {
+fn validity_ms(pem: &str) -> Result<(TimestampMs, TimestampMs), Error> {
     parse(pem, |c| {
-        c.validity().not_after.timestamp().saturating_mul(1000)
+        let v = c.validity();
+        (
+            v.not_before.timestamp().saturating_mul(1000),
+            v.not_after.timestamp().saturating_mul(1000),
+        )
     })
 }
 
@@ -170,18 +192,29 @@ fn next_path(path: &Path) -> PathBuf {
 
 /// Writes new credentials over `<id>.crt` and `<id>.key` in `dir` so that no crash leaves a
 /// key and a certificate that do not belong together: both are first written whole beside
-/// the old ones (`.next`), then renamed, key first. [`finish_interrupted`] completes (or
-/// discards) what a crash interrupted.
+/// the old ones (`.next`, the key readable by its owner only), then renamed, key first.
+/// [`finish_interrupted`] completes (or discards) what a crash interrupted. A changed CA is
+/// written first (`ca.crt`, through a rename).
 fn save(dir: &Path, creds: &Credentials) -> std::io::Result<()> {
     let (cert, key) = files(dir, &creds.id);
-    write_synced(&next_path(&key), creds.key_pem.as_bytes())?;
-    write_synced(&next_path(&cert), creds.cert_pem.as_bytes())?;
+    let ca = dir.join("ca.crt");
+    if std::fs::read_to_string(&ca).ok().as_deref() != Some(creds.ca_pem.as_str()) {
+        write_synced(&next_path(&ca), creds.ca_pem.as_bytes(), false)?;
+        std::fs::rename(next_path(&ca), &ca)?;
+    }
+    write_synced(&next_path(&key), creds.key_pem.as_bytes(), true)?;
+    write_synced(&next_path(&cert), creds.cert_pem.as_bytes(), false)?;
+    sync_dir(dir);
     std::fs::rename(next_path(&key), &key)?;
     std::fs::rename(next_path(&cert), &cert)?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
 }
 
 fn files(dir: &Path, id: &DeviceId) -> (PathBuf, PathBuf) {
@@ -191,28 +224,60 @@ fn files(dir: &Path, id: &DeviceId) -> (PathBuf, PathBuf) {
     )
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn write_synced(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = options.open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
 
-/// Completes a save that a crash interrupted: with the new certificate written, the rename
-/// is finished; with only the new key written, it is discarded.
+/// Completes a save that a crash interrupted, or discards it. A new certificate is taken
+/// only if it is whole and belongs to the key it would be used with (the new key, or the
+/// key already renamed into place); anything else of the save is deleted, leaving the old
+/// pair.
 pub(crate) fn finish_interrupted(dir: &Path, id: &str) -> std::io::Result<()> {
     let cert = dir.join(format!("{id}.crt"));
     let key = dir.join(format!("{id}.key"));
     let (cert_next, key_next) = (next_path(&cert), next_path(&key));
-    if cert_next.exists() {
+    if !cert_next.exists() {
+        if key_next.exists() {
+            std::fs::remove_file(&key_next)?;
+        }
+        return Ok(());
+    }
+    let key_to_use = if key_next.exists() { &key_next } else { &key };
+    let matches = std::fs::read_to_string(&cert_next)
+        .ok()
+        .zip(std::fs::read_to_string(key_to_use).ok())
+        .is_some_and(|(c, k)| pair_matches(&c, &k));
+    if matches {
         if key_next.exists() {
             std::fs::rename(&key_next, &key)?;
         }
         std::fs::rename(&cert_next, &cert)?;
-    } else if key_next.exists() {
-        std::fs::remove_file(&key_next)?;
+    } else {
+        std::fs::remove_file(&cert_next)?;
+        if key_next.exists() {
+            std::fs::remove_file(&key_next)?;
+        }
     }
     Ok(())
+}
+
+/// Whether the certificate in `cert_pem` is for the key in `key_pem`.
+fn pair_matches(cert_pem: &str, key_pem: &str) -> bool {
+    let Ok(key) = rcgen::KeyPair::from_pem(key_pem) else {
+        return false;
+    };
+    public_key(cert_pem).is_ok_and(|k| k == key.public_key_raw())
 }
 
 #[cfg(test)]
@@ -312,5 +377,38 @@ mod tests {
         assert_eq!(read(), (new.cert_pem.clone(), new.key_pem.clone()));
         finish_interrupted(dir.path(), "d1").unwrap();
         assert_eq!(read(), (new.cert_pem, new.key_pem));
+    }
+
+    #[test]
+    fn a_torn_certificate_is_not_promoted_over_a_good_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = creds("d1");
+        let new = creds("d1");
+        old.write_to_dir(dir.path()).unwrap();
+        let (cert, key) = files(dir.path(), &old.id);
+        // save() crashed inside write_synced(cert.next): key.next whole, cert.next created
+        // but not yet written.
+        std::fs::write(next_path(&key), &new.key_pem).unwrap();
+        std::fs::write(next_path(&cert), b"").unwrap();
+        let loaded = Credentials::from_dir(dir.path(), "d1");
+        assert!(
+            loaded.is_ok(),
+            "the device can no longer start: {:?}",
+            loaded.err()
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_saved_key_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let old = creds("d1");
+        old.write_to_dir(dir.path()).unwrap();
+        let (_, key) = files(dir.path(), &old.id);
+        let before = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        save(dir.path(), &creds("d1")).unwrap();
+        let after = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!((before, after), (0o600, 0o600));
     }
 }

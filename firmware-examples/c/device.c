@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <mosquitto.h>
 
@@ -52,6 +53,8 @@
 /* MQTT keep-alive, and the longest wait between two reconnection attempts (seconds). */
 #define KEEPALIVE_S 30
 #define BACKOFF_MAX_S 30
+/* A connection that lasts this long starts the backoff over when it ends. */
+#define STABLE_MS 10000
 
 /* ---- Output: one line per event, flushed at once so a log shows it right away. ---- */
 
@@ -102,6 +105,7 @@ struct device {
 
     bool connected; /* between a successful CONNACK and the loss of the connection */
     int backoff_s;  /* the next wait before reconnecting */
+    long long connected_ms; /* when the current connection was accepted (monotonic) */
 
     unsigned long readings_sent;
     long long next_reading_ms; /* monotonic */
@@ -131,10 +135,14 @@ static long long clock_ms(clockid_t clock)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Sleeps `seconds`, or less if a signal arrives (SIGINT/SIGTERM then stop the program). */
-static void sleep_s(int seconds)
+/* Sleeps a random time between half of `seconds` and all of it (jitter: a fleet that lost
+ * Tellus at one moment does not come back at one moment), or less if a signal arrives
+ * (SIGINT/SIGTERM then stop the program). */
+static void sleep_jittered_s(int seconds)
 {
-    struct timespec ts = { seconds, 0 };
+    long half_ms = (long)seconds * 500L;
+    long ms = half_ms + (half_ms > 0 ? (long)(rand() % (half_ms + 1)) : 0);
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
     (void)nanosleep(&ts, NULL);
 }
 
@@ -478,7 +486,7 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc)
         return;
     }
     dev->connected = true;
-    dev->backoff_s = 1;
+    dev->connected_ms = clock_ms(CLOCK_MONOTONIC);
     say("connected to %s:%d as %s", dev->host, dev->port, dev->id);
 
     /* A clean session: subscribe again on every connection. QoS 1, so that our PUBACK tells
@@ -756,6 +764,7 @@ int main(int argc, char **argv)
     mosquitto_publish_callback_set(mosq, on_publish);
 
     dev.started_ms = clock_ms(CLOCK_MONOTONIC);
+    srand((unsigned)(dev.started_ms ^ (long long)getpid()));
     dev.next_reading_ms = dev.started_ms;
     dev.backoff_s = 1;
 
@@ -771,10 +780,11 @@ int main(int argc, char **argv)
 
     while (!stop_requested) {
         if (reconnect) {
-            /* Wait, longer after each failure (1, 2, 4 … 30 s; back to 1 s once connected),
-             * so a fleet does not hammer a server that is coming back. */
-            complain("reconnecting in %d s", dev.backoff_s);
-            sleep_s(dev.backoff_s);
+            /* Wait, longer after each failure (up to 1, 2, 4 … 30 s, with jitter; back to 1 s
+             * after a connection that lasted 10 s), so a fleet does not hammer a server that
+             * is coming back, nor one that keeps closing its connection. */
+            complain("reconnecting in at most %d s", dev.backoff_s);
+            sleep_jittered_s(dev.backoff_s);
             if (stop_requested) {
                 break;
             }
@@ -792,6 +802,9 @@ int main(int argc, char **argv)
         if (rc != MOSQ_ERR_SUCCESS) {
             if (stop_requested) {
                 break;
+            }
+            if (dev.connected && clock_ms(CLOCK_MONOTONIC) - dev.connected_ms >= STABLE_MS) {
+                dev.backoff_s = 1;
             }
             dev.connected = false;
             complain("connection lost: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc));

@@ -30,6 +30,8 @@ import paho.mqtt.client as mqtt
 
 # How many handled commands are remembered, to answer a repeated one without acting twice.
 HANDLED_MAX = 64
+# The largest command result sent, in bytes (Tellus takes packets of up to 256 KiB).
+RESULT_MAX = 64 * 1024
 # Readings sent but not yet acknowledged; while this many are, no new reading is taken.
 PENDING_MAX = 8
 KEEPALIVE_S = 30
@@ -143,7 +145,14 @@ class Device:
             name = command["name"]
             result = run_command(name, command.get("params"))
 
-        payload = json.dumps(result)
+        payload = json.dumps(result, separators=(",", ":"))
+        if len(payload) > RESULT_MAX:
+            # Too large to send: a result Tellus refused would be sent again after every
+            # reconnect. Say why instead.
+            payload = json.dumps(
+                {"ok": False, "output": f"the result is {len(payload)} bytes; at most {RESULT_MAX} are sent"},
+                separators=(",", ":"),
+            )
         self.handled[command_id] = payload
         if len(self.handled) > HANDLED_MAX:
             self.handled.popitem(last=False)  # forget the oldest

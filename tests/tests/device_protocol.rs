@@ -27,6 +27,7 @@ use tokio::{
 use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
 
 struct Broker {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     listener: Option<TcpListener>,
     acceptor: TlsAcceptor,
     port: u16,
@@ -36,7 +37,13 @@ struct Broker {
 impl Broker {
     async fn start(id: &str) -> Broker {
         let (issuer, ca_pem) = tellus_tests::certs::own_ca("review-ca");
-        let creds = tellus_tests::certs::device(&issuer, id, &ca_pem);
+        // Past the middle of its life, so that a device with a rotation is due at once (the
+        // peer asks for no client certificate, so its validity matters to nothing else).
+        let now = time::OffsetDateTime::now_utc();
+        let creds = tellus_tests::certs::device_with(&issuer, id, &ca_pem, |p| {
+            p.not_before = now - time::Duration::hours(2);
+            p.not_after = now + time::Duration::hours(1);
+        });
         let key = rcgen::KeyPair::generate().unwrap();
         let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
@@ -54,6 +61,7 @@ impl Broker {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         Broker {
+            issuer,
             listener: Some(listener),
             acceptor: TlsAcceptor::from(Arc::new(config)),
             port,
@@ -174,12 +182,15 @@ fn numbers(payload: &[u8]) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_of_a_stalled_session_leave_the_outbox_only_by_their_own_puback() {
     let broker = Broker::start("dev-1").await;
+    // Enough in flight at once (64 batches of 4 readings of 60 KB: 15 MB) to fill the
+    // socket's buffers, so that rumqttc's flush times out.
     let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
         .batching(Batching {
             max_readings: 16,
             max_bytes: 1 << 20,
             linger: Duration::ZERO,
         })
+        .in_flight(64)
         .backoff(Backoff {
             min: Duration::from_millis(100),
             max: Duration::from_millis(200),
@@ -598,4 +609,369 @@ async fn an_oversized_command_result_is_a_failure_and_holds_nothing_back() {
             .contains("the result is 400023 bytes; a device sends at most 65536"),
         "{answer}"
     );
+}
+
+// ---------------------------------------------------------------- review2 experiments
+
+fn far_rotation(min_interval: Duration) -> tellus_device::Rotation {
+    tellus_device::Rotation {
+        // The scripted peer's certificates end within the hour: due at once.
+        renew_before: Duration::from_secs(86_400),
+        save_to: None,
+        min_interval,
+    }
+}
+
+impl Broker {
+    /// Signs a CSR for `id` with the peer's CA; the answer Tellus would give.
+    fn issue(&self, id: &str, csr_pem: &str) -> String {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
+        csr.params.distinguished_name = rcgen::DistinguishedName::new();
+        csr.params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, id);
+        let cert = csr.signed_by(&self.issuer).unwrap().pem();
+        json!({ "cert_pem": cert }).to_string()
+    }
+}
+
+async fn publish_to(c: &mut Conn, topic: String, pkid: u16, payload: Vec<u8>) {
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
+    p.pkid = pkid;
+    c.send(&Packet::Publish(p)).await;
+}
+
+/// A certificate request is a publish that is not in the outbox: it must still take its
+/// place in the packet-id queue, or the oldest batch of readings would leave the outbox on
+/// the request's PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_request_takes_its_own_packet_id() {
+    let broker = Broker::start("rev-1").await;
+    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        .rotation(far_rotation(Duration::from_secs(3600)))
+        .batching(Batching {
+            max_readings: 1,
+            max_bytes: 1 << 20,
+            linger: Duration::ZERO,
+        })
+        .backoff(Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(200),
+        })
+        .start()
+        .unwrap();
+    let readings: Vec<Reading> = (0..5)
+        .map(|i| Reading::at(1_000 + i).with("n", i))
+        .collect();
+    device.send_all(readings).await.unwrap();
+
+    let mut s1 = broker.session().await;
+    let mut seen1 = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match s1.recv(Duration::from_millis(200)).await {
+            Some(Packet::Subscribe(s)) => s1.grant(&s).await,
+            Some(Packet::Publish(p)) if p.topic.ends_with("/certs/csr") => {
+                // Acknowledged at once; no answer.
+                s1.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+            }
+            Some(Packet::Publish(p)) if p.topic.ends_with("/telemetry") => {
+                seen1.extend(numbers(&p.payload)); // never acknowledged
+            }
+            _ => {}
+        }
+    }
+    let stats = device.stats();
+    eprintln!("session 1: readings published {seen1:?}; device: {stats:?}");
+    drop(s1);
+
+    let mut s2 = broker.session().await;
+    let mut acked = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && (device.stats().waiting > 0 || acked.is_empty()) {
+        match s2.recv(Duration::from_millis(200)).await {
+            Some(Packet::Subscribe(s)) => s2.grant(&s).await,
+            Some(Packet::Publish(p)) => {
+                if p.topic.ends_with("/telemetry") {
+                    acked.extend(numbers(&p.payload));
+                }
+                s2.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+            }
+            _ => {}
+        }
+    }
+    eprintln!("session 2 acked {acked:?}; {:?}", device.stats());
+    assert_eq!(
+        stats.acknowledged, 0,
+        "readings counted acknowledged without a PUBACK"
+    );
+    let missing: Vec<i64> = (0..5).filter(|n| !acked.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "never acknowledged, yet gone: {missing:?}"
+    );
+}
+
+/// close() does not wait for a desired-state handler that does not return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_does_not_wait_for_a_long_desired_handler() {
+    let broker = Broker::start("rev-2").await;
+    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        .on_desired(|_| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        })
+        .start()
+        .unwrap();
+    let mut s = broker.session().await;
+    s.subscribed().await;
+    s.desired("rev-2", 1, json!({"version": 1, "state": {}, "at_ms": 1}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), device.close()).await;
+    assert!(closed.is_ok(), "close() still waiting after 10 s");
+}
+
+/// Commands that arrive as close() begins are acknowledged (delivered) by rumqttc: each is
+/// run or answered as not run, now or from the outbox at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_arriving_at_close_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start("rev-3").await;
+    let outbox = dir.path().join("o.db");
+    let build = || {
+        Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+            .outbox(tellus_device::OutboxConfig::file(&outbox))
+            .on_command("go", |_| async move { Ok(json!("done")) })
+    };
+    let device = build().start().unwrap();
+    let mut s = broker.session().await;
+    s.subscribed().await;
+    for i in 1..=40u16 {
+        let id = format!("c{i}");
+        s.command("rev-3", &id, i, json!({"id": id, "name": "go"}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let closing = tokio::spawn(device.close());
+    let mut acked = BTreeSet::new();
+    let mut answered = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match s.recv(Duration::from_millis(200)).await {
+            Some(Packet::PubAck(a)) => {
+                acked.insert(a.pkid);
+            }
+            Some(Packet::Publish(p)) if p.topic.contains("/result") => {
+                answered.insert(p.topic.split('/').nth(3).unwrap().to_owned());
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => {}
+        }
+    }
+    closing.await.unwrap();
+    // The next start of the program: whatever was kept is sent now.
+    let device = build().start().unwrap();
+    let mut s = broker.session().await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match s.recv(Duration::from_millis(200)).await {
+            Some(Packet::Subscribe(x)) => s.grant(&x).await,
+            Some(Packet::Publish(p)) => {
+                if p.topic.contains("/result") {
+                    answered.insert(p.topic.split('/').nth(3).unwrap().to_owned());
+                }
+                s.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+            }
+            _ => {}
+        }
+    }
+    device.close().await;
+    let lost: Vec<u16> = acked
+        .iter()
+        .copied()
+        .filter(|i| !answered.contains(&format!("c{i}")))
+        .collect();
+    eprintln!(
+        "PUBACKed {}, answered {}, lost {lost:?}",
+        acked.len(),
+        answered.len()
+    );
+    assert!(lost.is_empty(), "delivered but never answered: {lost:?}");
+}
+
+/// An event whose payload is within the limit but whose name makes it too large is refused
+/// at the call: in the outbox it could never be sent, every connection would end on it, and
+/// readings would wait behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_with_its_name_is_refused_at_the_call() {
+    let broker = Broker::start("rev-4").await;
+    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        .backoff(Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(200),
+        })
+        .start()
+        .unwrap();
+    let refused = device
+        .event(&"e".repeat(10_000), json!("x".repeat(60_000)))
+        .await;
+    assert!(
+        matches!(refused, Err(tellus_device::Error::MessageTooLarge(_))),
+        "{refused:?}"
+    );
+    device.send(Reading::at(1_000).with("n", 1)).await.unwrap();
+    let (mut sessions, mut telemetry) = (1, 0);
+    let mut s = broker.session().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match s.recv(Duration::from_millis(300)).await {
+            Some(Packet::Publish(p)) => {
+                if p.topic.ends_with("/telemetry") {
+                    telemetry += 1;
+                }
+                s.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+            }
+            Some(Packet::Subscribe(x)) => s.grant(&x).await,
+            Some(_) => {}
+            None if device.is_connected() => {}
+            None => {
+                match tokio::time::timeout(Duration::from_secs(2), broker.session()).await {
+                    Ok(n) => s = n,
+                    Err(_) => break,
+                }
+                sessions += 1;
+            }
+        }
+    }
+    eprintln!(
+        "sessions {sessions}, telemetry {telemetry}, last error {:?}",
+        device.stats().last_error
+    );
+    assert!(telemetry > 0, "the reading never left");
+    assert_eq!(sessions, 1, "connections ended");
+}
+
+/// A `min_interval` of zero does not make the device ask again after each refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_min_interval_does_not_ask_in_a_loop() {
+    let broker = Broker::start("rev-5").await;
+    let _device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        .rotation(far_rotation(Duration::ZERO))
+        .start()
+        .unwrap();
+    let mut s = broker.session().await;
+    let mut csrs = 0;
+    let mut pkid = 1;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match s.recv(Duration::from_millis(200)).await {
+            Some(Packet::Subscribe(x)) => s.grant(&x).await,
+            Some(Packet::Publish(p)) if p.topic.ends_with("/certs/csr") => {
+                csrs += 1;
+                s.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+                let busy = json!({"error": "the device has 5 valid certificates"});
+                publish_to(
+                    &mut s,
+                    "devices/rev-5/certs/issued".into(),
+                    pkid,
+                    busy.to_string().into_bytes(),
+                )
+                .await;
+                pkid = pkid % 1000 + 1;
+            }
+            _ => {}
+        }
+    }
+    eprintln!("CSRs in 2 s: {csrs}");
+    // At most one a second (the floor of `min_interval`); a loop made 24.
+    assert!(csrs <= 3, "{csrs} CSRs in 2 s");
+}
+
+/// A stale answer (to a request of an earlier connection) does not take the pending key:
+/// the right answer that follows is still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_does_not_discard_the_pending_request() {
+    let broker = Broker::start("rev-6").await;
+    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        .rotation(far_rotation(Duration::from_millis(500)))
+        .backoff(Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(200),
+        })
+        .start()
+        .unwrap();
+    async fn next_csr(s: &mut Conn) -> String {
+        loop {
+            match s.recv(Duration::from_secs(5)).await {
+                Some(Packet::Subscribe(x)) => s.grant(&x).await,
+                Some(Packet::Publish(p)) if p.topic.ends_with("/certs/csr") => {
+                    s.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+                    return String::from_utf8(p.payload.to_vec()).unwrap();
+                }
+                Some(_) => {}
+                None => panic!("no CSR"),
+            }
+        }
+    }
+    let mut s1 = broker.session().await;
+    let csr1 = next_csr(&mut s1).await;
+    drop(s1); // the answer to csr1 is still on its way
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut s2 = broker.session().await;
+    let csr2 = next_csr(&mut s2).await;
+    assert_ne!(csr1, csr2);
+    let topic = "devices/rev-6/certs/issued".to_string();
+    publish_to(
+        &mut s2,
+        topic.clone(),
+        1,
+        broker.issue("rev-6", &csr1).into_bytes(),
+    )
+    .await;
+    publish_to(&mut s2, topic, 2, broker.issue("rev-6", &csr2).into_bytes()).await;
+    // A renewed certificate makes the device reconnect at once.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut reconnected = false;
+    while Instant::now() < deadline {
+        if s2.recv(Duration::from_millis(200)).await.is_none() && !device.is_connected() {
+            reconnected = true;
+            break;
+        }
+    }
+    eprintln!(
+        "reconnected {reconnected}; last error {:?}",
+        device.stats().last_error
+    );
+    assert!(
+        reconnected,
+        "the certificate issued for the pending key was thrown away"
+    );
+}
+
+/// A request that gets no answer is made again after `min_interval`, though the connection
+/// lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_request_is_made_again() {
+    let broker = Broker::start("rev-7").await;
+    let _device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        .rotation(far_rotation(Duration::from_millis(300)))
+        .keep_alive(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let mut s = broker.session().await;
+    let mut csrs = 0;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        match s.recv(Duration::from_millis(200)).await {
+            Some(Packet::Subscribe(x)) => s.grant(&x).await,
+            Some(Packet::PingReq) => s.send(&Packet::PingResp).await,
+            Some(Packet::Publish(p)) if p.topic.ends_with("/certs/csr") => {
+                csrs += 1; // acknowledged; the answer is lost
+                s.send(&Packet::PubAck(PubAck::new(p.pkid))).await;
+            }
+            _ => {}
+        }
+    }
+    eprintln!("CSRs in 4 s with min_interval 300 ms and no answer: {csrs}");
+    assert!(csrs > 1, "asked once, then never again on this connection");
 }
