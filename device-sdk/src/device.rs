@@ -210,6 +210,30 @@ impl Shared {
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
+    /// Whether command `id` is new, and now marked running. A copy of one running is
+    /// ignored; a copy of one answered before (the answer may have been lost) is answered
+    /// again with the same result.
+    async fn take_on(self: &Arc<Self>, id: &str) -> bool {
+        if !lock(&self.running).insert(id.to_owned()) {
+            return false;
+        }
+        let seen = {
+            let id = id.to_owned();
+            self.outbox(move |o| o.handled(&id)).await
+        };
+        match seen {
+            Ok(Some(result)) => {
+                self.store_result(id.to_owned(), result, false).await;
+                false
+            }
+            Ok(None) => true,
+            Err(e) => {
+                self.error(format_args!("outbox: {e}"));
+                true
+            }
+        }
+    }
+
     /// Keeps a command's result to send, and remembers it for a copy of the command. A
     /// result too large to send is replaced by a failure saying so.
     async fn store_result(self: &Arc<Self>, command_id: String, body: Vec<u8>, fresh: bool) {
@@ -1005,12 +1029,14 @@ impl Connection {
         self.set_connected(false);
     }
 
-    /// Answers a command that arrived while the device was stopping.
+    /// Answers a command that arrived while the device was stopping: with its stored result
+    /// if it was answered before (a copy), else as not run.
     async fn stopped_before(&self, topic_name: &str) {
-        if let Some((device, DeviceTopic::Command(id))) = topic::parse(topic_name) {
-            if device == self.shared.id && lock(&self.shared.running).insert(id.clone()) {
-                not_run(&self.shared, id).await;
-            }
+        let Some((device, DeviceTopic::Command(id))) = topic::parse(topic_name) else {
+            return;
+        };
+        if device == self.shared.id && self.shared.take_on(&id).await {
+            not_run(&self.shared, id).await;
         }
     }
 
@@ -1283,21 +1309,8 @@ impl Connection {
     }
 
     async fn on_command(&mut self, id: String, payload: &[u8]) {
-        if !lock(&self.shared.running).insert(id.clone()) {
-            return; // being handled: a copy sent again
-        }
-        let seen = {
-            let id = id.clone();
-            self.shared.outbox(move |o| o.handled(&id)).await
-        };
-        match seen {
-            Ok(Some(result)) => {
-                // Answered before (the answer may have been lost): answer the same again.
-                self.shared.store_result(id, result, false).await;
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => self.shared.error(format_args!("outbox: {e}")),
+        if !self.shared.take_on(&id).await {
+            return;
         }
         let failed = |why: String| serde_json::to_vec(&json!({ "ok": false, "output": why }));
         let command = match serde_json::from_slice::<Command>(payload) {
