@@ -26,6 +26,12 @@ use tokio::{
 };
 use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
 
+/// Reconnects within a fifth of a second, so that tests of reconnects are short.
+const QUICK: Backoff = Backoff {
+    min: Duration::from_millis(100),
+    max: Duration::from_millis(200),
+};
+
 struct Broker {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     listener: Option<TcpListener>,
@@ -67,6 +73,11 @@ impl Broker {
             port,
             creds,
         }
+    }
+
+    /// A device of this peer's, to be configured and started.
+    fn device(&self) -> tellus_device::DeviceBuilder {
+        Device::builder(self.creds.clone(), "127.0.0.1", self.port)
     }
 
     /// Accepts one connection and answers its CONNECT.
@@ -184,17 +195,15 @@ async fn readings_of_a_stalled_session_leave_the_outbox_only_by_their_own_puback
     let broker = Broker::start("dev-1").await;
     // Enough in flight at once (64 batches of 4 readings of 60 KB: 15 MB) to fill the
     // socket's buffers, so that rumqttc's flush times out.
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .batching(Batching {
             max_readings: 16,
             max_bytes: 1 << 20,
             linger: Duration::ZERO,
         })
         .in_flight(64)
-        .backoff(Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(200),
-        })
+        .backoff(QUICK)
         .start()
         .unwrap();
     let pad = "x".repeat(60_000);
@@ -282,7 +291,8 @@ async fn readings_of_a_stalled_session_leave_the_outbox_only_by_their_own_puback
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_panicking_before_its_future_is_answered_as_failed() {
     let broker = Broker::start("dev-2").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .on_command("boom", |cmd| {
             if cmd.params["sync"] == true {
                 panic!("panics while building its future");
@@ -355,7 +365,8 @@ async fn a_panicking_desired_handler_does_not_stop_later_calls() {
     let broker = Broker::start("dev-3").await;
     let calls = Arc::new(AtomicU64::new(0));
     let seen = calls.clone();
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .on_desired(move |d| {
             let seen = seen.clone();
             async move {
@@ -395,7 +406,8 @@ async fn a_panicking_desired_handler_does_not_stop_later_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_does_not_wait_for_long_command_handlers() {
     let broker = Broker::start("dev-5").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .command_concurrency(1)
         .on_command("slow", |_| async move {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -421,12 +433,7 @@ async fn a_full_outbox_smaller_than_a_batch_still_sends() {
     let broker = Broker::start("dev-7").await;
     let mut outbox = tellus_device::OutboxConfig::memory();
     outbox.max_readings = 5;
-    let device = Arc::new(
-        Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
-            .outbox(outbox)
-            .start()
-            .unwrap(),
-    );
+    let device = Arc::new(broker.device().outbox(outbox).start().unwrap());
     let d = device.clone();
     let sender = tokio::spawn(async move {
         for i in 0..200 {
@@ -458,7 +465,8 @@ async fn a_full_outbox_smaller_than_a_batch_still_sends() {
 async fn a_sub_second_keep_alive_is_raised_rather_than_a_panic() {
     let broker = Broker::start("dev-8").await;
     let started = std::panic::AssertUnwindSafe(|| {
-        Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        broker
+            .device()
             .keep_alive(Duration::from_millis(500))
             .start()
             .map(|_| ())
@@ -476,7 +484,8 @@ async fn commands_run_once_per_id_and_malformed_ones_are_answered() {
     let broker = Broker::start("dev-9").await;
     let calls = Arc::new(AtomicU64::new(0));
     let seen = calls.clone();
-    let _device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let _device = broker
+        .device()
         .on_command("go", move |_| {
             let seen = seen.clone();
             async move {
@@ -556,11 +565,9 @@ async fn commands_run_once_per_id_and_malformed_ones_are_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_command_result_is_a_failure_and_holds_nothing_back() {
     let broker = Broker::start("dev-10").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
-        .backoff(Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(200),
-        })
+    let device = broker
+        .device()
+        .backoff(QUICK)
         .on_command("logs", |_| async move { Ok(json!("l".repeat(400_000))) })
         .start()
         .unwrap();
@@ -647,17 +654,15 @@ async fn publish_to(c: &mut Conn, topic: String, pkid: u16, payload: Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_request_takes_its_own_packet_id() {
     let broker = Broker::start("rev-1").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .rotation(far_rotation(Duration::from_secs(3600)))
         .batching(Batching {
             max_readings: 1,
             max_bytes: 1 << 20,
             linger: Duration::ZERO,
         })
-        .backoff(Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(200),
-        })
+        .backoff(QUICK)
         .start()
         .unwrap();
     let readings: Vec<Reading> = (0..5)
@@ -716,7 +721,8 @@ async fn a_certificate_request_takes_its_own_packet_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_does_not_wait_for_a_long_desired_handler() {
     let broker = Broker::start("rev-2").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .on_desired(|_| async move {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         })
@@ -739,7 +745,8 @@ async fn commands_arriving_at_close_are_answered() {
     let broker = Broker::start("rev-3").await;
     let outbox = dir.path().join("o.db");
     let build = || {
-        Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+        broker
+            .device()
             .outbox(tellus_device::OutboxConfig::file(&outbox))
             .on_command("go", |_| async move { Ok(json!("done")) })
     };
@@ -805,13 +812,7 @@ async fn commands_arriving_at_close_are_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_too_large_with_its_name_is_refused_at_the_call() {
     let broker = Broker::start("rev-4").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
-        .backoff(Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(200),
-        })
-        .start()
-        .unwrap();
+    let device = broker.device().backoff(QUICK).start().unwrap();
     let refused = device
         .event(&"e".repeat(10_000), json!("x".repeat(60_000)))
         .await;
@@ -855,7 +856,8 @@ async fn an_event_too_large_with_its_name_is_refused_at_the_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_min_interval_does_not_ask_in_a_loop() {
     let broker = Broker::start("rev-5").await;
-    let _device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let _device = broker
+        .device()
         .rotation(far_rotation(Duration::ZERO))
         .start()
         .unwrap();
@@ -892,12 +894,10 @@ async fn a_zero_min_interval_does_not_ask_in_a_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_answer_does_not_discard_the_pending_request() {
     let broker = Broker::start("rev-6").await;
-    let device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let device = broker
+        .device()
         .rotation(far_rotation(Duration::from_millis(500)))
-        .backoff(Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(200),
-        })
+        .backoff(QUICK)
         .start()
         .unwrap();
     async fn next_csr(s: &mut Conn) -> String {
@@ -953,7 +953,8 @@ async fn a_stale_answer_does_not_discard_the_pending_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_request_is_made_again() {
     let broker = Broker::start("rev-7").await;
-    let _device = Device::builder(broker.creds.clone(), "127.0.0.1", broker.port)
+    let _device = broker
+        .device()
         .rotation(far_rotation(Duration::from_millis(300)))
         .keep_alive(Duration::from_secs(1))
         .start()
