@@ -49,10 +49,13 @@ use crate::{
     Credentials, Error,
 };
 
-/// The largest command result, state report or event a device sends: its topic and its
-/// encoded payload together. Tellus keeps states of at most 64 KiB; a message that could not
-/// be sent must never wait in the outbox.
+/// The largest payload of a command result, state report or event a device sends, encoded
+/// (Tellus keeps states of at most 64 KiB). With topics of bounded length (an event's name
+/// is at most [`MAX_EVENT_NAME`] bytes), no such message in the outbox is too large to send.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The longest event name, in bytes.
+pub const MAX_EVENT_NAME: usize = 256;
 
 /// The largest batch a device sends: within Tellus's default `mqtt.max_packet_size`
 /// (256 KiB), with room for the topic and the packet's header. A larger packet would end
@@ -544,7 +547,13 @@ impl Device {
     }
 
     /// Publishes an event on `devices/{id}/events/{name}`, through the outbox.
+    /// The name is one topic level of at most [`MAX_EVENT_NAME`] bytes; the payload at most
+    /// [`MAX_MESSAGE_BYTES`] encoded.
     pub async fn event(&self, name: &str, payload: Json) -> Result<(), Error> {
+        if name.len() > MAX_EVENT_NAME {
+            let why = format!("longer than {MAX_EVENT_NAME} bytes");
+            return Err(Error::BadEventName(name.chars().take(64).collect(), why));
+        }
         let topic = DeviceTopic::Event(name.to_owned()).topic(&self.shared.id);
         topic::check_publish(&self.shared.id, &topic)
             .map_err(|e| Error::BadEventName(name.to_owned(), e.to_string()))?;
@@ -553,9 +562,8 @@ impl Device {
 
     async fn message(&self, topic: String, payload: Json) -> Result<(), Error> {
         let payload = serde_json::to_vec(&payload).unwrap_or_default();
-        let size = topic.len() + payload.len();
-        if size > MAX_MESSAGE_BYTES {
-            return Err(Error::MessageTooLarge(size));
+        if payload.len() > MAX_MESSAGE_BYTES {
+            return Err(Error::MessageTooLarge(payload.len()));
         }
         self.write(|done| Write::Message(topic, payload, done))
             .await

@@ -38,7 +38,8 @@ mod rotation;
 
 pub use backoff::Backoff;
 pub use device::{
-    Batching, Command, CommandResult, Desired, Device, DeviceBuilder, Stats, MAX_MESSAGE_BYTES,
+    Batching, Command, CommandResult, Desired, Device, DeviceBuilder, Stats, MAX_EVENT_NAME,
+    MAX_MESSAGE_BYTES,
 };
 pub use outbox::{Durability, OutboxConfig, OutboxError, WhenFull};
 pub use reading::{Format, InvalidReading, Reading, Time, Value, MAX_READING_BYTES};

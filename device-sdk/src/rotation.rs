@@ -3,6 +3,7 @@
 //! on `devices/{id}/certs/issued` is checked, stored, and connected with.
 
 use std::{
+    collections::VecDeque,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -26,7 +27,8 @@ pub struct Rotation {
     /// keeps them in memory only.
     pub save_to: Option<PathBuf>,
     /// At most one request this often, whatever its outcome (default 10 minutes; at least
-    /// 1 s). A request unanswered for this long is given up and may be made again.
+    /// 1 s). A request unanswered for this long is made again; a late answer to it is
+    /// still taken.
     pub min_interval: Duration,
 }
 
@@ -39,6 +41,9 @@ impl Default for Rotation {
         }
     }
 }
+
+/// How many requests of one connection are remembered for their answers.
+const KEYS_KEPT: usize = 3;
 
 /// Tellus's answer on `certs/issued`.
 #[derive(Deserialize)]
@@ -54,8 +59,10 @@ pub(crate) struct Renewal {
     /// The current certificate's validity, ms since the Unix epoch.
     not_before_ms: TimestampMs,
     not_after_ms: TimestampMs,
-    /// The key of the request sent, waiting for its certificate.
-    pending: Option<rcgen::KeyPair>,
+    /// The keys of the requests sent on this connection, newest last (at most
+    /// [`KEYS_KEPT`]): a request given up may still be answered, and its certificate,
+    /// already recorded by Tellus, is as good as the newest.
+    pending: VecDeque<rcgen::KeyPair>,
     last_attempt: Option<Instant>,
 }
 
@@ -67,7 +74,7 @@ impl Renewal {
             config,
             not_before_ms,
             not_after_ms,
-            pending: None,
+            pending: VecDeque::new(),
             last_attempt: None,
         })
     }
@@ -80,8 +87,8 @@ impl Renewal {
         if recent {
             return false;
         }
-        // Unanswered for a whole interval: lost, ask again.
-        self.pending = None;
+        // Unanswered for a whole interval: ask again (the earlier keys stay, for a late
+        // answer).
         let left = self.not_after_ms.saturating_sub(now_ms);
         let lifetime = self.not_after_ms.saturating_sub(self.not_before_ms);
         let before = i64::try_from(self.config.renew_before.as_millis()).unwrap_or(i64::MAX);
@@ -102,27 +109,29 @@ impl Renewal {
             .and_then(|params| params.serialize_request(&key))
             .and_then(|csr| csr.pem())
             .map_err(|e| Error::Rotation(e.to_string()))?;
-        self.pending = Some(key);
+        self.pending.push_back(key);
+        if self.pending.len() > KEYS_KEPT {
+            self.pending.pop_front();
+        }
         Ok(csr)
     }
 
-    /// The request was lost with its connection: ask again when next due.
+    /// The requests were lost with their connection (answers come on it only): ask again
+    /// when next due.
     pub fn abandon(&mut self) {
-        self.pending = None;
+        self.pending.clear();
     }
 
-    /// Takes Tellus's answer: the new credentials, checked (issued to this device, for the
-    /// key sent) and saved where configured. An answer that is not for the pending request
-    /// (a late one, to a request given up) leaves that request pending.
+    /// Takes Tellus's answer: the new credentials, checked (issued to this device, for a key
+    /// sent) and saved where configured. Neither a refusal nor a certificate for another
+    /// key touches the requests waiting: a refusal may answer an earlier one.
     pub fn finish(&mut self, current: &Credentials, payload: &[u8]) -> Result<Credentials, Error> {
-        let Some(key) = &self.pending else {
+        if self.pending.is_empty() {
             return Err(Error::Rotation("an answer to no request".into()));
-        };
+        }
         let issued: Issued = serde_json::from_slice(payload)
             .map_err(|e| Error::Rotation(format!("unreadable answer: {e}")))?;
         if let Some(error) = issued.error {
-            // One request is pending at a time, and this is its answer.
-            self.pending = None;
             return Err(Error::Rotation(format!(
                 "Tellus refused the request: {error}"
             )));
@@ -130,11 +139,12 @@ impl Renewal {
         let cert_pem = issued
             .cert_pem
             .ok_or_else(|| Error::Rotation("the answer has no certificate".into()))?;
-        if public_key(&cert_pem)? != key.public_key_raw() {
+        let public = public_key(&cert_pem)?;
+        let Some(key) = self.pending.iter().find(|k| k.public_key_raw() == public) else {
             return Err(Error::Rotation(
-                "the certificate is not for the key sent".into(),
+                "the certificate is not for a key sent".into(),
             ));
-        }
+        };
         let creds = Credentials::from_pem(
             cert_pem,
             key.serialize_pem(),
@@ -152,7 +162,7 @@ impl Renewal {
             save(dir, &creds).map_err(|e| Error::Rotation(format!("saving: {e}")))?;
         }
         (self.not_before_ms, self.not_after_ms) = validity_ms(&creds.cert_pem)?;
-        self.pending = None;
+        self.pending.clear();
         Ok(creds)
     }
 }
@@ -226,8 +236,13 @@ fn files(dir: &Path, id: &DeviceId) -> (PathBuf, PathBuf) {
 
 fn write_synced(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write;
+    // A fresh file: one left over would keep its old permissions.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     if private {
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
@@ -307,7 +322,7 @@ mod tests {
         assert!(renewal.due(renewal.not_after_ms - 1_000));
 
         renewal.start().unwrap();
-        let key = renewal.pending.as_ref().unwrap();
+        let key = renewal.pending.back().unwrap();
         let other = self_signed("d2", key);
         let answer = serde_json::json!({ "cert_pem": other }).to_string();
         let err = renewal.finish(&current, answer.as_bytes()).unwrap_err();
@@ -317,24 +332,32 @@ mod tests {
         let wrong_key = self_signed("d1", &rcgen::KeyPair::generate().unwrap());
         let answer = serde_json::json!({ "cert_pem": wrong_key }).to_string();
         let err = renewal.finish(&current, answer.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("not for the key sent"), "{err}");
+        assert!(err.to_string().contains("not for a key sent"), "{err}");
 
-        renewal.start().unwrap();
+        // A refusal (perhaps of an earlier request) leaves the requests waiting.
         let err = renewal
             .finish(&current, br#"{"error": "too many"}"#)
             .unwrap_err();
         assert!(err.to_string().contains("too many"), "{err}");
+
+        // A late answer to a request given up is as good as one to the newest.
+        let earlier = renewal.pending.back().unwrap();
+        let late = self_signed("d1", earlier);
+        renewal.start().unwrap();
+        let answer = serde_json::json!({ "cert_pem": late }).to_string();
+        let renewed = renewal.finish(&current, answer.as_bytes()).unwrap();
+        assert_eq!(renewed.cert_pem, late);
+        assert_eq!(renewed.ca_pem, current.ca_pem);
         assert!(
             renewal.finish(&current, b"{}").is_err(),
-            "no request pending"
+            "no request waits once one is answered"
         );
-
         renewal.start().unwrap();
-        let good = self_signed("d1", renewal.pending.as_ref().unwrap());
-        let answer = serde_json::json!({ "cert_pem": good }).to_string();
-        let renewed = renewal.finish(&current, answer.as_bytes()).unwrap();
-        assert_eq!(renewed.cert_pem, good);
-        assert_eq!(renewed.ca_pem, current.ca_pem);
+        renewal.abandon();
+        assert!(
+            renewal.finish(&current, b"{}").is_err(),
+            "lost with its connection"
+        );
     }
 
     #[test]

@@ -513,7 +513,12 @@ static void on_disconnect(struct mosquitto *mosq, void *obj, int rc)
 {
     struct device *dev = obj;
     (void)mosq;
-    (void)rc; /* 0 after our own DISCONNECT; a loss is reported by the main loop */
+    (void)rc; /* 0 after our own DISCONNECT; the main loop reports a loss */
+    /* libmosquitto calls this before mosquitto_loop() returns the loss: a connection that
+     * lasted starts the backoff over here. */
+    if (dev->connected && clock_ms(CLOCK_MONOTONIC) - dev->connected_ms >= STABLE_MS) {
+        dev->backoff_s = 1;
+    }
     dev->connected = false;
 }
 
@@ -803,10 +808,7 @@ int main(int argc, char **argv)
             if (stop_requested) {
                 break;
             }
-            if (dev.connected && clock_ms(CLOCK_MONOTONIC) - dev.connected_ms >= STABLE_MS) {
-                dev.backoff_s = 1;
-            }
-            dev.connected = false;
+            dev.connected = false; /* on_disconnect has usually said so already */
             complain("connection lost: %s", rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc));
             reconnect = true;
             continue;

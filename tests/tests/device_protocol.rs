@@ -806,15 +806,21 @@ async fn commands_arriving_at_close_are_answered() {
     assert!(lost.is_empty(), "delivered but never answered: {lost:?}");
 }
 
-/// An event whose payload is within the limit but whose name makes it too large is refused
-/// at the call: in the outbox it could never be sent, every connection would end on it, and
-/// readings would wait behind it.
+/// An event whose name or payload is too long is refused at the call: in the outbox it could
+/// never be sent, every connection would end on it, and readings would wait behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_too_large_with_its_name_is_refused_at_the_call() {
     let broker = Broker::start("rev-4").await;
     let device = broker.device().backoff(QUICK).start().unwrap();
     let refused = device
         .event(&"e".repeat(10_000), json!("x".repeat(60_000)))
+        .await;
+    assert!(
+        matches!(refused, Err(tellus_device::Error::BadEventName(..))),
+        "{refused:?}"
+    );
+    let refused = device
+        .event("large", json!("x".repeat(tellus_device::MAX_MESSAGE_BYTES)))
         .await;
     assert!(
         matches!(refused, Err(tellus_device::Error::MessageTooLarge(_))),
