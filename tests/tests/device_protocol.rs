@@ -42,7 +42,7 @@ struct Broker {
 
 impl Broker {
     async fn start(id: &str) -> Broker {
-        let (issuer, ca_pem) = tellus_tests::certs::own_ca("review-ca");
+        let (issuer, ca_pem) = tellus_tests::certs::own_ca("scripted-peer-ca");
         // Past the middle of its life, so that a device with a rotation is due at once (the
         // peer asks for no client certificate, so its validity matters to nothing else).
         let now = time::OffsetDateTime::now_utc();
@@ -618,7 +618,7 @@ async fn an_oversized_command_result_is_a_failure_and_holds_nothing_back() {
     );
 }
 
-// ---------------------------------------------------------------- review2 experiments
+// Certificate rotation, close and sizes.
 
 fn far_rotation(min_interval: Duration) -> tellus_device::Rotation {
     tellus_device::Rotation {
