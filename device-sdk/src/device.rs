@@ -1148,8 +1148,16 @@ impl Connection {
     /// Publishes from the outbox while the window has room: messages first, then readings.
     async fn pump(&mut self) {
         while self.waiting_acks() < self.window {
+            // The outbox's counts spare a blocking query (after every PUBACK, say) when
+            // there is nothing of a kind to send.
+            let (readings, messages) = *self.shared.waiting.borrow();
             let from = self.next_message;
-            match self.shared.outbox(move |o| o.next_messages(from, 1)).await {
+            let found = if messages == 0 {
+                Ok(Vec::new())
+            } else {
+                self.shared.outbox(move |o| o.next_messages(from, 1)).await
+            };
+            match found {
                 Ok(messages) => {
                     if let Some(m) = messages.into_iter().next() {
                         if self
@@ -1168,6 +1176,10 @@ impl Connection {
                     self.shared.error(format_args!("outbox: {e}"));
                     return;
                 }
+            }
+            if readings == 0 {
+                self.lingering = None;
+                return;
             }
             let (from, max) = (self.next_reading, self.batching.max_readings.max(1));
             let stored = match self
