@@ -339,7 +339,8 @@ handshake_timeout = "10s"
 connect_timeout = "10s"
 # Largest MQTT packet a device may send, in bytes; a larger one closes the connection.
 max_packet_size = 262144
-# Most simultaneous device connections; more wait in the listen backlog.
+# Most simultaneous device connections; more wait in the listen backlog. Each takes three
+# open files; Tellus raises its soft limit to the hard one and warns if that is too low.
 max_connections = 10000
 # Most acknowledgements of one connection waiting for their message to be safe (telemetry
 # committed, anything else taken by the routing core); past this the gate stops reading

@@ -103,8 +103,41 @@ fn admin_token(path: &Path) -> anyhow::Result<(String, bool)> {
     Ok((token, true))
 }
 
+/// Open files a device connection takes: its socket, and both ends of its link into the
+/// routing core (which runs in this process).
+const FILES_PER_CONNECTION: u64 = 3;
+/// Open files besides connections: databases and their journals, listeners, the HTTP API's
+/// clients, the runtime's own.
+const FILES_BESIDES: u64 = 1024;
+
+/// Raises the soft limit of open files to the hard limit (a process starts with a soft limit
+/// of 1,024 on most systems, a few hundred connections' worth), and warns when even the hard
+/// limit is below what `max_connections` need: past it, accepting fails and devices wait.
+fn raise_open_files(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = max_connections as u64 * FILES_PER_CONNECTION + FILES_BESIDES;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    if soft < need {
+        warn!(
+            open_files = soft,
+            needed = need,
+            max_connections,
+            "the open-file limit is below what mqtt.max_connections needs \
+             (3 per connection); raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+        );
+    }
+}
+
 /// Runs Tellus until `shutdown` resolves, then stops it gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    raise_open_files(config.mqtt.max_connections);
     let dir = DataDir {
         root: config.data_dir.clone(),
     };
