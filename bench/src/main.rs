@@ -430,6 +430,9 @@ async fn throughput_run(
         drain,
     };
     let (sessions, max) = measured_phase(&target, sessions, saturate, 0.0).await?;
+    // The baseline's consumer may still be writing what Mosquitto acknowledged: the next
+    // phase starts once the store has caught up, as it would on a system at rest.
+    settled_count(&target).await?;
 
     let half_rate = (max.durable_per_s / 2.0).max(1.0);
     let half = Phase {
