@@ -629,10 +629,30 @@ pub struct Holders {
     pub online: AtomicU64,
     pub connects: AtomicU64,
     pub failures: AtomicU64,
+    /// Failed attempts by what went wrong (the error's first words).
+    failure_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
     last_online: Mutex<Option<Instant>>,
 }
 
 impl Holders {
+    /// Failed attempts by kind.
+    pub fn failure_kinds(&self) -> std::collections::BTreeMap<String, u64> {
+        self.failure_kinds
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_default()
+    }
+
+    fn failed(&self, e: &anyhow::Error) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        // The root cause without the device's id, which the outer context names.
+        let kind: String = e.root_cause().to_string().chars().take(60).collect();
+        let kind = kind.split(": ").last().unwrap_or_default().to_owned();
+        if let Ok(mut kinds) = self.failure_kinds.lock() {
+            *kinds.entry(kind).or_insert(0) += 1;
+        }
+    }
+
     /// When a device last came online.
     pub fn last_online(&self) -> Option<Instant> {
         self.last_online.lock().ok().and_then(|t| *t)
@@ -654,12 +674,15 @@ impl Holders {
                 _ = stop.cancelled() => return,
             };
             drop(permit.take());
-            let Ok((mut stream, mut input)) = attempt else {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                failures += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff(failures)) => continue,
-                    _ = stop.cancelled() => return,
+            let (mut stream, mut input) = match attempt {
+                Ok(connected) => connected,
+                Err(e) => {
+                    self.failed(&e);
+                    failures += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(failures)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
                 }
             };
             let since = Instant::now();

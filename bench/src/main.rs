@@ -156,6 +156,8 @@ struct Footprint {
     /// Stop signal → every device online.
     storm_online_after_stop_s: f64,
     storm_failed_attempts: u64,
+    /// Failed attempts during the restart, by what went wrong.
+    storm_failures: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -545,6 +547,7 @@ async fn footprint_run(
     }
     // The reconnect storm: the broker restarts under the largest idle fleet.
     let failures_before = holders.failures.load(Ordering::Relaxed);
+    let kinds_before = holders.failure_kinds();
     let kill = Instant::now();
     let (stopped, listening) = target.restart().await?;
     wait_online(&holders, largest, Duration::from_secs(300)).await?;
@@ -559,6 +562,17 @@ async fn footprint_run(
         storm_online_after_listen_s: online.saturating_duration_since(listening).as_secs_f64(),
         storm_online_after_stop_s: online.saturating_duration_since(kill).as_secs_f64(),
         storm_failed_attempts: holders.failures.load(Ordering::Relaxed) - failures_before,
+        storm_failures: holders
+            .failure_kinds()
+            .into_iter()
+            .map(|(kind, n)| {
+                (
+                    kind.clone(),
+                    n - kinds_before.get(&kind).copied().unwrap_or(0),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect(),
     };
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -767,7 +781,7 @@ fn report(results: &Results, systems: &[System]) -> String {
         );
     }
     if !results.footprints.is_empty() {
-        let _ = writeln!(out, "\n## Idle connections and restart\n\n| system | RSS before | idle connections: RSS, KiB per connection, seconds to connect | restart: stop s | back online after listening s | after stop signal s | failed attempts |\n|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "\n## Idle connections and restart\n\n| system | RSS before | idle connections: RSS, KiB per connection, seconds to connect | restart: stop s | back online after listening s | after stop signal s | failed attempts during the restart |\n|---|---|---|---|---|---|---|");
         for f in &results.footprints {
             let idle: Vec<String> = f
                 .idle
@@ -787,7 +801,11 @@ fn report(results: &Results, systems: &[System]) -> String {
                 f.storm_online_after_listen_s,
                 f.storm_devices,
                 f.storm_online_after_stop_s,
-                f.storm_failed_attempts,
+                f.storm_failures
+                    .iter()
+                    .map(|(kind, n)| format!("{n} {kind}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
             );
         }
     }
