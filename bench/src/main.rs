@@ -12,7 +12,8 @@
 //! 3. both report the servers' CPU time per 10,000 durable messages.
 //!
 //! Then, once per system: resident memory per idle connection at each `--idle` level, and
-//! the time for the largest idle fleet to be back online after the broker restarts.
+//! the time for an idle fleet (the same size for every system) to be back online after the
+//! broker restarts.
 
 mod load;
 mod pki;
@@ -76,7 +77,8 @@ struct Args {
     /// Seconds of each steady window.
     #[arg(long, default_value_t = 20.0)]
     steady: f64,
-    /// Idle connection counts at which memory is measured; the largest also restarts.
+    /// Idle connection counts at which memory is measured. Each system then restarts under
+    /// the largest of them that every system's open-file limit allows.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     idle: Vec<usize>,
     /// Skip the idle memory and reconnect-storm measurements.
@@ -286,10 +288,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut footprints = Vec::new();
     if !args.no_idle && !args.idle.is_empty() {
+        // Every system restarts under the same fleet: the largest idle level all can hold.
+        let storm = systems
+            .iter()
+            .map(|&s| idle_cap(s))
+            .chain(args.idle.iter().max().copied())
+            .min()
+            .unwrap_or(0);
         for &system in &systems {
             let dir = work.join(format!("{}-idle", system.name()));
             eprintln!("== {} idle connections and restart ==", system.name());
-            let footprint = footprint_run(system, &dir, &args, &ca, &programs, &pairs)
+            let footprint = footprint_run(system, &dir, &args, storm, &ca, &programs, &pairs)
                 .await
                 .with_context(|| format!("{} idle connections", system.name()))?;
             eprintln!("{footprint:#?}");
@@ -489,10 +498,23 @@ async fn settled_count(target: &Target) -> anyhow::Result<u64> {
     Ok(last)
 }
 
+/// The open-file limit the servers inherit.
+fn open_files() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
+/// How many connections `system` can hold under the open-file limit.
+fn idle_cap(system: System) -> usize {
+    (open_files().saturating_sub(OPEN_FILES_SPARE) / system.files_per_connection()) as usize
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn footprint_run(
     system: System,
     dir: &Path,
     args: &Args,
+    storm: usize,
     ca: &pki::BenchCa,
     programs: &Programs,
     pairs: &[pki::Pair],
@@ -500,10 +522,8 @@ async fn footprint_run(
     let mut target = Target::start(system, dir, ca, programs).await?;
     // A server holds at most as many connections as its open files allow; a level above
     // that is measured at the limit instead, and the table says so.
-    let (open_files, _) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    let cap =
-        (open_files.saturating_sub(OPEN_FILES_SPARE) / system.files_per_connection()) as usize;
+    let open_files = open_files();
+    let cap = idle_cap(system);
     let mut levels: Vec<usize> = args.idle.iter().map(|&l| l.min(cap)).collect();
     levels.sort_unstable();
     levels.dedup();
@@ -519,17 +539,21 @@ async fn footprint_run(
     let rss0 = procfs::rss_bytes(server)? as f64;
     let holders = Arc::new(Holders::default());
     let stop = CancellationToken::new();
+    // One token per device, so that the restart can be made under fewer of them.
+    let mut stops = Vec::with_capacity(largest);
     let mut idle = Vec::new();
     let mut started = 0;
     let first = Arc::new(Semaphore::new(64));
     for &level in &levels {
         let t0 = Instant::now();
         for device in &devices[started..level] {
+            let own = stop.child_token();
+            stops.push(own.clone());
             tokio::spawn(holders.clone().hold(
                 device.clone(),
                 target.mqtt_addr,
                 first.clone(),
-                stop.clone(),
+                own,
             ));
         }
         started = level;
@@ -545,19 +569,27 @@ async fn footprint_run(
             took,
         ));
     }
-    // The reconnect storm: the broker restarts under the largest idle fleet.
+    // The reconnect storm: the broker restarts under `storm` idle devices.
+    let storm = storm.min(largest);
+    for own in stops.iter().skip(storm) {
+        own.cancel();
+    }
+    while holders.online.load(Ordering::SeqCst) > storm as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let failures_before = holders.failures.load(Ordering::Relaxed);
     let kinds_before = holders.failure_kinds();
     let kill = Instant::now();
     let (stopped, listening) = target.restart().await?;
-    wait_online(&holders, largest, Duration::from_secs(300)).await?;
+    wait_online(&holders, storm, Duration::from_secs(300)).await?;
     let online = holders.last_online().unwrap_or_else(Instant::now);
     let footprint = Footprint {
         system: system.name(),
         capped,
         rss_before_mib: rss0 / (1 << 20) as f64,
         idle,
-        storm_devices: largest,
+        storm_devices: storm,
         storm_stop_s: stopped.duration_since(kill).as_secs_f64(),
         storm_online_after_listen_s: online.saturating_duration_since(listening).as_secs_f64(),
         storm_online_after_stop_s: online.saturating_duration_since(kill).as_secs_f64(),
