@@ -9,6 +9,10 @@
 //! Only after the commit returns are the gate's completion handles resolved; a failed commit
 //! resolves them with an error and the gate does not acknowledge. Every message is counted:
 //! received, stored, dead-lettered, or failed.
+//!
+//! Between commits the same thread runs the store's housekeeping, which keeps each call
+//! short (the embedded store merges a chunk at a time) and says when to call again: at once
+//! while it has more to do, and then messages that wait are committed first.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -28,6 +32,7 @@ use tellus_core::{
     DeviceId, Durable, IngestError, IngestRequest, InputKind, Live, RuleFeed, RuleInput,
     TimestampMs, Trigger,
 };
+use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, error};
 
 use crate::store::{Batch, DeadLetter, TelemetryStore};
@@ -65,9 +70,13 @@ pub struct IngestStats {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// How long commits take, from the start of the transaction to its durable end.
     commit_latency: Histogram,
+    /// How long each housekeeping call held the ingest thread (nothing is committed
+    /// meanwhile, so this is what it adds to the wait for a PUBACK).
+    housekeeping_latency: Histogram,
 }
 
-/// Upper bounds, in ms, of the commit-latency histogram's buckets (a last one holds the rest).
+/// Upper bounds, in ms, of the latency histograms' buckets (commits and housekeeping; a
+/// last one holds the rest).
 pub const COMMIT_LATENCY_BOUNDS_MS: [u64; 12] =
     [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 
@@ -138,6 +147,7 @@ pub struct IngestStatsSnapshot {
     pub commits: u64,
     pub rejected: BTreeMap<&'static str, u64>,
     pub commit_latency: HistogramSnapshot,
+    pub housekeeping_latency: HistogramSnapshot,
 }
 
 impl IngestStats {
@@ -152,6 +162,7 @@ impl IngestStats {
             commits: get(&self.commits),
             rejected: self.rejected.lock().map(|r| r.clone()).unwrap_or_default(),
             commit_latency: self.commit_latency.snapshot(),
+            housekeeping_latency: self.housekeeping_latency.snapshot(),
         }
     }
 
@@ -247,6 +258,13 @@ impl Worker {
         let mut next_housekeeping = self.housekeeping();
         loop {
             let first = match (&timer, next_housekeeping) {
+                // More housekeeping at once (a merge under way): a message that waits goes
+                // first, else the next step; once the store says to wait, this thread waits.
+                (_, Some(wait)) if wait.is_zero() => match rx.try_recv() {
+                    Ok(r) => Some(Some(r)),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => Some(None),
+                },
                 (Some(timer), Some(wait)) => {
                     timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await.ok() })
                 }
@@ -255,7 +273,8 @@ impl Worker {
             match first {
                 // Time for housekeeping.
                 None => {}
-                // Closed and drained. What is left in the head is merged at the next start.
+                // Closed and drained. What is left in the head (or of a merge under way) is
+                // merged at the next start.
                 Some(None) => break,
                 Some(Some(first)) => {
                     requests.push(first);
@@ -275,7 +294,10 @@ impl Worker {
 
     /// Runs the store's housekeeping if it is due; returns when to run it next.
     fn housekeeping(&self) -> Option<std::time::Duration> {
-        match self.store.maintain(tellus_core::now_ms()) {
+        let started = Instant::now();
+        let done = self.store.maintain(tellus_core::now_ms());
+        self.stats.housekeeping_latency.record(started.elapsed());
+        match done {
             Ok(next) => next,
             Err(e) => {
                 // Nothing acknowledged is at risk (it is committed); retried soon.
@@ -455,7 +477,7 @@ mod tests {
     use tellus_core::{IngestSender, Value};
 
     use super::*;
-    use crate::store::{Durability, SqliteStore};
+    use crate::store::{Bucket, Durability, SqliteStore, StoreError};
 
     #[tokio::test]
     async fn acknowledged_means_queryable_and_bad_payloads_are_kept() {
@@ -569,5 +591,135 @@ mod tests {
         let counts: Vec<u64> = s.commit_latency.buckets.iter().map(|b| b.count).collect();
         assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
         assert!(s.commit_latency.sum_ms > 0.0);
+        // And so was every housekeeping call, at least the one after each commit.
+        assert!(s.housekeeping_latency.count >= s.commits);
+    }
+
+    /// A store whose housekeeping has `STEPS` steps to do after the first commit, each
+    /// taking `STEP`, and that records the order of the calls.
+    #[derive(Default)]
+    struct Steps {
+        calls: Mutex<Vec<&'static str>>,
+        left: AtomicU64,
+    }
+
+    const STEPS: u64 = 5;
+    const STEP: std::time::Duration = std::time::Duration::from_millis(50);
+
+    impl Steps {
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl TelemetryStore for Steps {
+        fn commit(&self, _: &Batch) -> Result<(), StoreError> {
+            let mut calls = self.calls.lock().unwrap();
+            if !calls.contains(&"commit") {
+                self.left.store(STEPS, Ordering::Relaxed);
+            }
+            calls.push("commit");
+            Ok(())
+        }
+
+        fn maintain(&self, _: TimestampMs) -> Result<Option<std::time::Duration>, StoreError> {
+            self.calls.lock().unwrap().push("maintain");
+            if self.left.load(Ordering::Relaxed) == 0 {
+                return Ok(Some(std::time::Duration::from_secs(3600)));
+            }
+            self.left.fetch_sub(1, Ordering::Relaxed);
+            thread::sleep(STEP);
+            Ok(Some(std::time::Duration::ZERO))
+        }
+
+        fn range(
+            &self,
+            _: &DeviceId,
+            _: &str,
+            _: TimestampMs,
+            _: TimestampMs,
+            _: usize,
+        ) -> Result<Vec<(TimestampMs, Value)>, StoreError> {
+            Ok(vec![])
+        }
+
+        fn buckets(
+            &self,
+            _: &DeviceId,
+            _: &str,
+            _: TimestampMs,
+            _: TimestampMs,
+            _: i64,
+        ) -> Result<Vec<Bucket>, StoreError> {
+            Ok(vec![])
+        }
+
+        fn resolutions(&self) -> &[i64] {
+            &[]
+        }
+
+        fn latest(&self, _: &DeviceId) -> Result<Vec<(String, TimestampMs, Value)>, StoreError> {
+            Ok(vec![])
+        }
+
+        fn latest_of_metric(
+            &self,
+            _: &str,
+            _: Option<&DeviceId>,
+            _: usize,
+        ) -> Result<Vec<(DeviceId, TimestampMs, Value)>, StoreError> {
+            Ok(vec![])
+        }
+
+        fn deadletters(&self, _: Option<i64>, _: usize) -> Result<Vec<DeadLetter>, StoreError> {
+            Ok(vec![])
+        }
+
+        fn deadletter(&self, _: i64) -> Result<Option<DeadLetter>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn housekeeping_with_more_to_do_lets_waiting_messages_go_first_then_rests() {
+        let store = Arc::new(Steps::default());
+        let (tx, rx) = IngestSender::channel(8, 1 << 20);
+        let (rules, _readings) = RuleFeed::channel(16, 1 << 20);
+        let ingest = Ingest::spawn(
+            rx,
+            store.clone(),
+            IngestConfig::default(),
+            tellus_core::Live::default(),
+            rules,
+        )
+        .unwrap();
+        let d = DeviceId::parse("d1").unwrap();
+        let submit = || {
+            let payload = Bytes::from_static(br#"{"t": 1}"#);
+            tx.submit(d.clone(), DeviceTopic::Telemetry, payload, 1_000, true)
+        };
+        let first = submit().await.unwrap().unwrap();
+        assert_eq!(first.await.unwrap(), Ok(Durable::Stored));
+        // The first commit started housekeeping of several steps; this message arrives
+        // during the first and is committed right after it, not after all of them.
+        let second = submit().await.unwrap().unwrap();
+        assert_eq!(second.await.unwrap(), Ok(Durable::Stored));
+        // Once the store says to wait, the thread waits: no more calls.
+        tokio::time::sleep(STEP * (STEPS as u32 + 4)).await;
+        let calls = store.calls();
+        assert_eq!(
+            calls,
+            [
+                "maintain", "commit", "maintain", "commit", "maintain", "maintain", "maintain",
+                "maintain", "maintain"
+            ]
+        );
+        drop(tx);
+        let stats = ingest.stats();
+        ingest.finished().await;
+        let s = stats.snapshot();
+        // Every call was timed, the steps at their length.
+        assert_eq!(s.housekeeping_latency.count, 7);
+        assert!(s.housekeeping_latency.sum_ms >= (STEP * STEPS as u32).as_millis() as f64);
     }
 }

@@ -184,7 +184,10 @@ pub trait TelemetryStore: Send + Sync + 'static {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Housekeeping the ingest thread runs between commits (for the embedded store: merging
     /// recent points into their partitions and rollups, and retention). Returns how long
-    /// until it should run again, `None` if only after the next commit.
+    /// until it should run again, `None` if only after the next commit. Each call should be
+    /// short, as nothing is committed meanwhile: with more to do, a store does a step and
+    /// returns `Some(Duration::ZERO)`, and the ingest thread commits what waits before the
+    /// next call.
     fn maintain(&self, now: TimestampMs) -> Result<Option<Duration>, StoreError> {
         let _ = now;
         Ok(None)

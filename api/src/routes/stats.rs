@@ -1,7 +1,8 @@
 //! Counters: `GET /api/v1/stats` is `{"ingest": {received, stored, samples, deadlettered,
-//! failed, commits, rejected by kind, commit_latency}, "gate": {accepted, connected, active,
-//! refusals by reason, …}}`, and with the QuestDB store `"spool": {spooled, drained, pending,
-//! refused, send_errors, last_error, last_delivery_ms}`; `"rules"` has the rules engine's
+//! failed, commits, rejected by kind, commit_latency, housekeeping_latency}, "gate":
+//! {accepted, connected, active, refusals by reason, …}}`, and with the QuestDB store
+//! `"spool": {spooled, drained, pending, refused, send_errors, last_error,
+//! last_delivery_ms}`; `"rules"` has the rules engine's
 //! inputs and the time rules add per input. Reading them is a few atomic loads
 //! (and one lock), so no blocking thread is needed.
 

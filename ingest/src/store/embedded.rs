@@ -12,11 +12,12 @@
 //!   last;
 //! - `partitions`: the catalog of those tables, with the time each covers;
 //! - `latest`: the newest point of every series;
+//! - `head_merged`: while a merge cycle is under way, the series it has merged and up to
+//!   which head row;
 //! - `deadletters`: payloads that were not valid telemetry, raw, with the reason.
 //!
-//! A commit (the ingest thread's group commit, one fsync) only appends to `head`. A merge,
-//! at most `merge_interval` later or once `head` holds `merge_rows` points, moves the head
-//! into its day tables in one transaction, sorted by series and time so that each series
+//! A commit (the ingest thread's group commit, one fsync) only appends to `head`. A merge
+//! moves the head into its day tables, sorted by series and time so that each series
 //! touches its newest pages only, updates `latest`, and recomputes the rollup rows of every
 //! minute (from the raw points) and hour (from the minute rows) it touched, so rollups
 //! always equal what the raw points say, re-sent and late points included. Retention drops
@@ -24,14 +25,37 @@
 //! their resolution; a point that arrives older than the raw retention goes into the
 //! rollups only.
 //!
+//! A merge runs in chunks, so that commits (and so PUBACKs) never wait for a whole one. A
+//! merge *cycle* starts at most `merge_interval` after a commit or once `head` holds
+//! `merge_rows` points, and fixes a watermark: the newest head rowid (`seq`) committed. It
+//! then merges chunks of whole series, in id order (`CHUNK_POINTS` points or
+//! `CHUNK_SERIES` series at most, see there), one transaction each, the ingest thread
+//! committing between them: each chunk merges its series' head points with rowids up to
+//! the watermark and records in `head_merged` that those series are merged up to it. Points
+//! committed meanwhile have larger rowids and wait for the next cycle, also when they
+//! replace a point of the cycle (the same series and time sent again: then the newer value
+//! is the one kept, and merged next time). Once every series is merged, the head rows up
+//! to the watermark leave the table, a slice of the rowid range a step, and `head_merged`
+//! with the last slice. Steps keep their size at a steady rate, and grow when commits come
+//! so fast that the head would fill up before the cycle is through (`SqliteStore::pace`).
+//!
+//! A crash loses nothing and counts nothing twice: a chunk's points and its `head_merged`
+//! rows are committed together, and at the next start the head is read back without the
+//! rows `head_merged` says are merged, then the cycle goes on with the series left. (Merging
+//! a point twice would do no harm either: raw points are keyed by series and time, `latest`
+//! moves only forward, and a rollup bucket that gains a point it summarised is summed
+//! again. Skipping keeps every point in one place, the head or the partitions.)
+//!
 //! Queries see every committed point: they read the partitions and add the head from
 //! memory. A query holds the head's read lock from copying the head until its read
-//! transaction has its snapshot, and a merge holds the write lock from its commit until the
-//! head is cleared, so a query sees each point once, either in the head or in the
-//! partitions; while a merge writes its transaction, queries go on.
+//! transaction has its snapshot, and a merge chunk holds the write lock from its commit
+//! until its points are gone from the in-memory head, so a query sees each point once,
+//! either in the head or in the partitions; while a chunk writes its transaction, queries
+//! go on. A series is merged whole in one chunk, so its rollups always agree with its raw
+//! points.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     path::Path,
     sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant},
@@ -50,7 +74,8 @@ const HOUR: i64 = 60 * MINUTE;
 const DAY: i64 = 24 * HOUR;
 
 /// Migration 1 is the first layout (one `points` table); migration 2 moves its points into
-/// the head, from which the first merge partitions them and builds their rollups.
+/// the head, from which the first merge partitions them and builds their rollups; migration
+/// 3 adds `head_merged`, the progress of a merge in chunks.
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE series (
         id      INTEGER PRIMARY KEY,
@@ -97,6 +122,10 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO head (series, ts, kind, value)
         SELECT series, ts, kind, value FROM points ORDER BY ts;
     DROP TABLE points;",
+    "CREATE TABLE head_merged (
+        series  INTEGER PRIMARY KEY REFERENCES series(id),
+        upto    INTEGER NOT NULL
+    );",
 ];
 
 /// A resolution of the store: raw points, or one of the rollups.
@@ -237,7 +266,8 @@ pub struct StoreConfig {
     pub retention: Retention,
     /// Longest a point waits in the head before a merge moves it into its partition.
     pub merge_interval: Duration,
-    /// Head size (points) that starts a merge at once.
+    /// Head size (points) that starts a merge at once; merge steps grow when commits would
+    /// otherwise fill the head to it again before the merge is through.
     pub merge_rows: usize,
 }
 
@@ -254,6 +284,61 @@ impl Default for StoreConfig {
 
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// A merge chunk takes whole series, in id order, until it holds `CHUNK_POINTS` points or
+/// `CHUNK_SERIES` series, whichever comes first (a series with more points than that goes
+/// alone). While a chunk is written nothing is committed, so these bound how long a device
+/// waits for its PUBACK behind a merge. Measured with the store bench's steady load (3,000
+/// series at 72,000 points/s, BENCHMARKS.md), where a chunk is 256 series of 24 points and
+/// takes about 10 ms: the p99 from a message's arrival to its commit is 15 ms; with 4,096
+/// points and 128 series it was 9 ms, with 16,384 and 512 28 ms, with 32,768 and 1,024
+/// 68 ms, at the same saturated throughput or lower. Each chunk is a transaction with an
+/// fsync of its own, which costs more on slower disks than on the bench's, so the smaller
+/// size was not taken: this one keeps the p99 at a third of the 50 ms goal. The cap on
+/// series bounds chunks of many series with few points each, where the work per series
+/// (`latest`, rollup rows, `head_merged`) is most of it.
+const CHUNK_POINTS: usize = 8_192;
+const CHUNK_SERIES: usize = 256;
+
+/// Most head rows one step deletes at the end of a merge cycle: the cycle's rows leave the
+/// head table in slices, since deleting 72,000 rows at once took 15 to 20 ms (the longest
+/// step of a cycle at the steady load); a slice of this size takes 3 to 4 ms (9 ms at most
+/// seen).
+const DELETE_SLICE: usize = 32_768;
+
+/// How much one merge step takes on: a chunk's points and series, or the head rows deleted
+/// (`CHUNK_POINTS`, `CHUNK_SERIES`, `DELETE_SLICE`; tests make them small). A step may take
+/// on more when commits come faster than steps at this size would merge them (see
+/// `SqliteStore::pace`).
+#[derive(Debug, Clone, Copy)]
+struct StepBudget {
+    points: usize,
+    series: usize,
+    head_rows: usize,
+}
+
+impl StepBudget {
+    /// This budget `by` times over (`by` at least 1).
+    fn scaled(self, by: f64) -> StepBudget {
+        // Float to integer casts saturate.
+        let times = |n: usize| (n as f64 * by.max(1.0)) as usize;
+        StepBudget {
+            points: times(self.points),
+            series: times(self.series),
+            head_rows: times(self.head_rows),
+        }
+    }
+}
+
+impl Default for StepBudget {
+    fn default() -> Self {
+        StepBudget {
+            points: CHUNK_POINTS,
+            series: CHUNK_SERIES,
+            head_rows: DELETE_SLICE,
+        }
+    }
+}
+
 /// Most series ids the writer keeps in memory; past this the cache starts over.
 const SERIES_CACHE_MAX: usize = 100_000;
 
@@ -261,22 +346,47 @@ const SERIES_CACHE_MAX: usize = 100_000;
 type SeriesKey = (DeviceId, String);
 
 /// Points committed to `head` and not merged yet, by series; what queries add to the
-/// partitions. Bounded by `merge_rows` plus one commit.
+/// partitions. Bounded by twice `merge_rows` (the backlog guard in `commit`).
 #[derive(Debug, Default)]
 struct Head {
     series: HashMap<i64, HeadSeries>,
-    /// Points in the head table (re-sent points count again: they are rows until merged).
+    /// Rows of the head table not merged yet (re-sent points count again: they are rows
+    /// until merged).
     rows: usize,
-    /// When the oldest point in the head was committed.
+    /// When the oldest point that no merge cycle has taken yet was committed.
     since: Option<Instant>,
+    /// The rowid (`seq`) of the newest head row: the largest in the table, as SQLite gives
+    /// a new row the largest rowid plus one.
+    last_seq: i64,
 }
 
 #[derive(Debug)]
 struct HeadSeries {
     device: DeviceId,
     metric: String,
-    /// The last value committed for each time (a re-sent point replaces the earlier one).
-    points: BTreeMap<TimestampMs, Value>,
+    /// The last value committed for each time, with its head rowid (a re-sent point
+    /// replaces the earlier one, so this is the newest rowid of that time).
+    points: BTreeMap<TimestampMs, (i64, Value)>,
+    /// Rowids of head rows whose point a later commit replaced: still rows of the table,
+    /// counted in `rows`, until the merge cycle that covers them is through this series.
+    replaced: Vec<i64>,
+}
+
+/// A merge under way: the head rows up to a watermark, moved into the partitions in chunks
+/// of whole series (see the module docs).
+#[derive(Debug)]
+struct Cycle {
+    /// The watermark: this cycle merges the head rows with `seq <= upto`; rows committed
+    /// after it started have larger rowids and wait for the next cycle.
+    upto: i64,
+    /// The series still to merge, in id order.
+    left: VecDeque<i64>,
+    /// About how many points are still to merge and how many head rows to delete: what
+    /// the steps left have to do (see `SqliteStore::pace`).
+    points: usize,
+    rows: usize,
+    /// `Head::since` when the cycle started, put back if it is given up.
+    since: Option<Instant>,
 }
 
 struct Writer {
@@ -287,6 +397,12 @@ struct Writer {
     /// Partition tables known to exist (committed).
     partitions: HashSet<String>,
     last_retention: Option<Instant>,
+    /// The merge cycle under way, if any.
+    cycle: Option<Cycle>,
+    budget: StepBudget,
+    /// Points committed since the last housekeeping call: how fast the head fills while
+    /// merge steps run (see `SqliteStore::pace`).
+    committed: usize,
 }
 
 /// The embedded telemetry store. One writer connection (the ingest thread: commits, merges,
@@ -412,12 +528,47 @@ impl SqliteStore {
             .prepare("SELECT name FROM partitions")?
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
+        // A cycle the process stopped in is taken up where it was: the series it merged are
+        // in `head_merged` (and were skipped by `load_head`), the others are still to merge.
+        let interrupted: Option<i64> =
+            conn.query_row("SELECT max(upto) FROM head_merged", [], |r| r.get(0))?;
+        let cycle = match interrupted {
+            Some(upto) => {
+                let mut left: Vec<i64> = head
+                    .series
+                    .iter()
+                    .filter(|(_, s)| s.oldest_seq().is_some_and(|seq| seq <= upto))
+                    .map(|(id, _)| *id)
+                    .collect();
+                left.sort_unstable();
+                let points = left
+                    .iter()
+                    .filter_map(|id| head.series.get(id))
+                    .map(|s| s.points_upto(upto))
+                    .sum();
+                let rows: i64 =
+                    conn.query_row("SELECT count(*) FROM head WHERE seq <= ?1", [upto], |r| {
+                        r.get(0)
+                    })?;
+                Some(Cycle {
+                    upto,
+                    left: left.into(),
+                    points,
+                    rows: usize::try_from(rows).unwrap_or(0),
+                    since: head.since,
+                })
+            }
+            None => None,
+        };
         Ok(SqliteStore {
             writer: Mutex::new(Writer {
                 conn,
                 series: HashMap::new(),
                 partitions,
                 last_retention: None,
+                cycle,
+                budget: StepBudget::default(),
+                committed: 0,
             }),
             reader: Mutex::new(reader),
             head: RwLock::new(head),
@@ -425,11 +576,18 @@ impl SqliteStore {
         })
     }
 
-    /// Moves the head into its partitions and rollups now (the ingest thread does it on its
-    /// own schedule through [`TelemetryStore::maintain`]).
+    /// Moves the whole head into its partitions and rollups now: the cycle under way, if
+    /// any, to its end, then a cycle of the points committed after it started (the ingest
+    /// thread merges on its own schedule, a chunk at a time, through
+    /// [`TelemetryStore::maintain`]).
     pub fn merge(&self, now: TimestampMs) -> Result<(), StoreError> {
         let mut w = lock(&self.writer)?;
-        self.merge_locked(&mut w, now)
+        let under_way = w.cycle.is_some();
+        while self.merge_step(&mut w, now, 0)? {}
+        if under_way {
+            while self.merge_step(&mut w, now, 0)? {}
+        }
+        Ok(())
     }
 
     /// Drops the partitions past retention now.
@@ -438,36 +596,159 @@ impl SqliteStore {
         self.retention_locked(&mut w, now)
     }
 
-    fn merge_locked(&self, w: &mut Writer, now: TimestampMs) -> Result<(), StoreError> {
+    /// One step of merging: starts a cycle if none is under way (and the head holds
+    /// anything), then merges the cycle's next chunk, or deletes the cycle's rows from
+    /// `head` once every series of it is merged. Returns whether the cycle has steps left.
+    ///
+    /// `arrived`: the points committed since the last step (see `pace`).
+    ///
+    /// A step that fails gives the cycle up: what its chunks merged stays merged (and out
+    /// of the in-memory head), and the next cycle, with a later watermark, takes the rest.
+    fn merge_step(
+        &self,
+        w: &mut Writer,
+        now: TimestampMs,
+        arrived: usize,
+    ) -> Result<bool, StoreError> {
+        if w.cycle.is_none() && !self.start_cycle(w)? {
+            return Ok(false);
+        }
+        let in_memory = read(&self.head)?.rows;
+        let budget = match &w.cycle {
+            Some(c) => w.budget.scaled(self.pace(c, w.budget, in_memory, arrived)),
+            None => w.budget,
+        };
+        let stepped = match w.cycle.as_ref().map(|c| c.left.is_empty()) {
+            Some(false) => self.merge_chunk(w, now, budget).map(|()| true),
+            Some(true) | None => self.finish_cycle(w, budget).map(|over| !over),
+        };
+        if stepped.is_err() {
+            if let Some(cycle) = w.cycle.take() {
+                let mut head = write(&self.head)?;
+                head.since = earliest(head.since, cycle.since);
+            }
+        }
+        stepped
+    }
+
+    /// Starts a merge cycle of everything committed so far; `false` if the head is empty.
+    fn start_cycle(&self, w: &mut Writer) -> Result<bool, StoreError> {
+        let mut head = write(&self.head)?;
+        if head.rows == 0 {
+            head.since = None;
+            return Ok(false);
+        }
+        // Every point in memory was committed by now, so its rowid is at most `last_seq`.
+        let mut left: Vec<i64> = head.series.keys().copied().collect();
+        left.sort_unstable();
+        w.cycle = Some(Cycle {
+            upto: head.last_seq,
+            left: left.into(),
+            points: head.series.values().map(|s| s.points.len()).sum(),
+            rows: head.rows,
+            since: head.since.take(),
+        });
+        Ok(true)
+    }
+
+    /// How many times its usual size the next step of `cycle` must be. A cycle should be
+    /// over before the points committed meanwhile fill the head to `merge_rows` (where the
+    /// next cycle starts at once): cycles then stay large, and a large cycle merges more
+    /// points of each series at once, which writes fewer pages per point (a series'
+    /// newest pages are written once per cycle whatever it brings). So if the steps left,
+    /// at their usual size, would let more points arrive (`arrived` a step, as since the
+    /// last step) than the head has room for, each takes on proportionally more. At a
+    /// steady rate the head fills far slower than that and steps keep their size; under a
+    /// load the store can barely take, steps grow, which bounds the head and keeps merging
+    /// ahead of commits.
+    fn pace(&self, cycle: &Cycle, budget: StepBudget, in_memory: usize, arrived: usize) -> f64 {
+        let after = in_memory.saturating_sub(cycle.points);
+        let room = self.config.merge_rows.max(1).saturating_sub(after).max(1);
+        let chunks = (cycle.points.div_ceil(budget.points.max(1)))
+            .max(cycle.left.len().div_ceil(budget.series.max(1)));
+        let slices = cycle.rows.div_ceil(budget.head_rows.max(1));
+        (chunks + slices) as f64 * arrived as f64 / room as f64
+    }
+
+    /// Merges the cycle's next chunk of series, in one transaction, then drops its points
+    /// from the in-memory head.
+    fn merge_chunk(
+        &self,
+        w: &mut Writer,
+        now: TimestampMs,
+        budget: StepBudget,
+    ) -> Result<(), StoreError> {
         let Writer {
-            conn, partitions, ..
+            conn,
+            partitions,
+            cycle,
+            ..
         } = w;
+        let Some(cycle) = cycle.as_mut() else {
+            return Ok(());
+        };
+        let upto = cycle.upto;
         let mut created = Vec::new();
         let tx = sqlite::write_transaction(conn)?;
-        {
+        let chunk = {
             // Only the holder of the writer lock changes the head, so reading it is enough
             // while the transaction is written; queries go on meanwhile.
             let head = read(&self.head)?;
-            if head.rows == 0 {
-                return Ok(());
-            }
+            let chunk = next_chunk(&head, &cycle.left, upto, budget);
             merge_head(
                 &tx,
                 &head,
+                &chunk,
+                upto,
                 &self.config.retention,
                 now,
                 partitions,
                 &mut created,
             )?;
+            chunk
+        };
+        for id in &chunk {
+            tx.prepare_cached(
+                "INSERT INTO head_merged (series, upto) VALUES (?1, ?2)
+                 ON CONFLICT (series) DO UPDATE SET upto = excluded.upto",
+            )?
+            .execute(params![id, upto])?;
         }
-        tx.execute("DELETE FROM head", [])?;
-        // Exclusive from the commit until the head is cleared: a query sees each point
+        // Exclusive from the commit until the head is changed: a query sees each point
         // once, in the head or in the partitions (see the module docs).
         let mut head = write(&self.head)?;
         tx.commit()?;
         partitions.extend(created);
-        *head = Head::default();
+        let before = head.rows;
+        for id in &chunk {
+            head.merged(*id, upto);
+        }
+        cycle.points = cycle.points.saturating_sub(before - head.rows);
+        cycle.left.drain(..chunk.len());
         Ok(())
+    }
+
+    /// Ends the cycle, once every series of it is merged: its rows leave the head table,
+    /// at most `DELETE_SLICE` a step (the oldest first, a range of the rowid), and with the
+    /// last of them its progress records. Returns whether the cycle is over.
+    fn finish_cycle(&self, w: &mut Writer, budget: StepBudget) -> Result<bool, StoreError> {
+        let Some(upto) = w.cycle.as_ref().map(|c| c.upto) else {
+            return Ok(true);
+        };
+        // Nothing refers to head rows, so deleting them cannot break a reference; with
+        // enforcement on, SQLite looks each deleted row's series up all the same, which
+        // doubles the cost of the delete (measured).
+        w.conn.pragma_update(None, "foreign_keys", false)?;
+        let slice = i64::try_from(budget.head_rows.max(1)).unwrap_or(i64::MAX);
+        let deleted = delete_head_slice(&mut w.conn, upto, slice);
+        w.conn.pragma_update(None, "foreign_keys", true)?;
+        let (deleted, over) = deleted?;
+        match &mut w.cycle {
+            Some(_) if over => w.cycle = None,
+            Some(c) => c.rows = c.rows.saturating_sub(deleted),
+            None => {}
+        }
+        Ok(over)
     }
 
     fn retention_locked(&self, w: &mut Writer, now: TimestampMs) -> Result<usize, StoreError> {
@@ -544,7 +825,7 @@ impl Head {
             .map(|s| {
                 s.points
                     .range(from..=to)
-                    .map(|(t, v)| (*t, v.clone()))
+                    .map(|(t, (_, v))| (*t, v.clone()))
                     .collect()
             })
             .unwrap_or_default()
@@ -556,7 +837,7 @@ impl Head {
             .values()
             .filter_map(|s| {
                 let key = keep(s)?;
-                let (ts, v) = s.points.last_key_value()?;
+                let (ts, (_, v)) = s.points.last_key_value()?;
                 Some((key, *ts, v.clone()))
             })
             .collect()
@@ -564,28 +845,36 @@ impl Head {
 }
 
 /// Reads the head table (what was committed but not merged when the process stopped) into
-/// memory.
+/// memory, leaving out the rows an interrupted merge cycle already merged (`head_merged`),
+/// so that no point is both in memory and in the partitions.
 fn load_head(conn: &Connection) -> Result<Head, StoreError> {
     let mut head = Head::default();
     let mut stmt = conn.prepare(
-        "SELECT h.series, s.device, s.metric, h.ts, h.kind, h.value
-         FROM head h JOIN series s ON s.id = h.series ORDER BY h.seq",
+        "SELECT h.seq, h.series, s.device, s.metric, h.ts, h.kind, h.value
+         FROM head h JOIN series s ON s.id = h.series
+         WHERE NOT EXISTS (
+            SELECT 1 FROM head_merged m WHERE m.series = h.series AND m.upto >= h.seq
+         )
+         ORDER BY h.seq",
     )?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
-        let device: String = r.get(1)?;
+        let device: String = r.get(2)?;
         let device = DeviceId::parse(&device).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
         })?;
-        let value = from_sql(r.get(4)?, r.get(5)?);
+        let value = from_sql(r.get(5)?, r.get(6)?);
         head.add(
-            r.get(0)?,
+            r.get(1)?,
             &device,
-            &r.get::<_, String>(2)?,
-            r.get(3)?,
+            &r.get::<_, String>(3)?,
+            r.get(4)?,
+            r.get(0)?,
             value,
         );
     }
+    // Rows merged but not yet deleted are still the table's: new rowids come after them.
+    head.last_seq = conn.query_row("SELECT coalesce(max(seq), 0) FROM head", [], |r| r.get(0))?;
     if head.rows > 0 {
         head.since = Some(Instant::now());
     }
@@ -593,18 +882,105 @@ fn load_head(conn: &Connection) -> Result<Head, StoreError> {
 }
 
 impl Head {
-    fn add(&mut self, series: i64, device: &DeviceId, metric: &str, ts: TimestampMs, v: Value) {
-        self.series
-            .entry(series)
-            .or_insert_with(|| HeadSeries {
-                device: device.clone(),
-                metric: metric.to_owned(),
-                points: BTreeMap::new(),
-            })
-            .points
-            .insert(ts, v);
+    /// Adds a committed point, head row `seq`.
+    fn add(
+        &mut self,
+        series: i64,
+        device: &DeviceId,
+        metric: &str,
+        ts: TimestampMs,
+        seq: i64,
+        v: Value,
+    ) {
+        let s = self.series.entry(series).or_insert_with(|| HeadSeries {
+            device: device.clone(),
+            metric: metric.to_owned(),
+            points: BTreeMap::new(),
+            replaced: Vec::new(),
+        });
+        if let Some((old, _)) = s.points.insert(ts, (seq, v)) {
+            s.replaced.push(old);
+        }
         self.rows += 1;
+        self.last_seq = self.last_seq.max(seq);
         self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Forgets what a merge chunk moved of series `id`: its points and replaced rows with
+    /// rowids up to `upto`. Points committed after the cycle started stay.
+    fn merged(&mut self, id: i64, upto: i64) {
+        let Some(s) = self.series.get_mut(&id) else {
+            return;
+        };
+        let before = s.points.len() + s.replaced.len();
+        s.points.retain(|_, (seq, _)| *seq > upto);
+        s.replaced.retain(|seq| *seq > upto);
+        let after = s.points.len() + s.replaced.len();
+        self.rows = self.rows.saturating_sub(before - after);
+        if after == 0 {
+            self.series.remove(&id);
+        }
+    }
+}
+
+impl HeadSeries {
+    /// The smallest rowid of this series' head rows.
+    fn oldest_seq(&self) -> Option<i64> {
+        let points = self.points.values().map(|(seq, _)| *seq);
+        points.chain(self.replaced.iter().copied()).min()
+    }
+
+    /// How many of this series' points a cycle up to `upto` merges.
+    fn points_upto(&self, upto: i64) -> usize {
+        self.points.values().filter(|(seq, _)| *seq <= upto).count()
+    }
+}
+
+/// The series of the next chunk: the first of `left` (in id order), as many as `budget`
+/// allows, and at least one.
+fn next_chunk(head: &Head, left: &VecDeque<i64>, upto: i64, budget: StepBudget) -> Vec<i64> {
+    let mut chunk = Vec::new();
+    let mut points: usize = 0;
+    for id in left {
+        let n = head.series.get(id).map_or(0, |s| s.points_upto(upto));
+        let full = points.saturating_add(n) > budget.points || chunk.len() >= budget.series;
+        if !chunk.is_empty() && full {
+            break;
+        }
+        chunk.push(*id);
+        points += n;
+    }
+    chunk
+}
+
+/// Deletes the oldest head rows up to `upto`, about `slice` of them, and the merge's
+/// progress records with the last; returns how many it deleted and whether none is left.
+/// Safe to stop after any slice: the rows left are still skipped at the next start, as
+/// `head_merged` says they are merged.
+fn delete_head_slice(
+    conn: &mut Connection,
+    upto: i64,
+    slice: i64,
+) -> Result<(usize, bool), rusqlite::Error> {
+    let tx = sqlite::write_transaction(conn)?;
+    let oldest: Option<i64> = tx.query_row("SELECT min(seq) FROM head", [], |r| r.get(0))?;
+    // Rowids are dense (a row gets the largest plus one), so a slice of rowids is about
+    // as many rows.
+    let to = oldest.map_or(upto, |o| upto.min(o.saturating_add(slice - 1)));
+    let deleted = tx.execute("DELETE FROM head WHERE seq <= ?1", [to])?;
+    let over = to >= upto;
+    if over {
+        tx.execute("DELETE FROM head_merged", [])?;
+    }
+    tx.commit()?;
+    Ok((deleted, over))
+}
+
+/// The earlier of two instants, either of which may be missing.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -629,10 +1005,14 @@ fn ensure(
     Ok(())
 }
 
-/// Writes the head into its partitions, `latest` and the rollups (see the module docs).
+/// Writes the head points of series `ids` with rowids up to `upto` into their partitions,
+/// `latest` and the rollups (see the module docs).
+#[allow(clippy::too_many_arguments)]
 fn merge_head(
     tx: &Transaction<'_>,
     head: &Head,
+    ids: &[i64],
+    upto: i64,
     retention: &Retention,
     now: TimestampMs,
     known: &HashSet<String>,
@@ -643,11 +1023,17 @@ fn merge_head(
     // retention are added to the rollups as they are.
     let mut minutes: BTreeMap<(i64, TimestampMs), Fresh> = BTreeMap::new();
     let mut late: Vec<(i64, TimestampMs, f64)> = Vec::new();
-    let mut ids: Vec<&i64> = head.series.keys().collect();
-    ids.sort();
     for id in ids {
-        let s = &head.series[id];
-        for (&ts, value) in &s.points {
+        let Some(s) = head.series.get(id) else {
+            continue;
+        };
+        // The newest point this cycle merges; a newer one committed since stays in the head.
+        let mut newest = None;
+        for (&ts, (seq, value)) in &s.points {
+            if *seq > upto {
+                continue;
+            }
+            newest = Some((ts, value));
             if !retention.keeps(Res::Raw, ts, now) {
                 if let Some(v) = numeric(value) {
                     late.push((*id, ts, v));
@@ -668,7 +1054,7 @@ fn merge_head(
                 .or_insert_with(|| Fresh::at(ts))
                 .add(ts, numeric(value));
         }
-        if let Some((&ts, value)) = s.points.last_key_value() {
+        if let Some((ts, value)) = newest {
             let (kind, v) = to_sql(value);
             tx.prepare_cached(
                 "INSERT INTO latest (series, ts, kind, value) VALUES (?1, ?2, ?3, ?4)
@@ -1051,20 +1437,28 @@ impl TelemetryStore for SqliteStore {
         if waiting >= self.config.merge_rows.max(1).saturating_mul(2) {
             return Err(StoreError::Backlog(waiting));
         }
-        let Writer { conn, series, .. } = &mut *w;
+        let Writer {
+            conn,
+            series,
+            committed,
+            ..
+        } = &mut *w;
         // Series ids of this transaction; they reach `series` only once COMMIT succeeded.
         let mut resolved = HashMap::new();
-        let mut ids = Vec::with_capacity(batch.samples.len());
+        // (series, head rowid) of each sample: a merge cycle takes the rows up to its
+        // watermark.
+        let mut rows = Vec::with_capacity(batch.samples.len());
         let tx = sqlite::write_transaction(conn)?;
         let result = (|| {
             for (device, s) in &batch.samples {
                 let id = series_id(&tx, series, &mut resolved, device, &s.metric)?;
                 let (kind, value) = to_sql(&s.value);
-                tx.prepare_cached(
-                    "INSERT INTO head (series, ts, kind, value) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![id, s.ts_ms, kind, value])?;
-                ids.push(id);
+                let seq = tx
+                    .prepare_cached(
+                        "INSERT INTO head (series, ts, kind, value) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .insert(params![id, s.ts_ms, kind, value])?;
+                rows.push((id, seq));
             }
             super::insert_deadletters(&tx, &batch.deadletters)?;
             Ok::<_, rusqlite::Error>(())
@@ -1077,24 +1471,33 @@ impl TelemetryStore for SqliteStore {
             series.clear();
         }
         series.extend(resolved);
+        *committed = committed.saturating_add(batch.samples.len());
         let mut head = write(&self.head)?;
-        for ((device, s), id) in batch.samples.iter().zip(ids) {
-            head.add(id, device, &s.metric, s.ts_ms, s.value.clone());
+        for ((device, s), (id, seq)) in batch.samples.iter().zip(rows) {
+            head.add(id, device, &s.metric, s.ts_ms, seq, s.value.clone());
         }
         Ok(())
     }
 
+    /// One step at most: a merge cycle's chunk, or its end (and retention when due), so
+    /// that the ingest thread commits between the steps; `Some(Duration::ZERO)` while the
+    /// cycle has steps left.
     fn maintain(&self, now: TimestampMs) -> Result<Option<Duration>, StoreError> {
         let mut w = lock(&self.writer)?;
         let (rows, since) = {
             let head = read(&self.head)?;
             (head.rows, head.since)
         };
-        let merge_due = since.map(|s| s.elapsed() >= self.config.merge_interval);
-        let merged = if rows >= self.config.merge_rows.max(1) || merge_due == Some(true) {
-            self.merge_locked(&mut w, now)
+        // The ingest thread calls this after every commit: what arrived since the last call
+        // is what arrives while a step runs.
+        let arrived = std::mem::take(&mut w.committed);
+        let merge_due = w.cycle.is_some()
+            || rows >= self.config.merge_rows.max(1)
+            || since.is_some_and(|s| s.elapsed() >= self.config.merge_interval);
+        let merged = if merge_due {
+            self.merge_step(&mut w, now, arrived)
         } else {
-            Ok(())
+            Ok(false)
         };
         // Retention frees room whether or not the merge went through.
         let retention_due = w
@@ -1103,7 +1506,9 @@ impl TelemetryStore for SqliteStore {
         if retention_due {
             self.retention_locked(&mut w, now)?;
         }
-        merged?;
+        if merged? {
+            return Ok(Some(Duration::ZERO));
+        }
         let head_since = read(&self.head)?.since;
         let next_merge = head_since.map(|s| self.config.merge_interval.saturating_sub(s.elapsed()));
         let next_retention = w
@@ -1707,5 +2112,414 @@ mod tests {
             ]
         );
         assert_eq!(store.latest_of_metric("t", None, 10).unwrap().len(), 3);
+    }
+
+    /// Makes merge steps take on at most `points` points and `series` series a chunk, and
+    /// delete `head_rows` head rows a step.
+    fn budget(store: &SqliteStore, points: usize, series: usize, head_rows: usize) {
+        lock(&store.writer).unwrap().budget = StepBudget {
+            points,
+            series,
+            head_rows,
+        };
+    }
+
+    /// Runs one merge step (starting a cycle if none is under way); whether more follow.
+    fn step(store: &SqliteStore, now: TimestampMs) -> bool {
+        let mut w = lock(&store.writer).unwrap();
+        store.merge_step(&mut w, now, 0).unwrap()
+    }
+
+    /// The series of the cycle under way still to merge, and its watermark.
+    fn cycle(store: &SqliteStore) -> Option<(usize, i64)> {
+        let w = lock(&store.writer).unwrap();
+        w.cycle.as_ref().map(|c| (c.left.len(), c.upto))
+    }
+
+    fn count(store: &SqliteStore, sql: &str) -> i64 {
+        store.read(|c| c.query_row(sql, [], |r| r.get(0))).unwrap()
+    }
+
+    /// Every row of every partition table and of `latest`, by table, in key order.
+    fn dump(store: &SqliteStore) -> Vec<(String, Vec<Vec<rusqlite::types::Value>>)> {
+        store
+            .read(|c| {
+                let mut names: Vec<String> = c
+                    .prepare("SELECT name FROM partitions ORDER BY name")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                names.push("latest".into());
+                names
+                    .into_iter()
+                    .map(|name| {
+                        let mut stmt = c.prepare(&format!("SELECT * FROM {name} ORDER BY 1, 2"))?;
+                        let width = stmt.column_count();
+                        let rows = stmt
+                            .query_map([], |r| (0..width).map(|i| r.get(i)).collect())?
+                            .collect::<Result<_, _>>()?;
+                        Ok((name, rows))
+                    })
+                    .collect()
+            })
+            .unwrap()
+    }
+
+    /// What a store must answer: the last value sent for each series and time.
+    type Expected = BTreeMap<(String, String), BTreeMap<TimestampMs, Value>>;
+
+    /// `n` random points on `devices` × (`t`, `on`, `note`) within `span` ms of `base`,
+    /// about one in ten a time sent before again with another value; also recorded in
+    /// `expected`.
+    fn random_points(
+        rng: &mut Lcg,
+        devices: &[DeviceId],
+        base: TimestampMs,
+        span: i64,
+        n: usize,
+        expected: &mut Expected,
+    ) -> Batch {
+        let mut points = Vec::new();
+        for _ in 0..n {
+            let d = &devices[rng.next(devices.len() as u64) as usize];
+            let (metric, v) = match rng.next(6) {
+                0 => ("on", Value::Bool(rng.next(2) == 0)),
+                1 => ("note", Value::Text(format!("n{}", rng.next(100)))),
+                2 => ("t", Value::Float(rng.next(1000) as f64 / 8.0)),
+                _ => ("t", Value::Int(rng.next(1000) as i64 - 500)),
+            };
+            let key = (d.as_str().to_owned(), metric.to_owned());
+            let sent = expected.get(&key).filter(|_| rng.next(10) == 0);
+            let ts = match sent.and_then(|s| s.keys().nth(rng.next(s.len() as u64) as usize)) {
+                Some(ts) => *ts,
+                None => base + rng.next(span as u64) as i64,
+            };
+            expected.entry(key).or_default().insert(ts, v.clone());
+            points.push((d.clone(), metric, ts, v));
+        }
+        batch(
+            &points
+                .iter()
+                .map(|(d, m, ts, v)| (d, *m, *ts, v.clone()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Queries answer what was sent: every point once, latest values, and buckets that
+    /// agree with the raw points.
+    fn assert_answers(store: &SqliteStore, expected: &Expected) {
+        for ((device, metric), points) in expected {
+            let d = id(device);
+            let want: Vec<_> = points.iter().map(|(t, v)| (*t, v.clone())).collect();
+            let got = store
+                .range(&d, metric, i64::MIN, i64::MAX, usize::MAX)
+                .unwrap();
+            assert_eq!(got, want, "{device} {metric}");
+            let numbers = points.values().filter(|v| numeric(v).is_some()).count() as u64;
+            for step in [MINUTE, HOUR] {
+                let buckets = store
+                    .buckets(&d, metric, i64::MIN / 4, i64::MAX / 4, step)
+                    .unwrap();
+                let counted: u64 = buckets.iter().map(|b| b.count).sum();
+                assert_eq!(counted, numbers, "{device} {metric} step {step}");
+            }
+            let latest = store.latest(&d).unwrap();
+            let newest = points.last_key_value().map(|(t, v)| (*t, v.clone()));
+            let found = latest
+                .iter()
+                .find(|(m, ..)| m == metric)
+                .map(|(_, t, v)| (*t, v.clone()));
+            assert_eq!(found, newest, "{device} {metric}");
+        }
+    }
+
+    #[test]
+    fn a_merge_in_chunks_writes_what_one_merge_writes() {
+        let (one, many) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (one, many) = (
+            store_keeping_all(one.path()),
+            store_keeping_all(many.path()),
+        );
+        budget(&one, usize::MAX, usize::MAX, usize::MAX);
+        budget(&many, 40, 3, 50);
+        let devices: Vec<DeviceId> = (0..8).map(|i| id(&format!("d{i}"))).collect();
+        let base = 1_700_000_000_000i64;
+        let mut rng = Lcg(11);
+        let mut expected = Expected::new();
+        for round in 0..4 {
+            // Over three days, so that chunks meet several partitions; later rounds replace
+            // and precede merged points, so that rollups are summed again.
+            let points = random_points(&mut rng, &devices, base, 3 * DAY, 600, &mut expected);
+            one.commit(&points).unwrap();
+            many.commit(&points).unwrap();
+            one.merge(base).unwrap();
+            let mut steps = 1;
+            while step(&many, base) {
+                steps += 1;
+            }
+            // 24 series in chunks of 3 at most, and about 600 rows deleted 50 at a time.
+            assert!(steps >= 8 + 600 / 50, "round {round}: {steps} steps");
+            assert_eq!(dump(&many), dump(&one), "round {round}");
+            for store in [&one, &many] {
+                assert_eq!(count(store, "SELECT count(*) FROM head"), 0);
+                assert_eq!(count(store, "SELECT count(*) FROM head_merged"), 0);
+                assert_eq!(read(&store.head).unwrap().rows, 0);
+            }
+        }
+        assert_answers(&many, &expected);
+        assert_same(&many, &devices[0], "t", base, base + 3 * DAY);
+    }
+
+    #[test]
+    fn points_committed_during_a_cycle_wait_for_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_keeping_all(dir.path());
+        budget(&store, 1, 1, usize::MAX);
+        let (a, b, c, d) = (id("a"), id("b"), id("c"), id("d"));
+        let minute = 1_700_000_040_000i64;
+        store
+            .commit(&batch(&[
+                (&a, "t", minute, Value::Int(1)),
+                (&b, "t", minute, Value::Int(1)),
+                (&c, "t", minute, Value::Int(1)),
+                (&a, "t", minute + 1, Value::Int(2)),
+            ]))
+            .unwrap();
+        // The first chunk: series a.
+        assert!(step(&store, minute));
+        let (left, upto) = cycle(&store).unwrap();
+        assert_eq!((left, upto), (2, 4));
+        // A point of a merged series, one that replaces a point of a series not merged
+        // yet, one more of that series, and a new series.
+        store
+            .commit(&batch(&[
+                (&a, "t", minute + 2, Value::Int(3)),
+                (&b, "t", minute, Value::Int(10)),
+                (&c, "t", minute + 5, Value::Int(5)),
+                (&d, "t", minute, Value::Int(7)),
+            ]))
+            .unwrap();
+        while step(&store, minute) {}
+        // Only the points committed before the cycle started were merged, and b's was
+        // replaced before its turn: nothing of b is in the partitions.
+        let raw = |store: &SqliteStore| -> Vec<(i64, i64, i64)> {
+            let name = Res::Raw.partition(minute).name;
+            store
+                .read(|c| {
+                    c.prepare(&format!(
+                        "SELECT series, ts, value FROM {name} ORDER BY 1, 2"
+                    ))?
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get::<_, i64>(1)? - minute, r.get(2)?))
+                    })?
+                    .collect()
+                })
+                .unwrap()
+        };
+        assert_eq!(raw(&store), vec![(1, 0, 1), (1, 1, 2), (3, 0, 1)]);
+        assert_eq!(count(&store, "SELECT count(*) FROM head"), 4);
+        assert_eq!(count(&store, "SELECT min(seq) FROM head"), 5);
+        assert_eq!(count(&store, "SELECT count(*) FROM head_merged"), 0);
+        assert_eq!(read(&store.head).unwrap().rows, 4);
+        assert_eq!(count(&store, "SELECT count(*) FROM latest"), 2);
+        let all = |d: &DeviceId| store.range(d, "t", 0, i64::MAX, 10).unwrap();
+        let rel = |points: Vec<(i64, Value)>| -> Vec<(i64, Value)> {
+            points.into_iter().map(|(t, v)| (t - minute, v)).collect()
+        };
+        let want_a = vec![(0, Value::Int(1)), (1, Value::Int(2)), (2, Value::Int(3))];
+        let want_c = vec![(0, Value::Int(1)), (5, Value::Int(5))];
+        assert_eq!(rel(all(&a)), want_a);
+        assert_eq!(rel(all(&b)), vec![(0, Value::Int(10))]);
+        assert_eq!(rel(all(&c)), want_c);
+        // The next cycle merges them.
+        assert!(step(&store, minute));
+        assert_eq!(
+            cycle(&store).map(|(left, upto)| (left + 1, upto)),
+            Some((4, 8))
+        );
+        while step(&store, minute) {}
+        assert_eq!(
+            raw(&store),
+            vec![
+                (1, 0, 1),
+                (1, 1, 2),
+                (1, 2, 3),
+                (2, 0, 10),
+                (3, 0, 1),
+                (3, 5, 5),
+                (4, 0, 7)
+            ]
+        );
+        assert_eq!(count(&store, "SELECT count(*) FROM head"), 0);
+        assert_eq!(read(&store.head).unwrap().rows, 0);
+        assert_eq!(rel(all(&a)), want_a);
+        assert_eq!(rel(all(&c)), want_c);
+        for (dev, count, sum) in [(&a, 3, 6.0), (&b, 1, 10.0), (&c, 2, 6.0), (&d, 1, 7.0)] {
+            let minutes = store.buckets(dev, "t", 0, i64::MAX / 4, MINUTE).unwrap();
+            assert_eq!(
+                (minutes.len(), minutes[0].count, minutes[0].sum),
+                (1, count, sum)
+            );
+            let hours = store.buckets(dev, "t", 0, i64::MAX / 4, HOUR).unwrap();
+            assert_eq!((hours[0].count, hours[0].sum), (count, sum));
+        }
+        assert_eq!(
+            store.latest(&c).unwrap(),
+            vec![("t".into(), minute + 5, Value::Int(5))]
+        );
+    }
+
+    #[test]
+    fn a_store_reopened_in_the_middle_of_a_cycle_loses_and_doubles_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices: Vec<DeviceId> = (0..6).map(|i| id(&format!("d{i}"))).collect();
+        // Within one day, and in few minutes, so that rollup rows hold many points.
+        let base = 1_700_000_000_000i64;
+        let mut rng = Lcg(5);
+        let mut expected = Expected::new();
+        let (upto, merged) = {
+            let store = store_keeping_all(dir.path());
+            for _ in 0..3 {
+                let points =
+                    random_points(&mut rng, &devices, base, 5 * MINUTE, 200, &mut expected);
+                store.commit(&points).unwrap();
+            }
+            budget(&store, 100, 2, 100);
+            assert!(step(&store, base));
+            assert!(step(&store, base));
+            let (left, upto) = cycle(&store).unwrap();
+            assert!(left > 0, "still series to merge");
+            let merged = expected.len() - left;
+            // Committed after the cycle started: new points, and points sent again.
+            let points = random_points(&mut rng, &devices, base, 5 * MINUTE, 200, &mut expected);
+            store.commit(&points).unwrap();
+            assert_answers(&store, &expected);
+            (upto, merged)
+        };
+        // Reopened: the merged series' rows are not read back into the head, and the cycle
+        // goes on where it was.
+        let store = store_keeping_all(dir.path());
+        assert!(merged >= 2, "{merged}");
+        assert_eq!(
+            count(&store, "SELECT count(*) FROM head_merged"),
+            merged as i64
+        );
+        assert_eq!(cycle(&store).map(|(_, u)| u), Some(upto));
+        let unmerged = count(
+            &store,
+            "SELECT count(*) FROM head h WHERE NOT EXISTS
+             (SELECT 1 FROM head_merged m WHERE m.series = h.series AND m.upto >= h.seq)",
+        );
+        assert_eq!(read(&store.head).unwrap().rows as i64, unmerged);
+        assert_answers(&store, &expected);
+        // Stopped again once every series is merged, while the rows are deleted.
+        budget(&store, 100, 2, 100);
+        while cycle(&store).is_some_and(|(left, _)| left > 0) {
+            assert!(step(&store, base));
+        }
+        assert!(step(&store, base), "more rows than one slice");
+        let rows_left = count(&store, "SELECT count(*) FROM head");
+        drop(store);
+        let store = store_keeping_all(dir.path());
+        assert_eq!(cycle(&store), Some((0, upto)));
+        assert_eq!(count(&store, "SELECT count(*) FROM head"), rows_left);
+        assert_answers(&store, &expected);
+        // Then all is merged, each point once.
+        store.merge(base).unwrap();
+        assert_eq!(count(&store, "SELECT count(*) FROM head"), 0);
+        assert_eq!(count(&store, "SELECT count(*) FROM head_merged"), 0);
+        assert_answers(&store, &expected);
+        let points: usize = expected.values().map(BTreeMap::len).sum();
+        let name = Res::Raw.partition(base).name;
+        assert_eq!(
+            count(&store, &format!("SELECT count(*) FROM {name}")),
+            points as i64
+        );
+        let numbers = expected
+            .values()
+            .flat_map(|p| p.values())
+            .filter(|v| numeric(v).is_some())
+            .count();
+        let name = Res::Minute.partition(base).name;
+        let summed = count(&store, &format!("SELECT sum(count) FROM {name}"));
+        assert_eq!(summed, numbers as i64);
+        for d in &devices {
+            assert_same(&store, d, "t", base, base + 5 * MINUTE);
+        }
+    }
+
+    #[test]
+    fn queries_during_a_cycle_see_every_point_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_keeping_all(dir.path());
+        budget(&store, 25, 2, 40);
+        let devices: Vec<DeviceId> = (0..5).map(|i| id(&format!("d{i}"))).collect();
+        let base = 1_700_000_000_000i64;
+        let mut rng = Lcg(3);
+        let mut expected = Expected::new();
+        for round in 0..3 {
+            let points = random_points(&mut rng, &devices, base, 2 * HOUR, 300, &mut expected);
+            store.commit(&points).unwrap();
+            // Queries on another thread while the steps are written, with nothing committed
+            // meanwhile; and between steps, with commits.
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let reader = s.spawn(|| {
+                    let mut checks = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) || checks == 0 {
+                        assert_answers(&store, &expected);
+                        checks += 1;
+                    }
+                    checks
+                });
+                while step(&store, base) {}
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                assert!(reader.join().unwrap() > 0);
+            });
+            let points = random_points(&mut rng, &devices, base, 2 * HOUR, 100, &mut expected);
+            store.commit(&points).unwrap();
+            let mut steps = 0;
+            loop {
+                let more = step(&store, base);
+                steps += 1;
+                assert_answers(&store, &expected);
+                if steps % 3 == 0 {
+                    let points =
+                        random_points(&mut rng, &devices, base, 2 * HOUR, 20, &mut expected);
+                    store.commit(&points).unwrap();
+                    assert_answers(&store, &expected);
+                }
+                if !more {
+                    break;
+                }
+            }
+            assert!(steps > 3, "round {round}: {steps} steps");
+        }
+        store.merge(base).unwrap();
+        assert_answers(&store, &expected);
+    }
+
+    #[test]
+    fn merge_steps_grow_to_stay_ahead_of_fast_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::open_with(&dir.path().join("t.db"), config(None, None, 1_000)).unwrap();
+        // At their usual size, steps would merge 10 points (or 2 series) or delete 10 rows
+        // while a commit brings 200: the head would grow into the backlog guard (2,000),
+        // and commits would be refused.
+        budget(&store, 10, 2, 10);
+        let devices: Vec<DeviceId> = (0..20).map(|i| id(&format!("d{i}"))).collect();
+        let base = 1_700_000_000_000i64;
+        let mut rng = Lcg(9);
+        let mut expected = Expected::new();
+        let mut most = 0;
+        for _ in 0..100 {
+            let points = random_points(&mut rng, &devices, base, HOUR, 200, &mut expected);
+            store.commit(&points).unwrap();
+            store.maintain(base).unwrap();
+            most = most.max(read(&store.head).unwrap().rows);
+        }
+        assert!(most < 1_600, "the head held {most} points");
+        store.merge(base).unwrap();
+        assert_answers(&store, &expected);
     }
 }
