@@ -22,11 +22,11 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use rumqttc::mqttbytes::{
-    v4::{Connect, Packet},
-    Error as CodecError,
+    v4::{Connect, Packet, Publish},
+    Error as CodecError, QoS,
 };
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -49,14 +49,14 @@ pub const KEEP_ALIVE_S: u16 = 60;
 /// One simulated device: its id, topic and TLS identity.
 pub struct Device {
     pub id: String,
-    topic: Vec<u8>,
+    topic: String,
     tls: Arc<ClientConfig>,
 }
 
 impl Device {
     pub fn new(id: String, tls: Arc<ClientConfig>) -> Device {
         Device {
-            topic: format!("devices/{id}/telemetry").into_bytes(),
+            topic: format!("devices/{id}/telemetry"),
             id,
             tls,
         }
@@ -105,25 +105,13 @@ impl Device {
     }
 }
 
-/// Appends a QoS 1 PUBLISH of `payload` on `topic` with packet id `pkid`.
-pub fn encode_publish(out: &mut BytesMut, topic: &[u8], pkid: u16, payload: &[u8]) {
-    let remaining = 2 + topic.len() + 2 + payload.len();
-    out.reserve(5 + remaining);
-    out.put_u8(0x32);
-    let mut len = remaining;
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        if len == 0 {
-            out.put_u8(byte);
-            break;
-        }
-        out.put_u8(byte | 0x80);
-    }
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic);
-    out.put_u16(pkid);
-    out.put_slice(payload);
+/// Appends a QoS 1 PUBLISH of `payload` on `topic` with packet id `pkid`, encoded by
+/// rumqttc's codec (the one the gate reads with).
+pub fn encode_publish(out: &mut BytesMut, topic: &str, pkid: u16, payload: &[u8]) {
+    let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    publish.pkid = pkid;
+    // Only a topic or payload past MQTT's limits fails to encode; both are ours and small.
+    let _ = publish.write(out);
 }
 
 /// A telemetry message of three metrics, about 200 bytes of JSON, stamped `ts` (ms).
@@ -132,7 +120,7 @@ pub fn payload(out: &mut Vec<u8>, ts: i64, seq: u64) {
     out.clear();
     let _ = write!(
         out,
-        r#"{{"ts":{ts},"values":{{"temperature_celsius":{:.2},"relative_humidity_percent":{:.1},"status":"running normally; firmware 2.4.1; line {}; last service 2026-11-01; shift B"}}}}"#,
+        r#"{{"ts":{ts},"values":{{"temperature_celsius":{:.2},"relative_humidity_percent":{:.1},"status":"running normally; firmware 2.4.1; line {}; last service 2026-11-01; shift B; cell 4; zone north"}}}}"#,
         18.0 + (seq % 1000) as f64 / 100.0,
         35.0 + (seq % 300) as f64 / 10.0,
         seq % 8,
@@ -167,7 +155,7 @@ pub struct Phase {
     pub drain: Duration,
 }
 
-/// What a phase measured, summed over the devices.
+/// What a phase measured, of one device or summed over the fleet.
 #[derive(Debug)]
 pub struct Outcome {
     /// Publish → PUBACK latency (µs) of the messages scheduled in the steady window.
@@ -180,6 +168,28 @@ pub struct Outcome {
     pub unacked: u64,
     /// Devices whose connection failed during the phase.
     pub failed: u64,
+}
+
+impl Outcome {
+    fn new() -> Outcome {
+        Outcome {
+            latency: histogram(),
+            sent: 0,
+            acked: 0,
+            acked_in_steady: 0,
+            unacked: 0,
+            failed: 0,
+        }
+    }
+
+    fn add(&mut self, other: &Outcome) {
+        let _ = self.latency.add(&other.latency);
+        self.sent += other.sent;
+        self.acked += other.acked;
+        self.acked_in_steady += other.acked_in_steady;
+        self.unacked += other.unacked;
+        self.failed += other.failed;
+    }
 }
 
 pub fn histogram() -> Histogram<u64> {
@@ -262,7 +272,7 @@ impl Session {
         phase: Phase,
         start: Instant,
         offset: f64,
-    ) -> (Option<Session>, DeviceOutcome) {
+    ) -> (Option<Session>, Outcome) {
         let steady_start = start + phase.warm_up;
         let end = steady_start + phase.steady;
         let shared = Window {
@@ -305,16 +315,6 @@ impl Session {
     }
 }
 
-/// What one device measured in a phase.
-pub struct DeviceOutcome {
-    pub latency: Histogram<u64>,
-    pub sent: u64,
-    pub acked: u64,
-    pub acked_in_steady: u64,
-    pub unacked: u64,
-    pub failed: u64,
-}
-
 /// The messages of one device awaiting their PUBACK.
 struct Window {
     /// Packet id → scheduled send time (ns since the phase's start).
@@ -326,7 +326,7 @@ struct Window {
 }
 
 struct Sender<'a> {
-    topic: &'a [u8],
+    topic: &'a str,
     next_pkid: u16,
     last_ts: i64,
     seq: u64,
@@ -453,15 +453,8 @@ async fn receive(
     steady_start: Instant,
     steady_end: Instant,
     deadline: Instant,
-) -> (Option<ReadHalf<Tls>>, BytesMut, DeviceOutcome) {
-    let mut outcome = DeviceOutcome {
-        latency: histogram(),
-        sent: 0,
-        acked: 0,
-        acked_in_steady: 0,
-        unacked: 0,
-        failed: 0,
-    };
+) -> (Option<ReadHalf<Tls>>, BytesMut, Outcome) {
+    let mut outcome = Outcome::new();
     loop {
         // Every complete packet in the buffer first.
         loop {
@@ -547,14 +540,7 @@ pub async fn run_phase(
         .enumerate()
         .map(|(i, s)| tokio::spawn(s.run(phase, start, i as f64 / n as f64)))
         .collect();
-    let mut outcome = Outcome {
-        latency: histogram(),
-        sent: 0,
-        acked: 0,
-        acked_in_steady: 0,
-        unacked: 0,
-        failed: 0,
-    };
+    let mut outcome = Outcome::new();
     let mut kept = Vec::with_capacity(n);
     for task in tasks {
         let Ok((session, device)) = task.await else {
@@ -562,12 +548,7 @@ pub async fn run_phase(
             continue;
         };
         kept.extend(session);
-        let _ = outcome.latency.add(&device.latency);
-        outcome.sent += device.sent;
-        outcome.acked += device.acked;
-        outcome.acked_in_steady += device.acked_in_steady;
-        outcome.unacked += device.unacked;
-        outcome.failed += device.failed;
+        outcome.add(&device);
     }
     (kept, outcome)
 }
@@ -735,4 +716,39 @@ fn backoff(failures: u32) -> Duration {
         .saturating_mul(1 << (failures.clamp(1, 7) - 1))
         .min(Duration::from_secs(30));
     base.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_a_publish_of_about_200_bytes_with_three_metrics() {
+        let mut body = Vec::new();
+        payload(&mut body, 1_764_000_000_123, 7);
+        assert!((180..=220).contains(&body.len()), "{} bytes", body.len());
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["ts"], 1_764_000_000_123i64);
+        assert_eq!(json["values"].as_object().unwrap().len(), 3);
+
+        let mut out = BytesMut::new();
+        encode_publish(&mut out, "devices/dev-00007/telemetry", 513, &body);
+        match Packet::read(&mut out, MAX_PACKET).unwrap() {
+            Packet::Publish(p) => {
+                assert_eq!(p.pkid, 513);
+                assert_eq!(p.qos, QoS::AtLeastOnce);
+                assert_eq!(p.topic, "devices/dev-00007/telemetry");
+                assert_eq!(&p.payload[..], &body[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_half_a_second_to_thirty_within_the_upper_half() {
+        for (failures, base) in [(1, 0.5), (2, 1.0), (3, 2.0), (7, 30.0), (40, 30.0)] {
+            let d = backoff(failures).as_secs_f64();
+            assert!(d >= base / 2.0 && d <= base, "{failures}: {d}");
+        }
+    }
 }
