@@ -693,67 +693,33 @@ fn report(results: &Results, systems: &[System]) -> String {
     };
     let med =
         |system: System, f: &dyn Fn(&Run) -> f64| median(of(system).iter().map(|r| f(r)).collect());
-    type Row<'a> = (&'a str, &'a dyn Fn(&Run) -> f64, bool);
+    type Row<'a> = (&'a str, &'a dyn Fn(&Run) -> f64);
     let rows: Vec<Row> = vec![
-        (
-            "durable messages/s, saturated",
-            &|r| r.max.durable_per_s,
-            true,
-        ),
-        ("PUBACKs/s, saturated", &|r| r.max.acked_per_s, true),
-        (
-            "publish→PUBACK p50 ms, saturated",
-            &|r| r.max.latency.p50,
-            false,
-        ),
-        (
-            "publish→PUBACK p99 ms, saturated",
-            &|r| r.max.latency.p99,
-            false,
-        ),
-        (
-            "open-loop rate at half the maximum, msg/s",
-            &|r| r.half.target_rate,
-            true,
-        ),
-        (
-            "durable messages/s at half",
-            &|r| r.half.durable_per_s,
-            true,
-        ),
-        (
-            "publish→PUBACK p50 ms at half",
-            &|r| r.half.latency.p50,
-            false,
-        ),
-        (
-            "publish→PUBACK p99 ms at half",
-            &|r| r.half.latency.p99,
-            false,
-        ),
-        (
-            "publish→PUBACK p99.9 ms at half",
-            &|r| r.half.latency.p999,
-            false,
-        ),
-        ("publish→queryable p50 ms", &|r| r.queryable.p50, false),
-        ("publish→queryable p99 ms", &|r| r.queryable.p99, false),
-        (
-            "server CPU s per 10,000 messages, saturated",
-            &|r| r.max.cpu_s_per_10k,
-            false,
-        ),
-        (
-            "server CPU s per 10,000 messages at half",
-            &|r| r.half.cpu_s_per_10k,
-            false,
-        ),
-        ("first connection of all devices, s", &|r| r.ramp_s, false),
-        (
-            "acknowledged but not stored",
-            &|r| r.acked_not_stored as f64,
-            false,
-        ),
+        ("durable messages/s, saturated", &|r| r.max.durable_per_s),
+        ("PUBACKs/s, saturated", &|r| r.max.acked_per_s),
+        ("publish→PUBACK p50 ms, saturated", &|r| r.max.latency.p50),
+        ("publish→PUBACK p99 ms, saturated", &|r| r.max.latency.p99),
+        ("open-loop rate at half the maximum, msg/s", &|r| {
+            r.half.target_rate
+        }),
+        ("durable messages/s at half", &|r| r.half.durable_per_s),
+        ("publish→PUBACK p50 ms at half", &|r| r.half.latency.p50),
+        ("publish→PUBACK p99 ms at half", &|r| r.half.latency.p99),
+        ("publish→PUBACK p99.9 ms at half", &|r| {
+            r.half.latency.p999
+        }),
+        ("publish→queryable p50 ms", &|r| r.queryable.p50),
+        ("publish→queryable p99 ms", &|r| r.queryable.p99),
+        ("server CPU s per 10,000 messages, saturated", &|r| {
+            r.max.cpu_s_per_10k
+        }),
+        ("server CPU s per 10,000 messages at half", &|r| {
+            r.half.cpu_s_per_10k
+        }),
+        ("first connection of all devices, s", &|r| r.ramp_s),
+        ("acknowledged but not stored", &|r| {
+            r.acked_not_stored as f64
+        }),
     ];
     let _ = write!(
         out,
@@ -775,7 +741,7 @@ fn report(results: &Results, systems: &[System]) -> String {
         let _ = write!(out, "---|");
     }
     out.push('\n');
-    for (name, f, _) in &rows {
+    for (name, f) in &rows {
         let _ = write!(out, "| {name} |");
         let values: Vec<f64> = systems.iter().map(|s| med(*s, *f)).collect();
         for v in &values {
