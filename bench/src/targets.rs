@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::io::{Read, Seek};
+
 use anyhow::{bail, Context};
 use serde_json::Value;
 
@@ -342,7 +344,10 @@ async fn spawn_tellus(
     bin: &Path,
 ) -> anyhow::Result<(Child, SocketAddr)> {
     let log_path = dir.join("tellus.log");
-    let seen = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+    // Only what this process writes is looked at: the file holds earlier runs' lines too.
+    let output = log_file(dir, "tellus.log")?;
+    let mut log = std::fs::File::open(&log_path)?;
+    log.seek(std::io::SeekFrom::End(0))?;
     let mut child = Command::new(bin)
         .arg("serve")
         .arg("--config")
@@ -352,21 +357,26 @@ async fn spawn_tellus(
         .args(["--mqtt-addr", &mqtt_addr.to_string()])
         .args(["--http-addr", "127.0.0.1:0"])
         .stdin(Stdio::null())
-        .stdout(log_file(dir, "tellus.log")?)
-        .stderr(log_file(dir, "tellus.log")?)
+        .stdout(output.try_clone()?)
+        .stderr(output)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut mqtt, mut http) = (false, None);
+    let mut unread = Vec::new();
     while !mqtt || http.is_none() {
         if Instant::now() > deadline || child.try_wait()?.is_some() {
             let _ = child.kill();
             bail!("tellus did not start (see {})", log_path.display());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let log = std::fs::read(&log_path)?;
-        let log = String::from_utf8_lossy(log.get(seen..).unwrap_or_default());
-        for line in log.lines() {
+        // What was written since the last look; a line cut in two is read whole next time.
+        log.read_to_end(&mut unread)?;
+        let Some(end) = unread.iter().rposition(|&b| b == b'\n') else {
+            continue;
+        };
+        let lines: Vec<u8> = unread.drain(..=end).collect();
+        for line in String::from_utf8_lossy(&lines).lines() {
             if line.contains("listener=\"mqtt\"") {
                 mqtt = true;
             }
