@@ -11,7 +11,8 @@
 //! - [`rule`]: rules and alerts as data (what a rule watches, tests and does); the `rules`
 //!   crate evaluates them;
 //! - [`state`]: a device's desired and reported state ([`DeviceState`]), JSON Merge Patch and
-//!   the delta a device has yet to act on.
+//!   the delta a device has yet to act on;
+//! - [`token`]: API tokens and their roles ([`Role`]: viewer, operator, admin).
 
 pub mod command;
 pub mod handoff;
@@ -22,6 +23,7 @@ pub mod rule;
 pub mod serial;
 pub mod state;
 pub mod telemetry;
+pub mod token;
 pub mod topic;
 
 pub use command::{Command, CommandResult, CommandStatus, Job, JobStatus};
@@ -39,6 +41,7 @@ pub use rule::{
 };
 pub use state::DeviceState;
 pub use telemetry::{DecodeError, Sample, Value};
+pub use token::{ApiToken, Role};
 
 /// Milliseconds since the Unix epoch, the one time unit of the data model.
 pub type TimestampMs = i64;

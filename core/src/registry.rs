@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     rule::{Alert, AlertQuery, Raise, Rule, RuleSpec},
-    Command, CommandStatus, DeviceId, DeviceState, Job, JobStatus, TimestampMs,
+    ApiToken, Command, CommandStatus, DeviceId, DeviceState, Job, JobStatus, TimestampMs,
 };
 
 /// Whether a device may connect.
@@ -491,4 +491,13 @@ pub trait Registry: Send + Sync + 'static {
     /// Open alerts (active or acknowledged), by rule and then device, at most `limit`: which
     /// rules fire for which devices, as the engine learns at its start.
     fn open_alerts(&self, limit: usize) -> Result<Vec<Alert>, RegistryError>;
+
+    /// Records a new API token; an id already taken is refused.
+    fn insert_api_token(&self, token: &ApiToken) -> Result<(), RegistryError>;
+    fn api_token(&self, id: &str) -> Result<Option<ApiToken>, RegistryError>;
+    /// Tokens by id, after `after`.
+    fn api_tokens(&self, after: Option<&str>, limit: usize)
+        -> Result<Vec<ApiToken>, RegistryError>;
+    /// Removes a token; `false` if there was none. It is refused from the next request on.
+    fn delete_api_token(&self, id: &str) -> Result<bool, RegistryError>;
 }

@@ -34,10 +34,10 @@ use std::{collections::BTreeMap, path::Path, sync::Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tellus_core::{
     rule::{new_alert_id, Raise},
-    state, Alert, AlertQuery, AlertStatus, AuditDecision, AuditEntry, CaRecord, CertificateRecord,
-    Change, Command, CommandStatus, DeviceId, DeviceQuery, DeviceRecord, DeviceState, DeviceStatus,
-    Job, JobStatus, NewDevice, PresenceCounts, Registry, RegistryError, Rule, RuleSpec, Session,
-    SessionEvent, Severity, TimestampMs, FLEET_ISSUER,
+    state, Alert, AlertQuery, AlertStatus, ApiToken, AuditDecision, AuditEntry, CaRecord,
+    CertificateRecord, Change, Command, CommandStatus, DeviceId, DeviceQuery, DeviceRecord,
+    DeviceState, DeviceStatus, Job, JobStatus, NewDevice, PresenceCounts, Registry, RegistryError,
+    Role, Rule, RuleSpec, Session, SessionEvent, Severity, TimestampMs, FLEET_ISSUER,
 };
 
 use crate::sqlite;
@@ -194,6 +194,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX alerts_newest ON alerts (raised_at, id);
     CREATE INDEX alerts_by_device ON alerts (device, raised_at, id);
     CREATE INDEX alerts_by_rule ON alerts (rule, raised_at, id);",
+    // API tokens: the SHA-256 of each secret, never the secret.
+    "CREATE TABLE api_tokens (
+        id             TEXT PRIMARY KEY,
+        name           TEXT NOT NULL,
+        role           TEXT NOT NULL,
+        secret_sha256  TEXT NOT NULL,
+        created_at     INTEGER NOT NULL
+    );",
 ];
 
 /// Audit entries kept; older ones are deleted as new ones arrive.
@@ -382,6 +390,24 @@ fn rule_record(row: &Row<'_>) -> Result<Rule, rusqlite::Error> {
         version: u64::try_from(version).map_err(|_| bad_column(3, OutOfRange(version)))?,
         created_at_ms: row.get(4)?,
         updated_at_ms: row.get(5)?,
+    })
+}
+
+const TOKEN_COLUMNS: &str = "id, name, role, secret_sha256, created_at";
+
+/// A token's role column held something this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown role {0:?}")]
+struct UnknownRole(String);
+
+fn token_record(row: &Row<'_>) -> Result<ApiToken, rusqlite::Error> {
+    let role: String = row.get(2)?;
+    Ok(ApiToken {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        role: Role::parse(&role).ok_or_else(|| bad_column(2, UnknownRole(role)))?,
+        secret_sha256: row.get(3)?,
+        created_at_ms: row.get(4)?,
     })
 }
 
@@ -2049,6 +2075,57 @@ impl Registry for SqliteRegistry {
             let rows = stmt.query_map([limit], alert_record)?;
             rows.collect()
         })
+    }
+
+    fn insert_api_token(&self, token: &ApiToken) -> Result<(), RegistryError> {
+        self.insert_new(
+            &format!("token {}", token.id),
+            |tx| {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO api_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    params![
+                        token.id,
+                        token.name,
+                        token.role.as_str(),
+                        token.secret_sha256,
+                        token.created_at_ms
+                    ],
+                )
+            },
+            |_| Ok(()),
+        )
+    }
+
+    fn api_token(&self, id: &str) -> Result<Option<ApiToken>, RegistryError> {
+        self.with(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = ?1"
+            ))?
+            .query_row([id], token_record)
+            .optional()
+        })
+    }
+
+    fn api_tokens(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApiToken>, RegistryError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after.unwrap_or(""), limit], token_record)?;
+            rows.collect()
+        })
+    }
+
+    fn delete_api_token(&self, id: &str) -> Result<bool, RegistryError> {
+        self.with(|c| Ok(c.execute("DELETE FROM api_tokens WHERE id = ?1", [id])? > 0))
     }
 }
 
@@ -3719,6 +3796,34 @@ mod tests {
 
     fn rule_ids(v: Vec<Rule>) -> Vec<String> {
         v.into_iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn api_tokens_are_recorded_listed_and_deleted() {
+        let (_dir, reg) = open();
+        let token = |id: &str, role| ApiToken {
+            id: id.into(),
+            name: format!("name of {id}"),
+            role,
+            secret_sha256: "ab".repeat(32),
+            created_at_ms: 1_000,
+        };
+        reg.insert_api_token(&token("t2", Role::Viewer)).unwrap();
+        reg.insert_api_token(&token("t1", Role::Operator)).unwrap();
+        let why = refused(reg.insert_api_token(&token("t1", Role::Admin)));
+        assert!(why.contains("token t1 exists already"), "{why}");
+        assert_eq!(
+            reg.api_token("t1").unwrap(),
+            Some(token("t1", Role::Operator))
+        );
+        assert_eq!(reg.api_token("t3").unwrap(), None);
+        let ids = |v: Vec<ApiToken>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(reg.api_tokens(None, 10).unwrap()), ["t1", "t2"]);
+        assert_eq!(ids(reg.api_tokens(Some("t1"), 10).unwrap()), ["t2"]);
+        assert!(reg.delete_api_token("t1").unwrap());
+        assert!(!reg.delete_api_token("t1").unwrap());
+        assert_eq!(reg.api_token("t1").unwrap(), None);
+        assert_eq!(ids(reg.api_tokens(None, 10).unwrap()), ["t2"]);
     }
 
     #[test]
