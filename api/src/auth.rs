@@ -1,17 +1,26 @@
-//! The bearer-token middleware in front of every `/api/v1` route but one.
+//! Who may call the API: the bearer-token middleware in front of every `/api/v1` route but
+//! one, and the role check each route adds.
 //!
-//! A request must carry `Authorization: Bearer <token>` with the configured admin token.
-//! Tokens are compared in constant time (`subtle`), so response timing does not reveal how
-//! much of a guess was right. An empty configured token admits no one. Unknown `/api/v1`
-//! paths are behind the token too, so without it they answer 401, not 404.
+//! A request must carry `Authorization: Bearer <token>`. Two kinds of token are accepted:
+//! - the admin token of the data directory's `admin.token` (no `.` in it), an admin;
+//! - a token made through `POST /api/v1/tokens`, `<id>.<secret>`, with the role it was made
+//!   with. The registry keeps the SHA-256 of its secret; the presented secret is hashed and
+//!   compared with it. A deleted token is refused from the next request on (a stream already
+//!   open runs on).
+//!
+//! Comparisons run in constant time (`subtle`), so response timing does not reveal how much of
+//! a guess was right. An empty configured admin token admits no one. Unknown `/api/v1` paths
+//! are behind the token too, so without it they answer 401, not 404.
+//!
+//! [`authenticate`] puts the [`Caller`] into the request's extensions; each route then
+//! requires a [`Role`] ([`require`], applied by `routes::viewer`, `operator` and `admin`).
+//! A valid token without the role is answered 403 `forbidden`.
 //!
 //! The one exception is `GET /api/v1/pki/crl.pem`: the fleet CA's CRL is signed public data,
-//! fetched by other brokers that front the fleet and hold no admin token. It is not an
-//! exemption inside this middleware: [`crate::router`] mounts [`crate::routes::public`]
-//! beside the routes this middleware wraps, so the middleware never sees that request and
-//! any `Authorization` header on it (a wrong token included) is ignored.
-
-use std::sync::Arc;
+//! fetched by other brokers that front the fleet and hold no token. It is not an exemption
+//! inside this middleware: [`crate::router`] mounts [`crate::routes::public`] beside the
+//! routes this middleware wraps, so the middleware never sees that request and any
+//! `Authorization` header on it (a wrong token included) is ignored.
 
 use axum::{
     extract::{Request, State},
@@ -20,17 +29,32 @@ use axum::{
     response::Response,
 };
 use subtle::ConstantTimeEq;
+use tellus_core::ApiToken;
+pub use tellus_core::Role;
 
-use crate::ApiError;
+use crate::{routes::blocking, ApiError, AppState};
 
 const MISSING: &str =
     "a bearer token is required: send the header \"Authorization: Bearer <token>\"";
 const WRONG: &str = "the bearer token is not valid";
 
-/// Lets the request through only if it presents the admin token.
-pub async fn require_bearer(
-    State(token): State<Arc<str>>,
-    request: Request,
+/// The id the data directory's admin token goes by.
+pub const ADMIN_TOKEN_ID: &str = "admin";
+/// The longest token id looked up; anything longer is no token of ours.
+const MAX_ID: usize = 64;
+
+/// Who made a request: the token it presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+/// Lets the request through only if it presents a valid token, and tells the routes whose.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let presented = request
@@ -38,10 +62,65 @@ pub async fn require_bearer(
         .get(AUTHORIZATION)
         .and_then(|v| bearer(v.as_bytes()))
         .ok_or(ApiError::Unauthorized(MISSING))?;
-    if !token_matches(token.as_bytes(), presented) {
-        return Err(ApiError::Unauthorized(WRONG));
+    let caller = identify(&state, presented)
+        .await?
+        .ok_or(ApiError::Unauthorized(WRONG))?;
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
+}
+
+/// Lets the request through only if [`authenticate`] found a caller with at least `role`.
+pub async fn require(role: Role, request: Request, next: Next) -> Result<Response, ApiError> {
+    // Without a caller the route was mounted outside `authenticate`: refuse rather than serve.
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .ok_or(ApiError::Unauthorized(MISSING))?;
+    if caller.role < role {
+        return Err(ApiError::Forbidden(format!(
+            "this token's role, {}, may not do this: it takes the role {role} or above",
+            caller.role
+        )));
     }
     Ok(next.run(request).await)
+}
+
+/// The caller a presented token stands for, if it is valid.
+async fn identify(state: &AppState, presented: &[u8]) -> Result<Option<Caller>, ApiError> {
+    let Ok(presented) = std::str::from_utf8(presented) else {
+        return Ok(None);
+    };
+    let Some((id, secret)) = ApiToken::split(presented) else {
+        let admin = token_matches(state.admin_token.as_bytes(), presented.as_bytes());
+        return Ok(admin.then(|| Caller {
+            token_id: ADMIN_TOKEN_ID.into(),
+            name: "admin.token".into(),
+            role: Role::Admin,
+        }));
+    };
+    if id.len() > MAX_ID {
+        return Ok(None);
+    }
+    let registry = state.registry.clone();
+    let lookup = id.to_owned();
+    let Some(token) = blocking(move || registry.api_token(&lookup)).await? else {
+        return Ok(None);
+    };
+    let hash = secret_sha256(secret);
+    let valid = token_matches(token.secret_sha256.as_bytes(), hash.as_bytes());
+    Ok(valid.then_some(Caller {
+        token_id: token.id,
+        name: token.name,
+        role: token.role,
+    }))
+}
+
+/// The SHA-256 of a token's secret, in lowercase hex, as the registry keeps it.
+pub fn secret_sha256(secret: &str) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        secret.as_bytes(),
+    ))
 }
 
 /// The token of an `Authorization` header value of the Bearer scheme (case-insensitive).
@@ -79,5 +158,13 @@ mod tests {
         assert!(!token_matches(b"s3cret", b"s3creT"));
         assert!(!token_matches(b"s3cret", b"s3cre"));
         assert!(!token_matches(b"", b""));
+    }
+
+    #[test]
+    fn secrets_hash_to_lowercase_hex_sha256() {
+        assert_eq!(
+            secret_sha256("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -24,6 +24,11 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub enum ApiError {
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A valid token whose role may not do what was asked; the text says which role it takes.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("token {0} not found")]
+    TokenNotFound(String),
     #[error(transparent)]
     InvalidDeviceId(#[from] InvalidDeviceId),
     #[error("device {0} already exists")]
@@ -93,6 +98,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidDeviceId(_)
             | ApiError::InvalidCsr(_)
             | ApiError::InvalidCa(_)
@@ -111,6 +117,7 @@ impl ApiError {
             | ApiError::JobNotFound(_)
             | ApiError::RuleNotFound(_)
             | ApiError::AlertNotFound(_)
+            | ApiError::TokenNotFound(_)
             | ApiError::CaNotFound(_)
             | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -125,6 +132,8 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::TokenNotFound(_) => "token_not_found",
             ApiError::InvalidDeviceId(_) => "invalid_device_id",
             ApiError::DeviceExists(_) => "device_exists",
             ApiError::DeviceNotFound(_) => "device_not_found",

@@ -8,7 +8,8 @@
 //! - [`routes`]: the `/api/v1` endpoints, one module per resource (`devices`, `telemetry`,
 //!   `deadletters`, `pki`, `audit`, `stats`), and the helper that runs the blocking store,
 //!   registry and PKI calls on tokio's blocking pool;
-//! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route but the CRL;
+//! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route but the CRL,
+//!   and the role ([`auth::Role`]: viewer, operator, admin) each route takes;
 //! - [`error`]: [`ApiError`], the one place errors become HTTP responses. A 4xx answer is
 //!   `{"error": {"code": "<stable_code>", "message": "<text>"}}`; a 5xx is logged and
 //!   answered with code `internal` and a generic message;
@@ -41,6 +42,11 @@
 //! | `POST /api/v1/rules/test` | a dry run of a rule over messages or stored telemetry |
 //! | `GET /api/v1/alerts`, `…/{id}`, `POST …/{id}/acknowledge` | alerts rules raised |
 //! | `GET /api/v1/stats` | ingest and gate counters |
+//! | `POST`/`GET /api/v1/tokens`, `DELETE /api/v1/tokens/{id}` | API tokens with a role; the secret is shown once |
+//! | `GET /api/v1/whoami` | the presented token's id, name and role |
+//!
+//! Which role each route takes is in [`routes::v1`]: reads are for any token, acting on
+//! devices, alerts and rules for operators, changing the fleet and its tokens for admins.
 //!
 //! Device registration itself lives in `tellus_broker::provision`, shared with the CLI. The
 //! life-cycle endpoints (revoke, disable, enable, delete) and the external CA endpoints only
@@ -74,7 +80,8 @@ pub struct AppState {
     pub live: tellus_core::Live,
     /// The rules engine: told to reload when rules change; its figures.
     pub rules: tellus_rules::service::Rules,
-    /// The bearer token every `/api/v1` request must present. An empty token admits no one.
+    /// The data directory's admin token, an admin beside the tokens in the registry. An
+    /// empty token admits no one by it.
     pub admin_token: Arc<str>,
 }
 
@@ -86,8 +93,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
-            state.admin_token.clone(),
-            auth::require_bearer,
+            state.clone(),
+            auth::authenticate,
         ));
     let v1 = routes::public()
         .method_not_allowed_fallback(routes::method_not_allowed)

@@ -197,10 +197,19 @@ impl Tellus {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut request = self
-            .http
-            .request(method, self.url(path))
-            .bearer_auth(&self.token);
+        self.request_as(&self.token, method, path, body).await
+    }
+
+    /// A request with `token` (and a JSON body, if given); the status and the JSON body of
+    /// the answer (`null` if it has none).
+    pub async fn request_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, self.url(path)).bearer_auth(token);
         if let Some(body) = body {
             request = request.json(&body);
         }

@@ -1,5 +1,8 @@
 //! The `/api/v1` endpoints, one module per resource. [`v1`] holds those behind the bearer
-//! token, [`public`] the one served without it:
+//! token, each wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]: every
+//! `GET` and the dry run are for viewers; commands, desired state, acknowledging alerts and
+//! enabling or disabling rules for operators; the rest for admins), [`public`] the one
+//! served without it:
 //!
 //! | route | module | token |
 //! |---|---|---|
@@ -21,6 +24,7 @@
 //! | `GET /alerts` (`status=`, `open=true`, `device=`, `rule=`), `GET /alerts/{id}`, `POST /alerts/{id}/acknowledge` | [`alerts`] | yes |
 //! | `GET /stats` | [`stats`] | yes |
 //! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state,alert`) | [`stream`] | yes |
+//! | `POST /tokens`, `GET /tokens`, `DELETE /tokens/{id}`, `GET /whoami` | [`tokens`] | yes |
 //!
 //! Store, registry and PKI calls block (SQLite, key generation, CRL signing), so handlers run
 //! them through [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for
@@ -29,11 +33,15 @@
 
 use axum::{
     http::{Method, Uri},
-    routing::{get, post},
+    middleware,
+    routing::{delete, get, patch, post, put, MethodRouter},
     Router,
 };
 
-use crate::{ApiError, AppState};
+use crate::{
+    auth::{self, Role},
+    ApiError, AppState,
+};
 
 pub mod alerts;
 pub mod audit;
@@ -48,6 +56,7 @@ pub mod state;
 pub mod stats;
 pub mod stream;
 pub mod telemetry;
+pub mod tokens;
 
 /// The `/api/v1` routes served without the bearer token: only the fleet CA's CRL, which is
 /// signed public data for relying parties (other brokers) that hold no admin token.
@@ -56,58 +65,108 @@ pub fn public() -> Router<AppState> {
 }
 
 /// The `/api/v1` routes behind the bearer token, before authentication and fallbacks are
-/// added.
+/// added. Each handler is wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]).
 pub fn v1() -> Router<AppState> {
     Router::new()
-        .route("/devices", post(devices::create).get(devices::list))
+        .route(
+            "/devices",
+            admin(post(devices::create)).merge(viewer(get(devices::list))),
+        )
         .route(
             "/devices/{id}",
-            get(devices::get_one)
-                .patch(devices::patch)
-                .delete(devices::delete),
+            viewer(get(devices::get_one))
+                .merge(admin(patch(devices::patch).delete(devices::delete))),
         )
-        .route("/devices/{id}/revoke", post(devices::revoke))
-        .route("/devices/{id}/disable", post(devices::disable))
-        .route("/devices/{id}/enable", post(devices::enable))
+        .route("/devices/{id}/revoke", admin(post(devices::revoke)))
+        .route("/devices/{id}/disable", admin(post(devices::disable)))
+        .route("/devices/{id}/enable", admin(post(devices::enable)))
         .route(
             "/devices/{id}/commands",
-            post(commands::create).get(commands::list),
+            operator(post(commands::create)).merge(viewer(get(commands::list))),
         )
         .route(
             "/devices/{id}/commands/{command}",
-            get(commands::get_one).delete(commands::cancel),
+            viewer(get(commands::get_one)).merge(operator(delete(commands::cancel))),
         )
-        .route("/devices/{id}/state", get(state::get).patch(state::patch))
-        .route("/devices/{id}/presence", get(presence::get_one))
-        .route("/devices/{id}/connections", get(presence::connections))
-        .route("/presence", get(presence::counts))
-        .route("/devices/{id}/telemetry", get(telemetry::range))
-        .route("/devices/{id}/latest", get(telemetry::latest))
-        .route("/telemetry/latest", get(telemetry::fleet::fleet_latest))
-        .route("/deadletters", get(deadletters::list))
-        .route("/deadletters/{id}", get(deadletters::get_one))
-        .route("/pki/cas", post(pki::create_ca).get(pki::list_cas))
-        .route("/pki/cas/{id}", get(pki::get_ca).delete(pki::delete_ca))
-        .route("/audit", get(audit::list))
-        .route("/commands", post(jobs::create).get(jobs::list))
-        .route("/commands/{job}", get(jobs::get_one))
-        .route("/commands/{job}/devices", get(jobs::devices))
-        .route("/commands/{job}/abort", post(jobs::abort))
-        .route("/rules", post(rules::create).get(rules::list))
-        .route("/rules/test", post(rules::test))
+        .route(
+            "/devices/{id}/state",
+            viewer(get(state::get)).merge(operator(patch(state::patch))),
+        )
+        .route("/devices/{id}/presence", viewer(get(presence::get_one)))
+        .route(
+            "/devices/{id}/connections",
+            viewer(get(presence::connections)),
+        )
+        .route("/presence", viewer(get(presence::counts)))
+        .route("/devices/{id}/telemetry", viewer(get(telemetry::range)))
+        .route("/devices/{id}/latest", viewer(get(telemetry::latest)))
+        .route(
+            "/telemetry/latest",
+            viewer(get(telemetry::fleet::fleet_latest)),
+        )
+        .route("/deadletters", viewer(get(deadletters::list)))
+        .route("/deadletters/{id}", viewer(get(deadletters::get_one)))
+        .route(
+            "/pki/cas",
+            admin(post(pki::create_ca)).merge(viewer(get(pki::list_cas))),
+        )
+        .route(
+            "/pki/cas/{id}",
+            viewer(get(pki::get_ca)).merge(admin(delete(pki::delete_ca))),
+        )
+        .route("/audit", viewer(get(audit::list)))
+        .route(
+            "/commands",
+            operator(post(jobs::create)).merge(viewer(get(jobs::list))),
+        )
+        .route("/commands/{job}", viewer(get(jobs::get_one)))
+        .route("/commands/{job}/devices", viewer(get(jobs::devices)))
+        .route("/commands/{job}/abort", operator(post(jobs::abort)))
+        .route(
+            "/rules",
+            admin(post(rules::create)).merge(viewer(get(rules::list))),
+        )
+        // A dry run changes nothing.
+        .route("/rules/test", viewer(post(rules::test)))
         .route(
             "/rules/{id}",
-            get(rules::get_one)
-                .put(rules::replace)
-                .delete(rules::delete),
+            viewer(get(rules::get_one)).merge(admin(put(rules::replace).delete(rules::delete))),
         )
-        .route("/rules/{id}/enable", post(rules::enable))
-        .route("/rules/{id}/disable", post(rules::disable))
-        .route("/alerts", get(alerts::list))
-        .route("/alerts/{id}", get(alerts::get_one))
-        .route("/alerts/{id}/acknowledge", post(alerts::acknowledge))
-        .route("/stats", get(stats::get))
-        .route("/stream", get(stream::stream))
+        .route("/rules/{id}/enable", operator(post(rules::enable)))
+        .route("/rules/{id}/disable", operator(post(rules::disable)))
+        .route("/alerts", viewer(get(alerts::list)))
+        .route("/alerts/{id}", viewer(get(alerts::get_one)))
+        .route(
+            "/alerts/{id}/acknowledge",
+            operator(post(alerts::acknowledge)),
+        )
+        .route("/stats", viewer(get(stats::get)))
+        .route("/stream", viewer(get(stream::stream)))
+        .route("/tokens", admin(post(tokens::create).get(tokens::list)))
+        .route("/tokens/{id}", admin(delete(tokens::delete)))
+        .route("/whoami", viewer(get(tokens::whoami)))
+}
+
+/// `routes`, for callers with at least `role`.
+pub fn with_role(role: Role, routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    routes.route_layer(middleware::from_fn(move |request, next| {
+        auth::require(role, request, next)
+    }))
+}
+
+/// `routes`, for every valid token: they read.
+pub fn viewer(routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    with_role(Role::Viewer, routes)
+}
+
+/// `routes`, for operators and admins: they act on devices, alerts and rules.
+pub fn operator(routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    with_role(Role::Operator, routes)
+}
+
+/// `routes`, for admins: they change the fleet, its trust, its rules and its tokens.
+pub fn admin(routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    with_role(Role::Admin, routes)
 }
 
 /// Runs a blocking call on tokio's blocking pool. A panic in it becomes a 500.

@@ -1,0 +1,180 @@
+//! API tokens and roles, end to end: tokens made, used, listed and revoked through a real
+//! `tellus serve`; a viewer cannot act, an operator cannot change the fleet.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tellus_tests::Tellus;
+
+/// Makes a token with `role` as the admin; returns its body.
+async fn make_token(t: &Tellus, name: &str, role: &str) -> Value {
+    let (status, body) = t
+        .post("/api/v1/tokens", json!({"name": name, "role": role}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
+fn secret(body: &Value) -> String {
+    body["token"].as_str().expect("the token, once").to_owned()
+}
+
+#[tokio::test]
+async fn roles_decide_what_a_token_may_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    t.create_device("d1").await;
+    t.create_device("d2").await;
+
+    let viewer = make_token(&t, "wallboard", "viewer").await;
+    let operator = make_token(&t, "night shift", "operator").await;
+    assert_eq!(viewer["role"], "viewer");
+    assert_eq!(viewer["name"], "wallboard");
+    let id = viewer["id"].as_str().unwrap();
+    assert!(secret(&viewer).starts_with(&format!("{id}.")), "{viewer}");
+    let (viewer, operator) = (secret(&viewer), secret(&operator));
+
+    // Each token knows itself; the admin token is an admin.
+    for (token, role) in [(&viewer, "viewer"), (&operator, "operator")] {
+        let (status, me) = t
+            .request_as(token, Method::GET, "/api/v1/whoami", None)
+            .await;
+        assert_eq!((status, me["role"].as_str()), (200, Some(role)), "{me}");
+    }
+    let (_, me) = t.get("/api/v1/whoami").await;
+    assert_eq!(me["role"], "admin", "{me}");
+
+    // A viewer reads, and may do nothing else.
+    let command = json!({"name": "reboot"});
+    let (status, _) = t
+        .request_as(&viewer, Method::GET, "/api/v1/devices", None)
+        .await;
+    assert_eq!(status, 200);
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            Some(command.clone()),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/devices/d1/state",
+            Some(json!({"desired": {"on": true}})),
+        ),
+        (Method::POST, "/api/v1/devices", Some(json!({"id": "d3"}))),
+        (Method::GET, "/api/v1/tokens", None),
+    ] {
+        let (status, body) = t.request_as(&viewer, method.clone(), path, body).await;
+        assert_eq!(status, 403, "{method} {path} as a viewer: {body}");
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("viewer"),
+            "{body}"
+        );
+    }
+
+    // An operator sends commands, and cannot change the fleet.
+    let (status, body) = t
+        .request_as(
+            &operator,
+            Method::POST,
+            "/api/v1/devices/d1/commands",
+            Some(command),
+        )
+        .await;
+    assert_eq!(status, 202, "an operator's command: {body}");
+    for (method, path, body) in [
+        (Method::DELETE, "/api/v1/devices/d1", None),
+        (Method::POST, "/api/v1/devices/d1/revoke", None),
+        (
+            Method::POST,
+            "/api/v1/tokens",
+            Some(json!({"name": "x", "role": "admin"})),
+        ),
+    ] {
+        let (status, body) = t.request_as(&operator, method.clone(), path, body).await;
+        assert_eq!(status, 403, "{method} {path} as an operator: {body}");
+    }
+    let (status, _) = t.get("/api/v1/devices/d1").await;
+    assert_eq!(status, 200, "the operator's delete was refused");
+    // The admin may.
+    let (status, body) = t.delete("/api/v1/devices/d2").await;
+    assert_eq!(status, 204, "{body}");
+
+    // Tokens survive a restart.
+    t.stop();
+    let t = Tellus::start_in(dir.path(), None);
+    let (status, me) = t
+        .request_as(&operator, Method::GET, "/api/v1/whoami", None)
+        .await;
+    assert_eq!((status, me["name"].as_str()), (200, Some("night shift")));
+}
+
+#[tokio::test]
+async fn tokens_are_listed_without_secrets_and_revoked_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let made = make_token(&t, "grafana", "viewer").await;
+    let (id, token) = (made["id"].as_str().unwrap(), secret(&made));
+
+    let (status, list) = t.get("/api/v1/tokens").await;
+    assert_eq!(status, 200);
+    let listed = list["tokens"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{list}");
+    assert_eq!(listed[0]["id"], id);
+    assert_eq!(listed[0]["role"], "viewer");
+    let text = list.to_string();
+    let (_, secret_part) = token.split_once('.').unwrap();
+    assert!(
+        !text.contains(secret_part),
+        "a listing shows no secret: {list}"
+    );
+    assert!(listed[0].get("token").is_none() && listed[0].get("secret_sha256").is_none());
+
+    // The right id with the wrong secret is no token.
+    let forged = format!("{id}.{}", "0".repeat(64));
+    let (status, body) = t
+        .request_as(&forged, Method::GET, "/api/v1/whoami", None)
+        .await;
+    assert_eq!(status, 401, "{body}");
+
+    let (status, _) = t.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert_eq!(status, 204);
+    let (status, body) = t
+        .request_as(&token, Method::GET, "/api/v1/devices", None)
+        .await;
+    assert_eq!(status, 401, "a revoked token: {body}");
+    let (status, body) = t.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "token_not_found");
+}
+
+#[tokio::test]
+async fn bad_token_requests_are_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    for (body, why) in [
+        (json!({"name": "x", "role": "root"}), "role"),
+        (json!({"name": "", "role": "viewer"}), "1 to 100"),
+        (
+            json!({"name": "x".repeat(101), "role": "viewer"}),
+            "1 to 100",
+        ),
+        (json!({"name": "x"}), "role"),
+        (json!({"name": "x", "role": "viewer", "extra": 1}), "extra"),
+    ] {
+        let (status, answer) = t.post("/api/v1/tokens", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(why),
+            "{body}: {answer}"
+        );
+    }
+    let (status, list) = t.get("/api/v1/tokens").await;
+    assert_eq!(
+        (status, list["tokens"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+}
