@@ -28,9 +28,10 @@ use axum::{
     middleware::Next,
     response::Response,
 };
+use rand::RngCore;
 use subtle::ConstantTimeEq;
-use tellus_core::ApiToken;
 pub use tellus_core::Role;
+use tellus_core::{ApiToken, TimestampMs};
 
 use crate::{routes::blocking, ApiError, AppState};
 
@@ -115,6 +116,26 @@ async fn identify(state: &AppState, presented: &[u8]) -> Result<Option<Caller>, 
     }))
 }
 
+/// A new token named `name` with `role`: the record to keep, and the token to hand over
+/// once (`<id>.<secret>`: 16 hex characters of id, 64 of secret from 32 random bytes).
+pub fn mint(name: String, role: Role, now: TimestampMs) -> Result<(ApiToken, String), String> {
+    ApiToken::check_name(&name)?;
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut id);
+    rand::thread_rng().fill_bytes(&mut secret);
+    let (id, secret) = (hex::encode(id), hex::encode(secret));
+    let token = format!("{id}.{secret}");
+    let record = ApiToken {
+        id,
+        name,
+        role,
+        secret_sha256: secret_sha256(&secret),
+        created_at_ms: now,
+    };
+    Ok((record, token))
+}
+
 /// The SHA-256 of a token's secret, in lowercase hex, as the registry keeps it.
 pub fn secret_sha256(secret: &str) -> String {
     hex::encode(ring::digest::digest(
@@ -158,6 +179,17 @@ mod tests {
         assert!(!token_matches(b"s3cret", b"s3creT"));
         assert!(!token_matches(b"s3cret", b"s3cre"));
         assert!(!token_matches(b"", b""));
+    }
+
+    #[test]
+    fn minted_tokens_are_id_dot_secret_and_kept_as_a_hash() {
+        let (record, token) = mint("ci".into(), Role::Operator, 7).unwrap();
+        let (id, secret) = ApiToken::split(&token).unwrap();
+        assert_eq!((id, id.len(), secret.len()), (record.id.as_str(), 16, 64));
+        assert_eq!(record.secret_sha256, secret_sha256(secret));
+        assert!(!record.secret_sha256.contains(secret));
+        assert_ne!(mint("ci".into(), Role::Operator, 7).unwrap().1, token);
+        assert!(mint(String::new(), Role::Viewer, 7).is_err());
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! - [`config`]: the TOML configuration, its defaults, and the commented default file that
 //!   `tellus config` prints;
 //! - [`server`]: [`server::run`] opens the data directory, starts the routing core, ingest,
-//!   the gate and the HTTP API, and shuts them down in order when told to.
+//!   the gate and the HTTP API, and shuts them down in order when told to;
+//! - [`devices`] and [`tokens`]: `tellus device …` and `tellus token …`, which work on a
+//!   data directory directly.
 
 pub mod config;
 pub mod devices;
 pub mod server;
+pub mod tokens;

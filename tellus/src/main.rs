@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tellus::{
     config::{Config, LogFormat, DEFAULT_TOML},
-    devices, server,
+    devices, server, tokens,
 };
 use tellus_core::DeviceStatus;
 use tracing_subscriber::EnvFilter;
@@ -53,6 +53,39 @@ enum Command {
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
+    },
+    /// Manage API tokens directly in the data directory (a running server sees the change
+    /// at the next request).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token with a role, and print it (only this once).
+    Create {
+        /// What it is for, for people ("grafana", "night shift").
+        #[arg(long)]
+        name: String,
+        /// viewer (reads), operator (also sends commands, acknowledges alerts, enables and
+        /// disables rules) or admin (everything).
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the tokens: id, role, name (never a secret).
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke a token by its id; it is refused from the next request on.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        common: Common,
     },
 }
 
@@ -171,6 +204,17 @@ fn main() -> anyhow::Result<()> {
                     devices::set_status(&common.load()?, &id, DeviceStatus::Enabled)?
                 }
                 DeviceCommand::Delete { id, common } => devices::delete(&common.load()?, &id)?,
+            };
+            println!("{line}");
+            Ok(())
+        }
+        Command::Token { command } => {
+            let line = match command {
+                TokenCommand::Create { name, role, common } => {
+                    tokens::create(&common.load()?, &name, &role)?
+                }
+                TokenCommand::List { common } => tokens::list(&common.load()?)?,
+                TokenCommand::Revoke { id, common } => tokens::revoke(&common.load()?, &id)?,
             };
             println!("{line}");
             Ok(())

@@ -3,8 +3,8 @@
 //! /api/v1/tokens/{id}` revokes one; `GET /api/v1/whoami` tells any caller which token it
 //! presented and its role. Only an admin manages tokens.
 //!
-//! A token is `<id>.<secret>`: the id is 16 hex characters and public, the secret 64 hex
-//! characters (32 random bytes) of which the registry keeps only the SHA-256.
+//! A token is `<id>.<secret>` ([`crate::auth::mint`]): the id is public, and of the secret
+//! the registry keeps only the SHA-256.
 
 use axum::{
     extract::State,
@@ -12,13 +12,12 @@ use axum::{
     response::{IntoResponse, Response},
     Extension, Json,
 };
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tellus_core::{now_ms, ApiToken, Role};
 
 use super::{blocking, page, page_limit};
 use crate::{
-    auth::{secret_sha256, Caller},
+    auth::{mint, Caller},
     extract,
     timestamps::rfc3339,
     ApiError, AppState,
@@ -92,26 +91,14 @@ pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateToken>,
 ) -> Result<Response, ApiError> {
-    ApiToken::check_name(&body.name).map_err(ApiError::InvalidBody)?;
-    let mut id = [0u8; 8];
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut id);
-    rand::thread_rng().fill_bytes(&mut secret);
-    let (id, secret) = (hex::encode(id), hex::encode(secret));
-    let record = ApiToken {
-        id: id.clone(),
-        name: body.name,
-        role: body.role,
-        secret_sha256: secret_sha256(&secret),
-        created_at_ms: now_ms(),
-    };
+    let (record, token) = mint(body.name, body.role, now_ms()).map_err(ApiError::InvalidBody)?;
     let registry = state.registry.clone();
     let stored = record.clone();
     blocking(move || registry.insert_api_token(&stored)).await?;
     tracing::info!(token = %record.id, role = %record.role, "API token created");
     let created = CreatedToken {
         view: record.try_into()?,
-        token: format!("{id}.{secret}"),
+        token,
     };
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
