@@ -1081,3 +1081,56 @@ async fn tags_are_set_and_removed_by_patch() {
         (StatusCode::NOT_FOUND, "device_not_found")
     );
 }
+
+#[tokio::test]
+async fn the_device_list_filters_by_tags() {
+    let s = Server::start().await;
+    for (device, tags) in [
+        ("t-a", json!({"site": "berlin", "floor": "1"})),
+        ("t-b", json!({"site": "berlin", "floor": "2"})),
+        ("t-c", json!({"site": "paris", "floor": "1"})),
+        ("t-d", json!({})),
+    ] {
+        let (status, _) = s.post("/api/v1/devices", json!({ "id": device })).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let path = format!("/api/v1/devices/{device}");
+        let (status, body) = send(s.req(Method::PATCH, &path).json(&json!({ "tags": tags }))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let ids = |body: &Json| -> Vec<String> {
+        body["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, body) = s.get("/api/v1/devices?tag=site:berlin").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body), ["t-a", "t-b"]);
+    let (_, body) = s.get("/api/v1/devices?tag=site:berlin&tag=floor:1").await;
+    assert_eq!(ids(&body), ["t-a"]);
+    let (_, body) = s.get("/api/v1/devices?tag=floor:1&limit=1").await;
+    assert_eq!(
+        (ids(&body), &body["next"]),
+        (vec!["t-a".to_owned()], &json!("t-a"))
+    );
+    let (_, body) = s.get("/api/v1/devices?tag=floor:1&limit=1&after=t-a").await;
+    assert_eq!(
+        (ids(&body), &body["next"]),
+        (vec!["t-c".to_owned()], &Json::Null)
+    );
+    let (_, body) = s.get("/api/v1/devices?tag=site:lyon").await;
+    assert_eq!(ids(&body), Vec::<String>::new());
+    let (_, body) = s.get("/api/v1/devices").await;
+    assert_eq!(ids(&body), ["t-a", "t-b", "t-c", "t-d"]);
+    for bad in ["tag=site", "tag=:x", "colour=red", "limit=1&limit=2"] {
+        let (status, body) = s.get(&format!("/api/v1/devices?{bad}")).await;
+        assert_eq!(
+            (status, error_code(&body).0),
+            (StatusCode::BAD_REQUEST, "invalid_query"),
+            "{bad}"
+        );
+    }
+    s.stop().await;
+}

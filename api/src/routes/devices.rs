@@ -25,7 +25,10 @@ use tellus_core::{
     RegistryError, TimestampMs,
 };
 
-use super::{blocking, page, page_limit};
+use super::{
+    blocking, page, page_limit, parse_count, set_once,
+    telemetry::fleet::{parse_tag, MAX_TAGS as MAX_TAG_FILTERS},
+};
 use crate::{
     extract,
     timestamps::{self, rfc3339},
@@ -141,8 +144,9 @@ pub async fn create(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The parameters of `GET /devices`, read from the query string by hand because `tag`
+/// repeats.
+#[derive(Debug, Default, PartialEq)]
 pub struct ListQuery {
     pub limit: Option<usize>,
     /// The `next` of the previous page: list devices whose id sorts after this one.
@@ -150,6 +154,35 @@ pub struct ListQuery {
     /// Only devices whose current certificate ends before now + this (`30d`, `12h`,
     /// `90days`; see `humantime`). Devices with no current certificate are left out.
     pub expiring_within: Option<String>,
+    /// `tag=key:value`, repeatable: only devices carrying every tag given.
+    pub tags: Vec<(String, String)>,
+}
+
+impl ListQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
+        let (mut limit, mut q) = (None, ListQuery::default());
+        for (key, value) in pairs {
+            match key.as_str() {
+                "limit" => set_once(&mut limit, "limit", value)?,
+                "after" => set_once(&mut q.after, "after", value)?,
+                "expiring_within" => set_once(&mut q.expiring_within, "expiring_within", value)?,
+                "tag" => q.tags.push(parse_tag(&value)?),
+                other => {
+                    return Err(ApiError::InvalidQuery(format!(
+                        "unknown parameter {other:?}; expected limit, after, expiring_within or tag"
+                    )))
+                }
+            }
+        }
+        if q.tags.len() > MAX_TAG_FILTERS {
+            return Err(ApiError::InvalidQuery(format!(
+                "at most {MAX_TAG_FILTERS} tag filters per request, found {}",
+                q.tags.len()
+            )));
+        }
+        q.limit = limit.as_deref().map(parse_count("limit")).transpose()?;
+        Ok(q)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -158,11 +191,12 @@ pub struct DeviceList {
     pub next: Option<DeviceId>,
 }
 
-/// `GET /api/v1/devices?limit=&after=&expiring_within=`: devices in id order.
+/// `GET /api/v1/devices?limit=&after=&expiring_within=&tag=key:value`: devices in id order.
 pub async fn list(
     State(state): State<AppState>,
-    extract::Query(q): extract::Query<ListQuery>,
+    extract::Query(pairs): extract::Query<Vec<(String, String)>>,
 ) -> Result<Json<DeviceList>, ApiError> {
+    let q = ListQuery::parse(pairs)?;
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = q.after.as_deref().map(DeviceId::parse).transpose()?;
     let expiring_before = q
@@ -176,7 +210,7 @@ pub async fn list(
             after: after.as_ref(),
             limit: limit + 1,
             expiring_before,
-            ..Default::default()
+            tags: &q.tags,
         })
     })
     .await?;
@@ -394,6 +428,53 @@ pub async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_list_takes_repeated_tags_and_refuses_the_rest() {
+        let q = ListQuery::parse(pairs(&[
+            ("tag", "site:berlin"),
+            ("limit", "5"),
+            ("tag", "url:http://x"),
+            ("after", "d-1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            q,
+            ListQuery {
+                limit: Some(5),
+                after: Some("d-1".into()),
+                expiring_within: None,
+                tags: vec![
+                    ("site".into(), "berlin".into()),
+                    ("url".into(), "http://x".into())
+                ],
+            }
+        );
+        assert_eq!(ListQuery::parse(Vec::new()).unwrap(), ListQuery::default());
+        let many: Vec<_> = (0..=MAX_TAG_FILTERS).map(|_| ("tag", "a:b")).collect();
+        for bad in [
+            pairs(&[("tag", "nocolon")]),
+            pairs(&[("tag", ":v")]),
+            pairs(&[("limit", "ten")]),
+            pairs(&[("after", "a"), ("after", "b")]),
+            pairs(&[("colour", "red")]),
+            pairs(&many),
+        ] {
+            assert!(
+                matches!(
+                    ListQuery::parse(bad.clone()),
+                    Err(ApiError::InvalidQuery(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn expiring_within_takes_humantime_durations() {

@@ -6,7 +6,7 @@
 //!
 //! | route | module | token |
 //! |---|---|---|
-//! | `POST /devices`, `GET /devices` (`?expiring_within=30d`), `GET /devices/{id}` | [`devices`] | yes |
+//! | `POST /devices`, `GET /devices` (`?expiring_within=30d`, `tag=key:value`), `GET /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/revoke`, `/disable`, `/enable`; `PATCH /devices/{id}` (tags); `DELETE /devices/{id}` | [`devices`] | yes |
 //! | `POST /devices/{id}/commands` (`?wait=10s`), `GET /devices/{id}/commands`, `GET`/`DELETE /devices/{id}/commands/{command}` | [`commands`] | yes |
 //! | `GET /devices/{id}/presence`, `GET /devices/{id}/connections`, `GET /presence` | [`presence`] | yes |
@@ -25,6 +25,9 @@
 //! | `GET /stats` | [`stats`] | yes |
 //! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state,alert`) | [`stream`] | yes |
 //! | `POST /tokens`, `GET /tokens`, `DELETE /tokens/{id}`, `GET /whoami` | [`tokens`] | yes |
+//!
+//! The operator dashboard (`/` and `/assets/…`) is not under `/api/v1`: see
+//! [`crate::dashboard`].
 //!
 //! Store, registry and PKI calls block (SQLite, key generation, CRL signing), so handlers run
 //! them through [`blocking`] on tokio's blocking pool. Lists page with a cursor: ask for
@@ -186,6 +189,24 @@ pub fn page_limit(requested: Option<usize>, default: usize, max: usize) -> Resul
         None => Ok(default),
         Some(0) => Err(ApiError::InvalidQuery("limit must be at least 1".into())),
         Some(n) => Ok(n.min(max)),
+    }
+}
+
+/// Sets a query parameter read by hand from the query string; a parameter given twice is
+/// refused.
+pub fn set_once(slot: &mut Option<String>, key: &str, value: String) -> Result<(), ApiError> {
+    if slot.replace(value).is_some() {
+        return Err(ApiError::InvalidQuery(format!("{key} is given twice")));
+    }
+    Ok(())
+}
+
+/// Parses a whole number given as the query parameter `key`.
+pub fn parse_count(key: &str) -> impl Fn(&str) -> Result<usize, ApiError> + '_ {
+    move |value| {
+        value.parse::<usize>().map_err(|_| {
+            ApiError::InvalidQuery(format!("{key}: expected a whole number, found {value:?}"))
+        })
     }
 }
 

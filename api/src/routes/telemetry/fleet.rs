@@ -18,7 +18,7 @@ use tellus_core::{DeviceId, DeviceQuery, TimestampMs, Value};
 
 use crate::{
     extract,
-    routes::{blocking, page_limit, split_page},
+    routes::{blocking, page_limit, parse_count, set_once, split_page},
     ApiError, AppState,
 };
 
@@ -107,17 +107,11 @@ pub(crate) fn parse_tag(value: &str) -> Result<(String, String), ApiError> {
 fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
     let (mut metric, mut limit, mut after) = (None, None, None);
     let mut tags = Vec::new();
-    let once = |slot: &mut Option<String>, key: &str, value: String| {
-        if slot.replace(value).is_some() {
-            return Err(ApiError::InvalidQuery(format!("{key} is given twice")));
-        }
-        Ok(())
-    };
     for (key, value) in pairs {
         match key.as_str() {
-            "metric" => once(&mut metric, "metric", value)?,
-            "limit" => once(&mut limit, "limit", value)?,
-            "after" => once(&mut after, "after", value)?,
+            "metric" => set_once(&mut metric, "metric", value)?,
+            "limit" => set_once(&mut limit, "limit", value)?,
+            "after" => set_once(&mut after, "after", value)?,
             "tag" => tags.push(parse_tag(&value)?),
             other => {
                 return Err(ApiError::InvalidQuery(format!(
@@ -141,13 +135,7 @@ fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
             ))
         }
     };
-    let limit = limit
-        .map(|l| {
-            l.parse::<usize>().map_err(|_| {
-                ApiError::InvalidQuery(format!("limit: expected a whole number, found {l:?}"))
-            })
-        })
-        .transpose()?;
+    let limit = limit.as_deref().map(parse_count("limit")).transpose()?;
     Ok(FleetQuery {
         metric,
         tags,
