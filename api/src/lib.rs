@@ -16,15 +16,16 @@
 //! - [`extract`]: `Json`, `OptionalJson`, `Query` and `Path` extractors whose rejections are
 //!   [`ApiError`]s, so a malformed request gets the same error shape as everything else;
 //! - [`timestamps`]: times on the wire (RFC 3339 out; RFC 3339 or epoch milliseconds in);
-//! - [`base64`]: the encoder for dead-lettered payloads that are not UTF-8.
+//! - [`base64`]: the encoder for dead-lettered payloads that are not UTF-8;
+//! - [`dashboard`]: the operator dashboard's page and files (`api/dashboard/`), compiled in.
 //!
 //! The routes, all behind the bearer token except the CRL, which is signed public data that
-//! other brokers in front of the fleet fetch without one:
+//! other brokers in front of the fleet fetch without one, and the dashboard's page and files:
 //!
 //! | route | what |
 //! |---|---|
 //! | `POST /api/v1/devices` | register `{"id"}` (returns cert, key, CA) or `{"id", "csr_pem"}` |
-//! | `GET /api/v1/devices` | list, paged by `after`; `?expiring_within=30d`: only devices whose current certificate ends before then |
+//! | `GET /api/v1/devices` | list, paged by `after`; `?expiring_within=30d`: only devices whose current certificate ends before then; `?tag=key:value` (repeatable): only devices with every tag given |
 //! | `GET /api/v1/devices/{id}` | one device, with its certificates |
 //! | `POST /api/v1/devices/{id}/revoke` | revoke `{"serial"}`, or every certificate (no body, or `{}`) |
 //! | `POST /api/v1/devices/{id}/disable`, `…/enable` | refuse the device at the gate, or admit it again |
@@ -44,6 +45,7 @@
 //! | `GET /api/v1/stats` | ingest and gate counters |
 //! | `POST`/`GET /api/v1/tokens`, `DELETE /api/v1/tokens/{id}` | API tokens with a role; the secret is shown once |
 //! | `GET /api/v1/whoami` | the presented token's id, name and role |
+//! | `GET /`, `GET /assets/{file}` | the operator dashboard ([`dashboard`]); **no token needed**: the page holds no data and signs in to the API itself |
 //!
 //! Which role each route takes is in [`routes::v1`]: reads are for any token, acting on
 //! devices, alerts and rules for operators, changing the fleet and its tokens for admins.
@@ -60,6 +62,7 @@ use tower_http::trace::TraceLayer;
 
 pub mod auth;
 pub mod base64;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod routes;
@@ -87,7 +90,8 @@ pub struct AppState {
 
 /// The whole API: `/api/v1/…` behind the bearer token (unknown paths under it included),
 /// except [`routes::public`] (the CRL), which is merged in after the token layer so that the
-/// layer does not wrap it; and a JSON 404 for anything else.
+/// layer does not wrap it; the [`dashboard`] at `/` and `/assets/…`, which needs no token;
+/// and a JSON 404 for anything else.
 pub fn router(state: AppState) -> Router {
     let authenticated = routes::v1()
         .fallback(routes::not_found)
@@ -101,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .merge(authenticated);
     Router::new()
         .nest("/api/v1", v1)
+        .merge(dashboard::router())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(TraceLayer::new_for_http())

@@ -450,7 +450,7 @@ async fn deadletter_lists_show_previews_and_one_shows_the_whole_payload() {
 #[tokio::test]
 async fn unknown_routes_get_the_json_shape() {
     let s = Server::start().await;
-    for path in ["/api/v1/nope", "/api/v2/devices", "/"] {
+    for path in ["/api/v1/nope", "/api/v2/devices", "/nope"] {
         let (status, body) = s.get(path).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(error_code(&body).0, "not_found", "{path}");
@@ -1132,5 +1132,35 @@ async fn the_device_list_filters_by_tags() {
             "{bad}"
         );
     }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_beside_the_api_without_a_token() {
+    let s = Server::start().await;
+    let page = s.client.get(format!("{}/", s.base)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .starts_with("default-src 'self'"));
+    assert!(page.text().await.unwrap().contains("/assets/app.js"));
+    // A wrong token on the page is ignored: it holds no data.
+    let script = s.req(Method::GET, "/assets/app.js").bearer_auth("wrong");
+    let script = script.send().await.unwrap();
+    assert_eq!(script.status(), StatusCode::OK);
+    assert_eq!(
+        script.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    let (status, body) = send(s.client.get(format!("{}/assets/nope.js", s.base))).await;
+    assert_eq!(
+        (status, error_code(&body).0),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    // The API behind it still wants the token.
+    let (status, _) = send(s.client.get(format!("{}/api/v1/devices", s.base))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     s.stop().await;
 }
