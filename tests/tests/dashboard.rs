@@ -238,6 +238,16 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
             b["metrics"]["temperature"].is_object()
         })
         .await;
+    // A rule whose alert stays up (every humidity reported is at least 40).
+    let (status, rule) = tellus
+        .post(
+            "/api/v1/rules",
+            json!({"name": "humid", "trigger": "telemetry", "condition": "metrics.humidity >= 40",
+                   "actions": [{"type": "alert", "severity": "warning"}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rule}");
+    let rule = rule["id"].as_str().unwrap().to_owned();
 
     let chromedriver = Chromedriver::start().await;
     let browser = chromedriver.browser().await;
@@ -346,7 +356,53 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
     assert!(text.contains("\"rebooted\":true"), "{text}");
     screenshot(&browser, &shots, "command").await;
 
-    // The same page on a phone and on a wide screen, from its top.
+    // Alerts: the rule's, acknowledged from the page.
+    browser.goto(&tellus.url("/#/alerts")).await.unwrap();
+    wait_for(&browser, "#open-alerts tr[data-status=\"active\"] button")
+        .await
+        .click()
+        .await
+        .unwrap();
+    wait_for(&browser, "#open-alerts tr[data-status=\"acknowledged\"]").await;
+    screenshot(&browser, &shots, "alerts").await;
+
+    // Rules: a dry run of the rule over the device's last hour.
+    browser.goto(&tellus.url("/#/rules")).await.unwrap();
+    let card = format!("article.rule[data-rule-id=\"{rule}\"]");
+    wait_for(&browser, &format!("{card} details summary"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    fill(&browser, &format!("#dry-device-{rule}"), DEVICE).await;
+    wait_for(
+        &browser,
+        &format!("{card} form.dry-run button[type=submit]"),
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    let summary = wait_for(&browser, &format!("{card} .dry-summary"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    // Every stored reading holds the condition, and each fires (the alert once).
+    let firings: u64 = summary
+        .split(", ")
+        .nth(1)
+        .and_then(|f| f.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no firings in {summary:?}"));
+    assert!(firings >= 90, "{summary}");
+    screenshot(&browser, &shots, "rules").await;
+
+    // The same device page on a phone and on a wide screen, from its top.
+    browser
+        .goto(&tellus.url(&format!("/#/devices/{DEVICE}")))
+        .await
+        .unwrap();
     browser
         .execute("window.scrollTo(0, 0)", vec![])
         .await
@@ -386,6 +442,36 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
     )
     .await;
     screenshot(&browser, &shots, "fleet-phone").await;
+
+    // A viewer sees the page but cannot command.
+    let (status, viewer) = tellus
+        .post(
+            "/api/v1/tokens",
+            json!({"name": "night shift", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{viewer}");
+    browser.set_window_size(1280, 900).await.unwrap();
+    wait_for(&browser, "#signout").await.click().await.unwrap();
+    fill(&browser, "#token", viewer["token"].as_str().unwrap()).await;
+    browser
+        .find(Locator::Css("form.signin button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&browser, "#identity[data-role=\"viewer\"]").await;
+    browser
+        .goto(&tellus.url(&format!("/#/devices/{DEVICE}")))
+        .await
+        .unwrap();
+    wait_for(&browser, "#command-readonly").await;
+    let send = wait_for(&browser, "#command-send").await;
+    assert!(
+        !send.is_enabled().await.unwrap(),
+        "a viewer's form is disabled"
+    );
 
     browser.close().await.unwrap();
     reporter.abort();
