@@ -88,24 +88,14 @@ export async function api(path, options) {
   return response.json();
 }
 
-/**
- * Who a token belongs to: `{id, name, role}`. A server without `/whoami` (before roles
- * existed) only checks the token, with `/stats`; the role is then unknown (`null`) and every
- * token is an admin's.
- */
-export async function whoami(token) {
-  try {
-    return await api('/whoami', { token });
-  } catch (e) {
-    if (!(e instanceof ApiError) || (e.status !== 404 && e.status !== 405)) throw e;
-  }
-  await api('/stats', { token });
-  return { id: null, name: null, role: null };
+/** Who a token belongs to: `{id, name, role}`; `token` overrides the session's. */
+export function whoami(token) {
+  return api('/whoami', { token });
 }
 
 /** Whether a role may act (send commands, change state, acknowledge, switch rules). */
 export function canOperate(role) {
-  return role !== 'viewer';
+  return role === 'operator' || role === 'admin';
 }
 
 /** Runs `tasks` (functions returning promises), at most `limit` at once, in order. */

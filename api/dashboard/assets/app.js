@@ -46,9 +46,8 @@ function showSignin(reason) {
 }
 
 function showIdentity() {
-  const role = identity.role || 'role unknown';
-  identityEl.textContent = identity.name ? `${identity.name} · ${role}` : role;
-  identityEl.dataset.role = identity.role || 'unknown';
+  identityEl.textContent = `${identity.name} · ${identity.role}`;
+  identityEl.dataset.role = identity.role;
   top.hidden = false;
 }
 
