@@ -182,6 +182,21 @@ async fn chart_width(browser: &Client) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits for the element `css` and clicks it.
+async fn click(browser: &Client, css: &str) {
+    wait_for(browser, css)
+        .await
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+/// Types `token` into the sign-in form and sends it.
+async fn sign_in(browser: &Client, token: &str) {
+    fill(browser, "#token", token).await;
+    click(browser, "form.signin button[type=submit]").await;
+}
+
 async fn fill(browser: &Client, css: &str, text: &str) {
     let field = wait_for(browser, css).await;
     field.clear().await.expect("clear the field");
@@ -257,24 +272,10 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
 
     // Sign in: a wrong token is refused with a message, the admin token is accepted.
     browser.goto(&tellus.url("/")).await.unwrap();
-    fill(&browser, "#token", "not-a-token").await;
-    browser
-        .find(Locator::Css("form.signin button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign_in(&browser, "not-a-token").await;
     let refused = wait_for(&browser, "form.signin .notice.error:not([hidden])").await;
     assert_eq!(refused.text().await.unwrap(), "That token is not valid.");
-    fill(&browser, "#token", &tellus.token).await;
-    browser
-        .find(Locator::Css("form.signin button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign_in(&browser, &tellus.token).await;
 
     // The fleet: the device, online, with its tags.
     let row = format!("#devices tr[data-device=\"{DEVICE}\"]");
@@ -311,17 +312,9 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
     browser.goto(&tellus.url("/#/?q=dash")).await.unwrap();
 
     // The device page: its chart, over the last 15 minutes, grows from the live stream.
-    wait_for(&browser, &format!("{row} a"))
-        .await
-        .click()
-        .await
-        .unwrap();
+    click(&browser, &format!("{row} a")).await;
     wait_for(&browser, ".live-state[data-state=\"live\"]").await;
-    wait_for(&browser, "label[for=\"range-15m\"]")
-        .await
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "label[for=\"range-15m\"]").await;
     let first = until(
         "the temperature chart",
         async || chart_points(&browser, "temperature").await,
@@ -340,13 +333,7 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
     fill(&browser, "#command-name", "reboot").await;
     fill(&browser, "#command-params", r#"{"delay_s": 3}"#).await;
     fill(&browser, "#command-timeout", "30s").await;
-    browser
-        .find(Locator::Css("#command-send"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#command-send").await;
     let done = wait_for(
         &browser,
         "#command-history tr[data-name=\"reboot\"][data-status=\"succeeded\"]",
@@ -358,31 +345,20 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
 
     // Alerts: the rule's, acknowledged from the page.
     browser.goto(&tellus.url("/#/alerts")).await.unwrap();
-    wait_for(&browser, "#open-alerts tr[data-status=\"active\"] button")
-        .await
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#open-alerts tr[data-status=\"active\"] button").await;
     wait_for(&browser, "#open-alerts tr[data-status=\"acknowledged\"]").await;
     screenshot(&browser, &shots, "alerts").await;
 
     // Rules: a dry run of the rule over the device's last hour.
     browser.goto(&tellus.url("/#/rules")).await.unwrap();
     let card = format!("article.rule[data-rule-id=\"{rule}\"]");
-    wait_for(&browser, &format!("{card} details summary"))
-        .await
-        .click()
-        .await
-        .unwrap();
+    click(&browser, &format!("{card} details summary")).await;
     fill(&browser, &format!("#dry-device-{rule}"), DEVICE).await;
-    wait_for(
+    click(
         &browser,
         &format!("{card} form.dry-run button[type=submit]"),
     )
-    .await
-    .click()
-    .await
-    .unwrap();
+    .await;
     let summary = wait_for(&browser, &format!("{card} .dry-summary"))
         .await
         .text()
@@ -452,15 +428,8 @@ async fn an_operator_watches_a_device_live_and_commands_it() {
         .await;
     assert_eq!(status, 201, "{viewer}");
     browser.set_window_size(1280, 900).await.unwrap();
-    wait_for(&browser, "#signout").await.click().await.unwrap();
-    fill(&browser, "#token", viewer["token"].as_str().unwrap()).await;
-    browser
-        .find(Locator::Css("form.signin button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#signout").await;
+    sign_in(&browser, viewer["token"].as_str().unwrap()).await;
     wait_for(&browser, "#identity[data-role=\"viewer\"]").await;
     browser
         .goto(&tellus.url(&format!("/#/devices/{DEVICE}")))
