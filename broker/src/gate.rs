@@ -36,7 +36,7 @@ use std::{
     time::Duration,
 };
 
-use tellus_core::{Change, IngestSender, Registry};
+use tellus_core::{Change, DeviceId, IngestSender, Registry};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
@@ -334,7 +334,11 @@ async fn watch_registry(gate: Arc<Gate>, mut last: i64, shutdown: CancellationTo
                         device: device.clone(),
                     };
                     let _ = gate.device_events.send(deleted).await;
-                    gate.sessions.close(device, "device deleted")
+                    // The device may have been registered again since, and be connected
+                    // with its new certificate: only a session on another is closed.
+                    let valid = valid_serials(&gate, device).await;
+                    gate.sessions
+                        .close_unless_serial(device, &valid, "device deleted")
                 }
             };
             if closed {
@@ -342,6 +346,25 @@ async fn watch_registry(gate: Arc<Gate>, mut last: i64, shutdown: CancellationTo
             }
             debug!(?change, closed, "registry change");
         }
+    }
+}
+
+/// The serials of the certificates `device` holds now and has not had revoked: none if it
+/// is not registered (or the registry cannot say).
+async fn valid_serials(gate: &Arc<Gate>, device: &DeviceId) -> Vec<String> {
+    let registry = gate.registry.clone();
+    let id = device.clone();
+    match tokio::task::spawn_blocking(move || registry.certificates(&id)).await {
+        Ok(Ok(certs)) => certs
+            .into_iter()
+            .filter(|c| c.revoked_at_ms.is_none())
+            .map(|c| c.serial)
+            .collect(),
+        Ok(Err(e)) => {
+            warn!(error = %e, device_id = %device, "cannot read a deleted device's certificates");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
     }
 }
 

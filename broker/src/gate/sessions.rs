@@ -102,6 +102,11 @@ impl Sessions {
         self.close_if(device, reason, |live| live.serial == serial)
     }
 
+    /// Closes the session of `device` unless it uses one of the certificates `serials`.
+    pub fn close_unless_serial(&self, device: &DeviceId, serials: &[String], reason: &str) -> bool {
+        self.close_if(device, reason, |live| !serials.contains(&live.serial))
+    }
+
     /// Tells the session of `device` to close if `pred` holds; `true` if this closed it (a
     /// session already told to close is not closed twice).
     fn close_if(&self, device: &DeviceId, reason: &str, pred: impl Fn(&Live) -> bool) -> bool {
@@ -214,6 +219,15 @@ mod tests {
         assert_eq!(reason(&mut second).await.as_deref(), Some("revoked"));
         drop(second);
         assert!(s.is_empty());
+
+        // A deletion spares a session on a certificate the device holds now (it was
+        // registered again), and closes one on any other.
+        let (mut third, _) = s.open(&id("a"), "03", bucket);
+        let valid = ["03".to_owned()];
+        assert!(!s.close_unless_serial(&id("a"), &valid, "device deleted"));
+        assert_eq!(reason(&mut third).await, None);
+        assert!(s.close_unless_serial(&id("a"), &[], "device deleted"));
+        assert_eq!(reason(&mut third).await.as_deref(), Some("device deleted"));
         assert!(!s.close(&id("a"), "disabled"));
     }
 }
