@@ -128,6 +128,7 @@ pub struct GateStats {
 
 /// A copy of [`GateStats`] at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GateStatsSnapshot {
     pub accepted: u64,
     pub connected: u64,

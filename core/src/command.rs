@@ -24,6 +24,7 @@ use crate::{DeviceId, TimestampMs};
 /// Ordered as the states are listed, so that counts by status (a `BTreeMap`) read in the
 /// order commands move through them; serialized as the lower-case name, also as a map key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CommandStatus {
     Queued,
@@ -91,6 +92,7 @@ impl CommandStatus {
 
 /// A command to one device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Command {
     /// `c-` and 20 hex digits: a topic level of its own.
     pub id: String,
@@ -99,13 +101,19 @@ pub struct Command {
     /// Whatever JSON the operator gave; the device interprets it.
     pub params: serde_json::Value,
     pub status: CommandStatus,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at_ms: TimestampMs,
     /// When it becomes `expired` unless it has ended before.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub expires_at_ms: TimestampMs,
     /// When the status last changed.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub updated_at_ms: TimestampMs,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub sent_at_ms: Option<TimestampMs>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub delivered_at_ms: Option<TimestampMs>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub finished_at_ms: Option<TimestampMs>,
     /// The device's `output` (with a result), or why it failed or ended.
     pub output: Option<serde_json::Value>,
@@ -133,6 +141,7 @@ pub fn new_command_id() -> String {
 
 /// Where a fleet job is: sending (`running`), done, or stopped by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Commands are still to be created, or some of them have not ended.
@@ -167,6 +176,7 @@ impl JobStatus {
 
 /// A fleet job: one command sent to many devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Job {
     /// `j-` and 20 hex digits ([`new_job_id`]).
     pub id: String,
@@ -179,8 +189,10 @@ pub struct Job {
     /// The most commands of the job not ended at once.
     pub concurrency: u32,
     pub status: JobStatus,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at_ms: TimestampMs,
     /// When it completed or was aborted.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub finished_at_ms: Option<TimestampMs>,
     /// How many devices were selected.
     pub total: u64,

@@ -68,6 +68,27 @@ impl std::str::FromStr for DeviceId {
     }
 }
 
+/// The schema of a device id in the HTTP API's description: a string of the alphabet above.
+/// The pattern cannot also say "not `.` or `..`"; the description does.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for DeviceId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some("^[A-Za-z0-9._-]{1,64}$"))
+            .min_length(Some(1))
+            .max_length(Some(MAX_LEN))
+            .description(Some(
+                "A device id: 1 to 64 characters of A-Z a-z 0-9 . _ -, not \".\" or \"..\".",
+            ))
+            .examples(["sensor-01"])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for DeviceId {}
+
 impl<'de> serde::Deserialize<'de> for DeviceId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

@@ -15,6 +15,7 @@ pub const LIVE_QUEUE: usize = 8_192;
 
 /// One thing that happened to a device.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LiveEvent {
     /// Points of one device, committed (acknowledged) in one batch.
@@ -26,6 +27,7 @@ pub enum LiveEvent {
     Presence {
         device: DeviceId,
         online: bool,
+        #[cfg_attr(feature = "openapi", schema(value_type = i64))]
         at_ms: TimestampMs,
         /// Why it ended (offline only).
         reason: Option<String>,
@@ -73,9 +75,12 @@ impl LiveEvent {
 
 /// One point of a [`LiveEvent::Telemetry`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LivePoint {
     pub metric: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub ts: TimestampMs,
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::telemetry::MetricValue))]
     pub value: Value,
 }
 

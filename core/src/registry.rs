@@ -19,6 +19,7 @@ use crate::{
 
 /// Whether a device may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceStatus {
     Enabled,
@@ -138,6 +139,7 @@ pub struct AuditEntry {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AuditDecision {
     /// The connection was accepted.
@@ -160,18 +162,21 @@ impl AuditDecision {
 
 /// One connection of a device, from the gate's admission to its end.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Session {
     /// Assigned by the registry; 0 before it is recorded.
     pub id: i64,
     pub device: DeviceId,
     /// The gate's number for the connection, unique within one run of Tellus.
     pub session: u64,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub connected_at_ms: TimestampMs,
     /// The device's address, `ip:port`.
     pub peer: String,
     /// `3.1.1` or `5`.
     pub protocol: String,
     /// `None` while the connection lasts.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub disconnected_at_ms: Option<TimestampMs>,
     /// Why it ended (the gate's words), when it has.
     pub reason: Option<String>,
@@ -193,6 +198,7 @@ pub enum SessionEvent {
 
 /// How many devices are connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PresenceCounts {
     /// Registered devices.
     pub devices: u64,

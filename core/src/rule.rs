@@ -13,6 +13,7 @@ use crate::{DeviceId, TimestampMs};
 
 /// What a rule reacts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// Each committed telemetry message: `metrics` in scope.
@@ -38,6 +39,7 @@ impl Trigger {
 
 /// Which devices a rule (or a command action) concerns. Empty: every device.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceSelector {
     /// These devices only.
@@ -65,6 +67,7 @@ impl DeviceSelector {
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     Info,
@@ -94,6 +97,7 @@ impl Severity {
 
 /// Something a rule does when it fires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
     /// Send a command: to the device that fired the rule, or to every device `devices`
@@ -104,6 +108,7 @@ pub enum Action {
         params: serde_json::Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         devices: Option<DeviceSelector>,
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
         #[serde(
             default,
             with = "humantime_serde",
@@ -117,6 +122,7 @@ pub enum Action {
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         headers: BTreeMap<String, String>,
         /// Per attempt; default 5 s.
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
         #[serde(
             default,
             with = "humantime_serde",
@@ -149,6 +155,7 @@ pub enum Action {
     Function {
         source: String,
         /// Per call; default 50 ms.
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
         #[serde(
             default,
             with = "humantime_serde",
@@ -177,6 +184,7 @@ impl Action {
 
 /// A rule as an operator writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     pub name: String,
@@ -189,6 +197,7 @@ pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub condition: String,
     /// How long the condition must hold before the rule fires.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1m"))]
     #[serde(
         default,
         rename = "for",
@@ -201,6 +210,7 @@ pub struct RuleSpec {
 
 /// A stored rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Rule {
     /// `r-` and 20 hex digits ([`new_rule_id`]).
     pub id: String,
@@ -209,7 +219,9 @@ pub struct Rule {
     pub enabled: bool,
     /// Starts at 1; each change adds one.
     pub version: u64,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub created_at_ms: TimestampMs,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub updated_at_ms: TimestampMs,
 }
 
@@ -221,6 +233,7 @@ pub fn new_rule_id() -> String {
 
 /// Where an alert is in its life: active → acknowledged → cleared (or active → cleared).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AlertStatus {
     Active,
@@ -254,6 +267,7 @@ impl AlertStatus {
 
 /// An alert a rule raised for a device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Alert {
     /// `a-` and 20 hex digits.
     pub id: String,
@@ -264,8 +278,11 @@ pub struct Alert {
     pub message: String,
     /// What raised it: the message's values (e.g. `{"metrics": {"temp": 81.5}}`).
     pub values: serde_json::Value,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub raised_at_ms: TimestampMs,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub acknowledged_at_ms: Option<TimestampMs>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub cleared_at_ms: Option<TimestampMs>,
     /// Why it was cleared: `condition` (stopped holding), `rule` (another rule cleared it),
     /// `rule_deleted`, `rule_disabled` or `function`.

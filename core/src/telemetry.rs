@@ -38,6 +38,44 @@ pub enum Value {
     Text(String),
 }
 
+/// The schema of a value in the HTTP API's description, named `MetricValue`: the type the
+/// device sent (a boolean, a whole number, a number, a text), or `null` for an aggregate
+/// that is no finite number (a sum that overflowed).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Value {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{schema::AnyOfBuilder, ObjectBuilder, Type};
+        let of = |t: Type| ObjectBuilder::new().schema_type(t);
+        AnyOfBuilder::new()
+            .item(of(Type::Boolean))
+            .item(
+                of(Type::Integer).format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int64,
+                ))),
+            )
+            .item(of(Type::Number))
+            .item(of(Type::String))
+            .item(of(Type::Null))
+            .description(Some(
+                "A metric's value, of the type the device sent; null for an aggregate that is \
+                 not a finite number",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Value {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "MetricValue".into()
+    }
+}
+
+/// [`Value`] under the name its schema has, for `#[schema(value_type = …)]`: utoipa takes
+/// any type named `Value` for `serde_json::Value`.
+#[cfg(feature = "openapi")]
+pub type MetricValue = Value;
+
 impl From<f64> for Value {
     fn from(v: f64) -> Self {
         Value::Float(v)

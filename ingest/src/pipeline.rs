@@ -124,6 +124,7 @@ impl Histogram {
 /// A histogram at one moment, cumulative like Prometheus's: each bucket counts the
 /// durations below its bound (`null`: all of them).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistogramSnapshot {
     pub buckets: Vec<LatencyBucket>,
     pub count: u64,
@@ -131,6 +132,7 @@ pub struct HistogramSnapshot {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LatencyBucket {
     pub le_ms: Option<u64>,
     pub count: u64,
@@ -138,6 +140,7 @@ pub struct LatencyBucket {
 
 /// A copy of [`IngestStats`] at one moment.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IngestStatsSnapshot {
     pub received: u64,
     pub stored: u64,

@@ -94,6 +94,7 @@ pub struct Bucket {
 
 /// How a bucket is summarised into one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Agg {
     Avg,

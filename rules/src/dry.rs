@@ -22,6 +22,7 @@ pub const MAX_REPORTED: usize = 10_000;
 
 /// What a dry run found.
 #[derive(Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DryRun {
     /// Inputs the rule was evaluated on (those its device selector picks).
     pub evaluated: u64,

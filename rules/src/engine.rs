@@ -45,6 +45,7 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The rule that did something: kept in every effect, for figures and for the record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuleRef {
     pub id: String,
     pub name: String,
@@ -54,6 +55,7 @@ pub struct RuleRef {
 
 /// Where a command goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     Device(DeviceId),
@@ -62,18 +64,23 @@ pub enum Target {
 
 /// One thing a rule does: what the service carries out, and what a dry run reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Effect {
     Command {
         target: Target,
         name: String,
         params: serde_json::Value,
+        /// In milliseconds.
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
         #[serde(with = "humantime_ms")]
         timeout: Duration,
     },
     Webhook {
         url: String,
         headers: BTreeMap<String, String>,
+        /// In milliseconds.
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
         #[serde(with = "humantime_ms")]
         timeout: Duration,
         retries: u32,
@@ -87,7 +94,9 @@ pub enum Effect {
     Metric {
         device: DeviceId,
         name: String,
+        #[cfg_attr(feature = "openapi", schema(value_type = i64))]
         ts_ms: TimestampMs,
+        #[cfg_attr(feature = "openapi", schema(value_type = tellus_core::telemetry::MetricValue))]
         value: Value,
     },
     RaiseAlert {
@@ -116,10 +125,12 @@ mod humantime_ms {
 /// A rule firing (or clearing) for one device: the effects it produced, and the message
 /// that made it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Firing {
     pub rule: RuleRef,
     pub device: DeviceId,
     /// The engine's now when it fired.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub at_ms: TimestampMs,
     /// The message as the rule's actions saw it; `null` when none of them uses it (outside
     /// dry runs).
@@ -160,7 +171,9 @@ pub const TIMED_EVERY: u64 = 32;
 
 /// The most recent failure of a rule, of any kind.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LastError {
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub at_ms: TimestampMs,
     /// Where: `condition`, `function`, `metric`, `webhook`, `command`, …
     pub kind: String,
@@ -208,6 +221,7 @@ impl RuleFigures {
 
 /// A rule's figures as the API shows them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuleFiguresSnapshot {
     pub evaluations: u64,
     pub matches: u64,
@@ -292,6 +306,7 @@ impl Figures {
 
 /// The engine's figures as `GET /api/v1/stats` shows them (`rules`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EngineFigures {
     /// Inputs evaluated (with at least one enabled rule of their trigger).
     pub inputs: u64,
@@ -626,11 +641,14 @@ pub struct Engine {
 
 /// One input a rule's condition held for (or failed on), as a dry run reports it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Match {
     pub rule: String,
     pub device: DeviceId,
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub at_ms: TimestampMs,
     /// `match` or `error`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^(match|error)$"))]
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -86,6 +86,7 @@ impl Default for QuestDbConfig {
 
 /// The spool's counters since the start, and what waits now.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpoolStats {
     /// Points committed into the spool.
     pub spooled: u64,
@@ -100,6 +101,7 @@ pub struct SpoolStats {
     /// The last failure, while QuestDB has not answered since.
     pub last_error: Option<String>,
     /// When QuestDB last confirmed points (ms since the epoch).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub last_delivery_ms: Option<TimestampMs>,
 }
 
