@@ -175,8 +175,29 @@ fn chain(error: &dyn StdError) -> String {
     out
 }
 
-fn body(code: &str, message: &str) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "error": { "code": code, "message": message } }))
+/// The body of every error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and snake_case, for programs: `device_not_found`, `invalid_query`, `internal`, …
+    #[schema(example = "device_not_found")]
+    pub code: &'static str,
+    /// For people; a 5xx says nothing about its cause.
+    #[schema(example = "device sensor-01 not found")]
+    pub message: String,
+}
+
+fn body(code: &'static str, message: &str) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        error: ErrorDetail {
+            code,
+            message: message.to_owned(),
+        },
+    })
 }
 
 impl IntoResponse for ApiError {

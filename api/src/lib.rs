@@ -65,6 +65,7 @@ pub mod base64;
 pub mod dashboard;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod routes;
 pub mod timestamps;
 
@@ -91,21 +92,31 @@ pub struct AppState {
 /// The whole API: `/api/v1/…` behind the bearer token (unknown paths under it included),
 /// except [`routes::public`] (the CRL), which is merged in after the token layer so that the
 /// layer does not wrap it; the [`dashboard`] at `/` and `/assets/…`, which needs no token;
-/// and a JSON 404 for anything else.
+/// the API's description at [`openapi::PATH`], also without a token, built from the same
+/// registrations and serialised here, once; and a JSON 404 for anything else.
 pub fn router(state: AppState) -> Router {
-    let authenticated = routes::v1()
+    let (v1, v1_doc) = routes::v1().split_for_parts();
+    let (public, public_doc) = routes::public().split_for_parts();
+    let (described, own_doc) = openapi::router().split_for_parts();
+    let description = openapi::Description::new(&openapi::assemble(v1_doc, public_doc, own_doc));
+    let authenticated = v1
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
         ));
-    let v1 = routes::public()
+    let v1 = public
         .method_not_allowed_fallback(routes::method_not_allowed)
         .merge(authenticated);
     Router::new()
         .nest("/api/v1", v1)
         .merge(dashboard::router())
+        .merge(
+            described
+                .method_not_allowed_fallback(routes::method_not_allowed)
+                .with_state(description),
+        )
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(TraceLayer::new_for_http())

@@ -16,6 +16,7 @@ use crate::TimestampMs;
 
 /// What a token may do; each role may do everything the roles before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads: devices, telemetry, commands, state, alerts, rules, stats.

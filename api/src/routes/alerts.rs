@@ -9,32 +9,57 @@ use serde::{Deserialize, Serialize};
 use tellus_core::{now_ms, Alert, AlertQuery, AlertStatus, DeviceId};
 
 use super::{blocking, page, page_limit};
-use crate::{extract, ApiError, AppState};
+use crate::{extract, openapi as doc, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only alerts in this status (wins over `open`).
     pub status: Option<AlertStatus>,
     /// Only active and acknowledged ones.
     #[serde(default)]
     pub open: bool,
+    /// Only this device's.
+    #[param(value_type = Option<DeviceId>)]
     pub device: Option<String>,
+    /// Only this rule's (its id).
     pub rule: Option<String>,
+    /// Alerts per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
     /// The `next` of the previous page.
     pub after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AlertList {
     pub alerts: Vec<Alert>,
     pub next: Option<String>,
 }
 
-/// `GET /api/v1/alerts?status=&open=&device=&rule=&limit=&after=`.
+/// List alerts.
+///
+/// Newest first, paged by `after`; filtered by status, device and rule.
+#[utoipa::path(
+    get,
+    path = "/alerts",
+    operation_id = "list_alerts",
+    tag = "alerts",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of alerts", body = AlertList),
+        (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,
@@ -57,7 +82,23 @@ pub async fn list(
     Ok(Json(AlertList { alerts, next }))
 }
 
-/// `GET /api/v1/alerts/{id}`.
+/// Show an alert.
+#[utoipa::path(
+    get,
+    path = "/alerts/{id}",
+    operation_id = "get_alert",
+    tag = "alerts",
+    params(("id" = String, Path, description = "The alert's id (`a-` and 20 hex digits)")),
+    responses(
+        (status = 200, description = "The alert", body = Alert),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such alert (`alert_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -70,8 +111,26 @@ pub async fn get_one(
         .ok_or(ApiError::AlertNotFound(id))
 }
 
-/// `POST /api/v1/alerts/{id}/acknowledge`: the alert after; acknowledging twice is harmless,
-/// a cleared alert cannot be (409).
+/// Acknowledge an alert.
+///
+/// The alert after; acknowledging twice is harmless, a cleared alert cannot be (409).
+#[utoipa::path(
+    post,
+    path = "/alerts/{id}/acknowledge",
+    operation_id = "acknowledge_alert",
+    tag = "alerts",
+    params(("id" = String, Path, description = "The alert's id (`a-` and 20 hex digits)")),
+    responses(
+        (status = 200, description = "The alert, acknowledged", body = Alert),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such alert (`alert_not_found`)", body = doc::ErrorBody),
+        (status = 409, description = "The alert is cleared (`refused`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["operator"]))
+)]
 pub async fn acknowledge(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,

@@ -10,25 +10,32 @@ use serde::{Deserialize, Serialize};
 use tellus_core::{AuditDecision, AuditEntry, DeviceId, TimestampMs};
 
 use super::{blocking, page, page_limit};
-use crate::{extract, timestamps::rfc3339, ApiError, AppState};
+use crate::{extract, openapi as doc, timestamps::rfc3339, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only the entries of this device.
+    #[param(value_type = Option<DeviceId>)]
     pub device: Option<String>,
     /// The `next` of the previous page: entries with a smaller id.
     pub before: Option<i64>,
+    /// Entries per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditView {
     pub id: i64,
+    #[schema(format = DateTime)]
     pub at: String,
+    #[schema(value_type = i64)]
     pub at_ms: TimestampMs,
     pub peer: String,
     pub device: Option<DeviceId>,
@@ -53,13 +60,30 @@ impl TryFrom<AuditEntry> for AuditView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditList {
     pub entries: Vec<AuditView>,
     pub next: Option<i64>,
 }
 
-/// `GET /api/v1/audit?device=&before=&limit=`
+/// List the edge's decisions.
+///
+/// Every connection the gate accepted, refused or closed, newest first, paged by `before`.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    operation_id = "list_audit",
+    tag = "audit",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of audit entries", body = AuditList),
+        (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,

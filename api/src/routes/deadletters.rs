@@ -16,7 +16,7 @@ use tellus_core::{DeviceId, TimestampMs};
 use tellus_ingest::{store::DEADLETTER_PREVIEW_BYTES, DeadLetter};
 
 use super::{blocking, page, page_limit};
-use crate::{base64, extract, timestamps::rfc3339, ApiError, AppState};
+use crate::{base64, extract, openapi as doc, timestamps::rfc3339, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -24,18 +24,26 @@ const MAX_LIMIT: usize = 1000;
 /// Most payload bytes a list shows per dead letter.
 pub const PREVIEW_BYTES: usize = DEADLETTER_PREVIEW_BYTES;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Dead letters per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
     /// The `next` of the previous page: dead letters with a smaller id.
     pub before: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+/// A refused payload: `payload` when it is UTF-8, else `payload_base64`; exactly one of the
+/// two is present.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterView {
     pub id: i64,
+    #[schema(format = DateTime)]
     pub received_at: String,
+    #[schema(value_type = i64)]
     pub received_at_ms: TimestampMs,
     pub device: DeviceId,
     pub topic: String,
@@ -92,13 +100,31 @@ fn encode_prefix(
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterList {
     pub deadletters: Vec<DeadLetterView>,
     pub next: Option<i64>,
 }
 
-/// `GET /api/v1/deadletters?limit=&before=`: dead letters with a preview of each payload.
+/// List dead letters.
+///
+/// Newest first, paged by `before`, each with a preview of its payload (its first KiB).
+#[utoipa::path(
+    get,
+    path = "/deadletters",
+    operation_id = "list_deadletters",
+    tag = "deadletters",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of dead letters", body = DeadLetterList),
+        (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+        (status = 503, response = doc::StoreUnavailable),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,
@@ -114,8 +140,26 @@ pub async fn list(
     Ok(Json(DeadLetterList { deadletters, next }))
 }
 
-/// `GET /api/v1/deadletters/{id}`: one dead letter with its whole payload, or 404
-/// `deadletter_not_found`.
+/// Show a dead letter.
+///
+/// With its whole payload; 404 `deadletter_not_found`.
+#[utoipa::path(
+    get,
+    path = "/deadletters/{id}",
+    operation_id = "get_deadletter",
+    tag = "deadletters",
+    params(("id" = i64, Path, description = "The dead letter's id")),
+    responses(
+        (status = 200, description = "The dead letter, whole", body = DeadLetterView),
+        (status = 400, description = "Not a whole number (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such dead letter (`deadletter_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+        (status = 503, response = doc::StoreUnavailable),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<i64>,

@@ -30,7 +30,7 @@ use super::{
     telemetry::fleet::{parse_tag, MAX_TAGS as MAX_TAG_FILTERS},
 };
 use crate::{
-    extract,
+    extract, openapi as doc,
     timestamps::{self, rfc3339},
     ApiError, AppState,
 };
@@ -38,35 +38,44 @@ use crate::{
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDevice {
+    /// The new device's id (A-Z a-z 0-9 . _ -, at most 64 characters).
+    #[schema(example = "sensor-01")]
     pub id: String,
     /// The device's own PKCS#10 request; when absent, Tellus generates the key.
     pub csr_pem: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A registered device's first certificate, and its key when Tellus generated it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedDevice {
     pub id: DeviceId,
     pub cert_pem: String,
+    /// Only when Tellus generated the key (no `csr_pem`): shown this once, never kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_pem: Option<String>,
+    /// The fleet CA, which the device trusts for the server's certificate.
     pub ca_pem: String,
+    /// Lower-case hex.
     pub cert_serial: String,
+    #[schema(format = DateTime)]
     pub cert_not_after: String,
 }
 
 /// A device as lists and lookups show it. `cert_serial` and `cert_not_after` describe its
 /// current certificate (of those not revoked, the one valid longest); both are `null` when
 /// every certificate of the device is revoked.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceView {
     pub id: DeviceId,
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub status: DeviceStatus,
     pub tags: BTreeMap<String, String>,
     pub cert_serial: Option<String>,
+    #[schema(format = DateTime)]
     pub cert_not_after: Option<String>,
 }
 
@@ -86,12 +95,15 @@ impl TryFrom<DeviceRecord> for DeviceView {
 
 /// One certificate of a device; `revoked_at` is `null` while it is not revoked. `issuer` is
 /// `"fleet"` for Tellus's own CA, or the id of the external CA that signed it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CertificateView {
     pub issuer: String,
     pub serial: String,
+    #[schema(format = DateTime)]
     pub issued_at: String,
+    #[schema(format = DateTime)]
     pub not_after: String,
+    #[schema(format = DateTime)]
     pub revoked_at: Option<String>,
 }
 
@@ -109,14 +121,37 @@ impl TryFrom<CertificateRecord> for CertificateView {
 }
 
 /// One device with every certificate it was issued, newest first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceDetail {
     #[serde(flatten)]
     pub device: DeviceView,
     pub certificates: Vec<CertificateView>,
 }
 
-/// `POST /api/v1/devices`: 201 with the certificate (and key), 409 if the id is taken.
+/// Register a device.
+///
+/// `{"id"}`: Tellus generates the key pair and answers with it once (it keeps no copy);
+/// `{"id", "csr_pem"}`: Tellus signs the device's own key. 201 with the certificate, 409 if
+/// the id is taken.
+#[utoipa::path(
+    post,
+    path = "/devices",
+    operation_id = "create_device",
+    tag = "devices",
+    request_body = CreateDevice,
+    responses(
+        (status = 201, description = "Registered: its certificate, and its key unless a CSR was given", body = CreatedDevice,
+            headers(("Location" = String, description = "The device's URL"))),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`), CSR (`invalid_csr`) or body (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 409, description = "The id is taken (`device_exists`), or registration is refused (`refused`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateDevice>,
@@ -185,13 +220,36 @@ impl ListQuery {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceList {
     pub devices: Vec<DeviceView>,
     pub next: Option<DeviceId>,
 }
 
-/// `GET /api/v1/devices?limit=&after=&expiring_within=&tag=key:value`: devices in id order.
+/// List devices.
+///
+/// In id order, paged by `after`; `expiring_within` keeps only those whose current
+/// certificate ends within that span, `tag` those carrying every tag given.
+#[utoipa::path(
+    get,
+    path = "/devices",
+    operation_id = "list_devices",
+    tag = "devices",
+    params(
+        ("limit" = Option<usize>, Query, description = "Devices per page (default 100; more than 1000 is taken as 1000)", minimum = 1),
+        ("after" = Option<DeviceId>, Query, description = "The `next` of the previous page: devices whose id sorts after this one"),
+        ("expiring_within" = Option<String>, Query, description = "Only devices whose current certificate ends before now + this (`30d`, `12h`, `90days`); devices with no current certificate are left out", example = "30d"),
+        ("tag" = Option<Vec<super::telemetry::fleet::TagFilter>>, Query, description = "Only devices carrying every tag given, as `key:value` (repeats; at most 32; the key ends at the first `:`)", example = json!(["site:lab"]), max_items = 32),
+    ),
+    responses(
+        (status = 200, description = "A page of devices", body = DeviceList),
+        (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(pairs): extract::Query<Vec<(String, String)>>,
@@ -230,7 +288,25 @@ fn expiring_before(now: TimestampMs, within: &str) -> Result<TimestampMs, ApiErr
     Ok(now.saturating_add(span))
 }
 
-/// `GET /api/v1/devices/{id}`: one device with its certificates, or 404 `device_not_found`.
+/// Show a device.
+///
+/// With every certificate it was issued, newest first; 404 `device_not_found`.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}",
+    operation_id = "get_device",
+    tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device and its certificates", body = DeviceDetail),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -244,15 +320,37 @@ const MAX_TAGS: usize = 64;
 const MAX_TAG_KEY: usize = 64;
 const MAX_TAG_VALUE: usize = 256;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchDevice {
-    /// Tags to set, or (`null`) to remove; the others stay.
+    /// Tags to set, or (`null`) to remove; the others stay. A key is 1 to 64 bytes without
+    /// `:`, a value at most 256 bytes; a device carries at most 64 tags.
     pub tags: BTreeMap<String, Option<String>>,
 }
 
-/// `PATCH /api/v1/devices/{id}`: `{"tags": {"site": "berlin", "old": null}}` sets and removes
-/// tags (fleet commands and streams select devices by them); 200 with the device.
+/// Set or remove a device's tags.
+///
+/// `{"tags": {"site": "berlin", "old": null}}` sets and removes tags (fleet commands and
+/// streams select devices by them); 200 with the device.
+#[utoipa::path(
+    patch,
+    path = "/devices/{id}",
+    operation_id = "patch_device",
+    tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    request_body = PatchDevice,
+    responses(
+        (status = 200, description = "The device after the change", body = DeviceDetail),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`), or bad tags (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn patch(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -321,7 +419,7 @@ async fn detail(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
     /// The certificate to revoke, in hex (any case, colons allowed; see
@@ -329,18 +427,39 @@ pub struct RevokeBody {
     pub serial: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RevokeAnswer {
     pub device: DeviceView,
     /// The serials this request revoked (not those revoked before).
     pub revoked: Vec<String>,
 }
 
-/// `POST /api/v1/devices/{id}/revoke` with `{"serial": "<hex>"}`, or no body (or `{}`) to
-/// revoke every certificate of the device. 404 `device_not_found`, or
+/// Revoke a device's certificates.
+///
+/// `{"serial": "<hex>"}` revokes one, no body (or `{}`) every certificate of the device.
+/// 404 `device_not_found`, or
 /// `certificate_not_found` if the serial is not one of this device's. Only the registry is
 /// written: the gate reads the registry's changes and closes a connection that used a revoked
 /// certificate, and the CRL lists it.
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/revoke",
+    operation_id = "revoke_device",
+    tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    request_body(content = Option<RevokeBody>, description = "Which certificate; none: all of them"),
+    responses(
+        (status = 200, description = "The device, and the serials this request revoked", body = RevokeAnswer),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`) or serial (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`), or the serial is not one of its certificates (`certificate_not_found`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -371,8 +490,26 @@ pub async fn revoke(
     }))
 }
 
-/// `POST /api/v1/devices/{id}/disable`: the gate refuses the device (and closes its
-/// connection) until it is enabled again; its certificates stay valid.
+/// Disable a device.
+///
+/// The gate refuses the device (and closes its connection) until it is enabled again; its
+/// certificates stay valid.
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/disable",
+    operation_id = "disable_device",
+    tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device, disabled", body = DeviceView),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn disable(
     state: State<AppState>,
     id: extract::Path<String>,
@@ -380,7 +517,23 @@ pub async fn disable(
     set_status(state, id, DeviceStatus::Disabled).await
 }
 
-/// `POST /api/v1/devices/{id}/enable`.
+/// Enable a device again.
+#[utoipa::path(
+    post,
+    path = "/devices/{id}/enable",
+    operation_id = "enable_device",
+    tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device, enabled", body = DeviceView),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn enable(
     state: State<AppState>,
     id: extract::Path<String>,
@@ -403,8 +556,26 @@ async fn set_status(
     Ok(Json(record.try_into()?))
 }
 
-/// `DELETE /api/v1/devices/{id}`: 204. Its certificates stay on record, revoked, so the CRL
-/// keeps listing them until they expire; its telemetry stays in the store.
+/// Delete a device.
+///
+/// 204. Its certificates stay on record, revoked, so the CRL keeps listing them until they
+/// expire; its telemetry stays in the store.
+#[utoipa::path(
+    delete,
+    path = "/devices/{id}",
+    operation_id = "delete_device",
+    tag = "devices",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,

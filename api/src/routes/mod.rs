@@ -37,8 +37,11 @@
 use axum::{
     http::{Method, Uri},
     middleware,
-    routing::{delete, get, patch, post, put, MethodRouter},
-    Router,
+    routing::MethodRouter,
+};
+use utoipa_axum::{
+    router::{OpenApiRouter, UtoipaMethodRouterExt},
+    routes,
 };
 
 use crate::{
@@ -63,91 +66,66 @@ pub mod tokens;
 
 /// The `/api/v1` routes served without the bearer token: only the fleet CA's CRL, which is
 /// signed public data for relying parties (other brokers) that hold no admin token.
-pub fn public() -> Router<AppState> {
-    Router::new().route("/pki/crl.pem", get(pki::crl))
+pub fn public() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(pki::crl))
 }
 
 /// The `/api/v1` routes behind the bearer token, before authentication and fallbacks are
-/// added. Each handler is wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]).
-pub fn v1() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/devices",
-            admin(post(devices::create)).merge(viewer(get(devices::list))),
-        )
-        .route(
-            "/devices/{id}",
-            viewer(get(devices::get_one))
-                .merge(admin(patch(devices::patch).delete(devices::delete))),
-        )
-        .route("/devices/{id}/revoke", admin(post(devices::revoke)))
-        .route("/devices/{id}/disable", admin(post(devices::disable)))
-        .route("/devices/{id}/enable", admin(post(devices::enable)))
-        .route(
-            "/devices/{id}/commands",
-            operator(post(commands::create)).merge(viewer(get(commands::list))),
-        )
-        .route(
-            "/devices/{id}/commands/{command}",
-            viewer(get(commands::get_one)).merge(operator(delete(commands::cancel))),
-        )
-        .route(
-            "/devices/{id}/state",
-            viewer(get(state::get)).merge(operator(patch(state::patch))),
-        )
-        .route("/devices/{id}/presence", viewer(get(presence::get_one)))
-        .route(
-            "/devices/{id}/connections",
-            viewer(get(presence::connections)),
-        )
-        .route("/presence", viewer(get(presence::counts)))
-        .route("/devices/{id}/telemetry", viewer(get(telemetry::range)))
-        .route("/devices/{id}/latest", viewer(get(telemetry::latest)))
-        .route(
-            "/telemetry/latest",
-            viewer(get(telemetry::fleet::fleet_latest)),
-        )
-        .route("/deadletters", viewer(get(deadletters::list)))
-        .route("/deadletters/{id}", viewer(get(deadletters::get_one)))
-        .route(
-            "/pki/cas",
-            admin(post(pki::create_ca)).merge(viewer(get(pki::list_cas))),
-        )
-        .route(
-            "/pki/cas/{id}",
-            viewer(get(pki::get_ca)).merge(admin(delete(pki::delete_ca))),
-        )
-        .route("/audit", viewer(get(audit::list)))
-        .route(
-            "/commands",
-            operator(post(jobs::create)).merge(viewer(get(jobs::list))),
-        )
-        .route("/commands/{job}", viewer(get(jobs::get_one)))
-        .route("/commands/{job}/devices", viewer(get(jobs::devices)))
-        .route("/commands/{job}/abort", operator(post(jobs::abort)))
-        .route(
-            "/rules",
-            admin(post(rules::create)).merge(viewer(get(rules::list))),
-        )
+/// added. Each `routes!` takes one handler, wrapped in the role it takes ([`viewer`],
+/// [`operator`], [`admin`]); its method and path come from its `#[utoipa::path]`, so the
+/// description and the routes are one list, and a route cannot exist undocumented.
+pub fn v1() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(devices::create).map(admin))
+        .routes(routes!(devices::list).map(viewer))
+        .routes(routes!(devices::get_one).map(viewer))
+        .routes(routes!(devices::patch).map(admin))
+        .routes(routes!(devices::delete).map(admin))
+        .routes(routes!(devices::revoke).map(admin))
+        .routes(routes!(devices::disable).map(admin))
+        .routes(routes!(devices::enable).map(admin))
+        .routes(routes!(commands::create).map(operator))
+        .routes(routes!(commands::list).map(viewer))
+        .routes(routes!(commands::get_one).map(viewer))
+        .routes(routes!(commands::cancel).map(operator))
+        .routes(routes!(state::get).map(viewer))
+        .routes(routes!(state::patch).map(operator))
+        .routes(routes!(presence::get_one).map(viewer))
+        .routes(routes!(presence::connections).map(viewer))
+        .routes(routes!(presence::counts).map(viewer))
+        .routes(routes!(telemetry::range).map(viewer))
+        .routes(routes!(telemetry::latest).map(viewer))
+        .routes(routes!(telemetry::fleet::fleet_latest).map(viewer))
+        .routes(routes!(deadletters::list).map(viewer))
+        .routes(routes!(deadletters::get_one).map(viewer))
+        .routes(routes!(pki::create_ca).map(admin))
+        .routes(routes!(pki::list_cas).map(viewer))
+        .routes(routes!(pki::get_ca).map(viewer))
+        .routes(routes!(pki::delete_ca).map(admin))
+        .routes(routes!(audit::list).map(viewer))
+        .routes(routes!(jobs::create).map(operator))
+        .routes(routes!(jobs::list).map(viewer))
+        .routes(routes!(jobs::get_one).map(viewer))
+        .routes(routes!(jobs::devices).map(viewer))
+        .routes(routes!(jobs::abort).map(operator))
+        .routes(routes!(rules::create).map(admin))
+        .routes(routes!(rules::list).map(viewer))
         // A dry run changes nothing.
-        .route("/rules/test", viewer(post(rules::test)))
-        .route(
-            "/rules/{id}",
-            viewer(get(rules::get_one)).merge(admin(put(rules::replace).delete(rules::delete))),
-        )
-        .route("/rules/{id}/enable", operator(post(rules::enable)))
-        .route("/rules/{id}/disable", operator(post(rules::disable)))
-        .route("/alerts", viewer(get(alerts::list)))
-        .route("/alerts/{id}", viewer(get(alerts::get_one)))
-        .route(
-            "/alerts/{id}/acknowledge",
-            operator(post(alerts::acknowledge)),
-        )
-        .route("/stats", viewer(get(stats::get)))
-        .route("/stream", viewer(get(stream::stream)))
-        .route("/tokens", admin(post(tokens::create).get(tokens::list)))
-        .route("/tokens/{id}", admin(delete(tokens::delete)))
-        .route("/whoami", viewer(get(tokens::whoami)))
+        .routes(routes!(rules::test).map(viewer))
+        .routes(routes!(rules::get_one).map(viewer))
+        .routes(routes!(rules::replace).map(admin))
+        .routes(routes!(rules::delete).map(admin))
+        .routes(routes!(rules::enable).map(operator))
+        .routes(routes!(rules::disable).map(operator))
+        .routes(routes!(alerts::list).map(viewer))
+        .routes(routes!(alerts::get_one).map(viewer))
+        .routes(routes!(alerts::acknowledge).map(operator))
+        .routes(routes!(stats::get).map(viewer))
+        .routes(routes!(stream::stream).map(viewer))
+        .routes(routes!(tokens::create).map(admin))
+        .routes(routes!(tokens::list).map(admin))
+        .routes(routes!(tokens::delete).map(admin))
+        .routes(routes!(tokens::whoami).map(viewer))
 }
 
 /// `routes`, for callers with at least `role`.
@@ -201,10 +179,11 @@ pub fn set_once(slot: &mut Option<String>, key: &str, value: String) -> Result<(
     Ok(())
 }
 
-/// Parses a whole number given as the query parameter `key`.
+/// Parses a whole number given as the query parameter `key`; one too large for `usize` is
+/// `usize::MAX` (a limit is lowered to its maximum however large it is).
 pub fn parse_count(key: &str) -> impl Fn(&str) -> Result<usize, ApiError> + '_ {
     move |value| {
-        value.parse::<usize>().map_err(|_| {
+        crate::extract::saturating::parse_usize(value).ok_or_else(|| {
             ApiError::InvalidQuery(format!("{key}: expected a whole number, found {value:?}"))
         })
     }

@@ -35,7 +35,7 @@ use tellus_broker::pki::{CaInfo, Pki, PkiError, Revoked};
 use tellus_core::{now_ms, CaRecord, Registry};
 
 use super::blocking;
-use crate::{base64, extract, timestamps::rfc3339, ApiError, AppState};
+use crate::{base64, extract, openapi as doc, timestamps::rfc3339, ApiError, AppState};
 
 /// How long a relying party may use a CRL before fetching a new one.
 pub const CRL_NEXT_UPDATE: Duration = Duration::from_secs(24 * 3600);
@@ -47,7 +47,20 @@ pub const MAX_TAG_KEY_CHARS: usize = 64;
 /// A tag value is at most this many characters.
 pub const MAX_TAG_VALUE_CHARS: usize = 256;
 
-/// `GET /api/v1/pki/crl.pem`: the CRL in PEM, as `application/x-pem-file`. No token needed.
+/// The fleet CA's certificate revocation list.
+///
+/// PEM, as `application/x-pem-file`, signed by the fleet CA and built on each request. No
+/// token needed: it is signed public data, for other brokers in front of the fleet.
+#[utoipa::path(
+    get,
+    path = "/pki/crl.pem",
+    operation_id = "crl",
+    tag = "pki",
+    responses(
+        (status = 200, description = "The CRL", content_type = "application/x-pem-file", body = String),
+        (status = 500, response = doc::Internal),
+    )
+)]
 pub async fn crl(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (registry, pki) = (state.registry.clone(), state.pki.clone());
     let pem = blocking(move || {
@@ -77,7 +90,7 @@ pub async fn crl(State(state): State<AppState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCa {
     /// The CA certificate, PEM.
@@ -85,19 +98,21 @@ pub struct CreateCa {
     /// Register a device on its first connection with a valid certificate from this CA.
     #[serde(default)]
     pub auto_register: bool,
-    /// Tags for the devices registered that way.
+    /// Tags for the devices registered that way (at most 64; keys 1 to 64 characters,
+    /// values at most 256).
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
 
 /// An external CA as the list shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CaView {
     /// The SHA-256 fingerprint of the certificate, lower-case hex.
     pub id: String,
     pub subject: String,
     pub auto_register: bool,
     pub tags: BTreeMap<String, String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -115,22 +130,43 @@ impl TryFrom<&CaRecord> for CaView {
 }
 
 /// One external CA with its certificate.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CaDetail {
     #[serde(flatten)]
     pub ca: CaView,
     pub pem: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CaList {
     pub cas: Vec<CaView>,
 }
 
-/// `POST /api/v1/pki/cas`: 201 with the CA (without its PEM) and its `Location`. 400
+/// Trust an external CA.
+///
+/// 201 with the CA (without its PEM) and its `Location`. 400
 /// `invalid_ca` if the PEM is not one CA certificate valid now (or is the fleet CA), 400
 /// `invalid_body` for bad tags, 409 `ca_exists` if it is registered already, 409
 /// `ca_subject_taken` if another registered CA has the same subject name.
+#[utoipa::path(
+    post,
+    path = "/pki/cas",
+    operation_id = "create_ca",
+    tag = "pki",
+    request_body = CreateCa,
+    responses(
+        (status = 201, description = "The CA, trusted", body = CaView,
+            headers(("Location" = String, description = "The CA's URL"))),
+        (status = 400, description = "Not one CA certificate valid now (`invalid_ca`), or bad tags (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 409, description = "Registered already (`ca_exists`), or another CA has its subject (`ca_subject_taken`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn create_ca(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateCa>,
@@ -247,7 +283,22 @@ fn normalize_id(id: &str) -> String {
     id.trim().replace(':', "").to_ascii_lowercase()
 }
 
-/// `GET /api/v1/pki/cas`: every external CA, oldest first, without PEMs.
+/// List the external CAs.
+///
+/// Every one, oldest first, without PEMs.
+#[utoipa::path(
+    get,
+    path = "/pki/cas",
+    operation_id = "list_cas",
+    tag = "pki",
+    responses(
+        (status = 200, description = "The external CAs", body = CaList),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn list_cas(State(state): State<AppState>) -> Result<Json<CaList>, ApiError> {
     let registry = state.registry.clone();
     let cas = blocking(move || registry.cas()).await?;
@@ -255,7 +306,25 @@ pub async fn list_cas(State(state): State<AppState>) -> Result<Json<CaList>, Api
     Ok(Json(CaList { cas }))
 }
 
-/// `GET /api/v1/pki/cas/{id}`: one external CA with its PEM, or 404 `ca_not_found`.
+/// Show an external CA.
+///
+/// With its PEM; 404 `ca_not_found`.
+#[utoipa::path(
+    get,
+    path = "/pki/cas/{id}",
+    operation_id = "get_ca",
+    tag = "pki",
+    params(("id" = String, Path, description = "The CA's SHA-256 fingerprint in hex (any case, colons allowed)")),
+    responses(
+        (status = 200, description = "The CA", body = CaDetail),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such CA (`ca_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get_ca(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -272,9 +341,26 @@ pub async fn get_ca(
     }))
 }
 
-/// `DELETE /api/v1/pki/cas/{id}`: 204, or 404 `ca_not_found`. The gate stops trusting the
-/// CA when it reads the change; devices it registered stay registered (delete or disable
-/// them as any other).
+/// Stop trusting an external CA.
+///
+/// 204, or 404 `ca_not_found`. The gate stops trusting the CA when it reads the change;
+/// devices it registered stay registered (delete or disable them as any other).
+#[utoipa::path(
+    delete,
+    path = "/pki/cas/{id}",
+    operation_id = "delete_ca",
+    tag = "pki",
+    params(("id" = String, Path, description = "The CA's SHA-256 fingerprint in hex (any case, colons allowed)")),
+    responses(
+        (status = 204, description = "No longer trusted"),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such CA (`ca_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn delete_ca(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,

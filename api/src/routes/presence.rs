@@ -8,20 +8,23 @@ use serde::{Deserialize, Serialize};
 use tellus_core::{now_ms, DeviceId, PresenceCounts, Session, TimestampMs};
 
 use super::{blocking, page, page_limit};
-use crate::{extract, ApiError, AppState};
+use crate::{extract, openapi as doc, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Presence {
     pub device: DeviceId,
     pub online: bool,
     /// When the current connection was admitted (online only).
+    #[schema(value_type = Option<i64>)]
     pub connected_since_ms: Option<TimestampMs>,
     /// Now while online (the gate closes a connection silent for 1.5 keep-alives), else
     /// when the last connection ended; `null` if the device never connected.
+    #[schema(value_type = Option<i64>)]
     pub last_seen_ms: Option<TimestampMs>,
+    #[schema(value_type = Option<i64>)]
     pub last_disconnect_ms: Option<TimestampMs>,
     pub last_disconnect_reason: Option<String>,
     /// The address and MQTT version of the newest connection.
@@ -42,7 +45,26 @@ async fn known(state: &AppState, id: &str) -> Result<DeviceId, ApiError> {
     Ok(device)
 }
 
-/// `GET /api/v1/devices/{id}/presence`.
+/// Show whether a device is online.
+///
+/// Since when, when it was last seen, the last disconnect and its reason, its peer and MQTT
+/// version.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}/presence",
+    operation_id = "get_presence",
+    tag = "presence",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device's presence", body = Presence),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -67,20 +89,43 @@ pub async fn get_one(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Connections per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
+    /// The `next` of the previous page: connections with a smaller id.
     pub before: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Connections {
     pub connections: Vec<Session>,
     pub next: Option<i64>,
 }
 
-/// `GET /api/v1/devices/{id}/connections?limit=&before=`: newest first.
+/// List a device's connections.
+///
+/// Newest first, each with its end and why; paged by `before`.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}/connections",
+    operation_id = "list_connections",
+    tag = "presence",
+    params(("id" = DeviceId, Path, description = "The device's id"), ListQuery),
+    responses(
+        (status = 200, description = "A page of connections", body = Connections),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`) or parameter (`invalid_query`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn connections(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -93,7 +138,22 @@ pub async fn connections(
     Ok(Json(Connections { connections, next }))
 }
 
-/// `GET /api/v1/presence`: `{"devices": n, "online": n}`.
+/// Count the fleet's online devices.
+///
+/// `{"devices": n, "online": n}`.
+#[utoipa::path(
+    get,
+    path = "/presence",
+    operation_id = "presence_counts",
+    tag = "presence",
+    responses(
+        (status = 200, description = "Registered devices, and how many are online", body = PresenceCounts),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn counts(State(state): State<AppState>) -> Result<Json<PresenceCounts>, ApiError> {
     Ok(Json(state.devices.presence_counts().await?))
 }

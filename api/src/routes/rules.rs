@@ -29,13 +29,13 @@ use tellus_rules::{
 };
 
 use super::{blocking, page, page_limit};
-use crate::{extract, timestamps, ApiError, AppState};
+use crate::{extract, openapi as doc, timestamps, ApiError, AppState};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
 
 /// A rule and how it has done.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RuleView {
     #[serde(flatten)]
     pub rule: Rule,
@@ -50,7 +50,7 @@ fn view(state: &AppState, rule: Rule) -> RuleView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleBody {
     #[serde(flatten)]
@@ -70,7 +70,28 @@ async fn check(rule: Rule) -> Result<Rule, ApiError> {
     checked.map_err(ApiError::InvalidRule)
 }
 
-/// `POST /api/v1/rules`: 201 with the rule.
+/// Create a rule.
+///
+/// Checked first (its CEL and functions compiled): a rule that would not run is refused
+/// with `invalid_rule` and why. 201 with the rule; it runs at once unless `enabled` is false.
+#[utoipa::path(
+    post,
+    path = "/rules",
+    operation_id = "create_rule",
+    tag = "rules",
+    request_body = RuleBody,
+    responses(
+        (status = 201, description = "The rule", body = RuleView),
+        (status = 400, description = "A rule that would not run (`invalid_rule`), or a bad body (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<RuleBody>,
@@ -93,20 +114,42 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, rule))).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Rules per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
+    /// The `next` of the previous page: rules whose id sorts after this one.
     pub after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RuleList {
     pub rules: Vec<RuleView>,
     pub next: Option<String>,
 }
 
-/// `GET /api/v1/rules?limit=&after=`: by id.
+/// List rules.
+///
+/// By id, paged by `after`, each with its figures.
+#[utoipa::path(
+    get,
+    path = "/rules",
+    operation_id = "list_rules",
+    tag = "rules",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of rules", body = RuleList),
+        (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,
@@ -129,7 +172,26 @@ async fn find(state: &AppState, id: String) -> Result<Rule, ApiError> {
         .ok_or(ApiError::RuleNotFound(id))
 }
 
-/// `GET /api/v1/rules/{id}`.
+/// Show a rule.
+///
+/// With its figures since the process started: evaluations, matches, actions that failed,
+/// the last errors.
+#[utoipa::path(
+    get,
+    path = "/rules/{id}",
+    operation_id = "get_rule",
+    tag = "rules",
+    params(("id" = String, Path, description = "The rule's id (`r-` and 20 hex digits)")),
+    responses(
+        (status = 200, description = "The rule", body = RuleView),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get_one(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -138,10 +200,32 @@ pub async fn get_one(
     Ok(Json(view(&state, rule)))
 }
 
-/// `PUT /api/v1/rules/{id}`: replaces the rule (and `enabled`, when given); with `version`,
-/// only if the rule is still at that version (409 otherwise). A changed rule starts over:
+/// Replace a rule.
+///
+/// The rule (and `enabled`, when given); with `version`, only if the rule is still at that
+/// version (409 otherwise). A changed rule starts over:
 /// its open alerts are cleared (`rule_changed`), and raised again if its new condition
 /// holds. The same rule again changes nothing.
+#[utoipa::path(
+    put,
+    path = "/rules/{id}",
+    operation_id = "replace_rule",
+    tag = "rules",
+    params(("id" = String, Path, description = "The rule's id (`r-` and 20 hex digits)")),
+    request_body = RuleBody,
+    responses(
+        (status = 200, description = "The rule after", body = RuleView),
+        (status = 400, description = "A rule that would not run (`invalid_rule`), or a bad body or path (`invalid_body`, `invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
+        (status = 409, description = "The rule is no longer at `version` (`refused`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn replace(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -220,7 +304,27 @@ async fn update(
     Ok(Json(view(state, rule)))
 }
 
-/// `POST /api/v1/rules/{id}/enable`; an enabled rule is left as it is.
+/// Enable a rule.
+///
+/// An enabled rule is left as it is; a stored rule that no longer compiles is refused
+/// (`invalid_rule`).
+#[utoipa::path(
+    post,
+    path = "/rules/{id}/enable",
+    operation_id = "enable_rule",
+    tag = "rules",
+    params(("id" = String, Path, description = "The rule's id (`r-` and 20 hex digits)")),
+    responses(
+        (status = 200, description = "The rule, enabled", body = RuleView),
+        (status = 400, description = "The rule no longer compiles (`invalid_rule`), or a bad path (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
+        (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["operator"]))
+)]
 pub async fn enable(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -234,8 +338,26 @@ pub async fn enable(
     update(&state, id, None, Some(true), None).await
 }
 
-/// `POST /api/v1/rules/{id}/disable`: its open alerts are cleared (`rule_disabled`); a
-/// disabled rule is left as it is.
+/// Disable a rule.
+///
+/// Its open alerts are cleared (`rule_disabled`); a disabled rule is left as it is.
+#[utoipa::path(
+    post,
+    path = "/rules/{id}/disable",
+    operation_id = "disable_rule",
+    tag = "rules",
+    params(("id" = String, Path, description = "The rule's id (`r-` and 20 hex digits)")),
+    responses(
+        (status = 200, description = "The rule, disabled", body = RuleView),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
+        (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["operator"]))
+)]
 pub async fn disable(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -247,7 +369,25 @@ pub async fn disable(
     update(&state, id, None, Some(false), None).await
 }
 
-/// `DELETE /api/v1/rules/{id}`: 204; its open alerts are cleared (`rule_deleted`).
+/// Delete a rule.
+///
+/// 204; its open alerts are cleared (`rule_deleted`).
+#[utoipa::path(
+    delete,
+    path = "/rules/{id}",
+    operation_id = "delete_rule",
+    tag = "rules",
+    params(("id" = String, Path, description = "The rule's id (`r-` and 20 hex digits)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -268,14 +408,17 @@ pub async fn delete(
 /// One message of a dry run; which fields it needs depends on the rule's trigger:
 /// `metrics` (telemetry), `state` and `patch` (state), `online` and `reason` (presence),
 /// `event` and `payload` (event).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TestMessage {
+    #[schema(value_type = DeviceId)]
     pub device: String,
     /// When it happens (RFC 3339 or epoch ms); default: now, one millisecond apart.
+    #[schema(value_type = Option<Time>)]
     pub at: Option<serde_json::Value>,
     /// The device's tags; default: its registered ones.
     pub tags: Option<BTreeMap<String, String>>,
+    #[schema(value_type = Option<BTreeMap<String, InputValue>>)]
     pub metrics: Option<BTreeMap<String, Value>>,
     pub state: Option<serde_json::Value>,
     pub patch: Option<serde_json::Value>,
@@ -285,7 +428,7 @@ pub struct TestMessage {
     pub payload: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TestBody {
     /// A saved rule, by id …
@@ -295,12 +438,85 @@ pub struct TestBody {
     /// Messages to run it over …
     pub messages: Option<Vec<TestMessage>>,
     /// … or a device's stored telemetry from `from` to `to` (telemetry rules).
+    #[schema(value_type = Option<DeviceId>)]
     pub device: Option<String>,
+    #[schema(value_type = Option<Time>)]
     pub from: Option<serde_json::Value>,
+    #[schema(value_type = Option<Time>)]
     pub to: Option<serde_json::Value>,
 }
 
-/// `POST /api/v1/rules/test`: what the rule would have done, and nothing done.
+/// The schema of a time in a dry run's body: milliseconds since the Unix epoch, or RFC 3339.
+struct Time;
+
+impl utoipa::PartialSchema for Time {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{
+            schema::AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type,
+        };
+        AnyOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64))),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+            )
+            .description(Some(
+                "Milliseconds since the Unix epoch, or an RFC 3339 time",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Time {}
+
+/// The schema of a metric's value in a dry run's message: what a device may send.
+struct InputValue;
+
+impl utoipa::PartialSchema for InputValue {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{schema::AnyOfBuilder, ObjectBuilder, Type};
+        let of = |t: Type| ObjectBuilder::new().schema_type(t);
+        AnyOfBuilder::new()
+            .item(of(Type::Boolean))
+            .item(of(Type::Integer))
+            .item(of(Type::Number))
+            .item(of(Type::String))
+            .description(Some("A boolean, a number or a text"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for InputValue {}
+
+/// Try a rule.
+///
+/// A saved rule (`rule_id`) or one given (`rule`), over given `messages` or a device's stored
+/// telemetry (`device`, `from`, `to`): every match and every action it would have taken.
+/// Nothing is done.
+#[utoipa::path(
+    post,
+    path = "/rules/test",
+    operation_id = "test_rule",
+    tag = "rules",
+    request_body = TestBody,
+    responses(
+        (status = 200, description = "What the rule would have done", body = DryRun),
+        (status = 400, description = "A bad body (`invalid_body`, `invalid_device_id`, `invalid_query` for a bad time), or a rule that would not run (`invalid_rule`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No rule `rule_id` (`rule_not_found`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+        (status = 503, response = doc::StoreUnavailable),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn test(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<TestBody>,

@@ -14,16 +14,20 @@ use tellus_core::{
     DeviceId, TimestampMs,
 };
 
-use crate::{extract, ApiError, AppState};
+use crate::{extract, openapi as doc, ApiError, AppState};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StateView {
     pub device: DeviceId,
+    /// A JSON object.
     pub desired: serde_json::Value,
     pub desired_version: u64,
+    #[schema(value_type = Option<i64>)]
     pub desired_at_ms: Option<TimestampMs>,
+    /// A JSON object.
     pub reported: serde_json::Value,
     pub reported_version: u64,
+    #[schema(value_type = Option<i64>)]
     pub reported_at_ms: Option<TimestampMs>,
     /// What the desired state asks that the reported state does not show yet.
     pub delta: serde_json::Value,
@@ -44,7 +48,25 @@ impl StateView {
     }
 }
 
-/// `GET /api/v1/devices/{id}/state`.
+/// Show a device's state.
+///
+/// Desired and reported, with their versions and times, and the delta between them.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}/state",
+    operation_id = "get_state",
+    tag = "state",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device's state", body = StateView),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -56,7 +78,7 @@ pub async fn get(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Patch {
     /// A JSON merge patch (RFC 7386) of the desired state: `null` removes a key.
@@ -65,8 +87,30 @@ pub struct Patch {
     pub version: Option<u64>,
 }
 
-/// `PATCH /api/v1/devices/{id}/state`: 200 with the state after the patch; 409 `refused`
-/// if `version` is not the current one; 400 if `desired` is not a JSON object.
+/// Patch a device's desired state.
+///
+/// 200 with the state after the patch; 409 `refused` if `version` is not the current one;
+/// 400 if `desired` is not a JSON object, or the state would grow too large.
+#[utoipa::path(
+    patch,
+    path = "/devices/{id}/state",
+    operation_id = "patch_state",
+    tag = "state",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    request_body = Patch,
+    responses(
+        (status = 200, description = "The device's state after the patch", body = StateView),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`) or patch (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 409, description = "`version` is not the current one (`refused`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["operator"]))
+)]
 pub async fn patch(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,

@@ -11,9 +11,9 @@ use serde::Serialize;
 use tellus_broker::gate::GateStatsSnapshot;
 use tellus_ingest::{IngestStatsSnapshot, SpoolStats};
 
-use crate::AppState;
+use crate::{openapi as doc, AppState};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub ingest: IngestStatsSnapshot,
     pub gate: GateStatsSnapshot,
@@ -24,6 +24,22 @@ pub struct Stats {
     pub rules: tellus_rules::engine::EngineFigures,
 }
 
+/// Show the counters.
+///
+/// Ingest (messages, commits, latencies), the gate (connections and refusals by reason), the
+/// rules engine, and with the QuestDB store the spool.
+#[utoipa::path(
+    get,
+    path = "/stats",
+    operation_id = "stats",
+    tag = "stats",
+    responses(
+        (status = 200, description = "The counters", body = Stats),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get(State(state): State<AppState>) -> Json<Stats> {
     Json(Stats {
         ingest: state.ingest_stats.snapshot(),

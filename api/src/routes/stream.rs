@@ -24,7 +24,7 @@ use tellus_core::{DeviceId, LiveEvent};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{blocking, telemetry::fleet::parse_tag};
-use crate::{extract, ApiError, AppState};
+use crate::{extract, openapi as doc, ApiError, AppState};
 
 /// Devices whose tags a stream remembers; past this it starts over.
 const TAG_CACHE: usize = 10_000;
@@ -117,7 +117,29 @@ impl Tags {
     }
 }
 
-/// `GET /api/v1/stream?device=&tag=&type=`.
+/// Follow what happens to devices.
+///
+/// Server-sent events, named by type (`telemetry`, `presence`, `command`, `state`, `alert`),
+/// each carrying a `LiveEvent` as JSON; `lagged` says how many a slow client missed. The
+/// stream does not end; a comment every 15 s keeps it open.
+#[utoipa::path(
+    get,
+    path = "/stream",
+    operation_id = "stream",
+    tag = "stream",
+    params(
+        ("device" = Option<String>, Query, description = "Only these devices: comma-separated ids (may repeat)", example = "sensor-01,sensor-02"),
+        ("tag" = Option<Vec<super::telemetry::fleet::TagFilter>>, Query, description = "Only devices with every tag given, as `key:value` (repeats)", example = json!(["site:berlin"])),
+        ("type" = Option<String>, Query, description = "Only these types, comma-separated: telemetry, presence, command, state, alert (may repeat)", example = "telemetry,presence"),
+    ),
+    responses(
+        (status = 200, description = "The events, as they happen", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad filter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn stream(
     State(state): State<AppState>,
     extract::Query(pairs): extract::Query<Vec<(String, String)>>,

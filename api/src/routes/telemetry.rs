@@ -47,11 +47,11 @@ use axum::{
     Json,
 };
 use serde::{Deserialize, Serialize};
-use tellus_core::{now_ms, DeviceId, TimestampMs, Value};
+use tellus_core::{now_ms, telemetry::MetricValue, DeviceId, TimestampMs, Value};
 use tellus_ingest::{Agg, StoreError, TelemetryStore};
 
 use super::{blocking, page_limit};
-use crate::{extract, timestamps, ApiError, AppState};
+use crate::{extract, openapi as doc, timestamps, ApiError, AppState};
 
 pub mod csv;
 pub mod fleet;
@@ -68,37 +68,63 @@ const MAX_MAX_POINTS: usize = 100_000;
 /// The most metrics one request may name.
 pub const MAX_METRICS: usize = 32;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RangeQuery {
+    /// One metric (not with `metrics`).
+    #[param(example = "temperature")]
     pub metric: Option<String>,
-    /// Comma-separated metric names.
+    /// Comma-separated metric names, at most 32, none empty or twice (not with `metric`).
+    #[param(example = "temperature,humidity")]
     pub metrics: Option<String>,
+    /// From this time (epoch ms or RFC 3339); default `to` less an hour.
     pub from: Option<String>,
+    /// Up to this time, included (epoch ms or RFC 3339); default now.
     pub to: Option<String>,
+    /// Points per series per JSON page (default 10 000; more than 100 000 is taken as
+    /// 100 000); not with `format=csv`.
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
+    /// Buckets of this width: `30s`, `1m`, `1h`, `1d` or milliseconds, at most 100 years.
+    #[param(example = "1m")]
     pub step: Option<String>,
+    /// How a bucket becomes one value: avg (default), min, max, sum, count, first, last; or
+    /// none for raw points however many (without `step` and `max_points`).
+    #[param(pattern = "^(avg|min|max|sum|count|first|last|none)$")]
     pub agg: Option<String>,
+    /// Without `step`: a range of more raw points than this (default 1000; more than
+    /// 100 000 is taken as 100 000) is answered in buckets the API plans.
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub max_points: Option<usize>,
+    /// `json` (default) or `csv` (`metric,ts,value` lines, streamed whole).
+    #[param(pattern = "^(json|csv)$")]
     pub format: Option<String>,
 }
 
 /// One series of an answer. `points` are `[ts_ms, value]` pairs, or `[bucket_start_ms,
 /// value]` when `step` and `agg` say the series is aggregated.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Series {
     pub metric: String,
+    #[schema(value_type = Vec<(i64, MetricValue)>)]
     pub points: Vec<(TimestampMs, Value)>,
+    /// The `from` that continues the series; `null` once it is complete.
+    #[schema(value_type = Option<i64>)]
     pub next: Option<TimestampMs>,
+    /// The buckets' width in ms, when aggregated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<i64>,
+    /// How the buckets were summarised, when aggregated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agg: Option<Agg>,
 }
 
 /// The answer to `metric=`: `{device, metric, points, next}`, and `step`, `agg` when
 /// aggregated.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RangeAnswer {
     pub device: DeviceId,
     #[serde(flatten)]
@@ -107,12 +133,22 @@ pub struct RangeAnswer {
 
 /// The answer to `metrics=`: the range queried (ms) and one series per metric, in the
 /// order asked.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SeriesAnswer {
     pub device: DeviceId,
+    #[schema(value_type = i64)]
     pub from: TimestampMs,
+    #[schema(value_type = i64)]
     pub to: TimestampMs,
     pub series: Vec<Series>,
+}
+
+/// A JSON answer: one series for `metric=`, a list for `metrics=`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum TelemetryAnswer {
+    One(RangeAnswer),
+    Many(SeriesAnswer),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,7 +372,31 @@ fn series_page(
     })
 }
 
-/// `GET /api/v1/devices/{id}/telemetry?metric=|metrics=&from=&to=&step=&agg=&max_points=&limit=&format=`
+/// Read a device's telemetry.
+///
+/// One metric (`metric=`) or several (`metrics=a,b`) over `from`..`to`, raw or in buckets
+/// (`step=1m&agg=max`, or planned within `max_points`), as JSON pages (each series with its
+/// own `next`) or `format=csv` streamed whole.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}/telemetry",
+    operation_id = "read_telemetry",
+    tag = "telemetry",
+    params(("id" = DeviceId, Path, description = "The device's id"), RangeQuery),
+    responses(
+        (status = 200, description = "The series: JSON, or CSV with `format=csv`", content(
+            (TelemetryAnswer = "application/json"),
+            (String = "text/csv"),
+        )),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`) or parameter (`invalid_query`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+        (status = 503, response = doc::StoreUnavailable),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn range(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -359,21 +419,21 @@ pub async fn range(
                 Ok((device, r, series))
             })
             .await?;
-            if r.many {
+            let answer = if r.many {
                 let (from, to) = (r.from, r.to);
-                Ok(Json(SeriesAnswer {
+                TelemetryAnswer::Many(SeriesAnswer {
                     device,
                     from,
                     to,
                     series,
                 })
-                .into_response())
             } else {
                 let series = series
                     .pop()
                     .ok_or_else(|| ApiError::internal("no series"))?;
-                Ok(Json(RangeAnswer { device, series }).into_response())
-            }
+                TelemetryAnswer::One(RangeAnswer { device, series })
+            };
+            Ok(Json(answer).into_response())
         }
         Format::Csv => {
             let planner = store.clone();
@@ -398,19 +458,40 @@ pub async fn range(
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LatestPoint {
+    #[schema(value_type = i64)]
     pub ts: TimestampMs,
+    #[schema(value_type = MetricValue)]
     pub value: Value,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LatestAnswer {
     pub device: DeviceId,
     pub metrics: BTreeMap<String, LatestPoint>,
 }
 
-/// `GET /api/v1/devices/{id}/latest`: the newest point of every metric of the device.
+/// Read a device's newest values.
+///
+/// The newest point of every metric of the device.
+#[utoipa::path(
+    get,
+    path = "/devices/{id}/latest",
+    operation_id = "latest_telemetry",
+    tag = "telemetry",
+    params(("id" = DeviceId, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "Each metric's newest point", body = LatestAnswer),
+        (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+        (status = 503, response = doc::StoreUnavailable),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn latest(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,

@@ -18,7 +18,7 @@ use tellus_core::{now_ms, ApiToken, Role};
 use super::{blocking, page, page_limit};
 use crate::{
     auth::{mint, Caller},
-    extract,
+    extract, openapi as doc,
     timestamps::rfc3339,
     ApiError, AppState,
 };
@@ -26,7 +26,7 @@ use crate::{
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What the token is for, for people: 1 to 100 characters.
@@ -35,11 +35,12 @@ pub struct CreateToken {
 }
 
 /// A token as lists show it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenView {
     pub id: String,
     pub name: String,
     pub role: Role,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -56,7 +57,7 @@ impl TryFrom<ApiToken> for TokenView {
 }
 
 /// A token just made: its view and, this once, the token to present.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub view: TokenView,
@@ -64,29 +65,53 @@ pub struct CreatedToken {
     pub token: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Tokens per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "extract::saturating::usize")]
     pub limit: Option<usize>,
     /// The `next` of the previous page.
     pub after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<TokenView>,
     pub next: Option<String>,
 }
 
 /// The caller, as `GET /api/v1/whoami` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WhoAmI {
     pub id: String,
     pub name: String,
     pub role: Role,
 }
 
-/// `POST /api/v1/tokens` `{"name", "role"}` → 201 with the token.
+/// Create an API token.
+///
+/// `{"name", "role"}` → 201 with the token, whose secret is shown only here.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    operation_id = "create_token",
+    tag = "tokens",
+    request_body = CreateToken,
+    responses(
+        (status = 201, description = "The token, with its secret", body = CreatedToken),
+        (status = 400, description = "A bad name or body (`invalid_body`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
+        (status = 413, response = doc::PayloadTooLarge),
+        (status = 415, response = doc::UnsupportedMediaType),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateToken>,
@@ -103,7 +128,24 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-/// `GET /api/v1/tokens?limit=&after=`.
+/// List API tokens.
+///
+/// By id, paged by `after`; never a secret.
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    operation_id = "list_tokens",
+    tag = "tokens",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of tokens", body = TokenList),
+        (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     extract::Query(q): extract::Query<ListQuery>,
@@ -119,7 +161,25 @@ pub async fn list(
     Ok(Json(TokenList { tokens, next }))
 }
 
-/// `DELETE /api/v1/tokens/{id}` → 204; the token is refused from the next request on.
+/// Revoke an API token.
+///
+/// 204; the token is refused from the next request on.
+#[utoipa::path(
+    delete,
+    path = "/tokens/{id}",
+    operation_id = "delete_token",
+    tag = "tokens",
+    params(("id" = String, Path, description = "The token's id (the part before the `.`)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 404, description = "No such token (`token_not_found`)", body = doc::ErrorBody),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["admin"]))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     extract::Path(id): extract::Path<String>,
@@ -133,7 +193,21 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /api/v1/whoami`: the token the request presented.
+/// Show the caller's token.
+///
+/// The token the request presented: its id, name and role.
+#[utoipa::path(
+    get,
+    path = "/whoami",
+    operation_id = "whoami",
+    tag = "tokens",
+    responses(
+        (status = 200, description = "The caller's token", body = WhoAmI),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmI> {
     Json(WhoAmI {
         id: caller.token_id,

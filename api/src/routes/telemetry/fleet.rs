@@ -14,10 +14,10 @@
 
 use axum::{extract::State, Json};
 use serde::Serialize;
-use tellus_core::{DeviceId, DeviceQuery, TimestampMs, Value};
+use tellus_core::{telemetry::MetricValue, DeviceId, DeviceQuery, TimestampMs, Value};
 
 use crate::{
-    extract,
+    extract, openapi as doc,
     routes::{blocking, page_limit, parse_count, set_once, split_page},
     ApiError, AppState,
 };
@@ -71,17 +71,20 @@ impl StoreValues<'_> {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceValue {
     pub device: DeviceId,
+    #[schema(value_type = i64)]
     pub ts: TimestampMs,
+    #[schema(value_type = MetricValue)]
     pub value: Value,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FleetAnswer {
     pub metric: String,
     pub devices: Vec<DeviceValue>,
+    /// The `after` of the next page; `null` on the last.
     pub next: Option<DeviceId>,
 }
 
@@ -93,6 +96,22 @@ struct FleetQuery {
     limit: usize,
     after: Option<DeviceId>,
 }
+
+/// The schema of a `tag=key:value` filter: a key of at least one character, then `:`.
+pub struct TagFilter;
+
+impl utoipa::PartialSchema for TagFilter {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some("^[^:]+:"))
+            .description(Some("`key:value`: the key ends at the first `:`"))
+            .examples(["site:berlin"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for TagFilter {}
 
 /// A `tag=key:value` filter: the key ends at the first `:`.
 pub(crate) fn parse_tag(value: &str) -> Result<(String, String), ApiError> {
@@ -144,7 +163,31 @@ fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
     })
 }
 
-/// `GET /api/v1/telemetry/latest?metric=&tag=key:value&limit=&after=`
+/// Read one metric's newest value across the fleet.
+///
+/// For every registered device that has it (with every `tag` given), in device id order,
+/// paged by `after`.
+#[utoipa::path(
+    get,
+    path = "/telemetry/latest",
+    operation_id = "fleet_latest",
+    tag = "telemetry",
+    params(
+        ("metric" = String, Query, description = "The metric", example = "temperature", min_length = 1),
+        ("tag" = Option<Vec<TagFilter>>, Query, description = "Only devices with every tag given, as `key:value` (repeats; at most 32; the key ends at the first `:`)", example = json!(["site:berlin"]), max_items = 32),
+        ("limit" = Option<usize>, Query, description = "Devices per page (default 10 000; more than 100 000 is taken as 100 000)", minimum = 1),
+        ("after" = Option<DeviceId>, Query, description = "The `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of the fleet's newest values", body = FleetAnswer),
+        (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+        (status = 503, response = doc::StoreUnavailable),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn fleet_latest(
     State(state): State<AppState>,
     extract::Query(pairs): extract::Query<Vec<(String, String)>>,
