@@ -29,7 +29,13 @@ const MAX_LIMIT: usize = 1_000;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
-    /// What the token is for, for people: 1 to 100 characters.
+    /// What the token is for, for people: 1 to 100 characters, none of them a control
+    /// character.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     pub name: String,
     pub role: Role,
 }
