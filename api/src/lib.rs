@@ -15,12 +15,16 @@
 //!   answered with code `internal` and a generic message;
 //! - [`extract`]: `Json`, `OptionalJson`, `Query` and `Path` extractors whose rejections are
 //!   [`ApiError`]s, so a malformed request gets the same error shape as everything else;
+//! - [`openapi`]: the OpenAPI 3.1 description of every operation, generated from the
+//!   handlers' `#[utoipa::path]` annotations and served at `GET /api/openapi.json`;
 //! - [`timestamps`]: times on the wire (RFC 3339 out; RFC 3339 or epoch milliseconds in);
 //! - [`base64`]: the encoder for dead-lettered payloads that are not UTF-8;
 //! - [`dashboard`]: the operator dashboard's page and files (`api/dashboard/`), compiled in.
 //!
 //! The routes, all behind the bearer token except the CRL, which is signed public data that
-//! other brokers in front of the fleet fetch without one, and the dashboard's page and files:
+//! other brokers in front of the fleet fetch without one, the dashboard's page and files, and
+//! the description. Each `/api/v1` route's parameters, bodies, answers and role are in the
+//! description (`GET /api/openapi.json`); this is the overview:
 //!
 //! | route | what |
 //! |---|---|
@@ -46,6 +50,7 @@
 //! | `POST`/`GET /api/v1/tokens`, `DELETE /api/v1/tokens/{id}` | API tokens with a role; the secret is shown once |
 //! | `GET /api/v1/whoami` | the presented token's id, name and role |
 //! | `GET /`, `GET /assets/{file}` | the operator dashboard ([`dashboard`]); **no token needed**: the page holds no data and signs in to the API itself |
+//! | `GET /api/openapi.json` | the OpenAPI 3.1 description of every `/api/v1` route above; **no token needed** |
 //!
 //! Which role each route takes is in [`routes::v1`]: reads are for any token, acting on
 //! devices, alerts and rules for operators, changing the fleet and its tokens for admins.

@@ -2,7 +2,10 @@
 //! token, each wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]: every
 //! `GET` and the dry run are for viewers; commands, desired state, acknowledging alerts and
 //! enabling or disabling rules for operators; the rest for admins), [`public`] the one
-//! served without it:
+//! served without it. Handlers are registered with `utoipa_axum`'s `routes!`, which takes
+//! each one's method and path from its `#[utoipa::path]`: the description at
+//! `GET /api/openapi.json` ([`crate::openapi`]) lists every route below, with its
+//! parameters, answers and role.
 //!
 //! | route | module | token |
 //! |---|---|---|
