@@ -25,7 +25,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -174,6 +177,9 @@ pub struct Devices {
     jobs_lock: tokio::sync::Mutex<()>,
     /// Jobs with a runner now: one runner a job.
     job_runners: Mutex<std::collections::HashSet<String>>,
+    /// Commands that reached each status (in the order of [`CommandStatus::ALL`]) since the
+    /// process started.
+    reached: [AtomicU64; CommandStatus::ALL.len()],
 }
 
 impl Devices {
@@ -203,12 +209,17 @@ impl Devices {
             unrecorded: Mutex::default(),
             jobs_lock: tokio::sync::Mutex::default(),
             job_runners: Mutex::default(),
+            reached: Default::default(),
         });
         (devices, tx, rx)
     }
 
-    /// Tells the command's watchers and the live feed that it changed.
+    /// Counts the command's new status, and tells its watchers and the live feed. Called
+    /// for every change of a command's status, and only then.
     fn changed(&self, command: Command) {
+        if let Some(at) = CommandStatus::ALL.iter().position(|s| *s == command.status) {
+            self.reached[at].fetch_add(1, Ordering::Relaxed);
+        }
         self.live.send(LiveEvent::Command {
             device: command.device.clone(),
             command: Box::new(command.clone()),
@@ -222,6 +233,16 @@ impl Devices {
             desired_version: state.desired_version,
             reported_version: state.reported_version,
         });
+    }
+
+    /// How many commands reached each status since the process started (a command counts
+    /// once in each status it passes through).
+    pub fn commands_reached(&self) -> Vec<(CommandStatus, u64)> {
+        CommandStatus::ALL
+            .iter()
+            .zip(&self.reached)
+            .map(|(status, n)| (*status, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Every change of a command from now on.

@@ -30,7 +30,7 @@ pub mod trust;
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, RwLock,
     },
     time::Duration,
@@ -98,6 +98,9 @@ impl Default for GateConfig {
 /// What the gate has seen; every refusal is counted by reason.
 #[derive(Debug, Default)]
 pub struct GateStats {
+    /// Whether the gate takes connections: set once its accept loop runs, cleared when it
+    /// stops accepting (at shutdown). Readiness (`GET /readyz`) reads it.
+    pub listening: AtomicBool,
     pub accepted: AtomicU64,
     pub connected: AtomicU64,
     pub active: AtomicU64,
@@ -121,6 +124,12 @@ pub struct GateStats {
     pub acl_denied: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub telemetry_received: AtomicU64,
+    /// Other publishes of devices the ACL allowed, by topic: reported state, command
+    /// results, events, certificate requests.
+    pub state_reports: AtomicU64,
+    pub command_results: AtomicU64,
+    pub events: AtomicU64,
+    pub csrs: AtomicU64,
     pub forwarded: AtomicU64,
     /// MQTT 5 publishes whose payload is not what their payload format indicator says.
     pub payload_invalid: AtomicU64,
@@ -130,6 +139,7 @@ pub struct GateStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GateStatsSnapshot {
+    pub listening: bool,
     pub accepted: u64,
     pub connected: u64,
     pub active: u64,
@@ -153,6 +163,10 @@ pub struct GateStatsSnapshot {
     pub acl_denied: u64,
     pub protocol_errors: u64,
     pub telemetry_received: u64,
+    pub state_reports: u64,
+    pub command_results: u64,
+    pub events: u64,
+    pub csrs: u64,
     pub forwarded: u64,
     /// MQTT 5 publishes whose payload is not what their payload format indicator says.
     pub payload_invalid: u64,
@@ -162,6 +176,7 @@ impl GateStats {
     pub fn snapshot(&self) -> GateStatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         GateStatsSnapshot {
+            listening: self.listening.load(Ordering::Relaxed),
             accepted: get(&self.accepted),
             connected: get(&self.connected),
             active: get(&self.active),
@@ -185,6 +200,10 @@ impl GateStats {
             acl_denied: get(&self.acl_denied),
             protocol_errors: get(&self.protocol_errors),
             telemetry_received: get(&self.telemetry_received),
+            state_reports: get(&self.state_reports),
+            command_results: get(&self.command_results),
+            events: get(&self.events),
+            csrs: get(&self.csrs),
             forwarded: get(&self.forwarded),
             payload_invalid: get(&self.payload_invalid),
         }
@@ -232,6 +251,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
         return;
     };
     let watcher = tokio::spawn(watch_registry(gate.clone(), since, shutdown.clone()));
+    gate.stats.listening.store(true, Ordering::Relaxed);
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -267,6 +287,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
             drop(permit);
         });
     }
+    gate.stats.listening.store(false, Ordering::Relaxed);
     drop(listener);
     tasks.close();
     info!(

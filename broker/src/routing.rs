@@ -230,6 +230,70 @@ const PUBLISHER_ID: &str = "tellus:publisher";
 /// Requests that may wait for the publisher's link; past this `publish` waits.
 const PUBLISHER_QUEUE: usize = 1_024;
 
+/// What Tellus publishes, told by its topic: what `tellus_messages_out_total` counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    /// `devices/{id}/commands/{command_id}`
+    Command,
+    /// `devices/{id}/state/desired` (an empty one clears a deleted device's)
+    DesiredState,
+    /// `devices/{id}/certs/issued`
+    Certificate,
+    /// `rules/…`, a rule's `publish` action
+    Rule,
+    /// Any other topic
+    Other,
+}
+
+impl OutKind {
+    pub const ALL: [OutKind; 5] = [
+        OutKind::Command,
+        OutKind::DesiredState,
+        OutKind::Certificate,
+        OutKind::Rule,
+        OutKind::Other,
+    ];
+
+    pub fn of(topic: &str) -> OutKind {
+        use tellus_core::topic::DeviceTopic;
+        match tellus_core::topic::parse(topic) {
+            Some((_, DeviceTopic::Command(_))) => OutKind::Command,
+            Some((_, DeviceTopic::StateDesired)) => OutKind::DesiredState,
+            Some((_, DeviceTopic::CertsIssued)) => OutKind::Certificate,
+            _ if topic.starts_with("rules/") => OutKind::Rule,
+            _ => OutKind::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutKind::Command => "command",
+            OutKind::DesiredState => "desired_state",
+            OutKind::Certificate => "certificate",
+            OutKind::Rule => "rule",
+            OutKind::Other => "other",
+        }
+    }
+}
+
+/// Messages the publisher's link has taken, by kind: each is handed to the routing core,
+/// which delivers it to whoever subscribes (none, for a device not listening).
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    published: [std::sync::atomic::AtomicU64; OutKind::ALL.len()],
+}
+
+impl PublisherStats {
+    /// Messages published of this kind since the process started.
+    pub fn published(&self, kind: OutKind) -> u64 {
+        self.published[kind as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, kind: OutKind) {
+        self.published[kind as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A message for a device.
 #[derive(Debug, Clone)]
 struct Outgoing {
@@ -261,6 +325,7 @@ pub struct Publisher {
     requests: tokio::sync::mpsc::Sender<Outgoing>,
     /// How many times the link has connected (CONNACKs from the routing core).
     links: tokio::sync::watch::Receiver<u64>,
+    stats: std::sync::Arc<PublisherStats>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -285,6 +350,20 @@ impl Publisher {
         let core = core.clone();
         let (requests, mut incoming) = tokio::sync::mpsc::channel::<Outgoing>(PUBLISHER_QUEUE);
         let (linked, links) = tokio::sync::watch::channel(0);
+        let stats = std::sync::Arc::new(PublisherStats::default());
+        let counted = stats.clone();
+        // Hands a request to the link and counts it once taken; gives it back if not.
+        let offer = move |o: Outgoing, client: rumqttc::AsyncClient| {
+            let counted = counted.clone();
+            async move {
+                let kind = OutKind::of(&o.topic);
+                let unsent = o.offer(&client).await;
+                if unsent.is_none() {
+                    counted.count(kind);
+                }
+                unsent
+            }
+        };
         tokio::spawn(async move {
             // A request the last link failed to take, sent first on the next one.
             let mut unsent: Option<Outgoing> = None;
@@ -318,7 +397,7 @@ impl Publisher {
                     }
                 });
                 if let Some(o) = unsent.take() {
-                    unsent = o.offer(&client).await;
+                    unsent = offer(o, client.clone()).await;
                 }
                 loop {
                     tokio::select! {
@@ -342,13 +421,27 @@ impl Publisher {
                             };
                             // A failure means the link ended (the loop notices it next): the
                             // request goes out on the next link.
-                            unsent = o.offer(&client).await;
+                            unsent = offer(o, client.clone()).await;
                         }
                     }
                 }
             }
         });
-        Publisher { requests, links }
+        Publisher {
+            requests,
+            links,
+            stats,
+        }
+    }
+
+    /// Messages published so far, by kind.
+    pub fn stats(&self) -> std::sync::Arc<PublisherStats> {
+        self.stats.clone()
+    }
+
+    /// How many messages wait for the link (at most 1,024; past that `publish` waits).
+    pub fn gauge(&self) -> tellus_core::QueueGauge {
+        tellus_core::QueueGauge::of(&self.requests)
     }
 
     /// Changes each time the link to the routing core is made (again): publishes queued
@@ -362,7 +455,11 @@ impl Publisher {
     pub fn detached() -> Publisher {
         let (requests, _) = tokio::sync::mpsc::channel(1);
         let (_, links) = tokio::sync::watch::channel(0);
-        Publisher { requests, links }
+        Publisher {
+            requests,
+            links,
+            stats: Default::default(),
+        }
     }
 
     /// Publishes `payload` on `topic` at QoS 1, waiting while the link's queue is full.

@@ -81,6 +81,12 @@ impl IngestSender {
         )
     }
 
+    /// How full the hand-off is: messages queued for ingest, and the bytes of payload taken
+    /// from the budget (queued, and in the batch being committed).
+    pub fn gauge(&self) -> crate::QueueGauge {
+        crate::QueueGauge::of(&self.tx).with_bytes(self.bytes.clone(), self.max_bytes as usize)
+    }
+
     /// Hands a publish to ingest, waiting while the channel is full. With `want_ack`, the
     /// returned [`Pending`] resolves once the message is durable.
     pub async fn submit(

@@ -12,12 +12,14 @@
 //!   crate evaluates them;
 //! - [`state`]: a device's desired and reported state ([`DeviceState`]), JSON Merge Patch and
 //!   the delta a device has yet to act on;
-//! - [`token`]: API tokens and their roles ([`Role`]: viewer, operator, admin).
+//! - [`token`]: API tokens and their roles ([`Role`]: viewer, operator, admin);
+//! - [`queue`]: [`QueueGauge`], how full a bounded queue is, read without holding it open.
 
 pub mod command;
 pub mod handoff;
 pub mod id;
 pub mod live;
+pub mod queue;
 pub mod registry;
 pub mod rule;
 pub mod serial;
@@ -30,6 +32,7 @@ pub use command::{Command, CommandResult, CommandStatus, Job, JobStatus};
 pub use handoff::{Durable, IngestError, IngestRequest, IngestSender};
 pub use id::{DeviceId, InvalidDeviceId};
 pub use live::{Live, LiveEvent};
+pub use queue::QueueGauge;
 pub use registry::{
     AuditDecision, AuditEntry, CaRecord, CertificateRecord, Change, DeviceQuery, DeviceRecord,
     DeviceStatus, NewDevice, PresenceCounts, Registry, RegistryError, Session, SessionEvent,

@@ -497,6 +497,17 @@ impl RuleFeed {
         }
     }
 
+    /// How full the feed is: hand-overs queued for the engine, and their bytes. A feed that
+    /// goes nowhere, and the switches alone, read as empty.
+    pub fn gauge(&self) -> crate::QueueGauge {
+        match &self.tx {
+            Some(tx) => {
+                crate::QueueGauge::of(tx).with_bytes(self.bytes.clone(), self.max_charge as usize)
+            }
+            None => crate::QueueGauge::default(),
+        }
+    }
+
     fn slot(trigger: Trigger) -> usize {
         match trigger {
             Trigger::Telemetry => 0,

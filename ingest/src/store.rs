@@ -237,6 +237,13 @@ pub trait TelemetryStore: Send + Sync + 'static {
     fn spool(&self) -> Option<SpoolStats> {
         None
     }
+    /// Whether the store answers (for readiness): by default, a read of the newest dead
+    /// letter, which every store keeps in the local database its commits write (the QuestDB
+    /// store's spool), so it says whether commits can be taken, not whether a remote
+    /// backend is up.
+    fn check(&self) -> Result<(), StoreError> {
+        self.deadletters(None, 1).map(|_| ())
+    }
 }
 
 const KIND_BOOL: i64 = 0;

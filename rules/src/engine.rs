@@ -283,6 +283,17 @@ impl Figures {
             .and_then(|r| r.get(id).map(|f| f.snapshot()))
     }
 
+    /// Every loaded rule's figures, by rule id.
+    pub fn all(&self) -> Vec<(String, RuleFiguresSnapshot)> {
+        let mut all: Vec<_> = self
+            .rules
+            .read()
+            .map(|r| r.iter().map(|(id, f)| (id.clone(), f.snapshot())).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The engine's own figures.
     pub fn engine(&self) -> EngineFigures {
         let inputs = self.inputs.load(Ordering::Relaxed);

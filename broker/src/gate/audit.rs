@@ -79,6 +79,11 @@ impl AuditLog {
         Ok((log, AuditWriter { thread }))
     }
 
+    /// How many entries wait for the writer, of at most the capacity given at start.
+    pub fn gauge(&self) -> tellus_core::QueueGauge {
+        tellus_core::QueueGauge::of(&self.tx)
+    }
+
     /// Queues an entry, or sheds and counts it when the queue is full (or, for a connection
     /// that named no device, when those come faster than [`ANONYMOUS_PER_SECOND`]).
     pub fn record(&self, mut entry: AuditEntry) {

@@ -813,6 +813,14 @@ impl<'g> Session<'g> {
                 ));
             }
         }
+        // Telemetry is counted where it is handed to ingest.
+        match &kind {
+            DeviceTopic::StateReported => bump(&self.gate.stats.state_reports),
+            DeviceTopic::CommandResult(_) => bump(&self.gate.stats.command_results),
+            DeviceTopic::Event(_) => bump(&self.gate.stats.events),
+            DeviceTopic::CertsCsr => bump(&self.gate.stats.csrs),
+            _ => {}
+        }
         let safe = if kind == DeviceTopic::CertsCsr {
             Some(self.rotate(p.payload).await?)
         } else if kind == DeviceTopic::StateReported {
