@@ -6,10 +6,12 @@
 //!
 //! The layout:
 //! - [`routes`]: the `/api/v1` endpoints, one module per resource (`devices`, `telemetry`,
-//!   `deadletters`, `pki`, `audit`, `stats`), and the helper that runs the blocking store,
-//!   registry and PKI calls on tokio's blocking pool;
+//!   `deadletters`, `pki`, `audit`, `stats`), the top-level `/metrics` (`routes::metrics`,
+//!   the Prometheus text format) and probes (`routes::health`), and the helper that runs the
+//!   blocking store, registry and PKI calls on tokio's blocking pool;
 //! - [`auth`]: the bearer-token middleware in front of every `/api/v1` route but the CRL,
-//!   and the role ([`auth::Role`]: viewer, operator, admin) each route takes;
+//!   and of `/metrics`, and the role ([`auth::Role`]: viewer, operator, admin) each route
+//!   takes;
 //! - [`error`]: [`ApiError`], the one place errors become HTTP responses. A 4xx answer is
 //!   `{"error": {"code": "<stable_code>", "message": "<text>"}}`; a 5xx is logged and
 //!   answered with code `internal` and a generic message;
@@ -23,8 +25,9 @@
 //!
 //! The routes, all behind the bearer token except the CRL, which is signed public data that
 //! other brokers in front of the fleet fetch without one, the dashboard's page and files, and
-//! the description. Each `/api/v1` route's parameters, bodies, answers and role are in the
-//! description (`GET /api/openapi.json`); this is the overview:
+//! the description, and the probes a load balancer asks. Each `/api/v1` route's parameters,
+//! bodies, answers and role are in the description (`GET /api/openapi.json`); this is the
+//! overview:
 //!
 //! | route | what |
 //! |---|---|
@@ -51,6 +54,9 @@
 //! | `GET /api/v1/whoami` | the presented token's id, name and role |
 //! | `GET /`, `GET /assets/{file}` | the operator dashboard ([`dashboard`]); **no token needed**: the page holds no data and signs in to the API itself |
 //! | `GET /api/openapi.json` | the OpenAPI 3.1 description of every `/api/v1` route above; **no token needed** |
+//! | `GET /metrics` | every counter, gauge and histogram in the Prometheus text format (0.0.4); any token (viewer) |
+//! | `GET /healthz` | liveness: 200 `{"status": "ok"}` while the process serves HTTP; **no token** |
+//! | `GET /readyz` | readiness: 200 while Tellus takes devices; 503 `{"status": "unready", "reasons"}` when the MQTT listener is down, the store or registry does not answer, or it is shutting down; **no token** |
 //!
 //! Which role each route takes is in [`routes::v1`]: reads are for any token, acting on
 //! devices, alerts and rules for operators, changing the fleet and its tokens for admins.
@@ -92,14 +98,20 @@ pub struct AppState {
     /// The data directory's admin token, an admin beside the tokens in the registry. An
     /// empty token admits no one by it.
     pub admin_token: Arc<str>,
+    /// Readiness beyond the parts' own state: whether the process is shutting down.
+    pub health: routes::health::Health,
+    /// The bounded queues and the publisher's counters, for `GET /metrics`.
+    pub metrics: routes::metrics::Sources,
 }
 
 /// The whole API: `/api/v1/…` behind the bearer token (unknown paths under it included),
 /// except [`routes::public`] (the CRL), which is merged in after the token layer so that the
 /// layer does not wrap it; the [`dashboard`] at `/` and `/assets/…`, which needs no token;
 /// the API's description at [`openapi::PATH`], also without a token, built from the same
-/// registrations and serialised here, once; and a JSON 404 for anything else.
+/// registrations and serialised here, once; `/metrics` behind the token; the probes
+/// (`/healthz`, `/readyz`) without it; and a JSON 404 for anything else.
 pub fn router(state: AppState) -> Router {
+    let authenticate = || axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
     let (v1, v1_doc) = routes::v1().split_for_parts();
     let (public, public_doc) = routes::public().split_for_parts();
     let (described, own_doc) = openapi::router().split_for_parts();
@@ -107,10 +119,7 @@ pub fn router(state: AppState) -> Router {
     let authenticated = v1
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
+        .layer(authenticate());
     let v1 = public
         .method_not_allowed_fallback(routes::method_not_allowed)
         .merge(authenticated);
@@ -122,6 +131,8 @@ pub fn router(state: AppState) -> Router {
                 .method_not_allowed_fallback(routes::method_not_allowed)
                 .with_state(description),
         )
+        .merge(routes::metrics_routes().route_layer(authenticate()))
+        .merge(routes::probes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(TraceLayer::new_for_http())

@@ -461,6 +461,64 @@ async fn unknown_routes_get_the_json_shape() {
     s.stop().await;
 }
 
+#[tokio::test]
+async fn probes_need_no_token_and_readiness_says_why_not() {
+    let s = Server::start().await;
+    let get = |path: &str| send(s.client.get(format!("{}{path}", s.base)));
+    let (status, body) = get("/healthz").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    // This server runs no gate: nothing accepts MQTT connections.
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        json!({"status": "unready", "reasons": ["the MQTT listener is not accepting connections"]})
+    );
+    s.gate_stats
+        .listening
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, body) = get("/readyz").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ready"})));
+    // Once a stop begins, a load balancer is told to drain the node.
+    s.health.stopping();
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        json!({"status": "unready", "reasons": ["shutting down"]})
+    );
+    // Liveness does not change with it.
+    assert_eq!(get("/healthz").await.0, StatusCode::OK);
+    let (status, _) = send(s.client.post(format!("{}/healthz", s.base))).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_need_the_token_and_speak_prometheus_text() {
+    let s = Server::start().await;
+    let url = format!("{}/metrics", s.base);
+    let (status, body) = send(s.client.get(&url)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body).0, "unauthorized");
+    let (status, body) = send(s.client.get(&url).bearer_auth("wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body).0, "unauthorized");
+
+    let (status, content_type, text) = s.get_text("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    for line in [
+        "# TYPE tellus_connections_open gauge",
+        "# TYPE tellus_ingest_commit_duration_seconds histogram",
+        "tellus_ingest_commit_duration_seconds_count 0",
+        "tellus_commands_total{status=\"succeeded\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    s.stop().await;
+}
+
 /// The ids of a device list.
 fn ids(body: &Json) -> Vec<&str> {
     body["devices"]

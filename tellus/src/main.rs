@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
             }
             init_logging(&config);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let result = runtime.block_on(server::run(config, shutdown_signal()));
+            let result = runtime.block_on(server::run(config, shutdown_signal(), |_| {}));
             // After a stop that timed out, a commit may still be running on a blocking
             // thread; the process ends anyway rather than wait for it without limit (what it
             // had not committed, it had not acknowledged).

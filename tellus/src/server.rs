@@ -1,10 +1,11 @@
-//! One Tellus server process: [`run`] opens the data directory, starts every part, and
-//! stops them in order when `shutdown` resolves.
+//! One Tellus server process: [`run`] opens the data directory, starts every part, tells
+//! its caller where it listens ([`Started`]), and stops them in order when `shutdown`
+//! resolves.
 //!
 //! Start-up: data directory → PKI (CA, server certificate) and admin token → registry and
 //! telemetry store → routing core → ingest → gate and HTTP listeners.
 //!
-//! Shut-down: the gate stops accepting and every connection stops reading, writes the
+//! Shut-down: readiness (`GET /readyz`) turns to 503 at once; the gate stops accepting and every connection stops reading, writes the
 //! acknowledgements of what ingest commits, and closes; once the last connection is gone the
 //! hand-off channel closes and ingest commits what it still holds; then the HTTP API stops.
 
@@ -135,8 +136,22 @@ fn raise_open_files(max_connections: usize) {
     }
 }
 
-/// Runs Tellus until `shutdown` resolves, then stops it gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Where a running Tellus listens, and its admin token: what [`run`] tells its caller once
+/// both listeners are bound (with port 0, the ports the system chose).
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub admin_token: String,
+}
+
+/// Runs Tellus until `shutdown` resolves, then stops it gracefully. `on_started` is called
+/// once, when the gate and the HTTP API are serving.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    on_started: impl FnOnce(Started),
+) -> anyhow::Result<()> {
     raise_open_files(config.mqtt.max_connections);
     let dir = DataDir {
         root: config.data_dir.clone(),
@@ -238,6 +253,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .clone()
             .run(device_events_rx, publisher_stop.clone()),
     );
+    let metrics = tellus_api::routes::metrics::Sources {
+        ingest_queue: ingest_tx.gauge(),
+        rule_feed: rule_feed.gauge(),
+        audit_queue: audit.gauge(),
+        publisher_queue: publisher.gauge(),
+        published: publisher.stats(),
+    };
     let gate = Gate {
         trust: RwLock::new(Arc::new(trust)),
         server_identity,
@@ -270,7 +292,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         rules_stop.clone(),
     )
     .context("starting the rules engine")?;
+    let (mqtt_addr, http_addr) = (mqtt.local_addr()?, http.local_addr()?);
     let gate_task = tokio::spawn(gate::run(mqtt, gate, stop.clone()));
+    let health = tellus_api::routes::health::Health::default();
     let state = AppState {
         registry: fleet.registry.clone(),
         store,
@@ -280,7 +304,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         devices,
         live,
         rules,
-        admin_token: Arc::from(token),
+        admin_token: Arc::from(token.as_str()),
+        health: health.clone(),
+        metrics,
     };
     // The API outlives the gate and ingest, so operators can query until the end.
     let api_stop = CancellationToken::new();
@@ -290,8 +316,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         api_stop.clone().cancelled_owned(),
     ));
 
+    on_started(Started {
+        mqtt_addr,
+        http_addr,
+        admin_token: token,
+    });
+
     shutdown.await;
     info!("shutting down");
+    // Load balancers see the node unready while it drains.
+    health.stopping();
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     stop.cancel();
     let drained = tokio::time::timeout_at(deadline, async {

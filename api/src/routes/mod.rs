@@ -1,11 +1,12 @@
-//! The `/api/v1` endpoints, one module per resource. [`v1`] holds those behind the bearer
+//! The endpoints, one module per resource. [`v1`] holds the `/api/v1` ones behind the bearer
 //! token, each wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]: every
 //! `GET` and the dry run are for viewers; commands, desired state, acknowledging alerts and
 //! enabling or disabling rules for operators; the rest for admins), [`public`] the one
 //! served without it. Handlers are registered with `utoipa_axum`'s `routes!`, which takes
 //! each one's method and path from its `#[utoipa::path]`: the description at
 //! `GET /api/openapi.json` ([`crate::openapi`]) lists every route below, with its
-//! parameters, answers and role.
+//! parameters, answers and role; [`probes`] (no token) and
+//! [`metrics_routes`] (viewers) are at the top level, beside `/api/v1`.
 //!
 //! | route | module | token |
 //! |---|---|---|
@@ -28,6 +29,8 @@
 //! | `GET /stats` | [`stats`] | yes |
 //! | `GET /stream` (`device=a,b`, `tag=key:value`, `type=telemetry,presence,command,state,alert`) | [`stream`] | yes |
 //! | `POST /tokens`, `GET /tokens`, `DELETE /tokens/{id}`, `GET /whoami` | [`tokens`] | yes |
+//! | `GET /metrics` (top level: Prometheus text format) | [`metrics`] | yes |
+//! | `GET /healthz`, `GET /readyz` (top level: liveness, readiness) | [`health`] | **no**: for load balancers |
 //!
 //! The operator dashboard (`/` and `/assets/…`) is not under `/api/v1`: see
 //! [`crate::dashboard`].
@@ -40,7 +43,8 @@
 use axum::{
     http::{Method, Uri},
     middleware,
-    routing::MethodRouter,
+    routing::{get, MethodRouter},
+    Router,
 };
 use utoipa_axum::{
     router::{OpenApiRouter, UtoipaMethodRouterExt},
@@ -57,7 +61,9 @@ pub mod audit;
 pub mod commands;
 pub mod deadletters;
 pub mod devices;
+pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod pki;
 pub mod presence;
 pub mod rules;
@@ -71,6 +77,21 @@ pub mod tokens;
 /// signed public data for relying parties (other brokers) that hold no admin token.
 pub fn public() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(pki::crl))
+}
+
+/// The top-level probes, served without the bearer token: what a load balancer asks
+/// (liveness and readiness), cheap and holding nothing secret.
+pub fn probes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+}
+
+/// `GET /metrics`, at the top level where scrapers look for it, for viewers, before
+/// authentication is added (it is behind the bearer token: the figures name rules and show
+/// the fleet's load).
+pub fn metrics_routes() -> Router<AppState> {
+    Router::new().route("/metrics", viewer(get(metrics::get)))
 }
 
 /// The `/api/v1` routes behind the bearer token, before authentication and fallbacks are

@@ -22,6 +22,9 @@ pub struct Server {
     pub store: Arc<SqliteStore>,
     pub registry: Arc<SqliteRegistry>,
     pub pki: Arc<Pki>,
+    /// Readiness: what the server's `/readyz` reads besides the store.
+    pub health: tellus_api::routes::health::Health,
+    pub gate_stats: Arc<tellus_broker::gate::GateStats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -43,6 +46,8 @@ impl Server {
             tellus_core::Live::default(),
             tellus_core::RuleFeed::none(),
         );
+        let health = tellus_api::routes::health::Health::default();
+        let gate_stats = Arc::new(tellus_broker::gate::GateStats::default());
         let state = AppState {
             devices,
             live: tellus_core::Live::default(),
@@ -51,8 +56,10 @@ impl Server {
             store: store.clone(),
             pki: pki.clone(),
             ingest_stats: Arc::new(IngestStats::default()),
-            gate_stats: Arc::new(tellus_broker::gate::GateStats::default()),
+            gate_stats: gate_stats.clone(),
             admin_token: TOKEN.into(),
+            health: health.clone(),
+            metrics: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -66,6 +73,8 @@ impl Server {
             store,
             registry,
             pki,
+            health,
+            gate_stats,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

@@ -1,0 +1,130 @@
+//! `GET /healthz` and `GET /readyz`: what a load balancer or an orchestrator asks, without a
+//! token.
+//!
+//! - `/healthz` (liveness) answers 200 `{"status": "ok"}` whenever the process serves HTTP:
+//!   it looks at nothing else, so a busy store never gets a live process restarted.
+//! - `/readyz` (readiness) answers 200 `{"status": "ready"}` while Tellus takes devices: the
+//!   gate accepts MQTT connections, the telemetry store and the registry answer, and it is
+//!   not shutting down. Otherwise 503 `{"status": "unready", "reasons": [...]}`; from the
+//!   moment a stop begins (SIGTERM) it answers 503, so a load balancer drains the node
+//!   while it finishes what it holds.
+//!
+//! Both are cheap. The store check is one small read of each database on the blocking pool,
+//! bounded by [`CHECK_TIMEOUT`]; at most one runs at a time (a probe that finds one still
+//! running, because the store is slow, answers unready at once rather than pile threads up
+//! behind it). A 503 here is a status report, not a failed request, so it does not go
+//! through [`crate::ApiError`]; the causes of failed checks are logged, not sent.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::{extract::State, http::StatusCode, Json};
+use serde_json::{json, Value};
+use tracing::warn;
+
+use crate::AppState;
+
+/// Longest `/readyz` waits for the store and the registry.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub const SHUTTING_DOWN: &str = "shutting down";
+pub const NOT_LISTENING: &str = "the MQTT listener is not accepting connections";
+pub const STORE_DOWN: &str = "the telemetry store does not answer";
+pub const REGISTRY_DOWN: &str = "the registry does not answer";
+pub const CHECK_SLOW: &str = "the store and registry did not answer in time";
+
+/// What readiness knows beyond the parts' own state. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    stopping: Arc<AtomicBool>,
+    /// Set while a store check runs on the blocking pool (it may outlive its probe).
+    checking: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Marks the process as shutting down: `/readyz` answers 503 from now on.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// `GET /healthz`.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let mut reasons = Vec::new();
+    if state.health.is_stopping() {
+        reasons.push(SHUTTING_DOWN);
+    }
+    if !state.gate_stats.listening.load(Ordering::Relaxed) {
+        reasons.push(NOT_LISTENING);
+    }
+    reasons.extend(check_stores(&state).await);
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unready", "reasons": reasons })),
+        )
+    }
+}
+
+/// Clears the health's `checking` flag when the check ends, however it ends.
+struct Checking(Arc<AtomicBool>);
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Whether the telemetry store and the registry answer, within [`CHECK_TIMEOUT`]: the
+/// reasons they do not.
+async fn check_stores(state: &AppState) -> Vec<&'static str> {
+    let flag = state.health.checking.clone();
+    if flag
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return vec![CHECK_SLOW];
+    }
+    let checking = Checking(flag);
+    let (store, registry) = (state.store.clone(), state.registry.clone());
+    let check = tokio::task::spawn_blocking(move || {
+        let _checking = checking;
+        let mut reasons = Vec::new();
+        if let Err(e) = store.check() {
+            warn!(error = %e, "readiness: the telemetry store does not answer");
+            reasons.push(STORE_DOWN);
+        }
+        if let Err(e) = registry.last_change() {
+            warn!(error = %e, "readiness: the registry does not answer");
+            reasons.push(REGISTRY_DOWN);
+        }
+        reasons
+    });
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(reasons)) => reasons,
+        Ok(Err(e)) => {
+            warn!(error = %e, "readiness: the store check failed");
+            vec![CHECK_SLOW]
+        }
+        Err(_) => {
+            warn!(timeout = ?CHECK_TIMEOUT, "readiness: the store check did not end in time");
+            vec![CHECK_SLOW]
+        }
+    }
+}
