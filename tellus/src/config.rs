@@ -415,7 +415,10 @@ batch_points = 10000
 request_timeout = "10s"
 
 [log]
-# "text" or "json".
+# "text" (for people; coloured on a terminal) or "json": one JSON object a line on stderr,
+# for log shippers, with "timestamp", "level", "target", "fields" (the message and the
+# event's own fields, such as device_id and reason) and, inside a device's connection,
+# "span" and "spans" (device_id, peer).
 format = "text"
 # A tracing filter; the RUST_LOG environment variable overrides it. rumqttd, the routing
 # core behind the gate, is silent by default: the gate logs every connection event itself.
