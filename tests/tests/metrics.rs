@@ -117,10 +117,24 @@ async fn metrics_follow_a_device_a_command_and_a_refusal() {
         assert!(Instant::now() < deadline, "never ready: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The metrics need one.
+    // The metrics need a token; a viewer's will do.
     let (status, body) = get_public(&t, "/metrics").await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, viewer) = t
+        .post(
+            "/api/v1/tokens",
+            json!({"name": "prometheus", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{viewer}");
+    let scraped = reqwest::Client::new()
+        .get(t.url("/metrics"))
+        .bearer_auth(viewer["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
 
     let before = scrape(&t).await;
     assert_eq!(value(&before, "tellus_connections_open", &[]), 0.0);
