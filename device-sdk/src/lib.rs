@@ -28,13 +28,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! For rumqttc directly, [`mqtt_options`] gives the options of such a connection.
+//! For rumqttc directly, [`mqtt_options`] gives the options of such a connection. [`sim`]
+//! runs simulated devices on all this, for demos and load.
 
 mod backoff;
 mod device;
 mod outbox;
 mod reading;
 mod rotation;
+pub mod sim;
 
 pub use backoff::Backoff;
 pub use device::{

@@ -11,15 +11,13 @@
 //! ```
 //!
 //! It prints a status line every few seconds and, with `--seconds`, a summary at the end.
-//! Every device answers the commands `ping` and `set_interval` (`{"ms": …}`), and takes a
-//! desired `interval_ms` the same way (it does not report state).
+//! Each device is a [`SimDevice`] of the SDK's `sim` module (the one `tellus demo` runs too):
+//! readings of temperature (a daily swing), humidity and battery; the commands `ping` and
+//! `set_interval` (`{"ms": …}`); a desired `interval_ms`; its state reported on each
+//! connection.
 
 use std::{
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
@@ -27,7 +25,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use futures::{stream, StreamExt, TryStreamExt};
 use serde_json::json;
-use tellus_device::{Batching, Credentials, Device, Reading};
+use tellus_device::{
+    sim::{SimConfig, SimDevice},
+    Credentials,
+};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -76,14 +77,24 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let commands = Arc::new(AtomicU64::new(0));
     let mut devices = Vec::with_capacity(creds.len());
     let mut pace = tokio::time::interval(Duration::from_secs_f64(
         1.0 / f64::from(args.connect_rate.max(1)),
     ));
+    let mut state = serde_json::Map::new();
+    state.insert("model".into(), json!("fleet-sim"));
     for creds in creds {
         pace.tick().await;
-        devices.push(simulate(&args, creds, commands.clone())?);
+        let config = SimConfig {
+            state: state.clone(),
+            ..SimConfig::new(Duration::from_millis(args.every_ms.max(100)))
+        };
+        devices.push(SimDevice::start(
+            creds,
+            args.host.clone(),
+            args.port,
+            config,
+        )?);
     }
 
     let stop = if args.seconds == 0 {
@@ -100,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
             _ = look.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
         }
-        let line = Summary::of(&devices, &commands);
+        let line = Summary::of(&devices);
         if !all_connected && line.ever_connected == devices.len() {
             all_connected = true;
             println!(
@@ -116,12 +127,9 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
     }
-    let summary = Summary::of(&devices, &commands);
+    let summary = Summary::of(&devices);
     for device in devices {
-        // A reading task may hold it for a moment; dropped, it stops all the same.
-        if let Ok(device) = Arc::try_unwrap(device) {
-            device.close().await;
-        }
+        device.stop().await;
     }
     println!("summary: {summary}");
     Ok(())
@@ -182,85 +190,6 @@ async fn register(http: &reqwest::Client, args: &Args, id: &str) -> anyhow::Resu
     Ok(creds)
 }
 
-/// Starts one simulated device: readings on a timer, commands, desired state.
-fn simulate(
-    args: &Args,
-    creds: Credentials,
-    commands: Arc<AtomicU64>,
-) -> anyhow::Result<Arc<Device>> {
-    let interval = Arc::new(AtomicU64::new(args.every_ms.max(100)));
-    let set = interval.clone();
-    let desired_interval = interval.clone();
-    let answered = commands.clone();
-    let device = Device::builder(creds, args.host.clone(), args.port)
-        .batching(Batching {
-            // Readings are seconds apart: waiting for a second one would only delay them.
-            linger: Duration::ZERO,
-            ..Batching::default()
-        })
-        .on_command("ping", move |cmd| {
-            answered.fetch_add(1, Ordering::Relaxed);
-            async move { Ok(json!({ "pong": cmd.params })) }
-        })
-        .on_command("set_interval", move |cmd| {
-            commands.fetch_add(1, Ordering::Relaxed);
-            let set = set.clone();
-            async move {
-                let ms = cmd.params["ms"]
-                    .as_u64()
-                    .filter(|ms| (100..=3_600_000).contains(ms))
-                    .ok_or("params.ms must be a number of milliseconds from 100 to 3600000")?;
-                set.store(ms, Ordering::Relaxed);
-                Ok(json!({ "interval_ms": ms }))
-            }
-        })
-        .on_desired(move |desired| {
-            let interval = desired_interval.clone();
-            async move {
-                if let Some(ms) = desired.state["interval_ms"].as_u64() {
-                    interval.store(ms.clamp(100, 3_600_000), Ordering::Relaxed);
-                }
-            }
-        })
-        .start()?;
-    let device = Arc::new(device);
-    tokio::spawn(readings(Arc::downgrade(&device), interval));
-    Ok(device)
-}
-
-/// Takes a reading every `interval` ms while the device lives: a random walk of
-/// temperature and humidity, and a battery that drains.
-async fn readings(device: std::sync::Weak<Device>, interval: Arc<AtomicU64>) {
-    let mut temperature = 18.0 + 6.0 * rand::random::<f64>();
-    let mut humidity = 40.0 + 20.0 * rand::random::<f64>();
-    let mut battery = 100.0;
-    // Spread the fleet's readings over the interval.
-    let first = rand::random::<f64>() * interval.load(Ordering::Relaxed) as f64;
-    tokio::time::sleep(Duration::from_millis(first as u64)).await;
-    loop {
-        temperature += rand::random::<f64>() - 0.5;
-        humidity = (humidity + 2.0 * (rand::random::<f64>() - 0.5)).clamp(0.0, 100.0);
-        battery = (battery - 0.01_f64).max(0.0);
-        let reading = Reading::now()
-            .with("temperature", round2(temperature))
-            .with("humidity", round2(humidity))
-            .with("battery", round2(battery));
-        {
-            let Some(device) = device.upgrade() else {
-                return;
-            };
-            if device.send(reading).await.is_err() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(interval.load(Ordering::Relaxed))).await;
-    }
-}
-
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
-}
-
 /// The fleet's figures, summed.
 struct Summary {
     devices: usize,
@@ -274,7 +203,7 @@ struct Summary {
 }
 
 impl Summary {
-    fn of(devices: &[Arc<Device>], commands: &AtomicU64) -> Summary {
+    fn of(devices: &[SimDevice]) -> Summary {
         let mut s = Summary {
             devices: devices.len(),
             connected: 0,
@@ -283,16 +212,19 @@ impl Summary {
             acknowledged: 0,
             waiting: 0,
             dropped: 0,
-            commands: commands.load(Ordering::Relaxed),
+            commands: 0,
         };
         for device in devices {
-            let stats = device.stats();
-            s.connected += usize::from(stats.connected);
-            s.ever_connected += usize::from(stats.connections > 0);
-            s.recorded += stats.recorded;
-            s.acknowledged += stats.acknowledged;
-            s.waiting += stats.waiting;
-            s.dropped += stats.dropped;
+            let sim = device.stats();
+            s.ever_connected += usize::from(sim.connections > 0);
+            s.commands += sim.commands;
+            if let Some(stats) = sim.device {
+                s.connected += usize::from(stats.connected);
+                s.recorded += stats.recorded;
+                s.acknowledged += stats.acknowledged;
+                s.waiting += stats.waiting;
+                s.dropped += stats.dropped;
+            }
         }
         s
     }
