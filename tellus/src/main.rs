@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tellus::{
     config::{Config, LogFormat, DEFAULT_TOML},
-    devices, server, tokens,
+    demo, devices, server, tokens,
 };
 use tellus_core::DeviceStatus;
 use tracing_subscriber::EnvFilter;
@@ -45,6 +45,23 @@ enum Command {
         /// HTTP API listen address [default: 127.0.0.1:8080].
         #[arg(long, env = "TELLUS_HTTP_ADDR")]
         http_addr: Option<std::net::SocketAddr>,
+    },
+    /// Run Tellus with a simulated fleet, in a temporary data directory: the quickest way
+    /// to look at it. Ctrl-C stops the devices, then Tellus.
+    Demo {
+        /// MQTT over TLS listen address [default: 0.0.0.0:8883]; port 0 takes a free port
+        /// (the one taken is printed).
+        #[arg(long)]
+        mqtt_addr: Option<std::net::SocketAddr>,
+        /// HTTP API listen address [default: 127.0.0.1:8080]; port 0 as above.
+        #[arg(long)]
+        http_addr: Option<std::net::SocketAddr>,
+        /// How many simulated devices.
+        #[arg(long, default_value_t = 12)]
+        devices: usize,
+        /// Keep the data directory when the demo stops (it is deleted otherwise).
+        #[arg(long)]
+        keep: bool,
     },
     /// Print the default configuration, with comments.
     Config,
@@ -186,6 +203,26 @@ fn main() -> anyhow::Result<()> {
             // After a stop that timed out, a commit may still be running on a blocking
             // thread; the process ends anyway rather than wait for it without limit (what it
             // had not committed, it had not acknowledged).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        }
+        Command::Demo {
+            mqtt_addr,
+            http_addr,
+            devices,
+            keep,
+        } => {
+            let mut config = Config::default();
+            if let Some(a) = mqtt_addr {
+                config.mqtt.listen = a;
+            }
+            if let Some(a) = http_addr {
+                config.http.listen = a;
+            }
+            init_logging(&config);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let options = demo::DemoOptions { devices, keep };
+            let result = runtime.block_on(demo::run(config, options, shutdown_signal()));
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             result
         }
