@@ -161,6 +161,11 @@ async fn the_demo_runs_a_fleet_answers_and_cleans_up() {
     let demo = Demo::start(&[]);
     let data = demo.printed.data.clone();
     assert!(data.join("registry.db").exists(), "{}", data.display());
+    // The printed dashboard address serves the dashboard.
+    let page = reqwest::get(format!("http://{}/", demo.printed.http))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
 
     // The simulated fleet connects (two of the twelve drop off now and then) and reports.
     demo.get_until("/api/v1/presence", |p| {
