@@ -115,7 +115,13 @@ pub fn router(state: AppState) -> Router {
     let (v1, v1_doc) = routes::v1().split_for_parts();
     let (public, public_doc) = routes::public().split_for_parts();
     let (described, own_doc) = openapi::router().split_for_parts();
-    let description = openapi::Description::new(&openapi::assemble(v1_doc, public_doc, own_doc));
+    let (probes, probes_doc) = routes::probes().split_for_parts();
+    let (metrics, metrics_doc) = routes::metrics_routes().split_for_parts();
+    let description = openapi::Description::new(&openapi::assemble(
+        v1_doc,
+        public_doc,
+        [own_doc, probes_doc, metrics_doc],
+    ));
     let authenticated = v1
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
@@ -131,8 +137,8 @@ pub fn router(state: AppState) -> Router {
                 .method_not_allowed_fallback(routes::method_not_allowed)
                 .with_state(description),
         )
-        .merge(routes::metrics_routes().route_layer(authenticate()))
-        .merge(routes::probes())
+        .merge(metrics.route_layer(authenticate()))
+        .merge(probes)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(TraceLayer::new_for_http())

@@ -79,7 +79,8 @@ pub const PATH: &str = "/api/openapi.json";
         (name = "stats", description = "Counters of ingest, the gate and the rules engine"),
         (name = "stream", description = "What happens to devices, as server-sent events"),
         (name = "tokens", description = "API tokens and their roles"),
-        (name = "meta", description = "This description")
+        (name = "meta", description = "This description"),
+        (name = "health", description = "Liveness, readiness and metrics, for load balancers and monitoring")
     )
 )]
 pub struct ApiDoc;
@@ -208,15 +209,17 @@ pub fn router() -> OpenApiRouter<Description> {
 }
 
 /// The whole description: [`ApiDoc`], the `/api/v1` operations behind the token (`v1`) and
-/// those without (`public`), both relative to `/api/v1`, and the description's own
-/// (`own`).
+/// those without (`public`), both relative to `/api/v1`, and the top-level ones (`top`: the
+/// description's own, the probes, the metrics).
 pub fn assemble(
     v1: utoipa::openapi::OpenApi,
     public: utoipa::openapi::OpenApi,
-    own: utoipa::openapi::OpenApi,
+    top: impl IntoIterator<Item = utoipa::openapi::OpenApi>,
 ) -> utoipa::openapi::OpenApi {
     let mut api = ApiDoc::openapi();
-    api.merge(own);
+    for own in top {
+        api.merge(own);
+    }
     let mut under_v1 = v1;
     under_v1.merge(public);
     let mut api = api.nest("/api/v1", under_v1);
@@ -261,7 +264,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
     assemble(
         routes::v1().into_openapi(),
         routes::public().into_openapi(),
-        router().into_openapi(),
+        [
+            router().into_openapi(),
+            routes::probes().into_openapi(),
+            routes::metrics_routes().into_openapi(),
+        ],
     )
 }
 
@@ -295,7 +302,7 @@ mod tests {
         ops
     }
 
-    const PUBLIC: [&str; 2] = ["/api/v1/pki/crl.pem", PATH];
+    const PUBLIC: [&str; 4] = ["/api/v1/pki/crl.pem", PATH, "/healthz", "/readyz"];
 
     #[test]
     fn every_operation_is_named_summarised_and_guarded_by_one_role() {
@@ -323,7 +330,7 @@ mod tests {
                 );
                 continue;
             }
-            assert!(path.starts_with("/api/v1/"), "{path}");
+            assert!(path.starts_with("/api/v1/") || path == "/metrics", "{path}");
             let security = security.unwrap_or_else(|| panic!("{method} {path}: no security"));
             let [requirement] = security.as_slice() else {
                 panic!("{method} {path}: {} security requirements", security.len())
@@ -390,6 +397,8 @@ mod tests {
             ("/api/v1", routes::v1().into_openapi()),
             ("/api/v1", routes::public().into_openapi()),
             ("", router().into_openapi()),
+            ("", routes::probes().into_openapi()),
+            ("", routes::metrics_routes().into_openapi()),
         ] {
             let api = serde_json::to_value(api).unwrap();
             for (method, path, _) in operations(&api) {

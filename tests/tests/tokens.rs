@@ -178,3 +178,83 @@ async fn bad_token_requests_are_refused_with_reasons() {
         (200, Some(0))
     );
 }
+
+/// Every operation the description lists, as `(method, path)` with its path parameters
+/// filled in, and the role its `security` names (`None`: public).
+async fn described_operations(t: &Tellus) -> Vec<(Method, String, Option<String>)> {
+    let (status, doc) = t.get("/api/openapi.json").await;
+    assert_eq!(status, 200, "{doc}");
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        // Ids that name nothing: the role is checked before the handler looks anything up.
+        let filled = path
+            .replace("{id}", "nothing-here")
+            .replace("{command}", "nothing-here")
+            .replace("{job}", "nothing-here");
+        for (method, op) in item.as_object().expect("a path item") {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let role = op["security"][0]["token"][0].as_str().map(str::to_owned);
+            ops.push((method, filled.clone(), role));
+        }
+    }
+    assert!(ops.len() > 40, "only {} operations described", ops.len());
+    ops
+}
+
+/// Status of `method path` with `token`, without reading the body (a stream never ends).
+async fn status_of(t: &Tellus, token: &str, method: &Method, path: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .request(method.clone(), t.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn every_described_operation_takes_the_role_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let viewer = secret(&make_token(&t, "viewer", "viewer").await);
+    let operator = secret(&make_token(&t, "operator", "operator").await);
+    let (mut public, mut checked) = (0, 0);
+    for (method, path, role) in described_operations(&t).await {
+        let Some(role) = role else {
+            // Public: answered without a token.
+            let status = status_of(&t, "", &method, &path).await;
+            assert!(status != 401 && status != 403, "{method} {path}: {status}");
+            public += 1;
+            continue;
+        };
+        // The role just below the one named is refused; the role named is let through
+        // (to whatever the handler answers: 404 for ids that name nothing, 400 for no body).
+        let (below, at) = match role.as_str() {
+            "viewer" => (None, &viewer),
+            "operator" => (Some(&viewer), &operator),
+            "admin" => (Some(&operator), &t.token),
+            other => panic!("{method} {path}: role {other}"),
+        };
+        if let Some(below) = below {
+            let status = status_of(&t, below, &method, &path).await;
+            assert_eq!(
+                status, 403,
+                "{method} {path} (role {role}) with the role below"
+            );
+        }
+        let status = status_of(&t, "not-a-token", &method, &path).await;
+        assert_eq!(status, 401, "{method} {path} with no valid token");
+        // Deleting or revoking with the right role would take effect only on ids that name
+        // something; these name nothing.
+        let status = status_of(&t, at, &method, &path).await;
+        assert!(
+            status != 401 && status != 403,
+            "{method} {path} with role {role}: {status}"
+        );
+        checked += 1;
+    }
+    assert!(
+        public >= 3 && checked > 40,
+        "{public} public, {checked} checked"
+    );
+}

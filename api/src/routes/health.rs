@@ -24,7 +24,7 @@ use std::{
 };
 
 use axum::{extract::State, http::StatusCode, Json};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tracing::warn;
 
 use crate::AppState;
@@ -57,13 +57,52 @@ impl Health {
     }
 }
 
-/// `GET /healthz`.
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// What `/healthz` answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Liveness {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
-/// `GET /readyz`.
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// What `/readyz` answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unready`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// Why it is not ready; absent when it is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<&'static str>,
+}
+
+/// Liveness: whether the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "health",
+    responses((status = 200, description = "The process serves HTTP", body = Liveness))
+)]
+pub async fn healthz() -> Json<Liveness> {
+    Json(Liveness { status: "ok" })
+}
+
+/// Readiness: whether Tellus takes devices now.
+///
+/// Not ready while the MQTT listener is down, the store or the registry does not answer
+/// within a second, or from the moment it begins to shut down.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready; `reasons` says why", body = Readiness),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let mut reasons = Vec::new();
     if state.health.is_stopping() {
         reasons.push(SHUTTING_DOWN);
@@ -73,12 +112,17 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     }
     reasons.extend(check_stores(&state).await);
     if reasons.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
+        let ready = Readiness {
+            status: "ready",
+            reasons,
+        };
+        (StatusCode::OK, Json(ready))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unready", "reasons": reasons })),
-        )
+        let unready = Readiness {
+            status: "unready",
+            reasons,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(unready))
     }
 }
 

@@ -68,7 +68,7 @@ use tellus_ingest::{
 };
 use tellus_rules::engine::{EngineFigures, RuleFiguresSnapshot};
 
-use crate::{ApiError, AppState};
+use crate::{openapi as doc, ApiError, AppState};
 
 /// What the metrics read besides what the rest of the API already holds: the bounded queues
 /// (through gauges that never keep a queue open) and the publisher's counters. The default
@@ -87,7 +87,24 @@ pub struct Sources {
     pub published: std::sync::Arc<PublisherStats>,
 }
 
-/// `GET /metrics`.
+/// Every counter, gauge and histogram, in the Prometheus text format.
+///
+/// Names are prefixed `tellus_`; the module's table lists them. Scrape it with a viewer
+/// token (`authorization: {credentials: …}` in Prometheus's scrape config).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "The figures, in the Prometheus text format 0.0.4",
+            body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 401, response = doc::Unauthorized),
+        (status = 403, response = doc::Forbidden),
+        (status = 500, response = doc::Internal),
+    ),
+    security(("token" = ["viewer"]))
+)]
 pub async fn get(State(state): State<AppState>) -> Result<Response, ApiError> {
     let scrape = Scrape::take(&state);
     let mut registry = Registry::with_prefix("tellus");

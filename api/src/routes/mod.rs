@@ -43,8 +43,7 @@
 use axum::{
     http::{Method, Uri},
     middleware,
-    routing::{get, MethodRouter},
-    Router,
+    routing::MethodRouter,
 };
 use utoipa_axum::{
     router::{OpenApiRouter, UtoipaMethodRouterExt},
@@ -81,17 +80,17 @@ pub fn public() -> OpenApiRouter<AppState> {
 
 /// The top-level probes, served without the bearer token: what a load balancer asks
 /// (liveness and readiness), cheap and holding nothing secret.
-pub fn probes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+pub fn probes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
 }
 
 /// `GET /metrics`, at the top level where scrapers look for it, for viewers, before
 /// authentication is added (it is behind the bearer token: the figures name rules and show
 /// the fleet's load).
-pub fn metrics_routes() -> Router<AppState> {
-    Router::new().route("/metrics", viewer(get(metrics::get)))
+pub fn metrics_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(metrics::get).map(viewer))
 }
 
 /// The `/api/v1` routes behind the bearer token, before authentication and fallbacks are
