@@ -1,12 +1,13 @@
 //! Who may call the API: the bearer-token middleware in front of every `/api/v1` route but
-//! one, and the role check each route adds.
+//! one and of `/metrics`, and the role check each route adds.
 //!
 //! A request must carry `Authorization: Bearer <token>`. Two kinds of token are accepted:
-//! - the admin token of the data directory's `admin.token` (no `.` in it), an admin;
-//! - a token made through `POST /api/v1/tokens`, `<id>.<secret>`, with the role it was made
-//!   with. The registry keeps the SHA-256 of its secret; the presented secret is hashed and
-//!   compared with it. A deleted token is refused from the next request on (a stream already
-//!   open runs on).
+//! - the admin token of the data directory's `admin.token`, an admin, compared first;
+//! - a token made through `POST /api/v1/tokens` or `tellus token create`, `<id>.<secret>`
+//!   with a 16-hex-digit id, with the role it was made with. The registry keeps the SHA-256
+//!   of its secret; the presented secret is hashed and compared with it. A presented token of
+//!   another shape is refused without a registry read. A deleted token is refused from the
+//!   next request on (a stream already open runs on).
 //!
 //! Comparisons run in constant time (`subtle`), so response timing does not reveal how much of
 //! a guess was right. An empty configured admin token admits no one. Unknown `/api/v1` paths
@@ -41,8 +42,8 @@ const WRONG: &str = "the bearer token is not valid";
 
 /// The id the data directory's admin token goes by.
 pub const ADMIN_TOKEN_ID: &str = "admin";
-/// The longest token id looked up; anything longer is no token of ours.
-const MAX_ID: usize = 64;
+/// The length of a token id, in lowercase hex characters.
+const ID_LEN: usize = 16;
 
 /// Who made a request: the token it presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,17 +92,18 @@ async fn identify(state: &AppState, presented: &[u8]) -> Result<Option<Caller>, 
     let Ok(presented) = std::str::from_utf8(presented) else {
         return Ok(None);
     };
-    let Some((id, secret)) = ApiToken::split(presented) else {
-        let admin = token_matches(state.admin_token.as_bytes(), presented.as_bytes());
-        return Ok(admin.then(|| Caller {
+    // The admin token first, whatever its shape (a hand-written one may hold a `.`).
+    if token_matches(state.admin_token.as_bytes(), presented.as_bytes()) {
+        return Ok(Some(Caller {
             token_id: ADMIN_TOKEN_ID.into(),
             name: "admin.token".into(),
             role: Role::Admin,
         }));
-    };
-    if id.len() > MAX_ID {
-        return Ok(None);
     }
+    // Only what `mint` makes is looked up: junk costs no registry read.
+    let Some((id, secret)) = ApiToken::split(presented).filter(|(id, _)| minted_id(id)) else {
+        return Ok(None);
+    };
     let registry = state.registry.clone();
     let lookup = id.to_owned();
     let Some(token) = blocking(move || registry.api_token(&lookup)).await? else {
@@ -120,7 +122,7 @@ async fn identify(state: &AppState, presented: &[u8]) -> Result<Option<Caller>, 
 /// once (`<id>.<secret>`: 16 hex characters of id, 64 of secret from 32 random bytes).
 pub fn mint(name: String, role: Role, now: TimestampMs) -> Result<(ApiToken, String), String> {
     ApiToken::check_name(&name)?;
-    let mut id = [0u8; 8];
+    let mut id = [0u8; ID_LEN / 2];
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut id);
     rand::thread_rng().fill_bytes(&mut secret);
@@ -134,6 +136,11 @@ pub fn mint(name: String, role: Role, now: TimestampMs) -> Result<(ApiToken, Str
         created_at_ms: now,
     };
     Ok((record, token))
+}
+
+/// Whether `id` has the shape of the ids [`mint`] makes.
+fn minted_id(id: &str) -> bool {
+    id.len() == ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The SHA-256 of a token's secret, in lowercase hex, as the registry keeps it.
@@ -186,6 +193,8 @@ mod tests {
         let (record, token) = mint("ci".into(), Role::Operator, 7).unwrap();
         let (id, secret) = ApiToken::split(&token).unwrap();
         assert_eq!((id, id.len(), secret.len()), (record.id.as_str(), 16, 64));
+        assert!(minted_id(id));
+        assert!(!minted_id("0123456789ABCDEF") && !minted_id("0123") && !minted_id(""));
         assert_eq!(record.secret_sha256, secret_sha256(secret));
         assert!(!record.secret_sha256.contains(secret));
         assert_ne!(mint("ci".into(), Role::Operator, 7).unwrap().1, token);

@@ -11,6 +11,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::{DeviceId, TimestampMs};
 
+/// What stands in for a secret a caller may not see.
+pub const HIDDEN: &str = "(hidden)";
+
+/// A webhook URL as a caller who may not see its secrets sees it: scheme, host and port.
+/// The user information always is a secret, and a path or query often is (a chat service's
+/// webhook URL is its own credential), so they are [`HIDDEN`].
+pub fn hide_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return HIDDEN.into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if end == rest.len() {
+        format!("{scheme}://{host}")
+    } else {
+        format!("{scheme}://{host}/{HIDDEN}")
+    }
+}
+
+/// Hides a webhook's URL beyond its host, and every value of its headers.
+pub fn hide_webhook_secrets(url: &mut String, headers: &mut BTreeMap<String, String>) {
+    *url = hide_url(url);
+    headers.values_mut().for_each(|v| *v = HIDDEN.into());
+}
+
 /// What a rule reacts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -166,6 +194,18 @@ pub enum Action {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         memory_limit_bytes: Option<usize>,
     },
+}
+
+impl RuleSpec {
+    /// Hides what its actions hold that only an admin may see: webhook URLs beyond the host
+    /// and header values (they carry credentials).
+    pub fn hide_secrets(&mut self) {
+        for action in &mut self.actions {
+            if let Action::Webhook { url, headers, .. } = action {
+                hide_webhook_secrets(url, headers);
+            }
+        }
+    }
 }
 
 impl Action {
@@ -571,6 +611,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn hidden_urls_keep_only_scheme_and_host() {
+        assert_eq!(
+            hide_url("https://hooks.example.com/services/T0/B0/secret"),
+            "https://hooks.example.com/(hidden)"
+        );
+        assert_eq!(
+            hide_url("https://user:pw@example.com:8443?key=s"),
+            "https://example.com:8443/(hidden)"
+        );
+        assert_eq!(hide_url("http://example.com"), "http://example.com");
+        assert_eq!(hide_url("not a url"), HIDDEN);
+        assert_eq!(hide_url("https://ex.com/pfad/ü"), "https://ex.com/(hidden)");
+    }
 
     fn event(bytes: usize) -> RuleInput {
         RuleInput {

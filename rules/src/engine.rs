@@ -141,6 +141,18 @@ pub struct Firing {
     pub errors: Vec<String>,
 }
 
+impl Firing {
+    /// Hides what its webhook effects hold that only an admin may see (see
+    /// [`tellus_core::RuleSpec::hide_secrets`]).
+    pub fn hide_secrets(&mut self) {
+        for effect in &mut self.effects {
+            if let Effect::Webhook { url, headers, .. } = effect {
+                tellus_core::rule::hide_webhook_secrets(url, headers);
+            }
+        }
+    }
+}
+
 /// Counters of one rule, shared with the API. Kept while the rule exists; they start at
 /// zero when the process starts.
 #[derive(Debug, Default)]

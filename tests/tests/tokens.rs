@@ -258,3 +258,57 @@ async fn every_described_operation_takes_the_role_it_names() {
         "{public} public, {checked} checked"
     );
 }
+
+#[tokio::test]
+async fn webhook_secrets_are_for_admins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let rule = json!({
+        "name": "hot", "trigger": "telemetry", "condition": "metrics.t > 30.0",
+        "actions": [{
+            "type": "webhook",
+            "url": "https://user:pw@hooks.example.com/services/T0/s3cret-path?key=s3cret-query",
+            "headers": {"Authorization": "Bearer s3cret-header"}
+        }]
+    });
+    let (status, made) = t.post("/api/v1/rules", rule).await;
+    assert_eq!(status, 201, "{made}");
+    let id = made["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/rules/{id}");
+    let (_, admin_view) = t.get(&path).await;
+    assert!(
+        admin_view.to_string().contains("s3cret-header"),
+        "{admin_view}"
+    );
+
+    for role in ["viewer", "operator"] {
+        let token = secret(&make_token(&t, role, role).await);
+        let (status, one) = t.request_as(&token, Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{one}");
+        let (_, list) = t
+            .request_as(&token, Method::GET, "/api/v1/rules", None)
+            .await;
+        let dry = json!({"rule_id": id, "messages": [{"device": "d1", "metrics": {"t": 35.0}}]});
+        let (status, run) = t
+            .request_as(&token, Method::POST, "/api/v1/rules/test", Some(dry))
+            .await;
+        assert_eq!(status, 200, "{run}");
+        assert!(
+            !run["firings"].as_array().unwrap().is_empty(),
+            "the dry run fired: {run}"
+        );
+        for shown in [&one, &list, &run] {
+            let text = shown.to_string();
+            assert!(
+                !text.contains("s3cret") && !text.contains("pw@"),
+                "{role}: {text}"
+            );
+        }
+        let webhook = &one["actions"][0];
+        assert_eq!(
+            webhook["url"], "https://hooks.example.com/(hidden)",
+            "{one}"
+        );
+        assert_eq!(webhook["headers"]["Authorization"], "(hidden)", "{one}");
+    }
+}

@@ -15,7 +15,7 @@ use axum::{
     extract::State,
     http::StatusCode,
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use serde::{Deserialize, Serialize};
 use tellus_core::{
@@ -29,7 +29,10 @@ use tellus_rules::{
 };
 
 use super::{blocking, page, page_limit};
-use crate::{extract, openapi as doc, timestamps, ApiError, AppState};
+use crate::{
+    auth::{Caller, Role},
+    extract, openapi as doc, timestamps, ApiError, AppState,
+};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1_000;
@@ -43,7 +46,12 @@ pub struct RuleView {
     pub figures: Option<RuleFiguresSnapshot>,
 }
 
-fn view(state: &AppState, rule: Rule) -> RuleView {
+/// The rule as `caller` may see it: webhook URLs beyond the host and header values are
+/// hidden from all but admins.
+fn view(state: &AppState, mut rule: Rule, caller: &Caller) -> RuleView {
+    if caller.role < Role::Admin {
+        rule.spec.hide_secrets();
+    }
     RuleView {
         figures: state.rules.figures().get(&rule.id),
         rule,
@@ -94,6 +102,7 @@ async fn check(rule: Rule) -> Result<Rule, ApiError> {
 )]
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Json(body): extract::Json<RuleBody>,
 ) -> Result<Response, ApiError> {
     let now = now_ms();
@@ -111,7 +120,7 @@ pub async fn create(
     blocking(move || registry.insert_rule(&stored)).await?;
     tracing::info!(rule = %rule.id, name = %rule.spec.name, "rule created");
     state.rules.reload().await;
-    Ok((StatusCode::CREATED, Json(view(&state, rule))).into_response())
+    Ok((StatusCode::CREATED, Json(view(&state, rule, &caller))).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -152,6 +161,7 @@ pub struct RuleList {
 )]
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Query(q): extract::Query<ListQuery>,
 ) -> Result<Json<RuleList>, ApiError> {
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
@@ -159,7 +169,10 @@ pub async fn list(
     let rows = blocking(move || registry.rules(q.after.as_deref(), limit + 1)).await?;
     let (rules, next) = page(rows, limit, |r| r.id.clone());
     Ok(Json(RuleList {
-        rules: rules.into_iter().map(|r| view(&state, r)).collect(),
+        rules: rules
+            .into_iter()
+            .map(|r| view(&state, r, &caller))
+            .collect(),
         next,
     }))
 }
@@ -194,10 +207,11 @@ async fn find(state: &AppState, id: String) -> Result<Rule, ApiError> {
 )]
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<RuleView>, ApiError> {
     let rule = find(&state, id).await?;
-    Ok(Json(view(&state, rule)))
+    Ok(Json(view(&state, rule, &caller)))
 }
 
 /// Replace a rule.
@@ -228,6 +242,7 @@ pub async fn get_one(
 )]
 pub async fn replace(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Path(id): extract::Path<String>,
     extract::Json(body): extract::Json<RuleBody>,
 ) -> Result<Json<RuleView>, ApiError> {
@@ -240,7 +255,7 @@ pub async fn replace(
     }
     let enabled = body.enabled.filter(|&e| e != current.enabled);
     if body.spec == current.spec && enabled.is_none() {
-        return Ok(Json(view(&state, current)));
+        return Ok(Json(view(&state, current, &caller)));
     }
     let changed = body.spec != current.spec;
     let will_run = enabled.unwrap_or(current.enabled);
@@ -264,6 +279,7 @@ pub async fn replace(
         checked.filter(|_| changed),
         enabled,
         body.version,
+        &caller,
     )
     .await
 }
@@ -276,6 +292,7 @@ async fn update(
     spec: Option<RuleSpec>,
     enabled: Option<bool>,
     version: Option<u64>,
+    caller: &Caller,
 ) -> Result<Json<RuleView>, ApiError> {
     let registry = state.registry.clone();
     let key = id.clone();
@@ -301,7 +318,7 @@ async fn update(
     }
     tracing::info!(rule = %rule.id, version = rule.version, enabled = rule.enabled, "rule changed");
     state.rules.reload().await;
-    Ok(Json(view(state, rule)))
+    Ok(Json(view(state, rule, caller)))
 }
 
 /// Enable a rule.
@@ -327,15 +344,16 @@ async fn update(
 )]
 pub async fn enable(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<RuleView>, ApiError> {
     let rule = find(&state, id.clone()).await?;
     if rule.enabled {
-        return Ok(Json(view(&state, rule)));
+        return Ok(Json(view(&state, rule, &caller)));
     }
     // A rule stored by an older version may no longer compile: it is not enabled then.
     check(rule).await?;
-    update(&state, id, None, Some(true), None).await
+    update(&state, id, None, Some(true), None, &caller).await
 }
 
 /// Disable a rule.
@@ -360,13 +378,14 @@ pub async fn enable(
 )]
 pub async fn disable(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Path(id): extract::Path<String>,
 ) -> Result<Json<RuleView>, ApiError> {
     let rule = find(&state, id.clone()).await?;
     if !rule.enabled {
-        return Ok(Json(view(&state, rule)));
+        return Ok(Json(view(&state, rule, &caller)));
     }
-    update(&state, id, None, Some(false), None).await
+    update(&state, id, None, Some(false), None, &caller).await
 }
 
 /// Delete a rule.
@@ -519,6 +538,7 @@ impl utoipa::ToSchema for InputValue {}
 )]
 pub async fn test(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Json(body): extract::Json<TestBody>,
 ) -> Result<Json<DryRun>, ApiError> {
     let rule = match (body.rule_id, body.rule) {
@@ -601,6 +621,9 @@ pub async fn test(
         .await?
         .map_err(ApiError::InvalidRule)?;
     run.truncated |= truncated;
+    if caller.role < Role::Admin {
+        run.firings.iter_mut().for_each(|f| f.hide_secrets());
+    }
     Ok(Json(run))
 }
 

@@ -4,14 +4,20 @@
 //! `"spool": {spooled, drained, pending, refused, send_errors, last_error,
 //! last_delivery_ms}`; `"rules"` has the rules engine's
 //! inputs and the time rules add per input. Reading them is a few atomic loads
-//! (and one lock), so no blocking thread is needed.
+//! (and one lock), so no blocking thread is needed. The spool's `last_error` is QuestDB's
+//! own text, which may name hosts and credentials: only admins see it, others `(hidden)`.
 
-use axum::{extract::State, Json};
+use axum::{extract::State, Extension, Json};
 use serde::Serialize;
 use tellus_broker::gate::GateStatsSnapshot;
 use tellus_ingest::{IngestStatsSnapshot, SpoolStats};
 
-use crate::{openapi as doc, AppState};
+use tellus_core::rule::HIDDEN;
+
+use crate::{
+    auth::{Caller, Role},
+    openapi as doc, AppState,
+};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Stats {
@@ -40,11 +46,19 @@ pub struct Stats {
     ),
     security(("token" = ["viewer"]))
 )]
-pub async fn get(State(state): State<AppState>) -> Json<Stats> {
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Stats> {
+    let mut spool = state.store.spool();
+    // The backend's own error text may name hosts and credentials: for admins only.
+    if let Some(spool) = spool.as_mut().filter(|_| caller.role < Role::Admin) {
+        spool.last_error = spool.last_error.as_ref().map(|_| HIDDEN.to_owned());
+    }
     Json(Stats {
         ingest: state.ingest_stats.snapshot(),
         gate: state.gate_stats.snapshot(),
-        spool: state.store.spool(),
+        spool,
         rules: state.rules.figures().engine(),
     })
 }
