@@ -237,6 +237,23 @@ pub struct Gate {
     pub rules: tellus_core::RuleFeed,
 }
 
+/// Says the gate accepts connections while it lives: dropped on any way out of the accept
+/// loop (a panic included), readiness then says it does not.
+struct Listening(Arc<Gate>);
+
+impl Listening {
+    fn set(gate: Arc<Gate>) -> Listening {
+        gate.stats.listening.store(true, Ordering::Relaxed);
+        Listening(gate)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.stats.listening.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Accepts device connections on `listener` until `shutdown` is cancelled, then lets every
 /// connection finish: each stops reading, writes the acknowledgements of what ingest has
 /// committed, and closes. Returns when the last connection task has ended; the gate (and so
@@ -251,7 +268,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
         return;
     };
     let watcher = tokio::spawn(watch_registry(gate.clone(), since, shutdown.clone()));
-    gate.stats.listening.store(true, Ordering::Relaxed);
+    let listening = Listening::set(gate.clone());
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -287,7 +304,7 @@ pub async fn run(listener: TcpListener, gate: Gate, shutdown: CancellationToken)
             drop(permit);
         });
     }
-    gate.stats.listening.store(false, Ordering::Relaxed);
+    drop(listening);
     drop(listener);
     tasks.close();
     info!(

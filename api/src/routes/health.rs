@@ -10,17 +10,18 @@
 //!   while it finishes what it holds.
 //!
 //! Both are cheap. The store check is one small read of each database on the blocking pool,
-//! bounded by [`CHECK_TIMEOUT`]; at most one runs at a time (a probe that finds one still
-//! running, because the store is slow, answers unready at once rather than pile threads up
-//! behind it). A 503 here is a status report, not a failed request, so it does not go
+//! bounded by [`CHECK_TIMEOUT`]; at most one runs at a time. A probe that finds one still
+//! running answers with the last check's result if that ended within the last 5 s (probes
+//! from several balancers often come at once), else unready at once rather than pile
+//! threads up behind a slow store. A 503 here is a status report, not a failed request, so it does not go
 //! through [`crate::ApiError`]; the causes of failed checks are logged, not sent.
 
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{extract::State, http::StatusCode, Json};
@@ -31,6 +32,8 @@ use crate::AppState;
 
 /// Longest `/readyz` waits for the store and the registry.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a finished check answers for probes that come while the next one runs.
+const RECENT: Duration = Duration::from_secs(5);
 
 pub const SHUTTING_DOWN: &str = "shutting down";
 pub const NOT_LISTENING: &str = "the MQTT listener is not accepting connections";
@@ -44,7 +47,13 @@ pub struct Health {
     stopping: Arc<AtomicBool>,
     /// Set while a store check runs on the blocking pool (it may outlive its probe).
     checking: Arc<AtomicBool>,
+    /// The last check that ended: when, and the reasons it found. A probe that arrives while
+    /// a check runs answers with it (probes from several balancers come at once).
+    last: Arc<Mutex<Option<Checked>>>,
 }
+
+/// A check that ended: when, and the reasons it found.
+type Checked = (Instant, Vec<&'static str>);
 
 impl Health {
     /// Marks the process as shutting down: `/readyz` answers 503 from now on.
@@ -143,9 +152,15 @@ async fn check_stores(state: &AppState) -> Vec<&'static str> {
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        return vec![CHECK_SLOW];
+        // Another probe's check runs: its predecessor's answer stands while it is recent.
+        let last = state.health.last.lock().ok().and_then(|l| l.clone());
+        return match last {
+            Some((at, reasons)) if at.elapsed() < RECENT => reasons,
+            _ => vec![CHECK_SLOW],
+        };
     }
     let checking = Checking(flag);
+    let last = state.health.last.clone();
     let (store, registry) = (state.store.clone(), state.registry.clone());
     let check = tokio::task::spawn_blocking(move || {
         let _checking = checking;
@@ -161,7 +176,12 @@ async fn check_stores(state: &AppState) -> Vec<&'static str> {
         reasons
     });
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-        Ok(Ok(reasons)) => reasons,
+        Ok(Ok(reasons)) => {
+            if let Ok(mut last) = last.lock() {
+                *last = Some((Instant::now(), reasons.clone()));
+            }
+            reasons
+        }
         Ok(Err(e)) => {
             warn!(error = %e, "readiness: the store check failed");
             vec![CHECK_SLOW]
