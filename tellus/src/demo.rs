@@ -74,7 +74,22 @@ pub async fn run(
         .tempdir()
         .context("making the demo's data directory")?;
     config.data_dir = dir.path().to_owned();
-    let fleet = prepare(&config, options.devices)?;
+    // Registering a large fleet takes a while: Ctrl-C meanwhile stops the demo (once what is
+    // being written is written) and still deletes the directory, which holds private keys.
+    tokio::pin!(shutdown);
+    let preparing = {
+        let (config, devices) = (config.clone(), options.devices);
+        tokio::task::spawn_blocking(move || prepare(&config, devices))
+    };
+    tokio::pin!(preparing);
+    let fleet = tokio::select! {
+        prepared = &mut preparing => prepared.context("registering the demo's fleet")??,
+        _ = &mut shutdown => {
+            let _ = preparing.await;
+            finish(dir, options.keep)?;
+            return Ok(());
+        }
+    };
 
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let stop = CancellationToken::new();
@@ -88,21 +103,27 @@ pub async fn run(
         result
     };
     let (served, drove) = tokio::join!(server, demo);
-    let kept = if options.keep {
+    if let Err(e) = served {
+        // Tellus did not stop cleanly (it may still hold the files): the directory stays.
+        let path = dir.keep();
+        eprintln!("The demo's data directory is kept: {}", path.display());
+        return Err(e);
+    }
+    finish(dir, options.keep)?;
+    drove
+}
+
+/// Keeps the demo's data directory (saying where), or deletes it.
+fn finish(dir: tempfile::TempDir, keep: bool) -> anyhow::Result<()> {
+    if keep {
         let path = dir.keep();
         println!("The data directory is kept: {}", path.display());
-        true
-    } else {
-        let path = dir.path().to_owned();
-        dir.close()
-            .with_context(|| format!("deleting {}", path.display()))?;
-        false
-    };
-    served?;
-    drove?;
-    if !kept {
-        println!("The demo's data directory is deleted.");
+        return Ok(());
     }
+    let path = dir.path().to_owned();
+    dir.close()
+        .with_context(|| format!("deleting {}", path.display()))?;
+    println!("The demo's data directory is deleted.");
     Ok(())
 }
 
@@ -241,9 +262,7 @@ async fn drive(
         ) {
             Ok(sim) => devices.push(sim),
             Err(e) => {
-                for sim in devices {
-                    sim.stop().await;
-                }
+                stop_all(devices).await;
                 return Err(e).context("starting a simulated device");
             }
         }
@@ -262,10 +281,13 @@ async fn drive(
     println!();
     shutdown.await;
     println!("Stopping the simulated devices, then Tellus.");
-    for sim in devices {
-        sim.stop().await;
-    }
+    stop_all(devices).await;
     Ok(())
+}
+
+/// Stops every simulated device, all at once.
+async fn stop_all(devices: Vec<SimDevice>) {
+    futures::future::join_all(devices.into_iter().map(SimDevice::stop)).await;
 }
 
 /// An address a local client can reach a listener bound to `ip` at: loopback for the
