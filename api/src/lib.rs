@@ -53,13 +53,15 @@
 //! | `POST`/`GET /api/v1/tokens`, `DELETE /api/v1/tokens/{id}` | API tokens with a role; the secret is shown once |
 //! | `GET /api/v1/whoami` | the presented token's id, name and role |
 //! | `GET /`, `GET /assets/{file}` | the operator dashboard ([`dashboard`]); **no token needed**: the page holds no data and signs in to the API itself |
-//! | `GET /api/openapi.json` | the OpenAPI 3.1 description of every `/api/v1` route above; **no token needed** |
+//! | `GET /api/openapi.json` | the OpenAPI 3.1 description of every route above but the dashboard's; **no token needed** |
 //! | `GET /metrics` | every counter, gauge and histogram in the Prometheus text format (0.0.4); any token (viewer) |
 //! | `GET /healthz` | liveness: 200 `{"status": "ok"}` while the process serves HTTP; **no token** |
 //! | `GET /readyz` | readiness: 200 while Tellus takes devices; 503 `{"status": "unready", "reasons"}` when the MQTT listener is down, the store or registry does not answer, or it is shutting down; **no token** |
 //!
-//! Which role each route takes is in [`routes::v1`]: reads are for any token, acting on
-//! devices, alerts and rules for operators, changing the fleet and its tokens for admins.
+//! Which role each route takes is in [`routes::v1`]: reads (but of tokens) are for any
+//! token, acting on devices, alerts and rules for operators, changing the fleet and its
+//! tokens for admins. Below admin, webhook URLs (beyond the host), webhook header values and
+//! QuestDB's error text are hidden.
 //!
 //! Device registration itself lives in `tellus_broker::provision`, shared with the CLI. The
 //! life-cycle endpoints (revoke, disable, enable, delete) and the external CA endpoints only

@@ -41,7 +41,7 @@
 //! | `tellus_rules_inputs_total` | counter | | inputs the rules engine evaluated |
 //! | `tellus_rules_busy_seconds_total` | counter | | time the engine spent evaluating them |
 //! | `tellus_rules_effects_shed_total` | counter | | effects shed (a full webhook queue) |
-//! | `tellus_rule_evaluations_total`, `_matches_total`, `_not_applicable_total`, `_condition_errors_total`, `_fired_total`, `_actions_succeeded_total`, `_actions_failed_total`, `_function_calls_total`, `_function_errors_total`, `_function_timeouts_total`, `_function_out_of_memory_total` | counter | `rule` | per loaded rule (by id), since the process started |
+//! | `tellus_rule_evaluations_total`, `_matches_total`, `_not_applicable_total`, `_condition_errors_total`, `_fired_total`, `_actions_succeeded_total`, `_actions_failed_total`, `_function_calls_total`, `_function_errors_total`, `_function_timeouts_total`, `_function_out_of_memory_total` | counter | `rule` | per loaded rule (by id), since it was last enabled or the process started |
 //! | `tellus_commands_total` | counter | `status` | commands that reached each status (`queued` … `cancelled`) |
 
 use std::fmt::Write as _;
@@ -604,7 +604,10 @@ impl Scrape {
         ];
         for (name, help, field) in per_rule {
             let mut help = help.to_owned();
-            let _ = write!(help, " Per loaded rule, by id, since the process started.");
+            let _ = write!(
+                help,
+                " Per loaded rule, by id, since it was last enabled or the process started."
+            );
             counters(
                 e,
                 name,

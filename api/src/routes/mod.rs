@@ -1,6 +1,6 @@
 //! The endpoints, one module per resource. [`v1`] holds the `/api/v1` ones behind the bearer
 //! token, each wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]: every
-//! `GET` and the dry run are for viewers; commands, desired state, acknowledging alerts and
+//! `GET` but of `/tokens`, and the dry run, are for viewers; commands, desired state, acknowledging alerts and
 //! enabling or disabling rules for operators; the rest for admins), [`public`] the one
 //! served without it. Handlers are registered with `utoipa_axum`'s `routes!`, which takes
 //! each one's method and path from its `#[utoipa::path]`: the description at

@@ -6,7 +6,7 @@
 //!
 //! A rule is checked (its CEL compiled, its function compiled) before it is stored: a rule
 //! that would not run is refused with `invalid_rule` and the reason. Each rule is shown with
-//! its figures since the process started (evaluations, matches, actions that succeeded and
+//! its figures since it was last enabled or the process started (evaluations, matches, actions that succeeded and
 //! failed, the last errors, the time it takes per message).
 
 use std::collections::BTreeMap;
@@ -42,7 +42,8 @@ const MAX_LIMIT: usize = 1_000;
 pub struct RuleView {
     #[serde(flatten)]
     pub rule: Rule,
-    /// Since the process started; `null` for a rule the engine has not loaded (disabled).
+    /// Since it was last enabled or the process started; `null` for a rule the engine has
+    /// not loaded (disabled).
     pub figures: Option<RuleFiguresSnapshot>,
 }
 
@@ -187,7 +188,7 @@ async fn find(state: &AppState, id: String) -> Result<Rule, ApiError> {
 
 /// Show a rule.
 ///
-/// With its figures since the process started: evaluations, matches, actions that failed,
+/// With its figures since it was last enabled or the process started: evaluations, matches, actions that failed,
 /// the last errors.
 #[utoipa::path(
     get,
