@@ -129,12 +129,7 @@ fn finish(dir: tempfile::TempDir, keep: bool) -> anyhow::Result<()> {
 
 /// Registers the fleet (certificates, tags) and the demo's rules in a new data directory.
 fn prepare(config: &Config, devices: usize) -> anyhow::Result<Vec<Simulated>> {
-    let fleet = Fleet::open(
-        &DataDir {
-            root: config.data_dir.clone(),
-        },
-        config,
-    )?;
+    let fleet = Fleet::open(&DataDir::of(config), config)?;
     let width = devices.to_string().len().max(2);
     let mut simulated = Vec::with_capacity(devices);
     for i in 0..devices {

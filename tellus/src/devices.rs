@@ -23,7 +23,7 @@ use crate::{
 
 /// Registers a device and writes `<id>.crt`, `<id>.key` and `ca.crt` into `out`.
 pub fn create(config: &Config, id: &str, out: &Path) -> anyhow::Result<String> {
-    let fleet = Fleet::open(&data_dir(config), config)?;
+    let fleet = Fleet::open(&DataDir::of(config), config)?;
     let created =
         tellus_broker::provision::create_device(&fleet.pki, fleet.registry.as_ref(), id, None)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -106,23 +106,10 @@ pub fn delete(config: &Config, id: &str) -> anyhow::Result<String> {
     ))
 }
 
-fn data_dir(config: &Config) -> DataDir {
-    DataDir {
-        root: config.data_dir.clone(),
-    }
-}
-
 /// The fleet of a data directory that has a registry already, and the parsed device id.
 fn open_existing(config: &Config, id: &str) -> anyhow::Result<(Fleet, DeviceId)> {
     let id = DeviceId::parse(id).with_context(|| format!("device id {id:?}"))?;
-    let dir = data_dir(config);
-    if !dir.registry().exists() {
-        bail!(
-            "{} has no device registry (registry.db): is --data-dir right?",
-            dir.root.display()
-        );
-    }
-    Ok((Fleet::open(&dir, config)?, id))
+    Ok((Fleet::open(&DataDir::existing(config)?, config)?, id))
 }
 
 #[cfg(test)]
@@ -141,7 +128,7 @@ mod tests {
     /// Creates `id` and returns its certificate serial.
     fn created(dir: &Path, config: &Config, id: &str) -> String {
         create(config, id, &dir.join("out")).unwrap();
-        let fleet = Fleet::open(&data_dir(config), config).unwrap();
+        let fleet = Fleet::open(&DataDir::of(config), config).unwrap();
         let id = DeviceId::parse(id).unwrap();
         let device = fleet.registry.device(&id).unwrap().unwrap();
         device.cert_serial.unwrap()
@@ -155,7 +142,7 @@ mod tests {
     fn commands_refuse_a_data_directory_without_a_registry() {
         let (_dir, config) = setup();
         let e = err(revoke(&config, "d1", None));
-        assert!(e.contains("has no device registry"), "{e}");
+        assert!(e.contains("has no registry"), "{e}");
         assert!(!config.data_dir.exists(), "nothing was created");
     }
 
@@ -203,7 +190,7 @@ mod tests {
         let e = err(delete(&config, "d1"));
         assert!(e.contains("no device d1"), "{e}");
         // Its certificate stays on record, revoked.
-        let fleet = Fleet::open(&data_dir(&config), &config).unwrap();
+        let fleet = Fleet::open(&DataDir::of(&config), &config).unwrap();
         let revoked = fleet.registry.revoked(now_ms()).unwrap();
         assert_eq!(revoked[0].serial, serial);
     }

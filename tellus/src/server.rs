@@ -49,6 +49,26 @@ pub struct DataDir {
 }
 
 impl DataDir {
+    /// The data directory `config` names.
+    pub fn of(config: &Config) -> DataDir {
+        DataDir {
+            root: config.data_dir.clone(),
+        }
+    }
+
+    /// The data directory `config` names, if it has a registry already: so that the CLI does
+    /// not answer a mistyped `--data-dir` from a fresh, empty one.
+    pub fn existing(config: &Config) -> anyhow::Result<DataDir> {
+        let dir = DataDir::of(config);
+        if !dir.registry().exists() {
+            anyhow::bail!(
+                "{} has no registry (registry.db): is --data-dir right?",
+                dir.root.display()
+            );
+        }
+        Ok(dir)
+    }
+
     pub fn pki(&self) -> PathBuf {
         self.root.join("pki")
     }
@@ -153,9 +173,7 @@ pub async fn run(
     on_started: impl FnOnce(Started),
 ) -> anyhow::Result<()> {
     raise_open_files(config.mqtt.max_connections);
-    let dir = DataDir {
-        root: config.data_dir.clone(),
-    };
+    let dir = DataDir::of(&config);
     let fleet = Fleet::open(&dir, &config)?;
     let (token, created) = admin_token(&dir.admin_token())?;
     if created {

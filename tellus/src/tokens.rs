@@ -16,9 +16,7 @@ use crate::{config::Config, server::DataDir};
 pub fn create(config: &Config, name: &str, role: &str) -> anyhow::Result<String> {
     let role = Role::parse(role)
         .with_context(|| format!("role {role:?}: one of viewer, operator, admin"))?;
-    let dir = DataDir {
-        root: config.data_dir.clone(),
-    };
+    let dir = DataDir::of(config);
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data directory {}", dir.root.display()))?;
     let registry = open(&dir)?;
@@ -64,19 +62,9 @@ fn open(dir: &DataDir) -> anyhow::Result<SqliteRegistry> {
         .with_context(|| format!("opening {}", dir.registry().display()))
 }
 
-/// The registry of a data directory that has one, so that a mistyped `--data-dir` is not
-/// answered from a fresh, empty one.
+/// The registry of a data directory that has one.
 fn open_existing(config: &Config) -> anyhow::Result<SqliteRegistry> {
-    let dir = DataDir {
-        root: config.data_dir.clone(),
-    };
-    if !dir.registry().exists() {
-        bail!(
-            "{} has no registry (registry.db): is --data-dir right?",
-            dir.root.display()
-        );
-    }
-    open(&dir)
+    open(&DataDir::existing(config)?)
 }
 
 #[cfg(test)]
