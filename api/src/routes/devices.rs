@@ -436,7 +436,7 @@ pub struct RevokeAnswer {
 
 /// Revoke a device's certificates.
 ///
-/// `{"serial": "<hex>"}` revokes one, no body (or `{}`) every certificate of the device.
+/// `{"serial": "<hex>"}` revokes one; no body, `{}` or `null` every certificate of the device.
 /// 404 `device_not_found`, or
 /// `certificate_not_found` if the serial is not one of this device's. Only the registry is
 /// written: the gate reads the registry's changes and closes a connection that used a revoked
