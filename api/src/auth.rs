@@ -14,7 +14,8 @@
 //! are behind the token too, so without it they answer 401, not 404.
 //!
 //! [`authenticate`] puts the [`Caller`] into the request's extensions; each route then
-//! requires a [`Role`] ([`require`], applied by `routes::viewer`, `operator` and `admin`).
+//! requires a [`Role`] ([`require`], applied by `routes::guarded` with the role the route's
+//! description names).
 //! A valid token without the role is answered 403 `forbidden`.
 //!
 //! The one exception is `GET /api/v1/pki/crl.pem`: the fleet CA's CRL is signed public data,

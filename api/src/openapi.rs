@@ -10,8 +10,8 @@
 //! is built, and [`document_json`] answers with those bytes.
 //!
 //! Every operation behind the token names the one role it needs in its `security`
-//! requirement (`viewer`, `operator` or `admin`, each including the ones before it); public
-//! operations have none. Error answers are [`ErrorBody`]; the answers every authenticated
+//! requirement (`viewer`, `operator` or `admin`, each including the ones before it), and
+//! that is the role `routes::guarded` enforces; public operations have none. Error answers are [`ErrorBody`]; the answers every authenticated
 //! operation shares (401, 500) and those of whole families of operations (415 and 413 for
 //! JSON bodies, 503 for telemetry reads) are components referenced by name.
 

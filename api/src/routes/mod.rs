@@ -1,8 +1,8 @@
 //! The endpoints, one module per resource. [`v1`] holds the `/api/v1` ones behind the bearer
-//! token, each wrapped in the role it takes ([`viewer`], [`operator`], [`admin`]: every
-//! `GET` but of `/tokens`, and the dry run, are for viewers; commands, desired state, acknowledging alerts and
-//! enabling or disabling rules for operators; the rest for admins), [`public`] the one
-//! served without it. Handlers are registered with `utoipa_axum`'s `routes!`, which takes
+//! token, each wrapped by [`guarded`] in the role its description names (every `GET` but of
+//! `/tokens`, and the dry run, are for viewers; commands, desired state, acknowledging
+//! alerts and enabling or disabling rules for operators; the rest for admins), [`public`] the
+//! one served without it. Handlers are registered with `utoipa_axum`'s `routes!`, which takes
 //! each one's method and path from its `#[utoipa::path]`: the description at
 //! `GET /api/openapi.json` ([`crate::openapi`]) lists every route below, with its
 //! parameters, answers and role; [`probes`] (no token) and
@@ -46,7 +46,7 @@ use axum::{
     routing::MethodRouter,
 };
 use utoipa_axum::{
-    router::{OpenApiRouter, UtoipaMethodRouterExt},
+    router::{OpenApiRouter, UtoipaMethodRouter, UtoipaMethodRouterExt},
     routes,
 };
 
@@ -90,65 +90,65 @@ pub fn probes() -> OpenApiRouter<AppState> {
 /// authentication is added (it is behind the bearer token: the figures name rules and show
 /// the fleet's load).
 pub fn metrics_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(metrics::get).map(viewer))
+    OpenApiRouter::new().routes(guarded(routes!(metrics::get)))
 }
 
 /// The `/api/v1` routes behind the bearer token, before authentication and fallbacks are
-/// added. Each `routes!` takes one handler, wrapped in the role it takes ([`viewer`],
-/// [`operator`], [`admin`]); its method and path come from its `#[utoipa::path]`, so the
-/// description and the routes are one list, and a route cannot exist undocumented.
+/// added. Each `routes!` takes one handler, wrapped by [`guarded`] in the role its
+/// `#[utoipa::path]` names; its method and path come from there too, so the description and
+/// the routes are one list, and a route cannot exist undocumented or unguarded.
 pub fn v1() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(devices::create).map(admin))
-        .routes(routes!(devices::list).map(viewer))
-        .routes(routes!(devices::get_one).map(viewer))
-        .routes(routes!(devices::patch).map(admin))
-        .routes(routes!(devices::delete).map(admin))
-        .routes(routes!(devices::revoke).map(admin))
-        .routes(routes!(devices::disable).map(admin))
-        .routes(routes!(devices::enable).map(admin))
-        .routes(routes!(commands::create).map(operator))
-        .routes(routes!(commands::list).map(viewer))
-        .routes(routes!(commands::get_one).map(viewer))
-        .routes(routes!(commands::cancel).map(operator))
-        .routes(routes!(state::get).map(viewer))
-        .routes(routes!(state::patch).map(operator))
-        .routes(routes!(presence::get_one).map(viewer))
-        .routes(routes!(presence::connections).map(viewer))
-        .routes(routes!(presence::counts).map(viewer))
-        .routes(routes!(telemetry::range).map(viewer))
-        .routes(routes!(telemetry::latest).map(viewer))
-        .routes(routes!(telemetry::fleet::fleet_latest).map(viewer))
-        .routes(routes!(deadletters::list).map(viewer))
-        .routes(routes!(deadletters::get_one).map(viewer))
-        .routes(routes!(pki::create_ca).map(admin))
-        .routes(routes!(pki::list_cas).map(viewer))
-        .routes(routes!(pki::get_ca).map(viewer))
-        .routes(routes!(pki::delete_ca).map(admin))
-        .routes(routes!(audit::list).map(viewer))
-        .routes(routes!(jobs::create).map(operator))
-        .routes(routes!(jobs::list).map(viewer))
-        .routes(routes!(jobs::get_one).map(viewer))
-        .routes(routes!(jobs::devices).map(viewer))
-        .routes(routes!(jobs::abort).map(operator))
-        .routes(routes!(rules::create).map(admin))
-        .routes(routes!(rules::list).map(viewer))
+        .routes(guarded(routes!(devices::create)))
+        .routes(guarded(routes!(devices::list)))
+        .routes(guarded(routes!(devices::get_one)))
+        .routes(guarded(routes!(devices::patch)))
+        .routes(guarded(routes!(devices::delete)))
+        .routes(guarded(routes!(devices::revoke)))
+        .routes(guarded(routes!(devices::disable)))
+        .routes(guarded(routes!(devices::enable)))
+        .routes(guarded(routes!(commands::create)))
+        .routes(guarded(routes!(commands::list)))
+        .routes(guarded(routes!(commands::get_one)))
+        .routes(guarded(routes!(commands::cancel)))
+        .routes(guarded(routes!(state::get)))
+        .routes(guarded(routes!(state::patch)))
+        .routes(guarded(routes!(presence::get_one)))
+        .routes(guarded(routes!(presence::connections)))
+        .routes(guarded(routes!(presence::counts)))
+        .routes(guarded(routes!(telemetry::range)))
+        .routes(guarded(routes!(telemetry::latest)))
+        .routes(guarded(routes!(telemetry::fleet::fleet_latest)))
+        .routes(guarded(routes!(deadletters::list)))
+        .routes(guarded(routes!(deadletters::get_one)))
+        .routes(guarded(routes!(pki::create_ca)))
+        .routes(guarded(routes!(pki::list_cas)))
+        .routes(guarded(routes!(pki::get_ca)))
+        .routes(guarded(routes!(pki::delete_ca)))
+        .routes(guarded(routes!(audit::list)))
+        .routes(guarded(routes!(jobs::create)))
+        .routes(guarded(routes!(jobs::list)))
+        .routes(guarded(routes!(jobs::get_one)))
+        .routes(guarded(routes!(jobs::devices)))
+        .routes(guarded(routes!(jobs::abort)))
+        .routes(guarded(routes!(rules::create)))
+        .routes(guarded(routes!(rules::list)))
         // A dry run changes nothing.
-        .routes(routes!(rules::test).map(viewer))
-        .routes(routes!(rules::get_one).map(viewer))
-        .routes(routes!(rules::replace).map(admin))
-        .routes(routes!(rules::delete).map(admin))
-        .routes(routes!(rules::enable).map(operator))
-        .routes(routes!(rules::disable).map(operator))
-        .routes(routes!(alerts::list).map(viewer))
-        .routes(routes!(alerts::get_one).map(viewer))
-        .routes(routes!(alerts::acknowledge).map(operator))
-        .routes(routes!(stats::get).map(viewer))
-        .routes(routes!(stream::stream).map(viewer))
-        .routes(routes!(tokens::create).map(admin))
-        .routes(routes!(tokens::list).map(admin))
-        .routes(routes!(tokens::delete).map(admin))
-        .routes(routes!(tokens::whoami).map(viewer))
+        .routes(guarded(routes!(rules::test)))
+        .routes(guarded(routes!(rules::get_one)))
+        .routes(guarded(routes!(rules::replace)))
+        .routes(guarded(routes!(rules::delete)))
+        .routes(guarded(routes!(rules::enable)))
+        .routes(guarded(routes!(rules::disable)))
+        .routes(guarded(routes!(alerts::list)))
+        .routes(guarded(routes!(alerts::get_one)))
+        .routes(guarded(routes!(alerts::acknowledge)))
+        .routes(guarded(routes!(stats::get)))
+        .routes(guarded(routes!(stream::stream)))
+        .routes(guarded(routes!(tokens::create)))
+        .routes(guarded(routes!(tokens::list)))
+        .routes(guarded(routes!(tokens::delete)))
+        .routes(guarded(routes!(tokens::whoami)))
 }
 
 /// `routes`, for callers with at least `role`.
@@ -158,19 +158,42 @@ pub fn with_role(role: Role, routes: MethodRouter<AppState>) -> MethodRouter<App
     }))
 }
 
-/// `routes`, for every valid token: they read.
-pub fn viewer(routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
-    with_role(Role::Viewer, routes)
+/// `routes` (one handler, as `routes!` gives it), for callers with the role its description
+/// names in its `security` (`security(("token" = ["operator"]))`): the description and the
+/// check cannot disagree. A handler whose description names no role, or several, is a
+/// mistake in this crate: building the router panics, at start-up and in every test.
+pub fn guarded(routes: UtoipaMethodRouter<AppState>) -> UtoipaMethodRouter<AppState> {
+    let role = described_role(&routes.1).unwrap_or_else(|why| {
+        panic!(
+            "a route behind the token: {why}: {:?}",
+            routes.1.paths.keys()
+        )
+    });
+    routes.map(|r| with_role(role, r))
 }
 
-/// `routes`, for operators and admins: they act on devices, alerts and rules.
-pub fn operator(routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
-    with_role(Role::Operator, routes)
-}
-
-/// `routes`, for admins: they change the fleet, its trust, its rules and its tokens.
-pub fn admin(routes: MethodRouter<AppState>) -> MethodRouter<AppState> {
-    with_role(Role::Admin, routes)
+/// The one role the one operation of `paths` names.
+fn described_role(paths: &utoipa::openapi::path::Paths) -> Result<Role, String> {
+    let paths = serde_json::to_value(paths).map_err(|e| e.to_string())?;
+    let roles: Vec<_> = paths
+        .as_object()
+        .into_iter()
+        .flat_map(|paths| paths.values())
+        .filter_map(serde_json::Value::as_object)
+        .flat_map(|operations| operations.values())
+        .map(|operation| operation["security"][0]["token"].clone())
+        .collect();
+    match roles.as_slice() {
+        [serde_json::Value::Array(named)] => match named.as_slice() {
+            [role] => role
+                .as_str()
+                .and_then(Role::parse)
+                .ok_or_else(|| format!("{role} is no role")),
+            _ => Err(format!("its description names {} roles", named.len())),
+        },
+        [_] => Err("its description names no role".into()),
+        _ => Err(format!("{} operations, not one", roles.len())),
+    }
 }
 
 /// Runs a blocking call on tokio's blocking pool. A panic in it becomes a 500.
@@ -240,6 +263,19 @@ pub async fn method_not_allowed(method: Method) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_role_comes_from_the_description() {
+        let role = |routes: UtoipaMethodRouter<AppState>| described_role(&routes.1);
+        assert_eq!(role(routes!(tokens::whoami)), Ok(Role::Viewer));
+        assert_eq!(role(routes!(jobs::create)), Ok(Role::Operator));
+        assert_eq!(role(routes!(tokens::create)), Ok(Role::Admin));
+        // The CRL is public: it names none, and cannot be guarded by mistake.
+        assert!(role(routes!(pki::crl)).is_err());
+        // Every route behind the token names one.
+        let _ = v1();
+        let _ = metrics_routes();
+    }
 
     #[test]
     fn pages() {
