@@ -290,18 +290,23 @@ impl Tellus {
 
     fn signal(mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tellus did not end after {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        signal_and_wait(&mut child, signal)
+    }
+}
+
+/// Sends `signal` to `child` and waits (at most a minute) for it to end.
+pub fn signal_and_wait(child: &mut Child, signal: nix::sys::signal::Signal) -> ExitStatus {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not end after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

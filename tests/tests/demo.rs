@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use tellus_tests::{tellus_bin, EVENTUALLY};
+use tellus_tests::{signal_and_wait, tellus_bin, EVENTUALLY};
 
 /// What the demo printed for people.
 struct Printed {
@@ -128,22 +128,7 @@ impl Demo {
     /// Sends SIGINT (Ctrl-C) and waits for the exit.
     fn interrupt(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the demo did not stop after SIGINT"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_and_wait(&mut child, nix::sys::signal::Signal::SIGINT)
     }
 }
 
