@@ -18,6 +18,9 @@ const identityEl = document.getElementById('identity');
 
 let identity = null;
 let current = null;
+/** Counts route changes (and sign-in shown): a render that awaited and is no longer the
+ * newest stops there, so that an older page cannot replace a newer one. */
+let routeSeq = 0;
 /** Whether sign-in is showing: a burst of 401s shows it once. */
 let signingIn = false;
 
@@ -29,6 +32,7 @@ const ROUTES = [
 ];
 
 function showSignin(reason) {
+  routeSeq += 1;
   signingIn = true;
   current?.abort();
   current = null;
@@ -52,6 +56,7 @@ function showIdentity() {
 }
 
 async function route() {
+  const seq = ++routeSeq;
   current?.abort();
   current = null;
   if (!session.token()) {
@@ -59,18 +64,31 @@ async function route() {
     return;
   }
   if (!identity) {
+    let who;
     try {
-      identity = await whoami();
+      who = await whoami();
     } catch (e) {
+      if (seq !== routeSeq) return;
       if (e.status === 401) return; // the unauthorized handler shows sign-in
       main.replaceChildren();
       main.append(Object.assign(document.createElement('p'), { className: 'notice error', role: 'alert', textContent: e.message }));
       return;
     }
+    // Another route change (or sign-in) came while this one waited: that one renders.
+    if (seq !== routeSeq) return;
+    identity = who;
   }
   showIdentity();
   const [path, query = ''] = location.hash.replace(/^#/, '').split('?');
   const match = ROUTES.map((r) => ({ r, m: r.pattern.exec(path) })).find((x) => x.m);
+  let params = [];
+  try {
+    if (match) params = match.m.slice(1).map(decodeURIComponent);
+  } catch {
+    // A malformed `%` escape names no page: the fleet instead, in place of the bad entry.
+    location.replace('#/');
+    return;
+  }
   for (const link of top.querySelectorAll('[data-nav]')) {
     if (match && link.dataset.nav === match.r.nav) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
@@ -82,7 +100,6 @@ async function route() {
     main.append(Object.assign(document.createElement('p'), { className: 'notice error', role: 'alert', textContent: `There is no page ${path}.` }));
     return;
   }
-  const params = match.m.slice(1).map(decodeURIComponent);
   document.title = `${params[0] || match.r.title} · Tellus`;
   match.r.view.render(main, {
     params,

@@ -4,8 +4,14 @@
 // ticks at round times, spaced so that labels never overlap at any width; a value axis
 // with round ticks between the data's min and max; the line, broken where data is missing;
 // and a readout of the nearest point under the pointer or finger (arrow keys move it when
-// the chart has focus). The root element carries `data-metric` and `data-points` (the
-// points in the window) for tests and tools.
+// the chart has focus). The root element carries, for tests and tools, `data-metric`,
+// `data-points` (the points in the window), `data-from` and `data-to` (the window, epoch
+// ms), `data-step` (the buckets' width in ms, empty for raw points) and `data-max-points`
+// (the most points the chart was planned for).
+//
+// Live points are added as they come. Once the chart holds more than twice the points it
+// was planned for, `add` says so (it should be loaded again, planned anew), and beyond four
+// times that it drops the oldest, so a fast device cannot grow it without bound.
 
 import { s, h } from './dom.js';
 import { duration, value as formatValue } from './format.js';
@@ -24,6 +30,8 @@ const HEIGHT = 200;
 const MARGIN = { top: 12, right: 14, bottom: 26 };
 /** Rough width of one label character at the axis font size, in pixels. */
 const CHAR_PX = 7;
+/** The planned points when the loader gives none. */
+const DEFAULT_MAX_POINTS = 1000;
 
 const clock = (opts) => new Intl.DateTimeFormat(undefined, { hourCycle: 'h23', ...opts });
 const LABELS = {
@@ -92,6 +100,19 @@ function nearest(points, t) {
   return lo;
 }
 
+/** The smallest and largest of the points' values ([0, 1] when there are none), in one
+ * pass: spreading a large array into `Math.min` overflows the stack. */
+function extent(points) {
+  if (!points.length) return [0, 1];
+  let min = Infinity;
+  let max = -Infinity;
+  for (const p of points) {
+    if (p[1] < min) min = p[1];
+    if (p[1] > max) max = p[1];
+  }
+  return [min, max];
+}
+
 /** The largest spacing of neighbours that still counts as one line, not a gap. */
 function gapThreshold(points, step, span) {
   if (step) return step * 1.5;
@@ -109,6 +130,7 @@ export class LineChart {
     this.metric = metric;
     this.points = [];
     this.step = null;
+    this.maxPoints = DEFAULT_MAX_POINTS;
     this.from = Date.now() - HOUR;
     this.to = Date.now();
     this.cursor = null;
@@ -135,10 +157,12 @@ export class LineChart {
     this.resize.observe(this.svg);
   }
 
-  /** Replaces the data: `points` as [ts, number] sorted by time, `step` when bucketed. */
-  set(points, { from, to, step }) {
+  /** Replaces the data: `points` as [ts, number] sorted by time, `step` when bucketed,
+   * `maxPoints` what the answer was planned for. */
+  set(points, { from, to, step, maxPoints = DEFAULT_MAX_POINTS }) {
     this.points = points;
     this.step = step || null;
+    this.maxPoints = maxPoints;
     this.live.clear();
     this.window(from, to);
   }
@@ -151,11 +175,27 @@ export class LineChart {
     const first = this.points.findIndex((p) => p[0] >= keepFrom);
     if (first > 0) this.points.splice(0, first);
     else if (first < 0) this.points = [];
+    for (const t of this.live.keys()) {
+      if (t < keepFrom) this.live.delete(t);
+    }
+    this.mark();
     this.draw();
   }
 
+  /** Says on the root element what the chart holds. */
+  mark() {
+    Object.assign(this.el.dataset, {
+      points: String(this.points.length),
+      from: String(this.from),
+      to: String(this.to),
+      step: this.step ? String(this.step) : '',
+      maxPoints: String(this.maxPoints),
+    });
+  }
+
   /** Adds a live point. Bucketed data gets it averaged into its bucket (with the live points
-   * seen so far there) until the next reload. */
+   * seen so far there) until the next reload. Returns whether the chart holds more than
+   * twice the points it was planned for: then it should be loaded again, planned anew. */
   add(ts, v) {
     let t = ts;
     let y = v;
@@ -172,6 +212,9 @@ export class LineChart {
     if (i >= 0 && this.points[i][0] === t) this.points[i] = [t, y];
     else if (i < 0 || t > this.points[this.points.length - 1][0]) this.points.push([t, y]);
     else this.points.splice(this.points[i][0] < t ? i + 1 : i, 0, [t, y]);
+    const cap = 4 * this.maxPoints;
+    if (this.points.length > cap) this.points.splice(0, this.points.length - cap);
+    return this.points.length > 2 * this.maxPoints;
   }
 
   destroy() {
@@ -211,14 +254,8 @@ export class LineChart {
     const width = Math.floor(this.svg.getBoundingClientRect().width);
     if (!width) return;
     const points = this.points;
-    this.el.dataset.points = String(points.length);
-    const values = points.map((p) => p[1]);
-    let min = Math.min(...values);
-    let max = Math.max(...values);
-    if (!values.length) {
-      min = 0;
-      max = 1;
-    }
+    this.mark();
+    const [min, max] = extent(points);
     const plotHeight = HEIGHT - MARGIN.top - MARGIN.bottom;
     const y = valueTicks(min, max, Math.max(2, Math.floor(plotHeight / 40)));
     const labels = y.ticks.map((v) => formatValue(v));

@@ -1,12 +1,17 @@
 // One device: presence and tags, latest values, live charts, commands, state, connections.
 //
-// Everything is loaded from the API once, then kept current from the live stream
-// (`/stream?device=<id>`): telemetry extends the latest values and the charts, command
-// events move the history's statuses, presence and state events reload those parts. A
-// `lagged` event (the stream missed some) reloads everything.
+// Everything is loaded from the API each time the live stream (`/stream?device=<id>`)
+// opens, then kept current from it: telemetry extends the latest values and the charts,
+// command events move the history's statuses, presence and state events reload those parts.
+// A `lagged` event (the stream missed some) reloads everything.
+//
+// The desired state is edited as a whole document. The edit remembers the version and the
+// document it started from: saving sends the difference from that document with that
+// version, so a change someone else made meanwhile is refused (409) rather than
+// overwritten, and the text being edited is never replaced by a newer state.
 
 import { h, notice, replace, actionButton } from './dom.js';
-import { api, canOperate } from './api.js';
+import { api, canOperate, pooled } from './api.js';
 import { follow, coalesce, debounce } from './live.js';
 import { LineChart } from './chart.js';
 import { ago, when, value as formatValue, numeric, json, parseJson, duration } from './format.js';
@@ -19,7 +24,25 @@ const RANGES = [
   ['7d', 7 * 24 * 3600000, '7 d'],
 ];
 const FINAL = new Set(['succeeded', 'failed', 'expired', 'cancelled']);
+/** How far a command has come: its statuses in the order they happen. */
+const PROGRESS = { queued: 0, sent: 1, delivered: 2 };
+/** The most metrics one `metrics=` request may name. */
+const MAX_METRICS = 32;
 const STATUS_CLASS = { succeeded: 'ok', failed: 'bad', expired: 'off', cancelled: 'off' };
+
+function progress(status) {
+  return FINAL.has(status) ? 3 : PROGRESS[status] ?? 0;
+}
+
+/** Whether `c` is newer news of a command than `known`: a command never leaves a final
+ * status; otherwise the later change (`updated_at_ms`) wins, and of two at the same
+ * millisecond the one further along. */
+export function supersedes(c, known) {
+  if (!known) return true;
+  if (FINAL.has(known.status) && !FINAL.has(c.status)) return false;
+  if (c.updated_at_ms !== known.updated_at_ms) return c.updated_at_ms > known.updated_at_ms;
+  return progress(c.status) >= progress(known.status);
+}
 
 /** The merge patch (RFC 7396) that turns `from` into `to`: removed keys become null. */
 export function mergePatch(from, to) {
@@ -45,11 +68,14 @@ export function render(root, { params: [id], signal, role }) {
   const base = `/devices/${encodeURIComponent(id)}`;
   const canAct = canOperate(role);
   const error = notice();
+  const feedError = notice();
   const liveState = h('span', { class: 'live-state', role: 'status' }, 'connecting…');
   const headline = h('div', { class: 'device-meta' });
 
   // Latest values.
   const latest = new Map();
+  // Whether the latest values have been loaded once (the charts' metrics are picked then).
+  let latestLoaded = false;
   const latestBody = h('tbody', { id: 'latest' });
 
   // Charts.
@@ -67,19 +93,28 @@ export function render(root, { params: [id], signal, role }) {
       });
       return h('span', {}, input, h('label', { for: `range-${r[0]}` }, r[2]));
     }));
-  const chartNote = h('p', { class: 'hint', role: 'status' });
+  const chartNote = h('p', { class: 'hint', id: 'chart-note', role: 'status' });
+  // Live points that come while the charts load, by metric, put back on top of the answer.
+  let pending = null;
 
   // Commands.
   const commandNotice = notice();
   const commandSent = notice('info');
   const commandBody = h('tbody', { id: 'command-history' });
+  // The commands shown, by id: `{command, tr}`.
   const commandRows = new Map();
 
   // State.
   const stateView = h('div', { class: 'state', id: 'state' });
   const stateNotice = notice();
   const desiredInput = h('textarea', { id: 'desired', rows: 6, spellcheck: 'false', 'aria-describedby': 'desired-help' });
+  const staleNote = h('p', { class: 'notice info', id: 'desired-stale', role: 'status', hidden: true });
+  const discardButton = h('button', { type: 'button', id: 'desired-discard', disabled: true }, 'Discard changes');
   let stateNow = null;
+  // What the text area was last filled with, `{version, desired}`: the base of an edit.
+  let shown = null;
+  // Whether the text area holds an edit not saved yet: it is not replaced then.
+  let dirty = false;
 
   // Connections.
   const connectionsBody = h('tbody', { id: 'connections' });
@@ -90,6 +125,7 @@ export function render(root, { params: [id], signal, role }) {
     h('nav', { class: 'crumbs', 'aria-label': 'Breadcrumb' }, h('a', { href: '#/' }, 'Fleet'), ' / ', h('span', { 'aria-current': 'page' }, id)),
     h('div', { class: 'device-head' }, h('h1', {}, id), liveState),
     headline,
+    feedError,
     error,
     section('charts-panel', 'Charts', h('div', { class: 'chart-controls' }, rangePicker, metricPicker), chartNote, chartGrid),
     h('div', { class: 'columns' },
@@ -97,7 +133,7 @@ export function render(root, { params: [id], signal, role }) {
         h('div', { class: 'table-wrap' }, h('table', {},
           h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Metric'), h('th', { scope: 'col' }, 'Value'), h('th', { scope: 'col' }, 'At'))),
           latestBody))),
-      section('state-panel', 'State', stateNotice, stateView, stateForm)),
+      section('state-panel', 'State', stateView, stateForm)),
     section('commands-panel', 'Commands', commandForm, commandNotice, commandSent,
       h('div', { class: 'table-wrap' }, h('table', { class: 'responsive' },
         h('caption', { class: 'visually-hidden' }, 'Command history, newest first'),
@@ -137,8 +173,11 @@ export function render(root, { params: [id], signal, role }) {
     replace(headline, items);
   }
 
+  let deviceLoad = 0;
   async function loadDevice() {
+    const load = ++deviceLoad;
     const [d, p] = await Promise.all([api(base, { signal }), api(`${base}/presence`, { signal })]);
+    if (load !== deviceLoad) return;
     device = d;
     presence = p;
     drawHeadline();
@@ -161,7 +200,7 @@ export function render(root, { params: [id], signal, role }) {
 
   function drawPicker() {
     const metrics = chartable();
-    if (!chosen.size) metrics.slice(0, 2).forEach((m) => chosen.add(m));
+    if (!chosen.size && latestLoaded) metrics.slice(0, 2).forEach((m) => chosen.add(m));
     replace(metricPicker, h('legend', {}, 'Metrics'),
       metrics.length ? metrics.map((m) => {
         const box = h('input', { type: 'checkbox', id: `metric-${m}`, value: m, checked: chosen.has(m) });
@@ -205,27 +244,64 @@ export function render(root, { params: [id], signal, role }) {
     const width = Math.round(chartGrid.firstElementChild?.getBoundingClientRect().width || chartGrid.getBoundingClientRect().width || 600);
     const maxPoints = Math.min(Math.max(width, 50), 4000);
     const { from, to } = windowNow();
+    const arrived = new Map();
+    pending = arrived;
     try {
-      const answer = await api(`${base}/telemetry`, {
-        params: { metrics: metrics.join(','), from, to, max_points: maxPoints },
-        signal,
-      });
+      const answer = await series(metrics, { from, to, max_points: maxPoints });
       if (load !== chartLoad) return;
       const steps = new Set();
-      for (const series of answer.series) {
-        const chart = charts.get(series.metric);
+      let again = false;
+      for (const one of answer) {
+        const chart = charts.get(one.metric);
         if (!chart) continue;
-        const points = series.points
-          .map(([ts, v]) => [ts, numeric(v)])
-          .filter(([, v]) => v !== null);
-        chart.set(points, { from, to, step: series.step });
-        steps.add(series.step ? `${series.metric}: averages over ${duration(series.step)}` : `${series.metric}: every point`);
+        const points = [];
+        for (const [ts, v] of one.points) {
+          const n = numeric(v);
+          if (n !== null) points.push([ts, n]);
+        }
+        chart.set(points, { from, to, step: one.step, maxPoints });
+        const late = arrived.get(one.metric) || [];
+        for (const [ts, v] of late) {
+          if (ts >= from && chart.add(ts, v)) again = true;
+        }
+        if (late.length) chart.window(from, to);
+        steps.add(one.step ? `${one.metric}: averages over ${duration(one.step)}` : `${one.metric}: every point`);
       }
       chartNote.textContent = `Last ${range[2]}; ${[...steps].join('; ')}.`;
+      if (again) replanCharts();
     } catch (e) {
-      fail(e);
+      if (load === chartLoad) fail(e);
+    } finally {
+      if (pending === arrived) pending = null;
     }
   }
+
+  /** The series of `metrics` over `params`. `metrics=` takes at most MAX_METRICS names
+   * and splits them at commas, so names holding one are asked for alone with `metric=`,
+   * and the others in lists of at most MAX_METRICS. */
+  async function series(metrics, params) {
+    const tasks = [];
+    const listed = [];
+    for (const metric of metrics) {
+      if (metric.includes(',')) {
+        tasks.push(async () => {
+          const one = await api(`${base}/telemetry`, { params: { ...params, metric }, signal });
+          return [{ metric: one.metric, points: one.points, step: one.step }];
+        });
+      } else {
+        listed.push(metric);
+      }
+    }
+    for (let i = 0; i < listed.length; i += MAX_METRICS) {
+      const names = listed.slice(i, i + MAX_METRICS).join(',');
+      tasks.push(async () => (await api(`${base}/telemetry`, { params: { ...params, metrics: names }, signal })).series);
+    }
+    return (await pooled(tasks)).flat();
+  }
+
+  // A chart that has taken in more live points than it was planned for is loaded again,
+  // so that the server plans it anew (in buckets, if need be).
+  const replanCharts = debounce(loadCharts, 1000);
 
   const redrawCharts = coalesce(() => {
     const { from, to } = windowNow();
@@ -234,8 +310,12 @@ export function render(root, { params: [id], signal, role }) {
 
   async function loadLatest() {
     const answer = await api(`${base}/latest`, { signal });
-    latest.clear();
-    for (const [metric, p] of Object.entries(answer.metrics)) latest.set(metric, p);
+    // Merged: a point that came live while this was asked may be newer than the answer.
+    for (const [metric, p] of Object.entries(answer.metrics)) {
+      const known = latest.get(metric);
+      if (!known || p.ts >= known.ts) latest.set(metric, p);
+    }
+    latestLoaded = true;
     drawLatest();
     drawPicker();
   }
@@ -261,26 +341,39 @@ export function render(root, { params: [id], signal, role }) {
       h('td', {}, cancel));
   }
 
+  /** Shows `c`, unless what is shown of it is newer: events and answers can come late. */
   function upsertCommand(c) {
-    const tr = commandRow(c);
     const known = commandRows.get(c.id);
+    if (!supersedes(c, known?.command)) return;
+    const tr = commandRow(c);
     if (known) {
-      // A late event must not move a command back from where it ended.
-      if (FINAL.has(known.dataset.status) && !FINAL.has(c.status)) return;
-      known.replaceWith(tr);
+      known.tr.replaceWith(tr);
     } else {
       commandBody.querySelector('td.empty')?.closest('tr').remove();
       commandBody.prepend(tr);
     }
-    commandRows.set(c.id, tr);
+    commandRows.set(c.id, { command: c, tr });
   }
 
+  let commandLoad = 0;
   async function loadCommands() {
+    const load = ++commandLoad;
     const answer = await api(`${base}/commands`, { params: { limit: 20 }, signal });
+    if (load !== commandLoad) return;
+    // What events told while this was asked may be newer than the answer: the newer of the
+    // two is kept, and commands sent since are kept too.
+    const before = new Map(commandRows);
+    const newest = Math.max(0, ...answer.commands.map((c) => c.created_at_ms));
     commandRows.clear();
     replace(commandBody);
-    for (const c of [...answer.commands].reverse()) upsertCommand(c);
-    if (!answer.commands.length) replace(commandBody, h('tr', {}, h('td', { colspan: 6, class: 'empty' }, 'No commands yet.')));
+    for (const c of [...answer.commands].reverse()) {
+      const known = before.get(c.id)?.command;
+      upsertCommand(supersedes(c, known) ? c : known);
+    }
+    for (const { command } of before.values()) {
+      if (!commandRows.has(command.id) && command.created_at_ms > newest) upsertCommand(command);
+    }
+    if (!commandRows.size) replace(commandBody, h('tr', {}, h('td', { colspan: 6, class: 'empty' }, 'No commands yet.')));
   }
 
   function buildCommandForm() {
@@ -337,35 +430,99 @@ export function render(root, { params: [id], signal, role }) {
       block('Not yet reported (delta)', s.delta));
   }
 
-  async function loadState({ keepEdits = false } = {}) {
-    stateNow = await api(`${base}/state`, { signal });
+  /** Puts the desired state in the text area, unless it holds an edit. */
+  function fillDesired() {
+    if (!dirty) {
+      shown = { version: stateNow.desired_version, desired: stateNow.desired };
+      desiredInput.value = json(stateNow.desired);
+    }
+    drawStale();
+  }
+
+  /** Says whether the desired state has changed since the edit in the text area began. */
+  function drawStale() {
+    discardButton.disabled = !dirty;
+    const stale = dirty && shown && stateNow && stateNow.desired_version !== shown.version;
+    staleNote.hidden = !stale;
+    if (!stale) return;
+    const discard = h('button', { type: 'button', class: 'small', id: 'desired-reload' }, 'Discard my edit and load it');
+    discard.addEventListener('click', discardEdit);
+    replace(staleNote,
+      `The desired state has changed since you started editing (v${shown.version} → v${stateNow.desired_version}); saving your edit will be refused. `,
+      discard);
+  }
+
+  let stateLoad = 0;
+  async function loadState() {
+    const load = ++stateLoad;
+    const answer = await api(`${base}/state`, { signal });
+    if (load !== stateLoad) return;
+    stateNow = answer;
     drawState();
-    if (!keepEdits || document.activeElement !== desiredInput) desiredInput.value = json(stateNow.desired);
+    fillDesired();
+  }
+
+  /** Forgets the edit in the text area and shows the desired state as it is now. */
+  async function discardEdit() {
+    dirty = false;
+    stateNotice.show(null);
+    drawStale();
+    try {
+      await loadState();
+    } catch (e) {
+      fail(e, stateNotice);
+    }
   }
 
   function buildStateForm() {
-    const submit = h('button', { type: 'submit', class: 'primary' }, 'Save desired state');
+    const submit = h('button', { type: 'submit', class: 'primary', id: 'desired-save' }, 'Save desired state');
+    discardButton.addEventListener('click', discardEdit);
+    desiredInput.addEventListener('input', () => {
+      dirty = true;
+      drawStale();
+    });
     const form = h('form', { id: 'state-form' },
       h('fieldset', { disabled: !canAct },
         h('legend', { class: 'visually-hidden' }, 'Desired state'),
         h('div', { class: 'field' }, h('label', { for: 'desired' }, 'Desired state (JSON)'), desiredInput,
           h('span', { id: 'desired-help', class: 'hint' }, 'Edit the whole document; removed keys are removed from the device’s desired state.')),
-        h('div', { class: 'field actions' }, submit)));
+        staleNote,
+        stateNotice,
+        h('div', { class: 'field actions' }, submit, discardButton)));
     form.addEventListener('submit', async (event) => {
       event.preventDefault();
       stateNotice.show(null);
+      if (!shown) return; // not loaded yet
+      // The edit's base: what the text area was filled with when the edit began.
+      const origin = shown;
+      const text = desiredInput.value;
       try {
-        const edited = parseJson(desiredInput.value, 'The desired state');
-        const patch = mergePatch(stateNow.desired, edited);
-        stateNow = await api(`${base}/state`, {
+        const edited = parseJson(text, 'The desired state');
+        const patch = mergePatch(origin.desired, edited);
+        submit.disabled = true;
+        const saved = await api(`${base}/state`, {
           method: 'PATCH',
-          body: { desired: patch, version: stateNow.desired_version },
+          body: { desired: patch, version: origin.version },
           signal,
         });
+        stateLoad += 1; // an older answer in flight must not replace this one
+        stateNow = saved;
+        if (desiredInput.value === text) {
+          dirty = false;
+        } else {
+          // Typed on while it was saved: that edit goes on from what was saved.
+          shown = { version: saved.desired_version, desired: saved.desired };
+        }
         drawState();
-        desiredInput.value = json(stateNow.desired);
+        fillDesired();
       } catch (e) {
         fail(e, stateNotice);
+        if (e.status === 409) {
+          // Someone changed it first: learn the new version, keep the edit, offer to load it.
+          loadState().catch((err) => fail(err, stateNotice));
+        }
+      } finally {
+        submit.disabled = false;
       }
     });
     return form;
@@ -373,8 +530,11 @@ export function render(root, { params: [id], signal, role }) {
 
   // --- Connections ----------------------------------------------------------------------
 
+  let connectionsLoad = 0;
   async function loadConnections() {
+    const load = ++connectionsLoad;
     const answer = await api(`${base}/connections`, { params: { limit: 20 }, signal });
+    if (load !== connectionsLoad) return;
     replace(connectionsBody, answer.connections.length ? answer.connections.map((c) => h('tr', {},
       h('td', { 'data-label': 'Connected' }, when(c.connected_at_ms)),
       h('td', { 'data-label': 'Ended' }, c.disconnected_at_ms ? when(c.disconnected_at_ms) : h('span', { class: 'badge ok' }, 'open')),
@@ -388,7 +548,7 @@ export function render(root, { params: [id], signal, role }) {
   // --- Live -----------------------------------------------------------------------------
 
   const reloadPresence = debounce(() => Promise.all([loadDevice(), loadConnections()]).catch(fail), 300);
-  const reloadState = debounce(() => loadState({ keepEdits: true }).catch((e) => fail(e, stateNotice)), 300);
+  const reloadState = debounce(() => loadState().catch((e) => fail(e, stateNotice)), 300);
   const redrawLatest = coalesce(drawLatest);
 
   function onEvent(type, event) {
@@ -399,17 +559,25 @@ export function render(root, { params: [id], signal, role }) {
     if (event.device !== id) return;
     if (type === 'telemetry') {
       let added = false;
+      let replan = false;
       for (const p of event.points) {
         const known = latest.get(p.metric);
         if (!known) added = true;
         if (!known || p.ts >= known.ts) latest.set(p.metric, { ts: p.ts, value: p.value });
         const v = numeric(p.value);
         const chart = charts.get(p.metric);
-        if (chart && v !== null) chart.add(p.ts, v);
+        if (chart && v !== null) {
+          if (pending) {
+            if (!pending.has(p.metric)) pending.set(p.metric, []);
+            pending.get(p.metric).push([p.ts, v]);
+          }
+          if (chart.add(p.ts, v)) replan = true;
+        }
       }
       redrawLatest();
       redrawCharts();
-      if (added) {
+      if (replan) replanCharts();
+      if (added && latestLoaded) {
         drawPicker();
         loadCharts();
       }
@@ -422,31 +590,43 @@ export function render(root, { params: [id], signal, role }) {
     }
   }
 
+  // The feed ends with the page, or once the device turns out not to exist.
+  const feed = new AbortController();
+  signal.addEventListener('abort', () => feed.abort(), { once: true });
+  function showFeed(state, text) {
+    liveState.textContent = text;
+    liveState.dataset.state = state;
+  }
+
+  /** Loads everything; called each time the live feed opens, so that nothing it missed
+   * while it was closed stays missing. */
   async function loadAll() {
     error.show(null);
     try {
       await Promise.all([loadDevice(), loadLatest()]);
     } catch (e) {
       fail(e);
-      return false;
+      if (e.status === 404) {
+        feed.abort();
+        showFeed('stopped', 'not found');
+      }
+      return;
     }
     loadCharts();
     loadCommands().catch((e) => fail(e, commandNotice));
     loadState().catch((e) => fail(e, stateNotice));
     loadConnections().catch(fail);
-    return true;
   }
 
-  loadAll().then((ok) => {
-    if (!ok || signal.aborted) return;
-    follow({ device: id }, {
-      signal,
-      onEvent,
-      onState(state) {
-        liveState.textContent = { connecting: 'connecting…', live: 'live', retrying: 'reconnecting…' }[state];
-        liveState.dataset.state = state;
-      },
-    });
+  follow({ device: id }, {
+    signal: feed.signal,
+    onEvent,
+    reload: loadAll,
+    onState(state, e) {
+      showFeed(state, { connecting: 'connecting…', live: 'live', retrying: 'reconnecting…', failed: 'stopped' }[state]);
+      if (state === 'failed') feedError.show(`The live feed stopped: ${e.message}`);
+      else feedError.show(null);
+    },
   });
   // The window slides with the clock, and "12 s ago" ages.
   const timer = setInterval(() => {

@@ -4,20 +4,33 @@
 // body reader, and its lines are parsed here (`event:` and `data:` fields, a blank line ends
 // an event; comments, the server's keep-alives, start with `:`). A dropped stream is opened
 // again after a backoff (1 s, doubling to 30 s, back to 1 s once a stream has opened);
-// aborting the signal stops it for good.
+// aborting the signal stops it for good, and so does an answer that another try would only
+// repeat (400, 401, 403, 404).
+//
+// The server does not replay what happened while no stream was open, so a page loads its
+// data each time the stream opens (`reload`), after it is listening: nothing that happens
+// between the two can be lost.
 
 import { raw, ApiError } from './api.js';
 
 const FIRST_BACKOFF_MS = 1000;
 const MAX_BACKOFF_MS = 30000;
+/** Answers that another try would only repeat. */
+const FINAL_STATUSES = new Set([400, 401, 403, 404]);
 
 function sleep(ms, signal) {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener('abort', () => {
-      clearTimeout(timer);
+    if (signal.aborted) {
       resolve();
-    }, { once: true });
+      return;
+    }
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener('abort', done, { once: true });
   });
 }
 
@@ -25,9 +38,9 @@ function sleep(ms, signal) {
 function parseEvents(buffer, onEvent) {
   let rest = buffer;
   let end;
-  while ((end = rest.search(/\r?\n\r?\n/)) >= 0) {
-    const block = rest.slice(0, end);
-    rest = rest.slice(end + (rest[end] === '\r' ? 4 : 2));
+  while ((end = /\r?\n\r?\n/.exec(rest))) {
+    const block = rest.slice(0, end.index);
+    rest = rest.slice(end.index + end[0].length);
     let type = 'message';
     const data = [];
     for (const line of block.split(/\r?\n/)) {
@@ -54,36 +67,79 @@ function parseEvents(buffer, onEvent) {
 
 /**
  * Follows the stream with `params` (`device`, `tag`, `type`) until `signal` aborts.
- * `onEvent(type, data)` gets each event; `onState('connecting' | 'live' | 'retrying', error)`
- * says how the stream is doing. A `lagged` event means events were missed: reload.
+ *
+ * `onEvent(type, data)` gets each event (one that throws is logged and the stream goes on).
+ * `onState(state, error)` says how the stream is doing: `connecting`, `live`, `retrying`
+ * (once per failure, with the error if there was one) or `failed` (for good, with the
+ * error; a 401 stops it silently, the app is on its way to sign-in). `reload()` is called
+ * each time the stream opens, to catch up with what happened while it was closed, and once
+ * when the first try fails, so that the page shows something meanwhile. A `lagged` event
+ * means events were missed: reload then too.
  */
-export async function follow(params, { signal, onEvent, onState = () => {} }) {
+export async function follow(params, { signal, onEvent, onState = () => {}, reload = () => {} }) {
   let backoff = FIRST_BACKOFF_MS;
+  let loaded = false;
+  const load = () => {
+    loaded = true;
+    try {
+      reload();
+    } catch (e) {
+      console.error('reloading after the live feed opened:', e);
+    }
+  };
+  const deliver = (type, data) => {
+    try {
+      onEvent(type, data);
+    } catch (e) {
+      console.error(`the live feed's ${type} event:`, e);
+    }
+  };
+  const tell = (state, error) => {
+    try {
+      onState(state, error);
+    } catch (e) {
+      console.error(`the live feed's state ${state}:`, e);
+    }
+  };
   while (!signal.aborted) {
-    onState('connecting');
+    tell('connecting');
+    // Each try has its own controller, so that whatever ends it also closes its connection.
+    const attempt = new AbortController();
+    const stop = () => attempt.abort();
+    signal.addEventListener('abort', stop, { once: true });
+    let failure = null;
     try {
       const response = await raw('/stream', {
         params,
-        signal,
+        signal: attempt.signal,
         headers: { Accept: 'text/event-stream' },
       });
-      onState('live');
+      tell('live');
       backoff = FIRST_BACKOFF_MS;
+      load();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = '';
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buffer = parseEvents(buffer + value, onEvent);
+        buffer = parseEvents(buffer + value, deliver);
       }
     } catch (e) {
-      if (signal.aborted) return;
-      // A revoked token ends the stream: the app is already on its way to sign-in.
-      if (e instanceof ApiError && e.status === 401) return;
-      onState('retrying', e);
+      failure = e;
+    } finally {
+      signal.removeEventListener('abort', stop);
+      attempt.abort();
     }
     if (signal.aborted) return;
-    onState('retrying');
+    if (failure instanceof ApiError && FINAL_STATUSES.has(failure.status)) {
+      // A revoked token: the app is already on its way to sign-in.
+      if (failure.status === 401) return;
+      tell('failed', failure);
+      if (!loaded) load();
+      return;
+    }
+    tell('retrying', failure);
+    if (!loaded) load();
     await sleep(backoff, signal);
     backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
   }
