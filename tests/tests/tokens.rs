@@ -317,3 +317,29 @@ async fn webhook_secrets_are_for_admins_only() {
         assert_eq!(webhook["headers"]["Authorization"], "(hidden)", "{one}");
     }
 }
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tellus::start_in(dir.path(), None);
+    let made = make_token(&t, "wallboard", "viewer").await;
+    let (id, token) = (made["id"].as_str().unwrap(), secret(&made));
+    let mut stream = reqwest::Client::new()
+        .get(t.url("/api/v1/stream"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let (status, _) = t.delete(&format!("/api/v1/tokens/{id}")).await;
+    assert_eq!(status, 204);
+    // Keep-alive comments may come first; then the body ends.
+    let ended = tokio::time::timeout(tellus_tests::EVENTUALLY, async {
+        while stream.chunk().await.expect("the stream's body").is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream went on after its token was revoked"
+    );
+}

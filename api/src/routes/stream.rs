@@ -8,24 +8,33 @@
 //! only), `tag=key:value` (repeatable: devices with every tag given),
 //! `type=telemetry,presence` (those types only). A client that falls more than
 //! `tellus_core::live::LIVE_QUEUE` events behind misses the oldest and gets a `lagged` event
-//! saying how many; a comment every 15 s keeps idle connections open.
+//! saying how many; a comment every 15 s keeps idle connections open. A stream ends within
+//! 5 s of the revocation of the token it was opened with.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     convert::Infallible,
+    sync::Arc,
+    time::Duration,
 };
 
 use axum::{
     extract::State,
     response::sse::{Event, KeepAlive, Sse},
+    Extension,
 };
-use futures::Stream;
-use tellus_core::{DeviceId, LiveEvent};
+use futures::{Stream, StreamExt};
+use tellus_core::{DeviceId, LiveEvent, Registry};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{blocking, telemetry::fleet::parse_tag};
-use crate::{extract, openapi as doc, ApiError, AppState};
+use crate::{
+    auth::{Caller, ADMIN_TOKEN_ID},
+    extract, openapi as doc, ApiError, AppState,
+};
 
+/// How often a stream looks whether its token was revoked.
+const RECHECK: Duration = Duration::from_secs(5);
 /// Devices whose tags a stream remembers; past this it starts over.
 const TAG_CACHE: usize = 10_000;
 /// The most `tag` filters, and devices named, in one request.
@@ -142,10 +151,12 @@ impl Tags {
 )]
 pub async fn stream(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     extract::Query(pairs): extract::Query<Vec<(String, String)>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let filter = parse(pairs)?;
     let events = state.live.listen();
+    let revoked = revoked(state.registry.clone(), caller);
     let tags = Tags {
         state,
         matches: HashMap::new(),
@@ -173,7 +184,26 @@ pub async fn stream(
             }
         },
     );
+    // A stream outlives the check of the token it was opened with: it ends once that token
+    // is revoked.
+    let stream = stream.take_until(Box::pin(revoked));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Resolves once `caller`'s token is no longer in the registry, looked at every
+/// [`RECHECK`]; never for the data directory's admin token, which is not in it.
+async fn revoked(registry: Arc<dyn Registry>, caller: Caller) {
+    if caller.token_id == ADMIN_TOKEN_ID {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(RECHECK).await;
+        let (registry, id) = (registry.clone(), caller.token_id.clone());
+        // A registry that cannot answer now does not end the stream; the next look may.
+        if let Ok(Ok(None)) = tokio::task::spawn_blocking(move || registry.api_token(&id)).await {
+            return;
+        }
+    }
 }
 
 async fn wanted(event: &LiveEvent, filter: &Filter, tags: &mut Tags) -> bool {
