@@ -81,9 +81,9 @@ pub struct Tellus {
     pub data_dir: PathBuf,
     pub mqtt_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub token: String,
     log: Arc<Mutex<String>>,
-    http: reqwest::Client,
+    /// The HTTP API, with the admin token ([`Api::token`]).
+    api: Api,
 }
 
 impl Tellus {
@@ -152,9 +152,8 @@ impl Tellus {
             data_dir: data_dir.to_owned(),
             mqtt_addr: mqtt.unwrap(),
             http_addr: http.unwrap(),
-            token,
             log,
-            http: reqwest::Client::new(),
+            api: Api::new(http.unwrap(), token),
         }
     }
 
@@ -180,8 +179,68 @@ impl Tellus {
         }
     }
 
+    /// Options for a device connection to this Tellus.
+    pub fn mqtt_options(&self, creds: &Credentials) -> rumqttc::MqttOptions {
+        tellus_device::mqtt_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
+    }
+
+    /// Options for an MQTT 5 device connection to this Tellus.
+    pub fn mqtt5_options(&self, creds: &Credentials) -> rumqttc::v5::MqttOptions {
+        tellus_device::mqtt5_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn stop(self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends SIGKILL and waits for the process to die.
+    pub fn kill(self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGKILL)
+    }
+
+    fn signal(mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal_and_wait(&mut child, signal)
+    }
+}
+
+/// Sends `signal` to `child` and waits (at most a minute) for it to end.
+pub fn signal_and_wait(child: &mut Child, signal: nix::sys::signal::Signal) -> ExitStatus {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not end after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Tellus's HTTP API at `addr`, with a token: what tests ask it through. A [`Tellus`]
+/// derefs to its own.
+pub struct Api {
+    pub addr: SocketAddr,
+    /// The admin token.
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr, token: String) -> Api {
+        Api {
+            addr,
+            token,
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http_addr, path)
+        format!("http://{}{}", self.addr, path)
     }
 
     /// GET with the admin token; returns the status and the JSON body.
@@ -267,46 +326,13 @@ impl Tellus {
             ca_pem: body["ca_pem"].as_str().unwrap().to_owned(),
         }
     }
-
-    /// Options for a device connection to this Tellus.
-    pub fn mqtt_options(&self, creds: &Credentials) -> rumqttc::MqttOptions {
-        tellus_device::mqtt_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
-    }
-
-    /// Options for an MQTT 5 device connection to this Tellus.
-    pub fn mqtt5_options(&self, creds: &Credentials) -> rumqttc::v5::MqttOptions {
-        tellus_device::mqtt5_options(creds, "127.0.0.1", self.mqtt_addr.port()).unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the process to exit.
-    pub fn stop(self) -> ExitStatus {
-        self.signal(nix::sys::signal::Signal::SIGTERM)
-    }
-
-    /// Sends SIGKILL and waits for the process to die.
-    pub fn kill(self) -> ExitStatus {
-        self.signal(nix::sys::signal::Signal::SIGKILL)
-    }
-
-    fn signal(mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        signal_and_wait(&mut child, signal)
-    }
 }
 
-/// Sends `signal` to `child` and waits (at most a minute) for it to end.
-pub fn signal_and_wait(child: &mut Child, signal: nix::sys::signal::Signal) -> ExitStatus {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the process did not end after {signal}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+impl std::ops::Deref for Tellus {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
     }
 }
 

@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{json, Value};
-use tellus_tests::{signal_and_wait, tellus_bin, EVENTUALLY};
+use serde_json::json;
+use tellus_tests::{signal_and_wait, tellus_bin, Api};
 
 /// What the demo printed for people.
 struct Printed {
@@ -23,7 +23,8 @@ struct Printed {
 struct Demo {
     child: Option<Child>,
     printed: Printed,
-    http: reqwest::Client,
+    /// Its API, with the token it printed.
+    api: Api,
     _stdout: Receiver<String>,
 }
 
@@ -74,54 +75,20 @@ impl Demo {
                 data = Some(PathBuf::from(d));
             }
         }
+        let printed = Printed {
+            http: http.unwrap(),
+            token: token.unwrap(),
+            data: data.unwrap(),
+        };
+        let addr = printed
+            .http
+            .parse()
+            .unwrap_or_else(|e| panic!("the dashboard's address {}: {e}", printed.http));
         Demo {
             child: Some(child),
-            printed: Printed {
-                http: http.unwrap(),
-                token: token.unwrap(),
-                data: data.unwrap(),
-            },
-            http: reqwest::Client::new(),
+            api: Api::new(addr, printed.token.clone()),
+            printed,
             _stdout: lines,
-        }
-    }
-
-    async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut request = self
-            .http
-            .request(method, format!("http://{}{path}", self.printed.http))
-            .bearer_auth(&self.printed.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let r = request.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.request(reqwest::Method::GET, path, None).await
-    }
-
-    /// GETs `path` until `done` holds, for at most [`EVENTUALLY`].
-    async fn get_until(&self, path: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + EVENTUALLY;
-        loop {
-            let (status, body) = self.get(path).await;
-            assert_eq!(status, 200, "GET {path}: {body}");
-            if done(&body) {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "GET {path} never got there: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -153,11 +120,13 @@ async fn the_demo_runs_a_fleet_answers_and_cleans_up() {
     assert_eq!(page.status(), 200);
 
     // The simulated fleet connects (two of the twelve drop off now and then) and reports.
-    demo.get_until("/api/v1/presence", |p| {
-        p["devices"] == 12 && p["online"].as_u64().is_some_and(|n| n >= 10)
-    })
-    .await;
+    demo.api
+        .get_until("/api/v1/presence", |p| {
+            p["devices"] == 12 && p["online"].as_u64().is_some_and(|n| n >= 10)
+        })
+        .await;
     let fleet = demo
+        .api
         .get_until("/api/v1/telemetry/latest?metric=temperature", |b| {
             b["devices"].as_array().is_some_and(|d| d.len() >= 10)
         })
@@ -167,6 +136,7 @@ async fn the_demo_runs_a_fleet_answers_and_cleans_up() {
         assert!((0.0..50.0).contains(&t), "{reading}");
     }
     let series = demo
+        .api
         .get_until(
             "/api/v1/devices/demo-01/telemetry?metrics=temperature,humidity,battery",
             |b| {
@@ -179,26 +149,27 @@ async fn the_demo_runs_a_fleet_answers_and_cleans_up() {
         .await;
     assert_eq!(series["series"].as_array().unwrap().len(), 3, "{series}");
     // Tagged, with state reported, and rules to show.
-    let (status, device) = demo.get("/api/v1/devices/demo-01").await;
+    let (status, device) = demo.api.get("/api/v1/devices/demo-01").await;
     assert_eq!(status, 200, "{device}");
     assert_eq!(device["tags"]["site"], "berlin", "{device}");
     assert!(device["tags"]["model"].is_string(), "{device}");
     let state = demo
+        .api
         .get_until("/api/v1/devices/demo-01/state", |s| {
             s["reported_version"] != 0
         })
         .await;
     assert_eq!(state["reported"]["interval_ms"], 1000, "{state}");
-    let (status, rules) = demo.get("/api/v1/rules").await;
+    let (status, rules) = demo.api.get("/api/v1/rules").await;
     assert_eq!(status, 200, "{rules}");
     assert_eq!(rules["rules"].as_array().unwrap().len(), 3, "{rules}");
 
     // A device answers a command.
     let (status, command) = demo
-        .request(
-            reqwest::Method::POST,
+        .api
+        .post(
             "/api/v1/devices/demo-01/commands?wait=20s",
-            Some(json!({"name": "ping", "params": {"hello": 1}})),
+            json!({"name": "ping", "params": {"hello": 1}}),
         )
         .await;
     assert_eq!(status, 200, "{command}");
@@ -215,7 +186,8 @@ async fn the_demo_runs_a_fleet_answers_and_cleans_up() {
 async fn keep_keeps_the_data_directory() {
     let demo = Demo::start(&["--devices", "1", "--keep"]);
     let data = demo.printed.data.clone();
-    demo.get_until("/api/v1/presence", |p| p["online"] == 1)
+    demo.api
+        .get_until("/api/v1/presence", |p| p["online"] == 1)
         .await;
     let status = demo.interrupt();
     assert!(status.success(), "{status}");
