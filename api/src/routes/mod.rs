@@ -45,6 +45,7 @@ use axum::{
     middleware,
     routing::MethodRouter,
 };
+use serde::Deserialize;
 use utoipa_axum::{
     router::{OpenApiRouter, UtoipaMethodRouter, UtoipaMethodRouterExt},
     routes,
@@ -205,6 +206,19 @@ where
     E: Into<ApiError> + Send + 'static,
 {
     tokio::task::spawn_blocking(f).await?.map_err(Into::into)
+}
+
+/// A page of a list in id order (rules, tokens): its size, and where it starts.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct IdPage {
+    /// Items per page (default 100; more than 1000 is taken as 1000).
+    #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "crate::extract::saturating::usize")]
+    pub limit: Option<usize>,
+    /// The `next` of the previous page: items whose id sorts after this one.
+    pub after: Option<String>,
 }
 
 /// The page size to use: `requested` or `default`, at most `max`; 0 is refused.

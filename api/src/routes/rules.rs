@@ -28,7 +28,7 @@ use tellus_rules::{
     expr::with_stack,
 };
 
-use super::{blocking, page, page_limit};
+use super::{blocking, page, page_limit, IdPage};
 use crate::{
     auth::{Caller, Role},
     extract, openapi as doc, timestamps, ApiError, AppState,
@@ -124,18 +124,6 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, rule, &caller))).into_response())
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Rules per page (default 100; more than 1000 is taken as 1000).
-    #[param(minimum = 1)]
-    #[serde(default, deserialize_with = "extract::saturating::usize")]
-    pub limit: Option<usize>,
-    /// The `next` of the previous page: rules whose id sorts after this one.
-    pub after: Option<String>,
-}
-
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RuleList {
     pub rules: Vec<RuleView>,
@@ -150,7 +138,7 @@ pub struct RuleList {
     path = "/rules",
     operation_id = "list_rules",
     tag = "rules",
-    params(ListQuery),
+    params(IdPage),
     responses(
         (status = 200, description = "A page of rules", body = RuleList),
         (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
@@ -163,7 +151,7 @@ pub struct RuleList {
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    extract::Query(q): extract::Query<ListQuery>,
+    extract::Query(q): extract::Query<IdPage>,
 ) -> Result<Json<RuleList>, ApiError> {
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let registry = state.registry.clone();

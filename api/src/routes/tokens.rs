@@ -15,7 +15,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use tellus_core::{now_ms, ApiToken, Role};
 
-use super::{blocking, page, page_limit};
+use super::{blocking, page, page_limit, IdPage};
 use crate::{
     auth::{mint, Caller},
     extract, openapi as doc,
@@ -69,18 +69,6 @@ pub struct CreatedToken {
     pub view: TokenView,
     /// `Authorization: Bearer <token>`. Tellus keeps no copy.
     pub token: String,
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Tokens per page (default 100; more than 1000 is taken as 1000).
-    #[param(minimum = 1)]
-    #[serde(default, deserialize_with = "extract::saturating::usize")]
-    pub limit: Option<usize>,
-    /// The `next` of the previous page.
-    pub after: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -142,7 +130,7 @@ pub async fn create(
     path = "/tokens",
     operation_id = "list_tokens",
     tag = "tokens",
-    params(ListQuery),
+    params(IdPage),
     responses(
         (status = 200, description = "A page of tokens", body = TokenList),
         (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
@@ -154,7 +142,7 @@ pub async fn create(
 )]
 pub async fn list(
     State(state): State<AppState>,
-    extract::Query(q): extract::Query<ListQuery>,
+    extract::Query(q): extract::Query<IdPage>,
 ) -> Result<Json<TokenList>, ApiError> {
     let limit = page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let registry = state.registry.clone();
