@@ -11,9 +11,10 @@
 //!
 //! Every operation behind the token names the one role it needs in its `security`
 //! requirement (`viewer`, `operator` or `admin`, each including the ones before it), and
-//! that is the role `routes::guarded` enforces; public operations have none. Error answers are [`ErrorBody`]; the answers every authenticated
-//! operation shares (401, 500) and those of whole families of operations (415 and 413 for
-//! JSON bodies, 503 for telemetry reads) are components referenced by name.
+//! that is the role `routes::guarded` enforces; public operations have none. Error answers
+//! are [`ErrorBody`]; the answers every authenticated operation shares (401 and 403, named
+//! together as [`Guarded`], and 500) and those of whole families of operations (415 and 413
+//! for JSON bodies, 503 for telemetry reads) are components referenced by name.
 
 use std::sync::Arc;
 
@@ -159,6 +160,24 @@ error_responses! {
     PayloadTooLarge = "The body is too large (`payload_too_large`)";
     /// 503: the telemetry store's backend (QuestDB) cannot answer now.
     StoreUnavailable = "The telemetry store cannot answer now; try again (`store_unavailable`)";
+}
+
+/// What every operation behind the token may answer about the token itself: 401 (none, or
+/// not valid) and 403 (its role may not), as references to [`Unauthorized`] and
+/// [`Forbidden`]. Named in an operation's `responses(…)` beside its own answers.
+pub struct Guarded;
+
+impl utoipa::IntoResponses for Guarded {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        use utoipa::ToResponse;
+        [
+            ("401", Unauthorized::response().0),
+            ("403", Forbidden::response().0),
+        ]
+        .into_iter()
+        .map(|(status, name)| (status.to_owned(), Ref::from_response_name(name).into()))
+        .collect()
+    }
 }
 
 /// The serialised description, shared by every request for it.

@@ -54,8 +54,7 @@ pub struct AlertList {
     responses(
         (status = 200, description = "A page of alerts", body = AlertList),
         (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))
@@ -92,8 +91,7 @@ pub async fn list(
     responses(
         (status = 200, description = "The alert", body = Alert),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such alert (`alert_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -123,8 +121,7 @@ pub async fn get_one(
     responses(
         (status = 200, description = "The alert, acknowledged", body = Alert),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such alert (`alert_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "The alert is cleared (`refused`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),

@@ -78,8 +78,7 @@ pub struct AuditList {
     responses(
         (status = 200, description = "A page of audit entries", body = AuditList),
         (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))

@@ -86,8 +86,7 @@ fn one_of(id: &str) -> Result<DeviceId, ApiError> {
         (status = 200, description = "The command, ended within the wait", body = Command),
         (status = 202, description = "The command, queued or on its way", body = Command),
         (status = 400, description = "Not a valid device id (`invalid_device_id`), wait (`invalid_query`) or command (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
@@ -165,8 +164,7 @@ pub struct CommandList {
     responses(
         (status = 200, description = "A page of commands", body = CommandList),
         (status = 400, description = "Not a valid device id (`invalid_device_id`) or parameter (`invalid_query`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))
@@ -200,8 +198,7 @@ fn not_found(device: &DeviceId, command: &str) -> ApiError {
     responses(
         (status = 200, description = "The command", body = Command),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "The device has no such command (`command_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -234,8 +231,7 @@ pub async fn get_one(
     responses(
         (status = 200, description = "The command, cancelled", body = Command),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "The device has no such command (`command_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "Delivered or ended already (`refused`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),

@@ -118,8 +118,7 @@ pub struct DeadLetterList {
     responses(
         (status = 200, description = "A page of dead letters", body = DeadLetterList),
         (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
         (status = 503, response = doc::StoreUnavailable),
     ),
@@ -152,8 +151,7 @@ pub async fn list(
     responses(
         (status = 200, description = "The dead letter, whole", body = DeadLetterView),
         (status = 400, description = "Not a whole number (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such dead letter (`deadletter_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
         (status = 503, response = doc::StoreUnavailable),

@@ -143,8 +143,7 @@ pub struct DeviceDetail {
         (status = 201, description = "Registered: its certificate, and its key unless a CSR was given", body = CreatedDevice,
             headers(("Location" = String, description = "The device's URL"))),
         (status = 400, description = "Not a valid device id (`invalid_device_id`), CSR (`invalid_csr`) or body (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 409, description = "The id is taken (`device_exists`), or registration is refused (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),
@@ -244,8 +243,7 @@ pub struct DeviceList {
     responses(
         (status = 200, description = "A page of devices", body = DeviceList),
         (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))
@@ -300,8 +298,7 @@ fn expiring_before(now: TimestampMs, within: &str) -> Result<TimestampMs, ApiErr
     responses(
         (status = 200, description = "The device and its certificates", body = DeviceDetail),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -342,8 +339,7 @@ pub struct PatchDevice {
     responses(
         (status = 200, description = "The device after the change", body = DeviceDetail),
         (status = 400, description = "Not a valid device id (`invalid_device_id`), or bad tags (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),
@@ -451,8 +447,7 @@ pub struct RevokeAnswer {
     responses(
         (status = 200, description = "The device, and the serials this request revoked", body = RevokeAnswer),
         (status = 400, description = "Not a valid device id (`invalid_device_id`) or serial (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`), or the serial is not one of its certificates (`certificate_not_found`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),
@@ -503,8 +498,7 @@ pub async fn revoke(
     responses(
         (status = 200, description = "The device, disabled", body = DeviceView),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -527,8 +521,7 @@ pub async fn disable(
     responses(
         (status = 200, description = "The device, enabled", body = DeviceView),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -569,8 +562,7 @@ async fn set_status(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),

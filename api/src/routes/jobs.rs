@@ -92,8 +92,7 @@ async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
     responses(
         (status = 202, description = "The job, started", body = JobView),
         (status = 400, description = "A bad selector, device id or command (`invalid_body`, `invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "A device of `ids` is not registered (`device_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
@@ -149,8 +148,7 @@ fn not_found(id: &str) -> ApiError {
     responses(
         (status = 200, description = "The job", body = JobView),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such job (`job_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -179,8 +177,7 @@ pub async fn get_one(
     responses(
         (status = 200, description = "The job, aborted (or ended before)", body = JobView),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such job (`job_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -228,8 +225,7 @@ pub struct JobList {
     responses(
         (status = 200, description = "A page of jobs", body = JobList),
         (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))
@@ -286,8 +282,7 @@ pub struct JobDevices {
     responses(
         (status = 200, description = "A page of the job's devices and their commands", body = JobDevices),
         (status = 400, description = "A bad parameter (`invalid_query`, `invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such job (`job_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),

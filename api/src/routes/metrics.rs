@@ -99,8 +99,7 @@ pub struct Sources {
     responses(
         (status = 200, description = "The figures, in the Prometheus text format 0.0.4",
             body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))

@@ -158,8 +158,7 @@ pub struct CaList {
         (status = 201, description = "The CA, trusted", body = CaView,
             headers(("Location" = String, description = "The CA's URL"))),
         (status = 400, description = "Not one CA certificate valid now (`invalid_ca`), or bad tags (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 409, description = "Registered already (`ca_exists`), or another CA has its subject (`ca_subject_taken`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),
@@ -293,8 +292,7 @@ fn normalize_id(id: &str) -> String {
     tag = "pki",
     responses(
         (status = 200, description = "The external CAs", body = CaList),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))
@@ -318,8 +316,7 @@ pub async fn list_cas(State(state): State<AppState>) -> Result<Json<CaList>, Api
     responses(
         (status = 200, description = "The CA", body = CaDetail),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such CA (`ca_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -354,8 +351,7 @@ pub async fn get_ca(
     responses(
         (status = 204, description = "No longer trusted"),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such CA (`ca_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),

@@ -58,8 +58,7 @@ async fn known(state: &AppState, id: &str) -> Result<DeviceId, ApiError> {
     responses(
         (status = 200, description = "The device's presence", body = Presence),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -119,8 +118,7 @@ pub struct Connections {
     responses(
         (status = 200, description = "A page of connections", body = Connections),
         (status = 400, description = "Not a valid device id (`invalid_device_id`) or parameter (`invalid_query`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -148,8 +146,7 @@ pub async fn connections(
     tag = "presence",
     responses(
         (status = 200, description = "Registered devices, and how many are online", body = PresenceCounts),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))

@@ -92,8 +92,7 @@ async fn check(rule: Rule) -> Result<Rule, ApiError> {
     responses(
         (status = 201, description = "The rule", body = RuleView),
         (status = 400, description = "A rule that would not run (`invalid_rule`), or a bad body (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),
@@ -142,8 +141,7 @@ pub struct RuleList {
     responses(
         (status = 200, description = "A page of rules", body = RuleList),
         (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["viewer"]))
@@ -187,8 +185,7 @@ async fn find(state: &AppState, id: String) -> Result<Rule, ApiError> {
     responses(
         (status = 200, description = "The rule", body = RuleView),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -219,8 +216,7 @@ pub async fn get_one(
     responses(
         (status = 200, description = "The rule after", body = RuleView),
         (status = 400, description = "A rule that would not run (`invalid_rule`), or a bad body or path (`invalid_body`, `invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "The rule is no longer at `version` (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
@@ -323,8 +319,7 @@ async fn update(
     responses(
         (status = 200, description = "The rule, enabled", body = RuleView),
         (status = 400, description = "The rule no longer compiles (`invalid_rule`), or a bad path (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
@@ -357,8 +352,7 @@ pub async fn enable(
     responses(
         (status = 200, description = "The rule, disabled", body = RuleView),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
@@ -389,8 +383,7 @@ pub async fn disable(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such rule (`rule_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -515,8 +508,7 @@ impl utoipa::ToSchema for InputValue {}
     responses(
         (status = 200, description = "What the rule would have done", body = DryRun),
         (status = 400, description = "A bad body (`invalid_body`, `invalid_device_id`, `invalid_query` for a bad time), or a rule that would not run (`invalid_rule`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No rule `rule_id` (`rule_not_found`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),

@@ -60,8 +60,7 @@ impl StateView {
     responses(
         (status = 200, description = "The device's state", body = StateView),
         (status = 400, description = "Not a valid device id (`invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -101,8 +100,7 @@ pub struct Patch {
     responses(
         (status = 200, description = "The device's state after the patch", body = StateView),
         (status = 400, description = "Not a valid device id (`invalid_device_id`) or patch (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such device (`device_not_found`)", body = doc::ErrorBody),
         (status = 409, description = "`version` is not the current one (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),

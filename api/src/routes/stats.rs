@@ -41,8 +41,7 @@ pub struct Stats {
     tag = "stats",
     responses(
         (status = 200, description = "The counters", body = Stats),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
     ),
     security(("token" = ["viewer"]))
 )]

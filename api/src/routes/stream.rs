@@ -144,8 +144,7 @@ impl Tags {
     responses(
         (status = 200, description = "The events, as they happen", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad filter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
     ),
     security(("token" = ["viewer"]))
 )]

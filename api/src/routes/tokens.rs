@@ -97,8 +97,7 @@ pub struct WhoAmI {
     responses(
         (status = 201, description = "The token, with its secret", body = CreatedToken),
         (status = 400, description = "A bad name or body (`invalid_body`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 409, description = "The registry refused it (`refused`)", body = doc::ErrorBody),
         (status = 413, response = doc::PayloadTooLarge),
         (status = 415, response = doc::UnsupportedMediaType),
@@ -134,8 +133,7 @@ pub async fn create(
     responses(
         (status = 200, description = "A page of tokens", body = TokenList),
         (status = 400, description = "A bad parameter (`invalid_query`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
     ),
     security(("token" = ["admin"]))
@@ -167,8 +165,7 @@ pub async fn list(
     responses(
         (status = 204, description = "Revoked"),
         (status = 400, description = "A path that is not UTF-8 once decoded (`invalid_path`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 404, description = "No such token (`token_not_found`)", body = doc::ErrorBody),
         (status = 500, response = doc::Internal),
     ),
@@ -197,8 +194,7 @@ pub async fn delete(
     tag = "tokens",
     responses(
         (status = 200, description = "The caller's token", body = WhoAmI),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
     ),
     security(("token" = ["viewer"]))
 )]

@@ -181,8 +181,7 @@ fn parse(pairs: Vec<(String, String)>) -> Result<FleetQuery, ApiError> {
     responses(
         (status = 200, description = "A page of the fleet's newest values", body = FleetAnswer),
         (status = 400, description = "A bad parameter (`invalid_query`, `invalid_device_id`)", body = doc::ErrorBody),
-        (status = 401, response = doc::Unauthorized),
-        (status = 403, response = doc::Forbidden),
+        doc::Guarded,
         (status = 500, response = doc::Internal),
         (status = 503, response = doc::StoreUnavailable),
     ),
